@@ -1,0 +1,59 @@
+# llama-gguf-inference — every set-up step is a target; `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+# llama-server: found on PATH / LLAMA_SERVER_BIN, else built once into this cache (outside the repo).
+LLAMA_CACHE ?= $(HOME)/.cache/llama-gguf-inference
+DEMO_MODEL := data/models/demo-tiny-llama.gguf
+
+.PHONY: help run test test-unit test-e2e bench lint keys docker clean llama-server model venv
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.stamp: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.stamp ## create the dev virtualenv from requirements-dev.txt
+
+llama-server: ## find or build llama-server (cached in $(LLAMA_CACHE))
+	@$(PYTHON) scripts/llama_bin.py --ensure --cache-dir "$(LLAMA_CACHE)"
+
+$(DEMO_MODEL): $(VENV)/.stamp tests/tools/make_model.py
+	$(VPY) tests/tools/make_model.py --out $(DEMO_MODEL)
+
+model: $(DEMO_MODEL) ## generate the tiny demo model into data/models/
+
+run: $(VENV)/.stamp ## run the whole stack locally on the demo model, print a first key
+	@$(PYTHON) scripts/run_local.py --cache-dir "$(LLAMA_CACHE)"
+
+test: test-unit test-e2e ## all tests (unit, then end-to-end on the real llama-server)
+
+test-unit: $(VENV)/.stamp ## fast tier: parser, modules, gateway against a fake llama-server
+	$(VPY) -m pytest -q -m "not e2e" tests
+
+test-e2e: $(VENV)/.stamp llama-server model ## the real stack: entrypoint.sh, llama-server, real clients
+	LLAMA_SERVER_BIN="$$($(PYTHON) scripts/llama_bin.py --cache-dir "$(LLAMA_CACHE)")" \
+	DEMO_MODEL="$(abspath $(DEMO_MODEL))" $(VPY) -m pytest -q -m e2e tests
+
+bench: $(VENV)/.stamp llama-server model ## gateway vs llama-server direct, as ratios
+	$(VPY) tests/bench/run_bench.py --out bench-results
+
+lint: $(VENV)/.stamp ## byte-compile, shellcheck when present
+	$(VPY) -m compileall -q scripts tests
+	@if command -v shellcheck >/dev/null; then shellcheck entrypoint.sh; else echo "shellcheck not installed"; fi
+
+keys: ## manage API keys: make keys ARGS="add alice"
+	$(PYTHON) scripts/keys.py $(ARGS)
+
+docker: ## build the GPU and CPU images
+	docker build -t llama-gguf-inference:cuda .
+	docker build -t llama-gguf-inference:cpu -f docker/Dockerfile.cpu .
+
+clean: ## remove the venv, caches, generated model and logs (not the llama-server cache)
+	rm -rf $(VENV) .pytest_cache bench-results data/models data/logs
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,87 @@
+"""Exceptions that carry their HTTP response, and the one renderer of the JSON error envelope.
+
+Every error the gateway sends is OpenAI-shaped: {"error": {"message", "type", "code"}}.
+`type` comes from the status through ERROR_TYPES; `code` is a short machine-readable reason.
+"""
+
+from __future__ import annotations
+
+import json
+
+# status -> OpenAI error "type". Reviewed at a glance; anything missing falls back by class.
+ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    411: "invalid_request_error",
+    413: "invalid_request_error",
+    414: "invalid_request_error",
+    415: "invalid_request_error",
+    417: "invalid_request_error",
+    429: "rate_limit_error",
+    431: "invalid_request_error",
+    500: "server_error",
+    501: "not_implemented_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+    505: "invalid_request_error",
+}
+
+REASONS: dict[int, str] = {
+    100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 206: "Partial Content",
+    301: "Moved Permanently", 302: "Found", 304: "Not Modified",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 411: "Length Required",
+    413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
+    417: "Expectation Failed", 422: "Unprocessable Content", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+
+
+def error_type_for_status(status: int) -> str:
+    if status in ERROR_TYPES:
+        return ERROR_TYPES[status]
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+class GatewayError(Exception):
+    """An error with its response: status, OpenAI-shaped body, extra headers, close or not."""
+
+    def __init__(self, status: int, message: str, code: str, *,
+                 headers: list[tuple[str, str]] | None = None, close: bool = False,
+                 error_type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = list(headers or ())
+        self.close = close
+        self.error_type = error_type or error_type_for_status(status)
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.error_type, self.code)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.status}, {self.message!r}, {self.code!r})"
+
+
+class ProtocolError(GatewayError):
+    """The client broke HTTP/1.1. Always answered, then the connection is closed."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "bad_request"):
+        super().__init__(status, message, code, close=True)
+
+
+def error_body(message: str, error_type: str, code: str | None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": error_type, "code": code}},
+                      separators=(",", ":")).encode()
+
+
+def not_found() -> GatewayError:
+    return GatewayError(404, "Not found: this path is not served by the gateway", "not_found")
