@@ -1,0 +1,115 @@
+"""The seam every API request passes before it is proxied: who is it, may it run now?
+
+admit() is synchronous (no await between the check and the action it allows): it authenticates the
+key, applies the per-key rate limit and takes a per-key concurrency slot, then returns a Ticket whose
+release() is idempotent and is called in a `finally` on every exit path. The global limit to
+llama-server (a bounded FIFO queue) is taken afterwards, once the body is in, by backend_slot().
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+
+import keys
+import ratelimit
+from errors import GatewayError
+
+log = logging.getLogger("gateway")
+
+# Retry-After for a per-key concurrency refusal: a slot frees when one of the key's own requests ends.
+CONCURRENCY_RETRY_AFTER = 1
+# Retry-After when llama-server's queue is full or the wait timed out.
+QUEUE_RETRY_AFTER = 2
+ANONYMOUS = "anonymous"
+
+
+class Ticket:
+    __slots__ = ("_limiter", "_key_id")
+
+    def __init__(self, limiter: ratelimit.KeyConcurrency | None, key_id: str):
+        self._limiter = limiter
+        self._key_id = key_id
+
+    def release(self) -> None:
+        limiter = self._limiter
+        if limiter is not None:
+            self._limiter = None
+            limiter.release(self._key_id)
+
+
+NO_TICKET = Ticket(None, "")
+
+
+def _unauthorized(message: str, code: str) -> GatewayError:
+    return GatewayError(401, message, code, headers=[("www-authenticate", "Bearer")])
+
+
+class Admission:
+    def __init__(self, config, store: keys.KeyStore | None, metrics, clock=time.monotonic):
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.rate = ratelimit.RateLimiter(config.max_requests_per_minute)
+        self.concurrency = ratelimit.KeyConcurrency(config.max_concurrent_requests_per_key)
+        self.slots = ratelimit.BackendSlots(config.max_concurrent_requests, config.max_queue_size)
+
+    def identify(self, req) -> keys.KeyInfo:
+        presented = keys.extract_key(req.headers)          # 400 on two Authorization headers
+        if presented is None:
+            self.metrics.inc_auth_failed()
+            raise _unauthorized("Missing API key: send 'Authorization: Bearer <key>'",
+                                "missing_api_key")
+        info = self.store.lookup(presented) if self.store is not None else None
+        if info is None:
+            self.metrics.inc_auth_failed()
+            raise _unauthorized("Invalid API key", "invalid_api_key")
+        return info
+
+    def admit(self, req, route, ctx) -> Ticket:
+        if route.auth == "none":
+            return NO_TICKET
+        if route.auth == "metrics":
+            self.check_metrics_key(req)
+            return NO_TICKET
+        if self.config.auth_enabled:
+            info = self.identify(req)
+            key_id, rpm, cap = info.key_id, info.rpm, info.concurrency
+        else:
+            key_id, rpm, cap = ANONYMOUS, None, None
+        ctx.key_id = key_id
+        decision = self.rate.check(key_id, self.clock(), rpm)
+        ctx.response_headers += [("x-ratelimit-limit", str(decision.limit)),
+                                 ("x-ratelimit-remaining", str(decision.remaining)),
+                                 ("x-ratelimit-reset", str(decision.reset_s))]
+        if not decision.allowed:
+            self.metrics.inc_rate_limited(key_id)
+            raise GatewayError(429, f"Rate limit of {decision.limit} requests per minute reached "
+                                    f"for key '{key_id}'", "rate_limit_exceeded",
+                               headers=[("retry-after", str(decision.retry_after_s))])
+        if not self.concurrency.try_acquire(key_id, cap):
+            self.metrics.inc_rate_limited(key_id)
+            raise GatewayError(429, f"Too many concurrent requests for key '{key_id}'",
+                               "concurrency_limit_exceeded",
+                               headers=[("retry-after", str(CONCURRENCY_RETRY_AFTER))])
+        return Ticket(self.concurrency, key_id)
+
+    def check_metrics_key(self, req) -> None:
+        expected = self.config.metrics_key
+        if not expected:
+            return
+        presented = keys.extract_key(req.headers) or ""
+        if not hmac.compare_digest(presented.encode(), expected.encode()):
+            self.metrics.inc_auth_failed()
+            raise _unauthorized("Invalid or missing metrics key", "invalid_metrics_key")
+
+    async def backend_slot(self, ctx) -> ratelimit.Slot:
+        try:
+            return await self.slots.acquire(self.config.queue_timeout)
+        except ratelimit.QueueFull:
+            code, message = "queue_full", "The server is busy (queue full); retry shortly"
+        except ratelimit.QueueTimeout:
+            code, message = "queue_timeout", "The server is busy (timed out in queue); retry shortly"
+        raise GatewayError(503, message, code, headers=[("retry-after", str(QUEUE_RETRY_AFTER))])

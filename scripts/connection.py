@@ -1,0 +1,349 @@
+"""One client connection: deadlines, keep-alive, pipelining, dispatch, close.
+
+ClientConnection is an asyncio Protocol that feeds every received byte to a sans-IO RequestParser;
+one coroutine per connection (run) takes requests off the parser in order, so pipelined requests
+are answered in order. The transport's flow-control callbacks (pause_writing / resume_writing) and
+connection_lost are forwarded to the proxy exchange in flight, which is how a slow reader slows
+llama-server and a vanished client closes the upstream socket at once.
+
+Deadlines (config):
+- CLIENT_HEADER_TIMEOUT: from the first byte of a request head to its end (trickling bytes do not
+  reset it); also the wait for the first request on a new connection. Expiry: 408, close.
+- CLIENT_BODY_TIMEOUT (whole body) and CLIENT_BODY_IDLE_TIMEOUT (between body bytes): 408, close.
+- KEEPALIVE_TIMEOUT: idle time between requests; expiry closes silently.
+- CLIENT_WRITE_TIMEOUT: a response the client does not read for this long is dropped (proxy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+
+import http11
+import proxy
+import routes
+from errors import GatewayError, ProtocolError
+
+log = logging.getLogger("gateway")
+
+# Pipelined bytes buffered while a request is in flight before reading pauses. Clients rarely
+# pipeline; this bounds memory per connection without blocking disconnect detection in practice.
+MAX_PIPELINED_BYTES = 256 * 1024
+# A client-provided X-Request-Id is kept only if it looks like an id (no log injection).
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestContext:
+    """What one request did: filled in along the way, read by the access log and metrics."""
+
+    __slots__ = ("request_id", "key_id", "client", "method", "path", "route", "status",
+                 "bytes_in", "bytes_out", "started", "ttfb", "duration", "stream", "outcome",
+                 "prompt_tokens", "completion_tokens", "response_headers", "upstream_error")
+
+    def __init__(self, client: str, method: str, path: str, request_id: str):
+        self.request_id = request_id
+        self.key_id = "-"
+        self.client = client
+        self.method = method
+        self.path = path
+        self.route = "-"
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = time.monotonic()
+        self.ttfb: float | None = None
+        self.duration = 0.0
+        self.stream = False
+        self.outcome = ""
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.response_headers: list[tuple[str, str]] = []
+        self.upstream_error = ""
+
+
+class ClientGone(Exception):
+    pass
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, gw):
+        self.gw = gw
+        self.parser = http11.RequestParser(gw.config.max_request_body_size)
+        self.transport: asyncio.Transport | None = None
+        self.peer_host = ""
+        self.keep_alive = True
+        self.gone = False
+        self.eof = False
+        self.idle = True
+        self.write_paused = False
+        self.exchange: proxy.Exchange | None = None
+        self.task: asyncio.Task | None = None
+        self._waiter: asyncio.Future | None = None
+        self._pipelined = 0
+        self._reading_paused = False
+
+    # ---------------- asyncio.Protocol ----------------
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer_host = peer[0] if peer else ""
+        self.gw.connections.add(self)
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed(data)
+        if self.exchange is not None:
+            self._pipelined += len(data)
+            if self._pipelined > MAX_PIPELINED_BYTES and not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pause_reading()
+        self._wake(True)
+
+    def eof_received(self):
+        self.eof = True
+        self.parser.feed_eof()
+        if self.exchange is not None:
+            # Half-close while an answer is being produced: treated as a client that went away
+            # (as nginx does), so llama-server stops generating for nobody.
+            self.exchange.on_client_gone()
+        self._wake(True)
+        return True   # keep the write side open to answer requests already received
+
+    def connection_lost(self, exc):
+        self.gone = True
+        self.gw.connections.discard(self)
+        if self.exchange is not None:
+            self.exchange.on_client_gone()
+        self._wake(True)
+
+    def pause_writing(self):
+        self.write_paused = True
+        if self.exchange is not None:
+            self.exchange.on_client_paused()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if self.exchange is not None:
+            self.exchange.on_client_resumed()
+
+    # ---------------- used by the proxy ----------------
+    def write(self, data: bytes) -> None:
+        if not self.gone:
+            self.transport.write(data)
+
+    def close_after_write(self, abort_chunked: bool = False) -> None:
+        """No more responses on this connection; the run loop closes it (buffered data is sent)."""
+        self.keep_alive = False
+
+    def abort(self) -> None:
+        self.gone = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ---------------- waiting ----------------
+    def _wake(self, value: bool) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(value)
+
+    async def _wait_data(self, deadline: float) -> bool:
+        """Wait for more bytes (True) until the loop-time deadline (False)."""
+        if self.gone or self.eof:
+            return False
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiter = waiter
+        handle = loop.call_at(deadline, self._wake, False)
+        try:
+            return await waiter
+        finally:
+            handle.cancel()
+            self._waiter = None
+
+    def wake_if_idle(self) -> None:
+        """Shutdown: an idle keep-alive connection stops waiting and closes."""
+        if self.idle:
+            self._wake(False)
+
+    # ---------------- the connection's life ----------------
+    async def run(self) -> None:
+        gw = self.gw
+        try:
+            first = True
+            while not self.gone:
+                req = await self._next_request(first)
+                first = False
+                if req is None:
+                    break
+                await self._handle(req)
+                if not self.keep_alive or self.gone:
+                    break
+        except ProtocolError as err:
+            self._send_error_simple(err)
+        except ClientGone:
+            pass
+        except asyncio.CancelledError:
+            pass
+        except Exception:   # a bug: never leave the socket open
+            log.exception("connection handler failed")
+        finally:
+            if self.exchange is not None:
+                self.exchange.abort()
+            if not self.gone and self.transport is not None:
+                self.transport.close()
+            gw.connections.discard(self)
+
+    async def _next_request(self, first: bool) -> http11.Request | None:
+        parser = self.parser
+        cfg = self.gw.config
+        loop = asyncio.get_running_loop()
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        self._pipelined = 0
+        event = parser.next_event()
+        if event is http11.NEED_DATA:
+            if not parser.has_buffered:
+                if self.gw.shutting_down:
+                    return None
+                self.idle = True
+                wait = cfg.client_header_timeout if first else cfg.keepalive_timeout
+                got = await self._wait_data(loop.time() + wait)
+                self.idle = False
+                if not got and not parser.has_buffered:
+                    return None      # idle timeout, EOF between requests, or shutdown
+            deadline = loop.time() + cfg.client_header_timeout
+            while (event := parser.next_event()) is http11.NEED_DATA:
+                if self.gone or self.eof:
+                    return None
+                if not await self._wait_data(deadline) and loop.time() >= deadline:
+                    raise ProtocolError("Request header not received in time", 408,
+                                        "header_timeout")
+        self.idle = False
+        if type(event) is not http11.Request:   # parser contract: a head comes first
+            raise ProtocolError("Unexpected data before a request", 400)
+        return event
+
+    async def _read_body(self, req: http11.Request, ctx: RequestContext) -> bytes:
+        parser = self.parser
+        if not req.chunked and not req.content_length:
+            event = parser.next_event()
+            if type(event) is not http11.EndOfMessage:
+                raise ProtocolError("Unexpected body framing", 400)
+            return b""
+        cfg = self.gw.config
+        loop = asyncio.get_running_loop()
+        total_deadline = loop.time() + cfg.client_body_timeout
+        parts: list[bytes] = []
+        while True:
+            event = parser.next_event()
+            if type(event) is http11.Data:
+                parts.append(event.data)
+                ctx.bytes_in += len(event.data)
+                continue
+            if type(event) is http11.EndOfMessage:
+                break
+            if self.gone:
+                raise ClientGone()
+            if self.eof:
+                # feed_eof makes the parser raise for an incomplete body; be explicit anyway
+                raise ProtocolError("Request body incomplete", 400, "incomplete_request")
+            deadline = min(loop.time() + cfg.client_body_idle_timeout, total_deadline)
+            if not await self._wait_data(deadline) and loop.time() >= deadline:
+                raise ProtocolError("Request body not received in time", 408, "body_timeout")
+        return b"".join(parts) if len(parts) != 1 else parts[0]
+
+    async def _handle(self, req: http11.Request) -> None:
+        gw = self.gw
+        rid = req.get("x-request-id")
+        if rid is None or not REQUEST_ID_RE.fullmatch(rid):
+            rid = secrets.token_hex(12)
+        ctx = RequestContext(self.peer_host, req.method, req.path, rid)
+        ctx.response_headers.append(("x-request-id", rid))
+        if not req.keep_alive or gw.shutting_down:
+            self.keep_alive = False
+        body_done = not (req.chunked or req.content_length)
+        gw.in_flight += 1
+        try:
+            origin = req.get("origin")
+            if origin is not None:
+                ctx.response_headers.extend(gw.cors.headers_for(origin))
+            if req.method == "OPTIONS":
+                self._respond(ctx, req, *gw.cors.preflight(req))
+                return
+            route = routes.match(req.method, req.path)
+            ctx.route = route.name
+            if route.kind == "local":
+                await self._read_body(req, ctx)
+                body_done = True
+                self._respond(ctx, req, *gw.local(route, req, ctx))
+                ctx.outcome = "ok"
+                return
+            ticket = gw.admit(req, route, ctx)       # auth, rate and key concurrency; raises
+            try:
+                if req.expect_continue and not body_done:
+                    self.write(http11.CONTINUE_100)
+                body = await self._read_body(req, ctx)
+                body_done = True
+                slot = await gw.backend_slot(ctx)    # global limit with a bounded queue; raises
+                try:
+                    await gw.dispatch(self, ctx, req, route, body)
+                finally:
+                    slot.release()
+            finally:
+                ticket.release()
+        except GatewayError as err:
+            if not body_done or err.close:
+                self.keep_alive = False
+            if ctx.status:                     # a head was already sent: nothing more to say
+                self.keep_alive = False
+            elif not self.gone:
+                self._send_error(err, ctx, req)
+        except ClientGone:
+            ctx.outcome = "client_closed"
+            raise
+        finally:
+            gw.in_flight -= 1
+            ctx.duration = time.monotonic() - ctx.started
+            if not ctx.outcome:
+                ctx.outcome = "client_closed" if self.gone else "error"
+            if self.gone and ctx.outcome == "ok" and ctx.status == 0:
+                ctx.outcome = "client_closed"
+            gw.observe(ctx)
+
+    # ---------------- responses ----------------
+    def _respond(self, ctx: RequestContext, req: http11.Request, status: int,
+                 headers: list[tuple[str, str]], body: bytes) -> None:
+        out = list(headers)
+        out.extend(ctx.response_headers)
+        if status != 204:
+            out.append(("content-length", str(len(body))))
+        if not self.keep_alive:
+            out.append(("connection", "close"))
+        ctx.status = status
+        ctx.bytes_out += len(body)
+        if req.method == "HEAD":
+            body = b""
+        self.write(http11.response_head(status, out) + body)
+
+    def _send_error(self, err: GatewayError, ctx: RequestContext, req: http11.Request) -> None:
+        headers = [("content-type", "application/json")]
+        headers.extend(err.headers)
+        if not ctx.outcome:
+            ctx.outcome = err.code
+        self._respond(ctx, req, err.status, headers, err.body())
+
+    def _send_error_simple(self, err: GatewayError) -> None:
+        """A protocol error outside any request: answer and close."""
+        self.keep_alive = False
+        if self.gone:
+            return
+        body = err.body()
+        head = http11.response_head(err.status, [("content-type", "application/json"),
+                                                 ("content-length", str(len(body))),
+                                                 ("connection", "close")] + err.headers)
+        self.write(head + body)
+        self.gw.observe_protocol_error(self.peer_host, err)

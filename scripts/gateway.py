@@ -1,0 +1,309 @@
+"""The gateway: config from the environment, wire the parts, serve, shut down in order.
+
+    python3 scripts/gateway.py        (PORT, BACKEND_HOST, PORT_BACKEND, ... see config.py)
+
+Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT), 2 for a configuration error (the message
+names the variable), 1 if it cannot listen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import accesslog
+import admission
+import config as config_mod
+import cors
+import keys
+import metrics as metrics_mod
+import proxy
+import upstream
+from connection import ClientConnection
+from errors import GatewayError
+
+log = logging.getLogger("gateway")
+
+# Backend states written by the supervisor (entrypoint.sh) into $RUN_DIR/health.
+BACKEND_STATES = ("starting", "ready", "failed", "stopping")
+# How often the state file is re-read at most (seconds): probes and requests share one read.
+STATE_FILE_TTL = 0.5
+# Retry-After while llama-server is (re)starting or has failed.
+STARTING_RETRY_AFTER = 5
+FAILED_RETRY_AFTER = 30
+# Listen backlog: bursts of new connections (load tests, many clients at once) queue here.
+LISTEN_BACKLOG = 2048
+# Key file poll period; keys.KeyStore itself stats at most every 2 s.
+KEY_POLL_INTERVAL = 1.0
+
+
+class BackendState:
+    """The supervisor's view of llama-server, read from a one-word file. Missing file: 'unknown'
+    (the gateway runs without a supervisor, e.g. in front of a llama-server started by hand)."""
+
+    def __init__(self, path: str, clock=time.monotonic):
+        self.path = path
+        self.clock = clock
+        self._value = "unknown"
+        self._read_at = -1e9
+
+    def get(self) -> str:
+        now = self.clock()
+        if now - self._read_at >= STATE_FILE_TTL:
+            self._read_at = now
+            try:
+                with open(self.path, "rb") as f:
+                    word = f.read(32).strip().decode("ascii", "replace")
+                self._value = word if word in BACKEND_STATES else "starting"
+            except FileNotFoundError:
+                self._value = "unknown"
+            except OSError:
+                self._value = "starting"
+        return self._value
+
+
+class Gateway:
+    def __init__(self, config: config_mod.Config, *, store: keys.KeyStore | None = None,
+                 access_log: accesslog.AccessLog | None = None):
+        self.config = config
+        self.started = time.monotonic()
+        self.connections: set[ClientConnection] = set()
+        self.shutting_down = False
+        self.in_flight = 0
+        self.metrics = metrics_mod.Metrics()
+        self.store = store
+        self.access_log = access_log
+        self.admission = admission.Admission(config, store, self.metrics)
+        self.cors = cors.Cors(config.cors_origins)
+        self.backend = BackendState(config.health_file)
+        self.pool = upstream.UpstreamPool(config.backend_host, config.port_backend,
+                                          config.backend_connect_timeout)
+        self.backend_hostport = f"{config.backend_host}:{config.port_backend}"
+        self.server: asyncio.base_events.Server | None = None
+        # Route kinds other than "proxy" (the Ollama API) register an async handler here.
+        self.handlers: dict = {}
+        self.metrics.set_gauge_sources(
+            queue_depth=lambda: self.admission.slots.waiting,
+            backend_up=lambda: 1 if self.backend.get() in ("ready", "unknown") else 0,
+            keys_loaded=lambda: len(self.store) if self.store is not None else 0,
+        )
+        self.metrics.in_flight = 0
+
+    # ---------------- the request path (called by ClientConnection) ----------------
+    def admit(self, req, route, ctx) -> admission.Ticket:
+        return self.admission.admit(req, route, ctx)
+
+    async def backend_slot(self, ctx):
+        state = self.backend.get()
+        if state in ("starting", "stopping"):
+            raise GatewayError(503, f"The model backend is {state}; retry shortly",
+                               "backend_" + state,
+                               headers=[("retry-after", str(STARTING_RETRY_AFTER))])
+        if state == "failed":
+            raise GatewayError(503, "The model backend has failed", "backend_failed",
+                               headers=[("retry-after", str(FAILED_RETRY_AFTER))])
+        self.metrics.in_flight = self.in_flight
+        return await self.admission.backend_slot(ctx)
+
+    async def dispatch(self, client, ctx, req, route, body: bytes) -> None:
+        try:
+            if route.kind == "proxy":
+                await proxy.forward(self, client, ctx, req, route, body)
+            else:
+                await self.handlers[route.kind](self, client, ctx, req, route, body)
+        except GatewayError as err:
+            if err.status in (502, 504):
+                self.metrics.inc_upstream_error(err.code)
+                ctx.upstream_error = err.code
+            raise
+
+    def local(self, route, req, ctx) -> tuple[int, list[tuple[str, str]], bytes]:
+        if route.handler == "ping":
+            return 200, [("content-type", "application/json")], b'{"status":"ok"}'
+        if route.handler == "health":
+            state = self.backend.get()
+            body = {
+                "status": "ok" if state in ("ready", "unknown") else state,
+                "backend": state,
+                "uptime_s": round(time.monotonic() - self.started, 3),
+                "in_flight": self.in_flight,
+                "queue": self.admission.slots.waiting,
+                "backend_active": self.admission.slots.active,
+                "connections": len(self.connections),
+                "shutting_down": self.shutting_down,
+            }
+            return 200, [("content-type", "application/json"),
+                         ("cache-control", "no-store")], json.dumps(body).encode()
+        if route.handler == "metrics":
+            self.admission.check_metrics_key(req)
+            self.metrics.in_flight = self.in_flight
+            accept = req.get("accept") or ""
+            if "application/json" in accept:
+                return 200, [("content-type", "application/json")], self.metrics.render_json()
+            return 200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], \
+                self.metrics.render_prometheus()
+        raise GatewayError(500, "No handler", "no_handler")
+
+    def observe(self, ctx) -> None:
+        ttfb = ctx.ttfb
+        self.metrics.observe_request(ctx.route, ctx.status, ctx.key_id, ctx.duration, ttfb)
+        if ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
+            self.metrics.add_tokens(ctx.key_id, ctx.prompt_tokens or 0, ctx.completion_tokens or 0)
+        if self.access_log is not None:
+            self.access_log.write({
+                "time": time.time(), "request_id": ctx.request_id, "key_id": ctx.key_id,
+                "client": ctx.client, "method": ctx.method, "path": ctx.path,
+                "status": ctx.status, "bytes_in": ctx.bytes_in, "bytes_out": ctx.bytes_out,
+                "duration_ms": round(ctx.duration * 1000, 3),
+                "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 3),
+                "stream": ctx.stream, "prompt_tokens": ctx.prompt_tokens,
+                "completion_tokens": ctx.completion_tokens, "outcome": ctx.outcome,
+            })
+
+    def observe_protocol_error(self, peer: str, err: GatewayError) -> None:
+        self.metrics.observe_request("-", err.status, "-", 0.0, None)
+        if self.access_log is not None:
+            self.access_log.write({"time": time.time(), "client": peer, "status": err.status,
+                                   "outcome": err.code})
+
+    # ---------------- life cycle ----------------
+    def new_connection(self) -> asyncio.Protocol:
+        if len(self.connections) >= self.config.max_connections:
+            return _Refuse()
+        return ClientConnection(self)
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            self.server = await loop.create_server(self.new_connection, sock=sock,
+                                                   backlog=LISTEN_BACKLOG)
+        else:
+            self.server = await loop.create_server(self.new_connection, self.config.host,
+                                                   self.config.port, backlog=LISTEN_BACKLOG,
+                                                   reuse_address=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting; close idle connections; let busy ones finish with keep-alive off, up to
+        GRACEFUL_TIMEOUT; then cancel the rest."""
+        if timeout is None:
+            timeout = self.config.graceful_timeout
+        self.shutting_down = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.keep_alive = False
+            conn.wake_if_idle()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+            if conn.task is not None:
+                conn.task.cancel()
+        tasks = [c.task for c in list(self.connections) if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        self.pool.close()
+
+
+class _Refuse(asyncio.Protocol):
+    """Over MAX_CONNECTIONS: answer 503 and close without reading."""
+
+    def connection_made(self, transport):
+        body = (b'{"error":{"message":"Too many connections","type":"service_unavailable",'
+                b'"code":"too_many_connections"}}')
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                        b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+                        % len(body) + body)
+        transport.close()
+
+
+def setup_logging() -> None:
+    logging.basicConfig(stream=sys.stderr, level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def _poll_keys(store: keys.KeyStore, gw: Gateway) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(KEY_POLL_INTERVAL)
+        try:
+            if store.maybe_reload(loop.time()):
+                gw.admission.rate.retain(store.key_ids())
+        except Exception:
+            log.exception("key file poll failed")
+
+
+async def amain(cfg: config_mod.Config) -> int:
+    store = None
+    if cfg.auth_enabled:
+        store = keys.KeyStore(cfg.auth_keys_file, logger=log)
+        if os.path.exists(cfg.auth_keys_file):
+            store.load()       # KeyFileError -> exit 2 (bad line, unsafe permissions)
+            log.info("loaded %d API key(s) from %s", len(store), cfg.auth_keys_file)
+        else:
+            log.error("no key file at %s: every API request will get 401 until it exists "
+                      "(create one with: python3 scripts/keys.py add NAME)", cfg.auth_keys_file)
+    else:
+        log.warning("!!! AUTH_ENABLED=false: the API is open to anyone who can reach port %d !!!",
+                    cfg.port)
+    os.makedirs(cfg.logs_dir, exist_ok=True)
+    access = accesslog.AccessLog(cfg.access_log_path, max_bytes=cfg.access_log_max_bytes,
+                                 backups=cfg.access_log_backups)
+    gw = Gateway(cfg, store=store, access_log=access)
+    try:
+        await gw.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc)
+        access.close()
+        return 1
+    log.info("gateway listening on %s:%d, backend %s", cfg.host, cfg.port, gw.backend_hostport)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    poller = None
+    if store is not None:
+        def _hup() -> None:
+            if store.reload():
+                gw.admission.rate.retain(store.key_ids())
+        loop.add_signal_handler(signal.SIGHUP, _hup)
+        poller = asyncio.create_task(_poll_keys(store, gw))
+    await stop.wait()
+    log.info("shutting down: draining %d connection(s) for up to %.0f s",
+             len(gw.connections), cfg.graceful_timeout)
+    if poller is not None:
+        poller.cancel()
+    await gw.shutdown()
+    access.close()
+    log.info("gateway stopped")
+    return 0
+
+
+def main() -> int:
+    setup_logging()
+    try:
+        cfg = config_mod.load_config()
+    except config_mod.ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(amain(cfg))
+    except keys.KeyFileError as exc:
+        print(f"gateway: key file error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Forward one request to llama-server and relay the answer, chunk by chunk, with backpressure.
+
+The upstream request is rebuilt, never copied: the route's fixed upstream path, no query string,
+only UPSTREAM_HEADERS from the client, our own Host / Content-Length / X-Forwarded-For /
+X-Request-Id. The response is rebuilt the same way: RESPONSE_HEADERS from llama-server (its CORS
+reflection and server banner stay behind), our framing and request id.
+
+Relay: Exchange is the sink of an upstream connection. Each body piece llama-server sends is written
+to the client transport at once (SSE: one event per chunk, never buffered whole). When the client's
+transport buffer passes its high-water mark the upstream socket stops being read, so a slow reader
+slows llama-server's sends instead of growing memory; a client that reads nothing for
+CLIENT_WRITE_TIMEOUT is dropped. A client that goes away closes the upstream socket at once (never
+pooled), which makes llama-server cancel the generation and free its slot.
+
+A stream cut by llama-server mid-body: for SSE the client gets one last event
+`data: {"error": {..., "code": "upstream_closed"}}` and then the connection is closed WITHOUT the
+chunked terminator, so both SDKs that read error events and plain HTTP clients can tell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import http11
+from errors import GatewayError, error_body
+from upstream import UpstreamClosed
+
+# Client request headers passed to llama-server. Everything else is dropped: hop-by-hop headers,
+# Authorization / X-Api-Key (our keys, not llama-server's), X-Conversation-Id (lets recent
+# llama-server builds keep generating after a disconnect), client-sent X-Forwarded-*.
+UPSTREAM_HEADERS = frozenset({"content-type", "accept", "user-agent"})
+# llama-server response headers passed to the client (the rest, CORS reflection included, dropped).
+RESPONSE_HEADERS = frozenset({"content-type"})
+# Non-streamed bodies up to this size are kept to read `usage` for accounting; larger ones are
+# relayed without accounting (an embeddings batch can be megabytes; usage is a nicety).
+USAGE_BODY_LIMIT = 256 * 1024
+# Tail of an SSE stream kept to find the last event carrying `usage` (a few events' worth).
+SSE_TAIL_BYTES = 16 * 1024
+# llama-server "Loading model" 503: how long a client should wait before retrying.
+LOADING_RETRY_AFTER = 5
+
+_UPSTREAM_CLOSED_EVENT = (b"data: " + error_body(
+    "llama-server closed the stream before it was complete", "upstream_error",
+    "upstream_closed") + b"\n\n")
+
+
+def build_upstream_request(method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+                           host: str, peer: str, request_id: str) -> bytes:
+    out = [(name, value) for name, value in headers if name in UPSTREAM_HEADERS]
+    out.append(("host", host))
+    out.append(("x-forwarded-for", peer))
+    out.append(("x-request-id", request_id))
+    if method == "POST" or body:
+        out.append(("content-length", str(len(body))))
+    return http11.request_head(method, path, out) + body
+
+
+class Exchange:
+    """One request/response with llama-server, relayed to one client connection."""
+
+    __slots__ = ("client", "ctx", "conn", "head_only", "http10", "loop", "done", "head_written",
+                 "swallow", "chunked_out", "sse", "keep_body", "body_parts", "body_size", "tail",
+                 "last_activity", "idle_timeout", "write_timeout", "first_byte_timeout",
+                 "_timer", "_stall_timer", "upstream_keep_alive", "status")
+
+    def __init__(self, client, ctx, *, head_only: bool, http10: bool, first_byte_timeout: float,
+                 idle_timeout: float, write_timeout: float, account: bool):
+        self.client = client
+        self.ctx = ctx
+        self.conn = None
+        self.head_only = head_only
+        self.http10 = http10
+        self.loop = asyncio.get_running_loop()
+        self.done = self.loop.create_future()
+        self.head_written = False
+        self.swallow = False
+        self.chunked_out = False
+        self.sse = False
+        self.keep_body = account
+        self.body_parts: list[bytes] = []
+        self.body_size = 0
+        self.tail = bytearray()
+        self.first_byte_timeout = first_byte_timeout
+        self.idle_timeout = idle_timeout
+        self.write_timeout = write_timeout
+        self.last_activity = self.loop.time()
+        self._timer = self.loop.call_at(self.last_activity + first_byte_timeout, self._on_timer)
+        self._stall_timer = None
+        self.upstream_keep_alive = False
+        self.status = 0
+
+    # ---- upstream events (Sink) ----
+    def on_head(self, resp: http11.Response) -> None:
+        self.last_activity = self.loop.time()
+        self.ctx.ttfb = time.monotonic() - self.ctx.started
+        self.status = resp.status
+        self.upstream_keep_alive = resp.keep_alive
+        if resp.status == 503:
+            # llama-server is loading (or overloaded): our own 503 with Retry-After.
+            self.swallow = True
+            return
+        client = self.client
+        headers: list[tuple[str, str]] = [(n, v) for n, v in resp.headers if n in RESPONSE_HEADERS]
+        ctype = resp.get("content-type") or ""
+        self.sse = ctype.startswith("text/event-stream")
+        if self.sse:
+            headers.append(("cache-control", "no-cache"))
+            headers.append(("x-accel-buffering", "no"))
+            self.ctx.stream = True
+        if (resp.content_length or 0) > USAGE_BODY_LIMIT:
+            self.keep_body = False
+        if resp.content_length is not None and not resp.chunked:
+            headers.append(("content-length", str(resp.content_length)))
+        elif self.http10:
+            client.keep_alive = False        # close-delimited body for an HTTP/1.0 client
+        else:
+            headers.append(("transfer-encoding", "chunked"))
+            self.chunked_out = True
+        headers.extend(self.ctx.response_headers)
+        if not client.keep_alive:
+            headers.append(("connection", "close"))
+        self.ctx.status = resp.status
+        self.head_written = True
+        client.write(http11.response_head(resp.status, headers))
+
+    def on_data(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        if self.swallow:
+            return
+        if self.keep_body:
+            if self.sse:
+                tail = self.tail
+                tail += data
+                if len(tail) > 2 * SSE_TAIL_BYTES:
+                    del tail[:-SSE_TAIL_BYTES]
+            else:
+                self.body_size += len(data)
+                if self.body_size <= USAGE_BODY_LIMIT:
+                    self.body_parts.append(data)
+                else:
+                    self.keep_body = False
+                    self.body_parts.clear()
+        if self.head_only:
+            return
+        self.ctx.bytes_out += len(data)
+        self.client.write(http11.chunk(data) if self.chunked_out else data)
+
+    def on_end(self) -> None:
+        if self.swallow:
+            self._finish_error(GatewayError(
+                503, "The model is still loading; retry shortly", "model_loading",
+                headers=[("retry-after", str(LOADING_RETRY_AFTER))]), pool=True)
+            return
+        if self.chunked_out and not self.head_only:
+            self.client.write(http11.LAST_CHUNK)
+        if self.keep_body:
+            self._account()
+        self.ctx.outcome = "ok"
+        self._finish(pool=True)
+        if not self.client.keep_alive:
+            self.client.close_after_write()
+
+    def on_error(self, exc: BaseException) -> None:
+        if self.head_written:
+            # Cut mid-body: tell the client in-band (SSE) and close without a clean end.
+            self.ctx.outcome = "upstream_error"
+            self.ctx.upstream_error = "closed_mid_body"
+            if self.sse and not self.head_only and not self.client.gone:
+                self.client.write(http11.chunk(_UPSTREAM_CLOSED_EVENT)
+                                  if self.chunked_out else _UPSTREAM_CLOSED_EVENT)
+            self.client.close_after_write(abort_chunked=True)
+            self._finish(pool=False)
+            return
+        if isinstance(exc, UpstreamClosed):
+            self._fail(exc)
+        else:
+            self._fail(GatewayError(502, f"Invalid response from llama-server: {exc}",
+                                    "bad_upstream_response"))
+
+    # ---- client events (called by the client connection) ----
+    def on_client_paused(self) -> None:
+        if self.conn is not None:
+            self.conn.pause_reading()
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(self.write_timeout, self._on_stall)
+
+    def on_client_resumed(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        if self.conn is not None:
+            self.conn.resume_reading()
+
+    def on_client_gone(self) -> None:
+        if self.done.done():
+            return
+        self.ctx.outcome = "client_closed"
+        self._finish(pool=False)
+
+    # ---- internals ----
+    def _on_stall(self) -> None:
+        self._stall_timer = None
+        if self.done.done():
+            return
+        self.ctx.outcome = "client_write_timeout"
+        self.client.abort()
+        self._finish(pool=False)
+
+    def _on_timer(self) -> None:
+        if self.done.done():
+            return
+        now = self.loop.time()
+        limit = self.first_byte_timeout if self.status == 0 else self.idle_timeout
+        due = self.last_activity + limit
+        if now < due:
+            self._timer = self.loop.call_at(due, self._on_timer)
+            return
+        if not self.head_written:
+            self._fail(GatewayError(504, "llama-server did not answer in time", "upstream_timeout"))
+            return
+        self.ctx.outcome = "upstream_timeout"
+        self.ctx.upstream_error = "stream_idle_timeout"
+        self.client.close_after_write(abort_chunked=True)
+        self._finish(pool=False)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.conn is not None:
+            self.conn.abort()
+        self._cleanup()
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    def _finish_error(self, err: GatewayError, pool: bool) -> None:
+        self._release_conn(pool)
+        self._cleanup()
+        if not self.done.done():
+            self.done.set_exception(err)
+
+    def _finish(self, pool: bool) -> None:
+        self._release_conn(pool)
+        self._cleanup()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _release_conn(self, pool: bool) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        self.conn = None
+        if pool and self.upstream_keep_alive:
+            conn.pool.release(conn, True)
+        else:
+            conn.detach()
+            conn.abort()
+
+    def _cleanup(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        if self.client.exchange is self:
+            self.client.exchange = None
+
+    def abort(self) -> None:
+        """Cancelled from outside (shutdown, task cancellation): drop the upstream socket."""
+        if not self.done.done():
+            if self.ctx.outcome == "ok" or not self.ctx.outcome:
+                self.ctx.outcome = "cancelled"
+            self._finish(pool=False)
+
+    def _account(self) -> None:
+        usage = None
+        try:
+            if self.sse:
+                usage = _usage_from_sse_tail(bytes(self.tail))
+            elif self.body_parts:
+                data = json.loads(b"".join(self.body_parts))
+                if isinstance(data, dict):
+                    usage = data.get("usage")
+        except (ValueError, UnicodeDecodeError):
+            usage = None
+        if isinstance(usage, dict):
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(p, int):
+                self.ctx.prompt_tokens = p
+            if isinstance(c, int):
+                self.ctx.completion_tokens = c
+
+
+def _usage_from_sse_tail(tail: bytes) -> dict | None:
+    """The `usage` of the last SSE data event that carries one (llama-server: the final chunk)."""
+    pos = tail.rfind(b'"usage"')
+    while pos != -1:
+        start = tail.rfind(b"data:", 0, pos)
+        if start == -1:
+            return None
+        end = tail.find(b"\n", pos)
+        line = tail[start + 5:end if end != -1 else len(tail)].strip()
+        try:
+            event = json.loads(line)
+        except ValueError:
+            pos = tail.rfind(b'"usage"', 0, start)
+            continue
+        usage = event.get("usage") if isinstance(event, dict) else None
+        if isinstance(usage, dict):
+            return usage
+        pos = tail.rfind(b'"usage"', 0, start)
+    return None
+
+
+async def forward(gw, client, ctx, req: http11.Request, route, body: bytes) -> None:
+    """Send the rebuilt request to llama-server and relay the response to `client`.
+
+    Raises GatewayError before the response head is written (the caller renders it); after that,
+    failures are handled in-band by the Exchange and recorded in ctx.outcome."""
+    cfg = gw.config
+    method = "GET" if req.method == "HEAD" else req.method
+    payload = build_upstream_request(method, route.upstream, req.headers, body, gw.backend_hostport,
+                                     client.peer_host, ctx.request_id)
+    for attempt in (0, 1):
+        try:
+            conn = await gw.pool.acquire(fresh=attempt > 0)
+        except TimeoutError:
+            raise GatewayError(504, "llama-server did not accept the connection in time",
+                               "upstream_connect_timeout") from None
+        except OSError:
+            raise GatewayError(502, "llama-server is not reachable", "upstream_unavailable") from None
+        ex = Exchange(client, ctx, head_only=req.method == "HEAD", http10=req.version == (1, 0),
+                      first_byte_timeout=cfg.request_timeout, idle_timeout=cfg.stream_idle_timeout,
+                      write_timeout=cfg.client_write_timeout, account=route.name != "models")
+        ex.conn = conn
+        client.exchange = ex
+        if client.write_paused:
+            ex.on_client_paused()
+        conn.start(ex, method, payload)
+        try:
+            await ex.done
+            return
+        except UpstreamClosed as exc:
+            if attempt == 0 and conn.reused and not exc.got_bytes:
+                continue    # a stale pooled connection: nothing was answered, try a fresh one
+            raise GatewayError(502, "llama-server closed the connection without answering",
+                               "upstream_closed") from None
+        except asyncio.CancelledError:
+            ex.abort()
+            raise

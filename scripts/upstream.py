@@ -1,0 +1,214 @@
+"""Keep-alive connections to llama-server: connect, pool, reuse, discard.
+
+An UpstreamConnection is an asyncio Protocol. It parses the response with http11.ResponseParser in
+data_received and hands each event to the current exchange's sink synchronously, so relaying a
+streamed body costs no task switch per chunk. Flow control goes both ways: the sink may pause this
+connection's reading (slow client), and the pool never hands out a connection that is closing.
+
+Stale connections: llama-server closes keep-alive connections idle for about 5 s. A pooled
+connection idle longer than IDLE_TTL is closed instead of reused, and the proxy retries once on a
+fresh connection when a reused one dies before any response byte arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+import http11
+
+# llama-server (cpp-httplib) closes idle keep-alive connections after ~5 s; stay well below.
+IDLE_TTL = 3.0
+# Idle connections kept per pool: enough for the concurrency llama-server serves (-np slots);
+# more would only hold sockets that go stale.
+MAX_IDLE = 64
+# Bytes read from llama-server per data_received are the transport's choice (64 KiB chunks).
+
+
+class UpstreamClosed(Exception):
+    """The connection closed before the response was complete."""
+
+    def __init__(self, message: str, got_bytes: bool):
+        super().__init__(message)
+        self.got_bytes = got_bytes
+
+
+class Sink:
+    """What an exchange implements to receive the response events."""
+
+    def on_head(self, response: http11.Response) -> None: ...
+    def on_data(self, data: bytes) -> None: ...
+    def on_end(self) -> None: ...
+    def on_error(self, exc: BaseException) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("pool", "transport", "parser", "sink", "closed", "last_used", "got_bytes",
+                 "reused", "_lost_waiter")
+
+    def __init__(self, pool: UpstreamPool):
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser: http11.ResponseParser | None = None
+        self.sink: Sink | None = None
+        self.closed = False
+        self.last_used = 0.0
+        self.got_bytes = False
+        self.reused = False
+
+    # --- asyncio.Protocol ---
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        parser = self.parser
+        if sink is None or parser is None:
+            # Bytes while idle in the pool: llama-server never does that; the connection is unusable.
+            self.abort()
+            return
+        self.got_bytes = True
+        parser.feed(data)
+        try:
+            while True:
+                event = parser.next_event()
+                if event is http11.NEED_DATA:
+                    return
+                if type(event) is http11.Data:
+                    sink.on_data(event.data)
+                elif type(event) is http11.Response:
+                    sink.on_head(event)
+                else:  # EndOfMessage
+                    self.sink = None
+                    self.parser = None
+                    sink.on_end()
+                    return
+                if self.sink is not sink:   # the sink detached (abort) while handling the event
+                    return
+        except http11.ProtocolError as exc:
+            self.sink = None
+            self.abort()
+            sink.on_error(exc)
+
+    def eof_received(self):
+        sink = self.sink
+        parser = self.parser
+        if sink is not None and parser is not None:
+            # Close-delimited body ends at EOF; anything else is an unfinished response.
+            try:
+                parser.feed_eof()
+                event = parser.next_event()
+                while event is not http11.NEED_DATA:
+                    if type(event) is http11.Data:
+                        sink.on_data(event.data)
+                    elif type(event) is http11.Response:
+                        sink.on_head(event)
+                    else:
+                        self.sink = None
+                        self.parser = None
+                        sink.on_end()
+                        break
+                    event = parser.next_event()
+            except http11.ProtocolError:
+                pass
+        return False  # close the transport
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.pool._forget(self)
+        sink = self.sink
+        self.sink = None
+        if sink is not None:
+            sink.on_error(UpstreamClosed("llama-server closed the connection", self.got_bytes))
+
+    # --- used by the proxy ---
+    def start(self, sink: Sink, method: str, payload: bytes) -> None:
+        """Send one request (head and body in one write) and route the response to sink."""
+        self.sink = sink
+        self.parser = http11.ResponseParser(method)
+        self.got_bytes = False
+        self.transport.write(payload)
+
+    def detach(self) -> None:
+        """The exchange no longer wants events (it is aborting)."""
+        self.sink = None
+
+    def pause_reading(self) -> None:
+        if not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.closed:
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        """Close at once (RST): llama-server sees the disconnect and frees its slot."""
+        if not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+
+class UpstreamPool:
+    def __init__(self, host: str, port: int, connect_timeout: float, *,
+                 idle_ttl: float = IDLE_TTL, max_idle: int = MAX_IDLE, clock=time.monotonic):
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.idle_ttl = idle_ttl
+        self.max_idle = max_idle
+        self.clock = clock
+        self._idle: collections.deque[UpstreamConnection] = collections.deque()
+        self._all: set[UpstreamConnection] = set()
+
+    async def acquire(self, fresh: bool = False) -> UpstreamConnection:
+        """A usable connection: the most recently used idle one, or a new one.
+
+        Raises ConnectionRefusedError/OSError (502) or TimeoutError (504)."""
+        if not fresh:
+            now = self.clock()
+            idle = self._idle
+            while idle:
+                conn = idle.pop()                      # LIFO: the warmest connection
+                if conn.closed or now - conn.last_used > self.idle_ttl:
+                    conn.abort()
+                    continue
+                conn.reused = True
+                return conn
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.connect_timeout):
+            _, conn = await loop.create_connection(lambda: UpstreamConnection(self),
+                                                   self.host, self.port)
+        self._all.add(conn)
+        return conn
+
+    def release(self, conn: UpstreamConnection, keep_alive: bool) -> None:
+        """The response is complete: pool the connection if it can serve another request."""
+        if conn.closed or not keep_alive or conn.sink is not None:
+            conn.abort()
+            return
+        conn.transport.resume_reading()
+        conn.last_used = self.clock()
+        self._idle.append(conn)
+        while len(self._idle) > self.max_idle:
+            self._idle.popleft().abort()
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        conn.abort()
+
+    def _forget(self, conn: UpstreamConnection) -> None:
+        self._all.discard(conn)
+        # An idle connection closed by llama-server leaves the deque lazily (checked on acquire).
+
+    @property
+    def idle_count(self) -> int:
+        return sum(1 for c in self._idle if not c.closed)
+
+    @property
+    def open_count(self) -> int:
+        return len(self._all)
+
+    def close(self) -> None:
+        for conn in list(self._all):
+            conn.abort()
+        self._idle.clear()
