@@ -1,0 +1,557 @@
+"""keys.py: key file parsing, file mode, KeyStore (lookup, hot reload), extract_key, the CLI,
+and a sweep that no secret ends up in any log, output or written file."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import stat
+
+import pytest
+
+import accesslog
+import errors
+import keys
+from keys import KeyFileError, KeyInfo, KeyStore, parse_key_file
+
+SECRET_A = "sk-alpha-0123456789abcdef"
+SECRET_B = "sk-bravo-0123456789abcdef"
+SECRET_C = "sk-charlie-0123456789abcd"
+
+
+def sha(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def write_keys(path, text: str, mode: int = 0o600) -> None:
+    path.write_text(text)
+    os.chmod(path, mode)
+
+
+def bump(path, seconds: int = 10) -> None:
+    """Move mtime forward so a rewrite within the same tick is still seen."""
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 1_000_000_000))
+
+
+@pytest.fixture
+def logger():
+    lg = logging.getLogger("test.keys")
+    lg.setLevel(logging.DEBUG)
+    return lg
+
+
+# --- parsing ----------------------------------------------------------------------------------
+def test_parse_plain_hashed_settings_comments_blank_lines():
+    text = (
+        "\ufeff# a comment\n"
+        "\n"
+        f"alice:{SECRET_A}\r\n"
+        "   # indented comment\n"
+        f"bob:sha256:{hashlib.sha256(SECRET_B.encode()).hexdigest().upper()} rpm=30\n"
+        f"carol.x_y-z:{SECRET_C}\tconcurrency=2   rpm=7  \n"
+    )
+    table = parse_key_file(text)
+    assert table == {
+        sha(SECRET_A): KeyInfo("alice", None, None),
+        sha(SECRET_B): KeyInfo("bob", 30, None),
+        sha(SECRET_C): KeyInfo("carol.x_y-z", 7, 2),
+    }
+
+
+def test_secret_is_everything_after_first_colon():
+    secret = "abc:def:ghi-0123456789"
+    table = parse_key_file(f"k:{secret}\n")
+    assert table == {sha(secret): KeyInfo("k")}
+
+
+@pytest.mark.parametrize("line, fragment", [
+    (f"{SECRET_A}", "expected key_id:secret"),
+    (f"bad id:{SECRET_A}", "key_id"),
+    (f"{'x' * 65}:{SECRET_A}", "key_id"),
+    (f":{SECRET_A}", "key_id"),
+    ("alice:", "empty secret"),
+    ("alice:short-secret-15", "shorter than 16"),
+    ("alice:sk-0123456789abcdé", "printable ASCII"),
+    ("alice:sk-0123456789abc\x07x", "printable ASCII"),
+    ("alice:sha256:abcd", "64 hex"),
+    (f"alice:sha256:{'g' * 64}", "64 hex"),
+    (f"alice:{SECRET_A} rpm=0", "rpm must be a whole number"),
+    (f"alice:{SECRET_A} rpm=-1", "rpm must be a whole number"),
+    (f"alice:{SECRET_A} rpm=1.5", "rpm must be a whole number"),
+    (f"alice:{SECRET_A} concurrency=", "concurrency must be a whole number"),
+    (f"alice:{SECRET_A} rpm=99999999999", "rpm must be a whole number"),
+    (f"alice:{SECRET_A} burst=3", "unknown setting"),
+    (f"alice:{SECRET_A} rpm=3 rpm=4", "given twice"),
+    (f"alice:{SECRET_A} tail-of-secret", "expected name=value"),
+])
+def test_bad_line_names_file_and_line_never_the_secret(line, fragment):
+    text = f"# header\n\nok:{SECRET_B}\n{line}\n"
+    with pytest.raises(KeyFileError) as info:
+        parse_key_file(text, "/etc/keys.txt")
+    message = str(info.value)
+    assert message.startswith("/etc/keys.txt:4: "), message
+    assert fragment in message
+    assert info.value.lineno == 4
+    for secret in (SECRET_A, SECRET_B, "short-secret-15", "tail-of-secret", "sk-0123456789abc"):
+        assert secret not in message
+
+
+def test_duplicate_key_id_and_duplicate_secret():
+    with pytest.raises(KeyFileError, match=r"k:3: duplicate key_id 'a' \(first on line 1\)"):
+        parse_key_file(f"a:{SECRET_A}\nb:{SECRET_B}\na:{SECRET_C}\n", "k")
+    hashed = hashlib.sha256(SECRET_A.encode()).hexdigest()
+    with pytest.raises(KeyFileError, match=r"k:2: duplicate secret \(same as line 1\)") as info:
+        parse_key_file(f"a:{SECRET_A}\nb:sha256:{hashed}\n", "k")
+    assert SECRET_A not in str(info.value) and hashed not in str(info.value)
+
+
+def test_file_too_large_is_refused():
+    with pytest.raises(KeyFileError, match="larger than"):
+        parse_key_file("#" * (keys.MAX_KEY_FILE_BYTES + 1))
+
+
+# --- file mode --------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o602, 0o666])
+def test_group_or_other_access_is_refused_with_fix(tmp_path, mode):
+    path = tmp_path / "api_keys.txt"
+    write_keys(path, f"a:{SECRET_A}\n", mode)
+    with pytest.raises(KeyFileError) as info:
+        keys.check_file_mode(str(path))
+    assert f"chmod 600 {path}" in str(info.value)
+    assert str(path) in str(info.value)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        KeyStore(str(path)).load()
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_owner_only_modes_pass(tmp_path, mode):
+    path = tmp_path / "api_keys.txt"
+    write_keys(path, f"a:{SECRET_A}\n", mode)
+    keys.check_file_mode(str(path))
+    store = KeyStore(str(path))
+    store.load()
+    assert len(store) == 1
+
+
+def test_missing_file_at_start_is_an_error(tmp_path):
+    with pytest.raises(KeyFileError, match="not found"):
+        KeyStore(str(tmp_path / "nope.txt")).load()
+
+
+# --- lookup -----------------------------------------------------------------------------------
+@pytest.fixture
+def store_path(tmp_path):
+    path = tmp_path / "api_keys.txt"
+    hashed = hashlib.sha256(SECRET_B.encode()).hexdigest()
+    write_keys(path, f"alice:{SECRET_A} rpm=5\nbob:sha256:{hashed} concurrency=1\n")
+    return path
+
+
+def test_lookup_plain_and_hashed(store_path):
+    store = KeyStore(str(store_path))
+    store.load()
+    assert store.lookup(SECRET_A) == KeyInfo("alice", 5, None)
+    assert store.lookup(SECRET_B) == KeyInfo("bob", None, 1)
+    assert store.key_ids() == frozenset({"alice", "bob"})
+    assert len(store) == 2
+    assert store.get("alice") == KeyInfo("alice", 5, None)
+    assert store.get("nobody") is None
+
+
+@pytest.mark.parametrize("presented", [
+    "", SECRET_A[:-1], SECRET_A + "x", SECRET_A.upper(), " " + SECRET_A,
+    "sha256:" + hashlib.sha256(SECRET_B.encode()).hexdigest(),  # the stored hash is no key
+    "sk-alpha-0123456789abcdé", "x" * 100_000,
+])
+def test_lookup_misses(store_path, presented):
+    store = KeyStore(str(store_path))
+    store.load()
+    assert store.lookup(presented) is None
+
+
+def test_lookup_compares_digests_with_compare_digest(store_path, monkeypatch):
+    calls = []
+    real = keys.hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(keys.hmac, "compare_digest", spy)
+    store = KeyStore(str(store_path))
+    store.load()
+    assert store.lookup(SECRET_A) is not None
+    assert calls == [(sha(SECRET_A), sha(SECRET_A))]  # digests, never the secret itself
+
+
+def test_keyinfo_and_store_never_hold_the_secret(store_path):
+    store = KeyStore(str(store_path))
+    store.load()
+    info = store.lookup(SECRET_A)
+    assert SECRET_A not in repr(info)
+    assert SECRET_A not in repr(vars(store))
+
+
+# --- hot reload -------------------------------------------------------------------------------
+def test_maybe_reload_polls_at_most_every_interval(store_path, logger):
+    store = KeyStore(str(store_path), logger=logger, poll_interval=2.0)
+    store.load()
+    assert store.maybe_reload(100.0) is False  # first poll: unchanged
+    write_keys(store_path, f"alice:{SECRET_A} rpm=5\ncarol:{SECRET_C}\n")
+    bump(store_path)
+    assert store.maybe_reload(101.9) is False  # too soon: not even a stat
+    assert store.lookup(SECRET_C) is None
+    assert store.maybe_reload(102.0) is True
+    assert store.lookup(SECRET_C) == KeyInfo("carol")
+    assert store.lookup(SECRET_B) is None  # removed key stops working at once
+    assert store.maybe_reload(104.0) is False  # unchanged since
+
+
+def test_touch_without_change_reloads_but_reports_no_change(store_path):
+    store = KeyStore(str(store_path))
+    store.load()
+    bump(store_path)
+    assert store.maybe_reload(0.0) is False
+    assert store.lookup(SECRET_A) is not None
+
+
+def test_settings_change_is_a_change(store_path):
+    store = KeyStore(str(store_path))
+    store.load()
+    hashed = hashlib.sha256(SECRET_B.encode()).hexdigest()
+    write_keys(store_path, f"alice:{SECRET_A} rpm=9\nbob:sha256:{hashed} concurrency=1\n")
+    assert store.reload() is True
+    assert store.lookup(SECRET_A).rpm == 9
+
+
+def test_malformed_file_keeps_previous_keys_and_logs_line(store_path, logger, caplog):
+    store = KeyStore(str(store_path), logger=logger)
+    store.load()
+    write_keys(store_path, f"alice:{SECRET_A}\ncarol:{SECRET_C} rpm=x\n")
+    bump(store_path)
+    with caplog.at_level(logging.ERROR, logger="test.keys"):
+        assert store.maybe_reload(10.0) is False
+    assert store.lookup(SECRET_A) == KeyInfo("alice", 5, None)  # previous keys in force
+    assert store.lookup(SECRET_B) is not None
+    assert store.lookup(SECRET_C) is None
+    assert store.reload_errors == 1
+    logged = caplog.text
+    assert f"{store_path}:2:" in logged and "keeping 2 key(s)" in logged
+    assert SECRET_A not in logged and SECRET_C not in logged
+    # unchanged broken file: no retry, no repeated log line
+    caplog.clear()
+    assert store.maybe_reload(20.0) is False
+    assert caplog.text == ""
+    # fixed: applied on the next poll
+    write_keys(store_path, f"carol:{SECRET_C} rpm=3\n")
+    bump(store_path, 20)
+    assert store.maybe_reload(30.0) is True
+    assert store.lookup(SECRET_C) == KeyInfo("carol", 3, None)
+    assert store.lookup(SECRET_A) is None
+
+
+def test_reload_refuses_open_mode_then_accepts_after_chmod(store_path, logger, caplog):
+    store = KeyStore(str(store_path), logger=logger)
+    store.load()
+    write_keys(store_path, f"carol:{SECRET_C}\n", 0o644)
+    bump(store_path)
+    with caplog.at_level(logging.ERROR, logger="test.keys"):
+        assert store.maybe_reload(10.0) is False
+    assert f"chmod 600 {store_path}" in caplog.text
+    assert store.lookup(SECRET_A) is not None and store.lookup(SECRET_C) is None
+    os.chmod(store_path, 0o600)  # the mode change alone triggers the next reload
+    assert store.maybe_reload(20.0) is True
+    assert store.lookup(SECRET_C) is not None and store.lookup(SECRET_A) is None
+
+
+def test_missing_file_at_runtime_keeps_keys_logged_once(store_path, logger, caplog):
+    store = KeyStore(str(store_path), logger=logger)
+    store.load()
+    os.unlink(store_path)
+    with caplog.at_level(logging.ERROR, logger="test.keys"):
+        assert store.maybe_reload(10.0) is False
+        assert store.maybe_reload(20.0) is False
+    assert caplog.text.count("cannot stat") == 1
+    assert store.lookup(SECRET_A) is not None
+    assert store.reload() is False  # SIGHUP on a missing file: same, keys stay
+    assert store.lookup(SECRET_A) is not None
+    write_keys(store_path, f"carol:{SECRET_C}\n")
+    assert store.maybe_reload(30.0) is True
+    assert store.lookup(SECRET_C) is not None and store.lookup(SECRET_A) is None
+
+
+def test_empty_file_on_reload_keeps_keys_comment_only_revokes_all(store_path):
+    store = KeyStore(str(store_path))
+    store.load()
+    write_keys(store_path, "")
+    assert store.reload() is False
+    assert len(store) == 2
+    write_keys(store_path, "# all keys revoked\n")
+    assert store.reload() is True
+    assert len(store) == 0 and store.lookup(SECRET_A) is None
+
+
+def test_reload_on_demand_sees_same_size_same_mtime_rewrite(store_path):
+    # SIGHUP path: reload() reads without looking at the stat signature.
+    store = KeyStore(str(store_path))
+    store.load()
+    hashed = hashlib.sha256(SECRET_C.encode()).hexdigest()
+    write_keys(store_path, f"alice:{SECRET_A} rpm=5\nbob:sha256:{hashed} concurrency=1\n")
+    assert store.reload() is True
+    assert store.lookup(SECRET_C) is not None and store.lookup(SECRET_B) is None
+
+
+def test_atomic_rename_is_detected_by_inode(store_path):
+    store = KeyStore(str(store_path))
+    store.load()
+    st = os.stat(store_path)
+    new = store_path.with_name("new.txt")
+    hashed = hashlib.sha256(SECRET_C.encode()).hexdigest()
+    write_keys(new, f"alice:{SECRET_A} rpm=5\nbob:sha256:{hashed} concurrency=1\n")
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
+    os.replace(new, store_path)
+    assert store.maybe_reload(0.0) is True
+    assert store.lookup(SECRET_C) is not None
+
+
+# --- extract_key ------------------------------------------------------------------------------
+@pytest.mark.parametrize("headers, expected", [
+    ([], None),
+    ([("host", "x")], None),
+    ([("authorization", f"Bearer {SECRET_A}")], SECRET_A),
+    ([("authorization", f"bearer {SECRET_A}")], SECRET_A),
+    ([("authorization", f"  BEARER   {SECRET_A} ")], SECRET_A),
+    ([("x-api-key", SECRET_A)], SECRET_A),
+    ([("x-api-key", f" {SECRET_A} ")], SECRET_A),
+    ([("authorization", f"Bearer {SECRET_A}"), ("x-api-key", SECRET_A)], SECRET_A),
+])
+def test_extract_key(headers, expected):
+    assert keys.extract_key(headers) == expected
+
+
+@pytest.mark.parametrize("headers, code", [
+    ([("authorization", f"Bearer {SECRET_A}"), ("authorization", f"Bearer {SECRET_B}")],
+     "duplicate_authorization"),
+    ([("x-api-key", SECRET_A), ("x-api-key", SECRET_A)], "duplicate_authorization"),
+    ([("authorization", f"Basic {SECRET_A}")], "invalid_authorization"),
+    ([("authorization", "Bearer")], "invalid_authorization"),
+    ([("authorization", "Bearer ")], "invalid_authorization"),
+    ([("authorization", f"{SECRET_A}")], "invalid_authorization"),
+    ([("authorization", f"Bearer {SECRET_A} extra")], "invalid_authorization"),
+    ([("x-api-key", "")], "invalid_authorization"),
+    ([("authorization", f"Bearer {SECRET_A}"), ("x-api-key", SECRET_B)],
+     "conflicting_authorization"),
+])
+def test_extract_key_errors_are_400_without_the_key(headers, code):
+    with pytest.raises(errors.GatewayError) as info:
+        keys.extract_key(headers)
+    assert info.value.status == 400
+    assert info.value.code == code
+    text = str(info.value) + info.value.body().decode()
+    assert SECRET_A not in text and SECRET_B not in text
+
+
+def test_extract_key_ignores_query_string_like_headers():
+    assert keys.extract_key([(":path", f"/v1/models?api_key={SECRET_A}")]) is None
+
+
+# --- CLI --------------------------------------------------------------------------------------
+def run_cli(capsys, *argv):
+    rc = keys.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_add_list_rotate_revoke(tmp_path, capsys):
+    path = tmp_path / "sub" / "api_keys.txt"
+    f = ["--file", str(path)]
+    rc, out, err = run_cli(capsys, *f, "add", "alice", "--rpm", "30", "--concurrency", "2")
+    assert rc == 0
+    key = out.strip()
+    assert out == key + "\n"  # the key alone on stdout, once
+    assert key.startswith("sk-") and len(key) >= 3 + 43  # 256 random bits, url-safe
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert path.read_text() == f"alice:{key} rpm=30 concurrency=2\n"
+    store = KeyStore(str(path))
+    store.load()
+    assert store.lookup(key) == KeyInfo("alice", 30, 2)
+
+    rc, out, err = run_cli(capsys, *f, "add", "bob", "--hashed")
+    assert rc == 0
+    bob_key = out.strip()
+    assert bob_key not in path.read_text()
+    assert f"bob:sha256:{hashlib.sha256(bob_key.encode()).hexdigest()}" in path.read_text()
+
+    rc, out, err = run_cli(capsys, *f, "list")
+    assert rc == 0
+    assert "alice" in out and "bob" in out and "hashed" in out and "30" in out
+    assert key not in out + err and bob_key not in out + err
+
+    rc, out, err = run_cli(capsys, *f, "rotate", "alice")
+    assert rc == 0
+    new_key = out.strip()
+    assert new_key != key and new_key.startswith("sk-")
+    assert path.read_text().splitlines()[0] == f"alice:{new_key} rpm=30 concurrency=2"
+    rc, out, err = run_cli(capsys, *f, "rotate", "bob")
+    new_bob = out.strip()
+    assert f"bob:sha256:{hashlib.sha256(new_bob.encode()).hexdigest()}" in path.read_text()
+    assert store.reload() is True
+    assert store.lookup(key) is None and store.lookup(new_key) == KeyInfo("alice", 30, 2)
+    assert store.lookup(bob_key) is None and store.lookup(new_bob) == KeyInfo("bob")
+
+    rc, out, err = run_cli(capsys, *f, "revoke", "alice")
+    assert rc == 0
+    assert "alice" not in path.read_text()
+    assert store.reload() is True
+    assert store.lookup(new_key) is None and store.key_ids() == frozenset({"bob"})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["api_keys.txt"]  # no temp file left
+
+
+def test_cli_preserves_comments_and_other_lines(tmp_path, capsys):
+    path = tmp_path / "api_keys.txt"
+    original = f"# team keys\n\nalice:{SECRET_A} rpm=5\n# bob below\nbob:{SECRET_B}\n"
+    write_keys(path, original)
+    rc, out, _ = run_cli(capsys, "--file", str(path), "rotate", "alice")
+    assert rc == 0
+    lines = path.read_text().splitlines()
+    assert lines[:2] == ["# team keys", ""]
+    assert lines[2] == f"alice:{out.strip()} rpm=5"
+    assert lines[3:] == ["# bob below", f"bob:{SECRET_B}"]
+    rc, _, _ = run_cli(capsys, "--file", str(path), "revoke", "alice")
+    assert path.read_text() == f"# team keys\n\n# bob below\nbob:{SECRET_B}\n"
+    rc, out, _ = run_cli(capsys, "--file", str(path), "add", "carol")
+    assert path.read_text().endswith(f"bob:{SECRET_B}\ncarol:{out.strip()}\n")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["add", "alice"], "exists"),
+    (["revoke", "nobody"], "no key named 'nobody'"),
+    (["rotate", "nobody"], "no key named 'nobody'"),
+    (["add", "bad name"], "must be 1-64 characters"),
+    (["add", "zed", "--rpm", "0"], "whole number"),
+    (["add", "zed", "--concurrency", "x"], "whole number"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_cli_errors_exit_1(tmp_path, capsys, argv, fragment):
+    path = tmp_path / "api_keys.txt"
+    write_keys(path, f"alice:{SECRET_A}\n")
+    before = path.read_text()
+    rc, out, err = run_cli(capsys, "--file", str(path), *argv)
+    assert rc == 1
+    assert fragment in err
+    assert path.read_text() == before
+    assert SECRET_A not in out + err
+
+
+def test_cli_refuses_to_edit_a_broken_file(tmp_path, capsys):
+    path = tmp_path / "api_keys.txt"
+    write_keys(path, f"alice:{SECRET_A}\nbroken line\n")
+    before = path.read_text()
+    rc, out, err = run_cli(capsys, "--file", str(path), "add", "bob")
+    assert rc == 1 and f"{path}:2:" in err
+    assert path.read_text() == before and out == ""
+
+
+def test_cli_missing_file_for_list_is_an_error(tmp_path, capsys):
+    rc, out, err = run_cli(capsys, "--file", str(tmp_path / "none.txt"), "list")
+    assert rc == 1 and "not found" in err
+
+
+def test_cli_fixes_open_mode_on_rewrite(tmp_path, capsys):
+    path = tmp_path / "api_keys.txt"
+    write_keys(path, f"alice:{SECRET_A}\n", 0o644)
+    rc, out, err = run_cli(capsys, "--file", str(path), "add", "bob")
+    assert rc == 0 and "chmod 600" in err
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_cli_file_from_environment(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("AUTH_KEYS_FILE", raising=False)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    rc, out, _ = run_cli(capsys, "add", "alice")
+    assert rc == 0
+    assert (tmp_path / "api_keys.txt").read_text() == f"alice:{out.strip()}\n"
+    other = tmp_path / "elsewhere.txt"
+    monkeypatch.setenv("AUTH_KEYS_FILE", str(other))
+    rc, out, _ = run_cli(capsys, "add", "bob")
+    assert rc == 0 and other.read_text() == f"bob:{out.strip()}\n"
+
+
+def test_cli_bad_configuration_exits_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("PORT", "not-a-port")
+    rc, _, err = run_cli(capsys, "list")
+    assert rc == 1 and "PORT" in err
+
+
+# --- no secret anywhere -----------------------------------------------------------------------
+def test_no_secret_in_any_log_output_or_written_file(tmp_path, capsys):
+    """Write keys, drive every module's logging and output, then look for every secret."""
+    log_stream = io.StringIO()
+    handler = logging.StreamHandler(log_stream)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        path = tmp_path / "api_keys.txt"
+        plain = [SECRET_A, SECRET_B, SECRET_C]
+        write_keys(path, f"alice:{SECRET_A} rpm=5\nbob:{SECRET_B}\n")
+        store = KeyStore(str(path), logger=logging.getLogger("gateway.keys"))
+        store.load()
+        # bad lines of every kind, each holding a secret
+        for bad in (f"carol:{SECRET_C} rpm=x", f"{SECRET_C}", f"carol:{SECRET_C} {SECRET_C}",
+                    f"carol:{SECRET_C} zz={SECRET_C}", f"alice:{SECRET_C}", f"dup:{SECRET_A}",
+                    f"c@rol:{SECRET_C}"):
+            write_keys(path, f"alice:{SECRET_A} rpm=5\nbob:{SECRET_B}\n{bad}\n")
+            assert store.reload() is False
+        write_keys(path, f"alice:{SECRET_A} rpm=5\nbob:{SECRET_B}\n", 0o644)
+        assert store.reload() is False
+        os.chmod(path, 0o600)
+        assert store.reload() is False  # same keys back
+        # the CLI: add (plain + hashed), rotate, list, revoke, errors
+        printed = []
+        console = []
+        for argv in (["add", "dave"], ["add", "erin", "--hashed", "--rpm", "3"],
+                     ["rotate", "dave"], ["rotate", "erin"], ["list"], ["revoke", "bob"],
+                     ["add", "alice"], ["rotate", "nobody"]):
+            rc = keys.main(["--file", str(path), *argv])
+            out, err = capsys.readouterr()
+            if argv[0] in ("add", "rotate") and rc == 0:
+                assert out.count("\n") == 1
+                printed.append(out.strip())   # the one place a new key is shown
+            else:
+                console.append(out)
+            console.append(err)
+        assert store.reload() is True
+        # the access log, fed a record with everything a careless caller might add
+        alog_path = tmp_path / "logs" / "api_access.log"
+        alog = accesslog.AccessLog(str(alog_path), max_bytes=1_000_000, backups=1)
+        for secret in plain + printed:
+            info = store.lookup(secret)
+            alog.write({"time": 1.0, "key_id": info.key_id if info else "-",
+                        "path": f"/v1/chat/completions?api_key={secret}", "status": 200,
+                        "authorization": f"Bearer {secret}", "body": {"prompt": secret},
+                        "headers": [("x-api-key", secret)]})
+        alog.close()
+        assert alog.written == len(plain + printed)
+
+        everything = log_stream.getvalue() + "".join(console)
+        for f in tmp_path.rglob("*"):
+            if f.is_file() and f != path:
+                everything += f.read_text()
+        hashed_only = [printed[1], printed[3]]  # erin's keys: the file holds only sha256
+        key_file = path.read_text()
+        assert "reload failed" in everything and "chmod 600" in everything
+        for secret in plain + printed:
+            assert secret not in everything, "a secret leaked into logs or output"
+        for secret in hashed_only:
+            assert secret not in key_file
+        assert all(printed.count(k) == 1 for k in printed)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
