@@ -1,0 +1,279 @@
+"""Per-key limits and the global queue to llama-server.
+
+- RateLimiter: requests per minute per key_id, a token bucket. Pure: the clock is an argument and
+  check() tests and consumes in one synchronous call (no await between the check and the use).
+- KeyConcurrency: requests in flight per key_id, answered at once (no waiting).
+- BackendSlots: at most max_concurrent requests at llama-server, a bounded FIFO queue in front of
+  it (at most max_queue waiting, each for at most its timeout). Asyncio, one event loop.
+
+Token bucket semantics (what the headers mean):
+  The bucket holds `limit` = rpm tokens and refills continuously at rpm/60 tokens per second, so a
+  burst of rpm requests passes at once and after that one request every 60/rpm seconds.
+  X-RateLimit-Limit      rpm
+  X-RateLimit-Remaining  whole tokens left after this request
+  X-RateLimit-Reset      seconds (ceil) until the bucket is full again
+  Retry-After            on refusal: seconds (ceil, >= 1) until one token is there
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import math
+from collections.abc import Iterable
+
+SECONDS_PER_MINUTE = 60.0
+# Float refills accumulate rounding error: 60/7 s of refill may yield 0.9999999999 tokens.
+# Anything within this of a whole token counts as the token (1e-9 of a request is nothing).
+TOKEN_EPSILON = 1e-9
+
+
+@dataclasses.dataclass(frozen=True)
+class RateDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_s: int
+    retry_after_s: int   # 0 when allowed
+
+    def headers(self) -> list[tuple[str, str]]:
+        """X-RateLimit-* headers, plus Retry-After on refusal."""
+        out = [("X-RateLimit-Limit", str(self.limit)),
+               ("X-RateLimit-Remaining", str(self.remaining)),
+               ("X-RateLimit-Reset", str(self.reset_s))]
+        if not self.allowed:
+            out.append(("Retry-After", str(self.retry_after_s)))
+        return out
+
+
+class _Bucket:
+    __slots__ = ("tokens", "stamp")
+
+    def __init__(self, tokens: float, stamp: float):
+        self.tokens = tokens
+        self.stamp = stamp
+
+
+class RateLimiter:
+    """Token bucket per key_id. State exists only for key_ids the caller checks (known keys, after
+    authentication); retain() drops the state of keys removed by a reload."""
+
+    def __init__(self, default_rpm: int):
+        if default_rpm < 1:
+            raise ValueError("default_rpm must be >= 1")
+        self.default_rpm = default_rpm
+        self._buckets: dict[str, _Bucket] = {}
+
+    def check(self, key_id: str, now: float, rpm: int | None = None) -> RateDecision:
+        """Take one token for key_id if there is one. `now` is a monotonic time in seconds."""
+        limit = rpm if rpm is not None and rpm >= 1 else self.default_rpm
+        rate = limit / SECONDS_PER_MINUTE
+        bucket = self._buckets.get(key_id)
+        if bucket is None:
+            bucket = self._buckets[key_id] = _Bucket(float(limit), now)
+        elapsed = max(0.0, now - bucket.stamp)   # a clock step backwards refills nothing
+        # min(): a bucket also shrinks at once when a reload lowers the key's rpm.
+        bucket.tokens = min(float(limit), bucket.tokens + elapsed * rate)
+        bucket.stamp = now
+        if bucket.tokens + TOKEN_EPSILON >= 1.0:
+            bucket.tokens = max(0.0, bucket.tokens - 1.0)
+            allowed, retry_after = True, 0
+        else:
+            allowed = False
+            retry_after = max(1, math.ceil((1.0 - bucket.tokens) / rate - TOKEN_EPSILON))
+        missing = limit - bucket.tokens
+        reset = 0 if missing <= TOKEN_EPSILON else max(1, math.ceil(missing / rate
+                                                                     - TOKEN_EPSILON))
+        remaining = max(0, math.floor(bucket.tokens + TOKEN_EPSILON))
+        return RateDecision(allowed, limit, remaining, reset, retry_after)
+
+    def retain(self, key_ids: Iterable[str]) -> None:
+        """Keep state only for these key_ids (call after a key reload)."""
+        keep = set(key_ids)
+        for key_id in [k for k in self._buckets if k not in keep]:
+            del self._buckets[key_id]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class KeyConcurrency:
+    """Requests in flight per key_id. A counter exists only while a key has requests in flight,
+    so memory is bounded by the requests in flight."""
+
+    def __init__(self, default_cap: int):
+        if default_cap < 1:
+            raise ValueError("default_cap must be >= 1")
+        self.default_cap = default_cap
+        self._counts: dict[str, int] = {}
+
+    def try_acquire(self, key_id: str, cap: int | None = None) -> bool:
+        limit = cap if cap is not None and cap >= 1 else self.default_cap
+        count = self._counts.get(key_id, 0)
+        if count >= limit:
+            return False
+        self._counts[key_id] = count + 1
+        return True
+
+    def release(self, key_id: str) -> None:
+        """Give back one request of key_id. Releasing more than was acquired is ignored (the
+        counter never goes negative); use hold() for an idempotent handle."""
+        count = self._counts.get(key_id, 0)
+        if count <= 1:
+            self._counts.pop(key_id, None)
+        else:
+            self._counts[key_id] = count - 1
+
+    def hold(self, key_id: str, cap: int | None = None) -> "KeyHold | None":
+        """try_acquire returning an idempotent release handle (None when over the cap)."""
+        if not self.try_acquire(key_id, cap):
+            return None
+        return KeyHold(self, key_id)
+
+    def in_flight(self, key_id: str) -> int:
+        return self._counts.get(key_id, 0)
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+
+class KeyHold:
+    """One acquired per-key request; release() is idempotent. Also a (async) context manager."""
+    __slots__ = ("_owner", "key_id", "_released")
+
+    def __init__(self, owner: KeyConcurrency, key_id: str):
+        self._owner = owner
+        self.key_id = key_id
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._owner.release(self.key_id)
+
+    def __enter__(self) -> "KeyHold":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    async def __aenter__(self) -> "KeyHold":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.release()
+
+
+class QueueFull(Exception):
+    """No room in the wait queue: refuse at once (503)."""
+
+
+class QueueTimeout(Exception):
+    """Waited the whole timeout without getting a slot (503)."""
+
+
+class SlotsClosed(QueueFull):
+    """Shutting down: waiters are turned away and no new slot is granted."""
+
+
+class Slot:
+    """A running request at llama-server. release() is idempotent; use it in `finally` or as
+    `async with await slots.acquire(t):`."""
+    __slots__ = ("_owner", "_released")
+
+    def __init__(self, owner: "BackendSlots"):
+        self._owner = owner
+        self._released = False
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._owner._release_one()
+
+    def __enter__(self) -> "Slot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    async def __aenter__(self) -> "Slot":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.release()
+
+
+class BackendSlots:
+    """Global limit to llama-server with a bounded FIFO wait queue.
+
+    A released slot passes straight to the oldest waiter (active stays the same), so a newcomer
+    cannot overtake the queue. A waiter that is cancelled or times out removes its entry; if the
+    slot was granted in the same instant (granted, but the task was cancelled before it resumed)
+    the waiter hands that slot on instead of keeping it, so nothing leaks."""
+
+    def __init__(self, max_concurrent: int, max_queue: int):
+        if max_concurrent < 1 or max_queue < 0:
+            raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self._active = 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._closed = False
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self, timeout: float) -> Slot:
+        """A slot now, or after waiting in line at most `timeout` seconds.
+        Raises QueueFull (queue full, or SlotsClosed at shutdown) or QueueTimeout."""
+        if self._closed:
+            raise SlotsClosed("shutting down")
+        if self._active < self.max_concurrent and not self._waiters:
+            self._active += 1
+            return Slot(self)
+        if len(self._waiters) >= self.max_queue:
+            raise QueueFull(f"{self.max_queue} requests already waiting")
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                fut.result().release()  # granted as we were cancelled: hand it on
+            else:
+                fut.cancel()
+                try:
+                    self._waiters.remove(fut)  # O(max_queue), bounded
+                except ValueError:
+                    pass
+            if isinstance(exc, TimeoutError):
+                raise QueueTimeout(f"no backend slot within {timeout:g} s") from None
+            raise
+
+    def _release_one(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(Slot(self))  # the slot moves on; active stays the same
+                return
+        self._active = max(0, self._active - 1)
+
+    def close(self) -> None:
+        """Shutdown: turn away every waiter (SlotsClosed) and all later acquires. Running slots
+        stay counted until their holders release them."""
+        self._closed = True
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(SlotsClosed("shutting down"))
