@@ -323,6 +323,16 @@ def test_keepalive_timeout_closes_idle_connection(srv):
     assert srv.disconnects == 0
 
 
+def test_keepalive_timer_restarts_after_each_response(srv):
+    raw = Raw(srv.port)
+    for _ in range(4):   # 0.6 s of use in all, never 0.3 s idle: the connection must stay open
+        raw.get("/health")
+        assert raw.json_response()[0] == 200
+        time.sleep(0.15)
+    raw.close()
+    assert srv.connections_opened == 1
+
+
 def test_pipelined_chunked_and_expect_continue(srv):
     raw = Raw(srv.port)
     raw.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /props HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -203,7 +203,8 @@ class _Conn(asyncio.Protocol):
         self.busy = False          # a response is in progress
         self.closed = False
         self.in_process = False
-        self.idle = None
+        self.idle = None           # timer handle; fires at or before idle_deadline
+        self.idle_deadline = None  # loop time to close at; None while not idle
         self.task = None
         self.write_paused = False
         self.drain_fut = None
@@ -223,9 +224,7 @@ class _Conn(asyncio.Protocol):
         srv._changed()
 
     def data_received(self, data):
-        if self.idle is not None:
-            self.idle.cancel()
-            self.idle = None
+        self.idle_deadline = None   # the timer stays scheduled; it re-checks when it fires
         self.buf += data
         if not self.busy:
             self._process()
@@ -261,15 +260,25 @@ class _Conn(asyncio.Protocol):
 
     # ---- helpers ----
     def _arm(self, seconds):
-        if self.idle is not None:
-            self.idle.cancel()
-        self.idle = self.srv._loop.call_later(seconds, self._idle_expired)
+        """One lazy idle timer per connection (re-arming per request costs no call_later)."""
+        loop = self.srv._loop
+        self.idle_deadline = deadline = loop.time() + seconds
+        if self.idle is None or self.idle.when() > deadline:
+            if self.idle is not None:
+                self.idle.cancel()
+            self.idle = loop.call_at(deadline, self._idle_expired)
 
     def _idle_expired(self):
         self.idle = None
-        if not self.busy and not self.closed:
-            self.closed = True
-            self.transport.close()
+        deadline = self.idle_deadline
+        if deadline is None or self.busy or self.closed:
+            return
+        now = self.srv._loop.time()
+        if now < deadline:
+            self.idle = self.srv._loop.call_at(deadline, self._idle_expired)
+            return
+        self.closed = True
+        self.transport.close()
 
     async def _drain(self):
         while self.write_paused and not self.closed:
