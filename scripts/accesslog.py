@@ -1,0 +1,196 @@
+"""Access log: one JSON line per request, written off the event loop, rotated by size.
+
+write() never blocks: it keeps only the fields in ACCESS_FIELDS (anything else, such as a body, is
+dropped), and puts the record on a bounded queue. A daemon thread serializes, appends and rotates
+(api_access.log -> .1 -> ... -> .N). When the queue is full (the disk is slower than the traffic)
+the record is dropped and counted in `dropped`; the count also goes into the log as an
+{"outcome": "access_log_dropped", "dropped": n} line once the writer catches up. close() flushes
+with a deadline.
+
+What is never logged: secrets and prompts (no such field exists), and the query string of `path`
+(a client may put a key there; the gateway never reads it, and the log does not keep it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+
+ACCESS_FIELDS = (
+    "time", "request_id", "key_id", "client", "method", "path", "status", "bytes_in",
+    "bytes_out", "duration_ms", "ttfb_ms", "stream", "prompt_tokens", "completion_tokens",
+    "outcome",
+)
+_FIELD_SET = frozenset(ACCESS_FIELDS)
+
+# 10,000 lines of ~300 bytes = ~3 MB of memory at most while the disk stalls.
+DEFAULT_QUEUE_SIZE = 10_000
+# 2 KiB per string value: a path is capped far below that by the HTTP parser; anything longer
+# is not worth a log line's worth of disk.
+MAX_VALUE_CHARS = 2048
+# Lines written per batch before a flush: bounds the time a batch holds the file.
+BATCH_LINES = 512
+# How often the writer thread wakes to notice close() when idle.
+IDLE_WAKE_S = 0.5
+
+_SCALARS = (str, int, float, bool, type(None))
+_STOP = object()
+
+log = logging.getLogger("gateway.accesslog")
+
+
+def clean_record(record: dict) -> dict:
+    """Only the fixed fields, in a fixed order, scalar values, no query string."""
+    out = {}
+    for name in ACCESS_FIELDS:
+        if name not in record:
+            continue
+        value = record[name]
+        if not isinstance(value, _SCALARS):
+            continue  # a dict or list here would be a body by mistake: drop it
+        if isinstance(value, float) and (value != value or value in (float("inf"), -float("inf"))):
+            value = None
+        if isinstance(value, str):
+            if name == "path":
+                value = value.split("?", 1)[0]
+            value = value[:MAX_VALUE_CHARS]
+        out[name] = value
+    return out
+
+
+class AccessLog:
+    def __init__(self, path: str, *, max_bytes: int, backups: int,
+                 queue_size: int = DEFAULT_QUEUE_SIZE):
+        if max_bytes < 1 or backups < 0 or queue_size < 1:
+            raise ValueError("max_bytes and queue_size must be >= 1, backups >= 0")
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.dropped = 0          # records refused because the queue was full (or after close)
+        self.write_errors = 0     # records lost to disk errors
+        self.written = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._closing = threading.Event()
+        self._closed = False
+        self._reported_dropped = 0
+        self._fh = None
+        self._size = 0
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._thread.start()
+
+    # -- caller side (event loop) --------------------------------------------------------------
+    def write(self, record: dict) -> None:
+        """Queue one record; never blocks. Unknown fields are dropped."""
+        if self._closed:
+            self.dropped += 1
+            return
+        try:
+            self._queue.put_nowait(clean_record(record))
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Flush what is queued and stop, waiting at most `timeout` seconds."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(_STOP, timeout=max(0.0, timeout))
+        except queue.Full:
+            pass
+        self._closing.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning("access log: writer did not finish within %.1f s; %d line(s) may be lost",
+                        timeout, self._queue.qsize())
+
+    # -- writer thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=IDLE_WAKE_S)
+            except queue.Empty:
+                if self._closing.is_set():
+                    break
+                continue
+            batch, stop = [], item is _STOP
+            if not stop:
+                batch.append(item)
+            while not stop and len(batch) < BATCH_LINES:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                else:
+                    batch.append(item)
+            self._write_batch(batch)
+            if stop:
+                break
+        self._close_file()
+
+    def _write_batch(self, batch: list[dict]) -> None:
+        lines = [json.dumps(r, separators=(",", ":"), ensure_ascii=True) + "\n" for r in batch]
+        dropped = self.dropped
+        if dropped != self._reported_dropped:
+            lines.append(json.dumps({"time": time.time(), "outcome": "access_log_dropped",
+                                     "dropped": dropped}, separators=(",", ":")) + "\n")
+            self._reported_dropped = dropped
+        for line in lines:
+            data = line.encode("ascii")
+            try:
+                self._ensure_room(len(data))
+                self._fh.write(data)
+                self._size += len(data)
+                self.written += 1
+            except OSError as exc:
+                self.write_errors += 1
+                if self.write_errors in (1, 10, 100) or self.write_errors % 1000 == 0:
+                    log.error("access log %s: %s (%d line(s) lost so far)", self.path, exc,
+                              self.write_errors)
+                self._close_file()
+        try:
+            if self._fh is not None:
+                self._fh.flush()
+        except OSError:
+            self._close_file()
+
+    def _open(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._fh = open(self.path, "ab", buffering=65536)
+        self._size = os.fstat(self._fh.fileno()).st_size
+
+    def _ensure_room(self, nbytes: int) -> None:
+        if self._fh is None:
+            self._open()
+        if self._size > 0 and self._size + nbytes > self.max_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        self._close_file()
+        if self.backups == 0:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        else:
+            for i in range(self.backups - 1, 0, -1):
+                src = f"{self.path}.{i}"
+                if os.path.exists(src):
+                    os.replace(src, f"{self.path}.{i + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        self._open()
+
+    def _close_file(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            self._fh = None

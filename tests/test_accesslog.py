@@ -1,0 +1,163 @@
+"""accesslog.py: fixed fields, JSON lines, size rotation, bounded queue that never blocks,
+close() with a deadline, disk errors."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+import accesslog
+from accesslog import ACCESS_FIELDS, AccessLog
+
+
+def full_record(i: int = 0) -> dict:
+    return {"time": 1700000000.5 + i, "request_id": f"req-{i}", "key_id": "alice",
+            "client": "10.0.0.1", "method": "POST", "path": "/v1/chat/completions",
+            "status": 200, "bytes_in": 123, "bytes_out": 456, "duration_ms": 12.5,
+            "ttfb_ms": 3.25, "stream": True, "prompt_tokens": 10, "completion_tokens": 20,
+            "outcome": "ok"}
+
+
+def read_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class StalledLog(AccessLog):
+    """The writer thread waits for `gate` before it starts: a disk that does not answer."""
+
+    def __init__(self, *args, **kwargs):
+        self.gate = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def _run(self):
+        self.gate.wait(10)
+        super()._run()
+
+
+def test_writes_one_json_line_per_record_with_fixed_fields(tmp_path):
+    path = tmp_path / "logs" / "api_access.log"  # directory created on demand
+    alog = AccessLog(str(path), max_bytes=1_000_000, backups=2)
+    alog.write(full_record(0))
+    alog.write(full_record(1))
+    alog.close()
+    lines = read_lines(path)
+    assert lines == [full_record(0), full_record(1)]
+    assert list(lines[0]) == list(ACCESS_FIELDS)  # fixed order
+    assert alog.written == 2 and alog.dropped == 0
+
+
+def test_unknown_fields_non_scalars_and_query_strings_are_dropped(tmp_path):
+    path = tmp_path / "a.log"
+    alog = AccessLog(str(path), max_bytes=1_000_000, backups=1)
+    alog.write({"time": 1.0, "path": "/v1/models?api_key=sk-secret-value-123",
+                "body": "the prompt", "messages": [{"role": "user"}], "authorization": "x",
+                "outcome": {"nested": "prompt text"}, "client": "1.2.3.4\n{\"forged\":1}",
+                "method": "G" * 10_000, "duration_ms": float("nan")})
+    alog.close()
+    text = path.read_text()
+    assert text.count("\n") == 1  # a newline inside a value cannot forge a second line
+    (line,) = read_lines(path)
+    assert set(line) <= set(ACCESS_FIELDS)
+    assert line["path"] == "/v1/models"
+    assert "outcome" not in line  # not a scalar
+    assert line["client"] == "1.2.3.4\n{\"forged\":1}"
+    assert len(line["method"]) == accesslog.MAX_VALUE_CHARS
+    assert line["duration_ms"] is None
+    for leaked in ("the prompt", "sk-secret-value-123", "role", "nested", "authorization"):
+        assert leaked not in text
+
+
+def test_rotation_by_size_keeps_n_backups(tmp_path):
+    path = tmp_path / "api_access.log"
+    line_len = len(json.dumps(full_record(0), separators=(",", ":"))) + 1
+    max_bytes = line_len * 3 + 10  # three lines per file
+    alog = AccessLog(str(path), max_bytes=max_bytes, backups=2)
+    for i in range(20):
+        alog.write(full_record(i))
+    alog.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "api_access.log", "api_access.log.1", "api_access.log.2"]
+    for p in tmp_path.iterdir():
+        assert 0 < p.stat().st_size <= max_bytes
+    ids = lambda p: [r["request_id"] for r in read_lines(p)]  # noqa: E731
+    assert ids(path) == ["req-18", "req-19"]
+    assert ids(tmp_path / "api_access.log.1") == ["req-15", "req-16", "req-17"]
+    assert ids(tmp_path / "api_access.log.2") == ["req-12", "req-13", "req-14"]
+
+
+def test_rotation_appends_to_existing_file_size(tmp_path):
+    path = tmp_path / "api_access.log"
+    path.write_text("x" * 100 + "\n")
+    alog = AccessLog(str(path), max_bytes=150, backups=1)
+    alog.write(full_record(0))
+    alog.close()
+    assert (tmp_path / "api_access.log.1").read_text() == "x" * 100 + "\n"
+    assert read_lines(path) == [full_record(0)]
+
+
+def test_zero_backups_starts_over(tmp_path):
+    path = tmp_path / "api_access.log"
+    line_len = len(json.dumps(full_record(0), separators=(",", ":"))) + 1
+    alog = AccessLog(str(path), max_bytes=line_len * 2, backups=0)
+    for i in range(5):
+        alog.write(full_record(i))
+    alog.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["api_access.log"]
+    assert [r["request_id"] for r in read_lines(path)] == ["req-4"]
+
+
+def test_full_queue_drops_and_counts_without_blocking(tmp_path):
+    path = tmp_path / "api_access.log"
+    alog = StalledLog(str(path), max_bytes=1_000_000, backups=1, queue_size=3)
+    t0 = time.monotonic()
+    for i in range(10):
+        alog.write(full_record(i))
+    assert time.monotonic() - t0 < 0.5  # a stalled writer does not stall the caller
+    assert alog.dropped == 7
+    alog.gate.set()
+    alog.close()
+    lines = read_lines(path)
+    assert [r.get("request_id") for r in lines[:3]] == ["req-0", "req-1", "req-2"]
+    assert lines[3]["outcome"] == "access_log_dropped" and lines[3]["dropped"] == 7
+
+
+def test_close_respects_its_deadline_when_disk_stalls(tmp_path):
+    alog = StalledLog(str(tmp_path / "a.log"), max_bytes=1_000_000, backups=1, queue_size=2)
+    alog.write(full_record(0))
+    alog.write(full_record(1))
+    t0 = time.monotonic()
+    alog.close(timeout=0.1)
+    assert time.monotonic() - t0 < 1.0
+    alog.write(full_record(2))  # after close: dropped, counted
+    assert alog.dropped == 1
+    alog.gate.set()
+
+
+def test_close_is_idempotent_and_flushes(tmp_path):
+    path = tmp_path / "a.log"
+    alog = AccessLog(str(path), max_bytes=1_000_000, backups=1)
+    for i in range(100):
+        alog.write(full_record(i))
+    alog.close()
+    alog.close()
+    assert len(read_lines(path)) == 100
+
+
+def test_disk_error_is_counted_and_logged_not_raised(tmp_path, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    alog = AccessLog(str(blocker / "api_access.log"), max_bytes=1000, backups=1)
+    with caplog.at_level("ERROR", logger="gateway.accesslog"):
+        alog.write(full_record(0))
+        alog.write(full_record(1))
+        alog.close()
+    assert alog.write_errors == 2 and alog.written == 0
+    assert "access log" in caplog.text
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError):
+        AccessLog("/tmp/x.log", max_bytes=0, backups=1)
