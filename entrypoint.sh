@@ -1,0 +1,521 @@
+#!/usr/bin/env bash
+# entrypoint.sh — boot and supervise the container: health server, llama-server, gateway.
+#
+# Order: check env, model and llama-server (nothing is started when one is wrong); write state
+# `starting`; start the health server (answers 204 at once); start the gateway (answers API calls
+# with 503 JSON until the state is `ready`); start llama-server on 127.0.0.1:PORT_BACKEND and poll
+# its /health until 200; once the gateway port accepts too, write `ready` (health 200).
+#
+# State file $RUN_DIR/health (one word, replaced atomically; read by health_server.py and the
+# gateway): starting -> ready -> (starting while restarting) -> failed | stopping.
+#
+# Restarts. llama-server exiting (or not ready within MODEL_LOAD_TIMEOUT) is a failure: the state
+# goes back to `starting`, so the health server answers 204 — RunPod reads 204 as "initializing"
+# and routes nothing to the worker, while any other non-200 marks it unhealthy and may replace it;
+# a restart usually succeeds within seconds, so we keep the worker. API calls meanwhile get 503 +
+# Retry-After from the gateway. It is restarted after a backoff of RESTART_BACKOFF_INITIAL *
+# 2^(failures-1) s, capped at RESTART_BACKOFF_MAX. More than MAX_RESTARTS failures within
+# RESTART_WINDOW s: state `failed` (health 503), everything stops, exit 1 — the platform replaces
+# the worker. A dead gateway or health server is restarted the same way (own failure count); the
+# gateway exiting 2 means bad config: exit 2 at once. Every restart is logged with its reason.
+#
+# SIGTERM/SIGINT: state `stopping` (health 503); the gateway drains (TERM, KILL after
+# GRACEFUL_TIMEOUT+2 s), then llama-server (TERM, KILL after LLAMA_STOP_TIMEOUT s), then the health
+# server; exit 0.
+#
+# Environment (defaults in brackets):
+#   DATA_DIR        [/runpod-volume or /workspace when present, else /data] logs, models, keys
+#   RUN_DIR         [/tmp/llama-gguf-inference] per-worker runtime state: state file, pid files.
+#                   Never under DATA_DIR: on RunPod that is a network volume shared by workers.
+#   MODEL_PATH      a .gguf file; else MODEL_NAME, a file under $DATA_DIR/models
+#   LLAMA_SERVER_BIN  [llama-server on PATH, else /app/llama-server (the llama.cpp image)]
+#   PORT [8000] gateway, PORT_HEALTH [8001] health server, PORT_BACKEND [8080] llama-server,
+#   HOST [0.0.0.0] where the gateway and the health server listen.
+#   CTX [16384] context size, NGL [99] layers on the GPU (llama-server runs on the CPU when there is
+#   no GPU), PARALLEL [1] llama-server slots: the context is split between slots, so 1 gives every
+#   request the whole CTX; raise PARALLEL together with CTX for throughput.
+#   EXTRA_ARGS      more llama-server flags, split on whitespace on purpose (no quoting, no globbing)
+#   WORKER_TYPE [instruct] names the server log folder.
+#   MODEL_LOAD_TIMEOUT [600] GRACEFUL_TIMEOUT [30] LLAMA_STOP_TIMEOUT [10]
+#   RESTART_BACKOFF_INITIAL [1] RESTART_BACKOFF_MAX [30] RESTART_WINDOW [600] (seconds, decimals ok)
+#   MAX_RESTARTS [5]
+# Numbers are checked here (a bad one: FATAL naming the variable, exit 2); the gateway's own
+# settings are checked by scripts/config.py in the health server and the gateway (exit 2 as well).
+#
+# Logs, everything also mirrored to stdout for platform log viewers:
+#   $DATA_DIR/logs/_boot/<ts>_boot_<host>.log            this script, health server, gateway
+#   $DATA_DIR/logs/llama-$WORKER_TYPE/<ts>_server_<host>.log   llama-server (all restarts)
+#   each folder has latest.txt, a relative symlink to its newest file.
+#
+# Exit codes: 0 stopped by TERM/INT; 1 missing model or llama-server, gave up restarting; 2 bad
+# configuration.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+SCRIPTS="$HERE/scripts"
+PYTHON="${PYTHON:-python3}"
+
+# ---- limits (milliseconds unless named otherwise) -------------------------------------------
+HEALTH_START_TIMEOUT_MS=10000   # python starts and binds in ~0.1 s; 10 s means it is broken
+GATEWAY_START_TIMEOUT_MS=30000  # the gateway binds its port within ~0.2 s of starting
+HELPER_STOP_TIMEOUT_MS=3000     # the health server exits on TERM at once
+LOAD_POLL_INTERVAL=0.2          # s between llama-server /health polls while it loads
+LOAD_POLL_TIMEOUT=2             # s per /health poll: loopback; the reply is tiny
+PORT_CHECK_TIMEOUT=1            # s per TCP connect check on loopback
+STOP_POLL_INTERVAL=0.05         # s between "has it exited yet" checks while stopping
+GATEWAY_KILL_MARGIN_MS=2000     # the gateway gets GRACEFUL_TIMEOUT plus this before SIGKILL
+
+# ---- small helpers ----------------------------------------------------------------------------
+BOOT_LOG=""
+log() {
+  local level=$1; shift
+  local line
+  printf -v line '%(%Y-%m-%dT%H:%M:%S)T entrypoint %s: %s' -1 "$level" "$*"
+  printf '%s\n' "$line"
+}
+fatal() {  # fatal CODE MESSAGE...
+  local code=$1; shift
+  log FATAL "$*"
+  finish "$code"
+}
+
+NOW_MS=0
+now_ms() { local us=${EPOCHREALTIME//[!0-9]/}; NOW_MS=$(( us / 1000 )); }
+
+nap() {  # sleep that a trapped signal interrupts
+  sleep "$1" &
+  local p=$!
+  if ! wait "$p"; then kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; fi
+}
+
+int_var() {  # int_var NAME DEFAULT MIN MAX: validate ${NAME:-DEFAULT} into NAME
+  local name=$1 default=$2 lo=$3 hi=$4
+  local raw=${!name:-$default}
+  if [[ ! $raw =~ ^[0-9]{1,9}$ ]]; then
+    fatal 2 "$name must be a whole number, got '$raw'"
+  fi
+  local value=$(( 10#$raw ))
+  if (( value < lo || value > hi )); then
+    fatal 2 "$name must be between $lo and $hi, got $value"
+  fi
+  printf -v "$name" '%s' "$value"
+}
+
+secs_var() {  # secs_var NAME DEFAULT MIN_MS: validate seconds (decimals ok) into NAME and NAME_MS
+  local name=$1 default=$2 lo_ms=$3
+  local raw=${!name:-$default}
+  if [[ ! $raw =~ ^([0-9]{1,6})(\.([0-9]+))?$ ]]; then
+    fatal 2 "$name must be a number of seconds, got '$raw'"
+  fi
+  local frac="${BASH_REMATCH[3]}000"
+  local ms=$(( 10#${BASH_REMATCH[1]} * 1000 + 10#${frac:0:3} ))
+  if (( ms < lo_ms )); then
+    fatal 2 "$name must be at least ${lo_ms} ms, got '$raw'"
+  fi
+  printf -v "$name" '%s' "$raw"
+  printf -v "${name}_MS" '%s' "$ms"
+}
+
+ms_to_s() { printf '%d.%03d' $(( $1 / 1000 )) $(( $1 % 1000 )); }
+
+describe_exit() {  # describe_exit STATUS -> "exit code N" or "signal NAME"
+  if (( $1 > 128 )); then
+    printf 'signal %s' "$(kill -l $(( $1 - 128 )) 2>/dev/null || echo $(( $1 - 128 )))"
+  else
+    printf 'exit code %s' "$1"
+  fi
+}
+
+set_state() {  # atomic replace: readers never see an empty or half-written file
+  local tmp="$RUN_DIR/.health.$$"
+  printf '%s\n' "$1" > "$tmp"
+  mv -f "$tmp" "$RUN_DIR/health"
+  STATE=$1
+}
+
+port_open() {  # port_open HOST PORT: a TCP connect succeeds (nothing sent)
+  # shellcheck disable=SC2016  # $1/$2 expand in the child bash, on purpose
+  timeout "$PORT_CHECK_TIMEOUT" bash -c 'exec 9<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
+}
+
+http_code() {  # http_code URL TIMEOUT -> status code, 000 when no answer
+  if command -v curl >/dev/null 2>&1; then
+    curl -s -o /dev/null -w '%{http_code}' --noproxy '*' --max-time "$2" "$1" || true
+  else
+    "$PYTHON" - "$1" "$2" <<'PY' || echo 000
+import sys, urllib.error, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+try:
+    with opener.open(sys.argv[1], timeout=float(sys.argv[2])) as r:
+        print(r.status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+except Exception:
+    print("000")
+PY
+  fi
+}
+
+# ---- process bookkeeping ------------------------------------------------------------------------
+HEALTH_PID="" GATEWAY_PID="" LLAMA_PID="" BOOT_TEE_PID="" STATE="" STOP_REQUESTED=""
+LAST_EXIT=0
+
+reap() {  # reap PID: collect the exit status of a dead child into LAST_EXIT
+  LAST_EXIT=0
+  wait "$1" 2>/dev/null || LAST_EXIT=$?
+}
+
+stop_pid() {  # stop_pid PID NAME TIMEOUT_MS: TERM, wait up to TIMEOUT_MS, then KILL
+  local pid=$1 name=$2 timeout_ms=$3
+  [[ -n $pid ]] || return 0
+  if ! kill -0 "$pid" 2>/dev/null; then reap "$pid"; return 0; fi
+  log INFO "stopping $name (pid $pid, SIGTERM, up to $(ms_to_s "$timeout_ms") s)"
+  kill -TERM "$pid" 2>/dev/null || true
+  now_ms; local deadline=$(( NOW_MS + timeout_ms ))
+  while kill -0 "$pid" 2>/dev/null; do
+    now_ms
+    if (( NOW_MS >= deadline )); then
+      log WARN "$name (pid $pid) still running after $(ms_to_s "$timeout_ms") s: SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      break
+    fi
+    nap "$STOP_POLL_INTERVAL"
+  done
+  reap "$pid"
+  log INFO "$name stopped ($(describe_exit "$LAST_EXIT"))"
+}
+
+finish() {  # finish CODE: last words, then exit with no child left behind
+  trap - EXIT
+  stop_pid "$GATEWAY_PID" gateway "$(( ${GRACEFUL_TIMEOUT_MS:-30000} + GATEWAY_KILL_MARGIN_MS ))"
+  GATEWAY_PID=""
+  stop_pid "$LLAMA_PID" llama-server "${LLAMA_STOP_TIMEOUT_MS:-10000}"
+  LLAMA_PID=""
+  stop_pid "$HEALTH_PID" "health server" "$HELPER_STOP_TIMEOUT_MS"
+  HEALTH_PID=""
+  if [[ -n ${RUN_DIR:-} && -d ${RUN_DIR:-} ]]; then
+    rm -f "$RUN_DIR/llama-server.pid" "$RUN_DIR/gateway.pid" "$RUN_DIR/health_server.pid" \
+      "$RUN_DIR/entrypoint.pid"
+  fi
+  log INFO "exit $1"
+  if [[ -n $BOOT_TEE_PID ]]; then  # let the log mirror flush and end before we do
+    exec 1>&3 2>&3 3>&-
+    local i
+    for (( i = 0; i < 40; i++ )); do
+      kill -0 "$BOOT_TEE_PID" 2>/dev/null || break
+      sleep 0.05
+    done
+    kill "$BOOT_TEE_PID" 2>/dev/null || true
+  fi
+  exit "$1"
+}
+
+on_exit() {  # an unexpected error (set -e): don't leave children running
+  local rc=$?
+  log ERROR "entrypoint aborted ($(describe_exit "$rc"))"
+  if [[ -n ${RUN_DIR:-} && -d ${RUN_DIR:-} ]]; then set_state failed || true; fi
+  finish "$(( rc == 0 ? 1 : rc ))"
+}
+trap on_exit EXIT
+trap 'STOP_REQUESTED=TERM' TERM
+trap 'STOP_REQUESTED=INT' INT
+
+# ---- configuration ------------------------------------------------------------------------------
+if [[ -z ${DATA_DIR:-} ]]; then
+  DATA_DIR=/data
+  for candidate in /runpod-volume /workspace; do
+    if [[ -d $candidate ]]; then DATA_DIR=$candidate; break; fi
+  done
+fi
+RUN_DIR=${RUN_DIR:-/tmp/llama-gguf-inference}
+WORKER_TYPE=${WORKER_TYPE:-instruct}
+HOST=${HOST:-0.0.0.0}
+export DATA_DIR RUN_DIR WORKER_TYPE HOST
+
+mkdir -p "$RUN_DIR" || fatal 1 "cannot create RUN_DIR $RUN_DIR"
+HOST_TAG=${HOSTNAME:-$(uname -n)}
+HOST_TAG=${HOST_TAG//[!A-Za-z0-9._-]/_}
+printf -v TS '%(%Y%m%d_%H%M%S)T' -1
+
+# Logs: everything this script and its helpers print goes to stdout and to the boot log.
+if [[ ! $WORKER_TYPE =~ ^[A-Za-z0-9._-]{1,64}$ ]]; then
+  fatal 2 "WORKER_TYPE must be 1-64 letters, digits, '.', '_' or '-', got '$WORKER_TYPE'"
+fi
+LOGS_DIR="$DATA_DIR/logs"
+BOOT_DIR="$LOGS_DIR/_boot"
+SERVER_DIR="$LOGS_DIR/llama-$WORKER_TYPE"
+if ! mkdir -p "$BOOT_DIR" "$SERVER_DIR" 2>/dev/null; then
+  log WARN "cannot create $LOGS_DIR; logs go to $RUN_DIR/logs instead"
+  LOGS_DIR="$RUN_DIR/logs" BOOT_DIR="$RUN_DIR/logs/_boot" SERVER_DIR="$RUN_DIR/logs/llama-$WORKER_TYPE"
+  mkdir -p "$BOOT_DIR" "$SERVER_DIR"
+fi
+BOOT_LOG="$BOOT_DIR/${TS}_boot_${HOST_TAG}.log"
+SERVER_LOG="$SERVER_DIR/${TS}_server_${HOST_TAG}.log"
+: >> "$BOOT_LOG"
+: >> "$SERVER_LOG"
+ln -sfn "$(basename "$BOOT_LOG")" "$BOOT_DIR/latest.txt"
+ln -sfn "$(basename "$SERVER_LOG")" "$SERVER_DIR/latest.txt"
+exec 3>&1
+exec > >(tee -a "$BOOT_LOG" 3>&-) 2>&1
+BOOT_TEE_PID=$!
+
+log INFO "boot on $HOST_TAG: DATA_DIR=$DATA_DIR RUN_DIR=$RUN_DIR boot log $BOOT_LOG"
+
+int_var PORT 8000 1 65535
+int_var PORT_HEALTH 8001 1 65535
+int_var PORT_BACKEND 8080 1 65535
+if (( PORT == PORT_HEALTH || PORT == PORT_BACKEND || PORT_HEALTH == PORT_BACKEND )); then
+  fatal 2 "PORT ($PORT), PORT_HEALTH ($PORT_HEALTH) and PORT_BACKEND ($PORT_BACKEND) must differ"
+fi
+int_var CTX 16384 1 100000000
+int_var NGL 99 0 100000
+int_var PARALLEL 1 1 4096
+int_var MAX_RESTARTS 5 0 1000000
+secs_var MODEL_LOAD_TIMEOUT 600 1
+secs_var GRACEFUL_TIMEOUT 30 0
+secs_var LLAMA_STOP_TIMEOUT 10 1
+secs_var RESTART_BACKOFF_INITIAL 1 1
+secs_var RESTART_BACKOFF_MAX 30 1
+secs_var RESTART_WINDOW 600 1
+export PORT PORT_HEALTH PORT_BACKEND GRACEFUL_TIMEOUT
+read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
+
+case $HOST in  # where to reach our own listeners
+  0.0.0.0) LOCAL_ADDR=127.0.0.1 ;;
+  ::) LOCAL_ADDR=::1 ;;
+  *) LOCAL_ADDR=$HOST ;;
+esac
+
+# The model: checked before anything starts.
+if [[ -n ${MODEL_PATH:-} ]]; then
+  MODEL=$MODEL_PATH
+  WHAT="MODEL_PATH=$MODEL_PATH"
+elif [[ -n ${MODEL_NAME:-} ]]; then
+  MODEL="$DATA_DIR/models/$MODEL_NAME"
+  WHAT="MODEL_NAME=$MODEL_NAME under $DATA_DIR/models"
+else
+  fatal 1 "no model: set MODEL_PATH to a .gguf file or MODEL_NAME to a file in $DATA_DIR/models"
+fi
+if [[ ! -f $MODEL || ! -r $MODEL ]]; then
+  fatal 1 "model not found or not readable: $MODEL ($WHAT)"
+fi
+export MODEL_NAME="${MODEL_NAME:-$(basename "$MODEL")}"
+
+# llama-server: LLAMA_SERVER_BIN, else on PATH, else the llama.cpp image's /app/llama-server.
+if [[ -n ${LLAMA_SERVER_BIN:-} ]]; then
+  LLAMA_BIN=$LLAMA_SERVER_BIN
+  if [[ ! -f $LLAMA_BIN || ! -x $LLAMA_BIN ]]; then
+    fatal 1 "LLAMA_SERVER_BIN=$LLAMA_BIN is not an executable file"
+  fi
+elif LLAMA_BIN=$(command -v llama-server); then
+  :
+elif [[ -x /app/llama-server ]]; then
+  LLAMA_BIN=/app/llama-server
+else
+  fatal 1 "llama-server not found: looked at LLAMA_SERVER_BIN (unset), PATH, /app/llama-server"
+fi
+
+log INFO "model $MODEL; llama-server $LLAMA_BIN; ports gateway $PORT, health $PORT_HEALTH, backend 127.0.0.1:$PORT_BACKEND"
+printf '%s\n' "$$" > "$RUN_DIR/entrypoint.pid"
+
+# ---- the three processes ------------------------------------------------------------------------
+start_health() {
+  "$PYTHON" "$SCRIPTS/health_server.py" 3>&- &
+  HEALTH_PID=$!
+  printf '%s\n' "$HEALTH_PID" > "$RUN_DIR/health_server.pid"
+}
+
+start_gateway() {
+  "$PYTHON" "$SCRIPTS/gateway.py" 3>&- &
+  GATEWAY_PID=$!
+  printf '%s\n' "$GATEWAY_PID" > "$RUN_DIR/gateway.pid"
+  log INFO "gateway started (pid $GATEWAY_PID)"
+}
+
+LLAMA_STARTS=0
+start_llama() {
+  local args=(-m "$MODEL" --host 127.0.0.1 --port "$PORT_BACKEND" -c "$CTX" -ngl "$NGL"
+    -np "$PARALLEL" --metrics "${EXTRA[@]}")
+  LLAMA_STARTS=$(( LLAMA_STARTS + 1 ))
+  log INFO "starting llama-server (start #$LLAMA_STARTS): $LLAMA_BIN ${args[*]}"
+  printf -v marker '==== %(%Y-%m-%dT%H:%M:%S)T entrypoint: llama-server start #%d ====' -1 \
+    "$LLAMA_STARTS"
+  printf '%s\n' "$marker" >> "$SERVER_LOG"
+  # Output to the server log and to the container's stdout (fd 3); $! stays llama-server's pid.
+  "$LLAMA_BIN" "${args[@]}" > >(tee -a "$SERVER_LOG" >&3) 2>&1 3>&- &
+  LLAMA_PID=$!
+  printf '%s\n' "$LLAMA_PID" > "$RUN_DIR/llama-server.pid"
+}
+
+# Failure bookkeeping: ms timestamps of recent failures, one list per process.
+# shellcheck disable=SC2034  # used through the nameref in record_failure
+LLAMA_FAILS=() GATEWAY_FAILS=() HEALTH_FAILS=()
+BACKOFF_MS=0
+record_failure() {  # record_failure LISTNAME WHAT REASON: give up, or set BACKOFF_MS
+  local -n fails=$1
+  local what=$2 reason=$3 kept=() t
+  now_ms
+  for t in "${fails[@]}"; do
+    if (( NOW_MS - t < RESTART_WINDOW_MS )); then kept+=("$t"); fi
+  done
+  kept+=("$NOW_MS")
+  fails=("${kept[@]}")
+  local n=${#fails[@]}
+  if (( n > MAX_RESTARTS )); then
+    set_state failed
+    fatal 1 "$what failed $n times within $RESTART_WINDOW s (MAX_RESTARTS=$MAX_RESTARTS), last: $reason; giving up"
+  fi
+  BACKOFF_MS=$RESTART_BACKOFF_INITIAL_MS
+  local i
+  for (( i = 1; i < n && BACKOFF_MS < RESTART_BACKOFF_MAX_MS; i++ )); do
+    BACKOFF_MS=$(( BACKOFF_MS * 2 ))
+  done
+  (( BACKOFF_MS <= RESTART_BACKOFF_MAX_MS )) || BACKOFF_MS=$RESTART_BACKOFF_MAX_MS
+  log WARN "$what: $reason; restart $n of at most $MAX_RESTARTS in $(ms_to_s "$BACKOFF_MS") s"
+}
+
+backoff() {  # interruptible wait of BACKOFF_MS
+  now_ms
+  local deadline=$(( NOW_MS + BACKOFF_MS ))
+  while [[ -z $STOP_REQUESTED ]] && (( NOW_MS < deadline )); do
+    nap "$(ms_to_s $(( deadline - NOW_MS < 200 ? deadline - NOW_MS : 200 )))"
+    now_ms
+  done
+}
+
+check_stop() {
+  if [[ -n $STOP_REQUESTED ]]; then
+    log INFO "SIG$STOP_REQUESTED received: stopping (gateway drains up to $GRACEFUL_TIMEOUT s)"
+    set_state stopping
+    finish 0
+  fi
+}
+
+# Health server and gateway: restart when dead. Called from every wait loop.
+check_helpers() {
+  if [[ -n $HEALTH_PID ]] && ! kill -0 "$HEALTH_PID" 2>/dev/null; then
+    reap "$HEALTH_PID"; HEALTH_PID=""
+    check_stop
+    if (( LAST_EXIT == 2 )); then fatal 2 "health server: bad configuration (see above)"; fi
+    record_failure HEALTH_FAILS "health server" "exited ($(describe_exit "$LAST_EXIT"))"
+    backoff; check_stop
+    start_health
+  fi
+  if [[ -n $GATEWAY_PID ]] && ! kill -0 "$GATEWAY_PID" 2>/dev/null; then
+    reap "$GATEWAY_PID"; GATEWAY_PID=""
+    check_stop
+    if (( LAST_EXIT == 2 )); then set_state failed; fatal 2 "gateway: bad configuration (see above)"; fi
+    local was=$STATE
+    [[ $was != ready ]] || set_state starting
+    record_failure GATEWAY_FAILS gateway "exited ($(describe_exit "$LAST_EXIT"))"
+    backoff; check_stop
+    start_gateway
+    if [[ $was == ready ]]; then wait_gateway && set_state ready; fi
+  fi
+}
+
+wait_port() {  # wait_port PID NAME PORT TIMEOUT_MS: 0 accepting, 1 process died or timed out
+  local pid=$1 name=$2 port=$3 timeout_ms=$4
+  now_ms; local deadline=$(( NOW_MS + timeout_ms ))
+  until port_open "$LOCAL_ADDR" "$port"; do
+    if ! kill -0 "$pid" 2>/dev/null; then return 1; fi
+    now_ms
+    if (( NOW_MS >= deadline )); then
+      log WARN "$name (pid $pid) not accepting on port $port after $(ms_to_s "$timeout_ms") s"
+      return 1
+    fi
+    check_stop
+    nap 0.05
+  done
+}
+
+wait_gateway() {
+  while ! wait_port "$GATEWAY_PID" gateway "$PORT" "$GATEWAY_START_TIMEOUT_MS"; do
+    check_stop
+    if kill -0 "$GATEWAY_PID" 2>/dev/null; then fatal 1 "gateway never accepted on port $PORT"; fi
+    check_helpers  # restarts it (or gives up)
+  done
+}
+
+LOAD_FAILURE=""
+wait_llama_ready() {  # 0 ready; 1 failed (LOAD_FAILURE says why)
+  now_ms; local deadline=$(( NOW_MS + MODEL_LOAD_TIMEOUT_MS )) code
+  while :; do
+    check_stop
+    check_helpers
+    if ! kill -0 "$LLAMA_PID" 2>/dev/null; then
+      reap "$LLAMA_PID"; LLAMA_PID=""
+      LOAD_FAILURE="llama-server exited while loading ($(describe_exit "$LAST_EXIT"))"
+      return 1
+    fi
+    code=$(http_code "http://127.0.0.1:$PORT_BACKEND/health" "$LOAD_POLL_TIMEOUT")
+    if [[ $code == 200 ]]; then return 0; fi
+    now_ms
+    if (( NOW_MS >= deadline )); then
+      LOAD_FAILURE="llama-server not ready after MODEL_LOAD_TIMEOUT=$MODEL_LOAD_TIMEOUT s (last /health: $code)"
+      stop_pid "$LLAMA_PID" llama-server "$LLAMA_STOP_TIMEOUT_MS"; LLAMA_PID=""
+      return 1
+    fi
+    nap "$LOAD_POLL_INTERVAL"
+  done
+}
+
+supervise() {  # returns when llama-server dies; LOAD_FAILURE says why
+  local which rc
+  while :; do
+    check_stop
+    check_helpers
+    which="" rc=0
+    wait -n -p which "$LLAMA_PID" ${GATEWAY_PID:+"$GATEWAY_PID"} ${HEALTH_PID:+"$HEALTH_PID"} || rc=$?
+    check_stop
+    if [[ -z $which ]]; then nap 0.1; continue; fi  # interrupted, or nothing to wait for: no spin
+    if [[ $which == "$LLAMA_PID" ]]; then
+      LLAMA_PID=""
+      LOAD_FAILURE="llama-server exited while serving ($(describe_exit "$rc"))"
+      return 0
+    elif [[ -n $which ]]; then
+      # A helper exited and wait consumed its status: restart it here.
+      if [[ $which == "$HEALTH_PID" ]]; then
+        HEALTH_PID=""
+        record_failure HEALTH_FAILS "health server" "exited ($(describe_exit "$rc"))"
+        backoff; check_stop; start_health
+      else
+        GATEWAY_PID=""
+        if (( rc == 2 )); then set_state failed; fatal 2 "gateway: bad configuration (see above)"; fi
+        set_state starting
+        record_failure GATEWAY_FAILS gateway "exited ($(describe_exit "$rc"))"
+        backoff; check_stop; start_gateway; wait_gateway; set_state ready
+      fi
+    fi
+  done
+}
+
+# ---- boot ---------------------------------------------------------------------------------------
+set_state starting
+start_health
+if ! wait_port "$HEALTH_PID" "health server" "$PORT_HEALTH" "$HEALTH_START_TIMEOUT_MS"; then
+  check_stop
+  if ! kill -0 "$HEALTH_PID" 2>/dev/null; then
+    reap "$HEALTH_PID"; HEALTH_PID=""
+    fatal "$(( LAST_EXIT == 2 ? 2 : 1 ))" "health server did not start ($(describe_exit "$LAST_EXIT"))"
+  fi
+  fatal 1 "health server not accepting on port $PORT_HEALTH"
+fi
+log INFO "health server up (pid $HEALTH_PID) on $HOST:$PORT_HEALTH: 204 while starting"
+start_gateway
+
+while :; do
+  check_stop
+  start_llama
+  if wait_llama_ready; then
+    log INFO "llama-server ready (pid $LLAMA_PID)"
+    wait_gateway
+    set_state ready
+    log INFO "ready: gateway on $HOST:$PORT, health 200"
+    supervise
+  fi
+  check_stop
+  set_state starting
+  record_failure LLAMA_FAILS llama-server "$LOAD_FAILURE"
+  backoff
+done
