@@ -41,6 +41,9 @@ import stat
 import sys
 import tempfile
 
+import config
+import errors
+
 # --- limits -----------------------------------------------------------------------------------
 # 16: see the module docstring (guessing resistance of a plaintext secret).
 MIN_SECRET_LEN = 16
@@ -356,8 +359,7 @@ class KeyStore:
 
 
 # --- request headers --------------------------------------------------------------------------
-def _bad_credentials(message: str, code: str):
-    import errors  # local: keeps keys.py importable as a standalone CLI without errors.py use
+def _bad_credentials(message: str, code: str) -> errors.GatewayError:
     return errors.GatewayError(400, message, code)
 
 
@@ -543,7 +545,6 @@ def _cmd_list(path: str, args) -> int:
 
 
 def _default_path() -> str:
-    import config  # local: only the CLI needs the environment
     try:
         return config.load_config().auth_keys_file
     except config.ConfigError as exc:
