@@ -1,0 +1,785 @@
+"""http11: sans-IO parsers and serializers.
+
+Every raw request case runs three ways (FEEDS): whole, one byte per feed(), and with a second
+valid request appended (which must then parse too when the first one is valid).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import http11
+from errors import ProtocolError
+from http11 import (
+    CONTINUE_100, END_OF_MESSAGE, LAST_CHUNK, NEED_DATA, Data, EndOfMessage, Request,
+    RequestParser, Response, ResponseParser, chunk, request_head, response_head,
+)
+
+MAX_BODY = 1000
+SECOND = b"GET /second HTTP/1.1\r\nHost: example\r\n\r\n"
+SECOND_EVENTS = [("req", "GET", "/second"), ("end",)]
+H = b"Host: a\r\n"   # shorthand for the Host header HTTP/1.1 requires
+
+
+# --- harness ------------------------------------------------------------------------------
+def drain(parser, events):
+    for _ in range(100_000):   # bounded: a parser that never says NEED_DATA fails the test
+        ev = parser.next_event()
+        if ev is NEED_DATA:
+            return
+        check_in_body(parser, ev)
+        events.append(ev)
+    raise AssertionError("parser never returned NEED_DATA")
+
+
+def check_in_body(parser, ev):
+    if isinstance(ev, (Request, Response)) or isinstance(ev, Data):
+        assert parser.in_body
+    elif isinstance(ev, EndOfMessage):
+        assert not parser.in_body
+
+
+def run(parser, pieces, eof=True):
+    events = []
+    for piece in pieces:
+        parser.feed(piece)
+        drain(parser, events)
+    if eof:
+        parser.feed_eof()
+        drain(parser, events)
+    return events
+
+
+def summary(events):
+    """Requests/responses -> tuples, adjacent Data merged (piece sizes depend on the feed)."""
+    out = []
+    for ev in events:
+        if isinstance(ev, Request):
+            out.append(("req", ev.method, ev.target))
+        elif isinstance(ev, Response):
+            out.append(("resp", ev.status))
+        elif isinstance(ev, Data):
+            assert isinstance(ev.data, bytes) and ev.data
+            if out and out[-1][0] == "data":
+                out[-1] = ("data", out[-1][1] + ev.data)
+            else:
+                out.append(("data", ev.data))
+        else:
+            assert ev is END_OF_MESSAGE
+            out.append(("end",))
+    return out
+
+
+def bytewise(raw):
+    return [raw[i:i + 1] for i in range(len(raw))]
+
+
+FEEDS = ["whole", "bytewise", "pipelined"]
+
+
+def feed_request(raw, how, **kw):
+    parser = RequestParser(kw.pop("max_body_size", MAX_BODY), **kw)
+    if how == "whole":
+        return run(parser, [raw])
+    if how == "bytewise":
+        return run(parser, bytewise(raw))
+    return run(parser, [raw + SECOND])
+
+
+def parse_one(raw, **kw):
+    events = feed_request(raw, "whole", **kw)
+    assert isinstance(events[0], Request)
+    assert events[-1] is END_OF_MESSAGE
+    return events[0]
+
+
+# --- valid requests -----------------------------------------------------------------------
+VALID = [
+    pytest.param(b"GET / HTTP/1.1\r\n" + H + b"\r\n", [("req", "GET", "/"), ("end",)],
+                 id="minimal-get"),
+    pytest.param(b"GET / HTTP/1.0\r\n\r\n", [("req", "GET", "/"), ("end",)], id="http10-no-host"),
+    pytest.param(b"HEAD /x HTTP/1.1\r\n" + H + b"\r\n", [("req", "HEAD", "/x"), ("end",)],
+                 id="head"),
+    pytest.param(b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n", [("req", "OPTIONS", "*"), ("end",)],
+                 id="options-asterisk"),
+    pytest.param(b"GET /v1/models?x=1&y=%20 HTTP/1.1\r\n" + H + b"\r\n",
+                 [("req", "GET", "/v1/models?x=1&y=%20"), ("end",)], id="query"),
+    pytest.param(b"\r\n\r\nGET / HTTP/1.1\r\n" + H + b"\r\n", [("req", "GET", "/"), ("end",)],
+                 id="leading-empty-lines"),
+    pytest.param(b"POST /p HTTP/1.1\r\n" + H + b"Content-Length: 5\r\n\r\nhello",
+                 [("req", "POST", "/p"), ("data", b"hello"), ("end",)], id="content-length"),
+    pytest.param(b"POST /p HTTP/1.1\r\n" + H + b"Content-Length: 0\r\n\r\n",
+                 [("req", "POST", "/p"), ("end",)], id="content-length-zero"),
+    pytest.param(b"POST /p HTTP/1.1\r\n" + H + b"Content-Length: 000012\r\n\r\nhello world!",
+                 [("req", "POST", "/p"), ("data", b"hello world!"), ("end",)],
+                 id="content-length-leading-zeros"),
+    pytest.param(b"POST /p HTTP/1.1\r\n" + H + b"Content-Length:  \t5 \t\r\n\r\nhello",
+                 [("req", "POST", "/p"), ("data", b"hello"), ("end",)], id="content-length-ows"),
+    pytest.param(b"POST /c HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+                 b"5\r\nhello\r\n1;ext\r\n \r\nA;a=b;c=\"q \\\"x\\\"\" ; d = e\r\n0123456789\r\n"
+                 b"0\r\nX-Trailer: t\r\nY: u\r\n\r\n",
+                 [("req", "POST", "/c"), ("data", b"hello 0123456789"), ("end",)],
+                 id="chunked-ext-trailers"),
+    pytest.param(b"POST /c HTTP/1.1\r\n" + H + b"Transfer-Encoding: CHUNKED\r\n\r\n"
+                 b"0000000000000003\r\nabc\r\n000\r\n\r\n",
+                 [("req", "POST", "/c"), ("data", b"abc"), ("end",)], id="chunked-uppercase"),
+    pytest.param(b"POST /c HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                 [("req", "POST", "/c"), ("end",)], id="chunked-empty"),
+    # RFC 9112 6.3: no Content-Length and no Transfer-Encoding -> body length 0; what follows is
+    # the next request.
+    pytest.param(b"POST /nobody HTTP/1.1\r\n" + H + b"\r\nGET /next HTTP/1.1\r\n" + H + b"\r\n",
+                 [("req", "POST", "/nobody"), ("end",), ("req", "GET", "/next"), ("end",)],
+                 id="no-framing-means-empty-body"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: \r\n\r\n", [("req", "GET", "/"), ("end",)],
+                 id="empty-host"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", [("req", "GET", "/"), ("end",)],
+                 id="ipv6-host"),
+    pytest.param(b"GET / HTTP/1.1\r\n" + H + b"X-Obs: caf\xe9\r\nX-Empty:\r\n\r\n",
+                 [("req", "GET", "/"), ("end",)], id="obs-text-and-empty-value"),
+    pytest.param(b"DELETE /d HTTP/1.1\r\n" + H + b"\r\n", [("req", "DELETE", "/d"), ("end",)],
+                 id="delete"),
+    pytest.param(b"GET / HTTP/1.1\r\n" + H + b"X: " + b"v" * 9000 + b"\r\n\r\n",
+                 [("req", "GET", "/"), ("end",)], id="long-header-value"),
+    pytest.param(b"GET /" + b"a" * (http11.MAX_TARGET_LENGTH - 1) + b" HTTP/1.1\r\n" + H
+                 + b"\r\n", [("req", "GET", "/" + "a" * (http11.MAX_TARGET_LENGTH - 1)),
+                             ("end",)], id="target-at-limit"),
+]
+
+
+@pytest.mark.parametrize("how", FEEDS)
+@pytest.mark.parametrize("raw,expected", VALID)
+def test_valid_request(raw, expected, how):
+    events = feed_request(raw, how)
+    if how == "pipelined":
+        expected = expected + SECOND_EVENTS
+    assert summary(events) == expected
+
+
+# --- invalid requests: (raw, status, code) ------------------------------------------------
+BAD = "bad_request"
+INCOMPLETE = "incomplete_request"
+HV = "http_version_not_supported"
+MNI = "method_not_implemented"
+UTC = "unsupported_transfer_coding"
+TOO_LARGE = "header_too_large"
+
+
+def req(headers=b"", line=b"POST / HTTP/1.1", body=b""):
+    return line + b"\r\n" + H + headers + b"\r\n" + body
+
+
+def te(value):
+    return req(b"Transfer-Encoding: " + value + b"\r\n")
+
+
+def cl(value):
+    return req(b"Content-Length: " + value + b"\r\n", body=b"hello")
+
+
+def chunked(body):
+    return req(b"Transfer-Encoding: chunked\r\n", body=body)
+
+
+INVALID = [
+    # request line
+    pytest.param(b"GET  / HTTP/1.1\r\n" + H + b"\r\n", 400, BAD, id="double-space"),
+    pytest.param(b"GET / HTTP/1.1 \r\n" + H + b"\r\n", 400, BAD, id="trailing-space"),
+    pytest.param(b" GET / HTTP/1.1\r\n" + H + b"\r\n", 400, BAD, id="leading-space"),
+    pytest.param(b"GET\t/ HTTP/1.1\r\n" + H + b"\r\n", 400, BAD, id="tab-separator"),
+    pytest.param(b"GET /\r\n" + H + b"\r\n", 400, BAD, id="missing-version"),
+    pytest.param(b"GET\r\n" + H + b"\r\n", 400, BAD, id="method-only"),
+    pytest.param(b"G(T / HTTP/1.1\r\n" + H + b"\r\n", 400, BAD, id="method-not-token"),
+    pytest.param(b"TRACE / HTTP/1.1\r\n" + H + b"\r\n", 501, MNI, id="trace"),
+    pytest.param(b"CONNECT example.com:443 HTTP/1.1\r\n" + H + b"\r\n", 501, MNI, id="connect"),
+    pytest.param(b"FOO / HTTP/1.1\r\n" + H + b"\r\n", 501, MNI, id="unknown-method"),
+    pytest.param(b"get / HTTP/1.1\r\n" + H + b"\r\n", 501, MNI, id="lowercase-method"),
+    pytest.param(b"A" * 40 + b" / HTTP/1.1\r\n" + H + b"\r\n", 501, MNI, id="long-method"),
+    pytest.param(b"GET http://a/ HTTP/1.1\r\n" + H + b"\r\n", 400, BAD, id="absolute-form"),
+    pytest.param(b"GET a.example:80 HTTP/1.1\r\n" + H + b"\r\n", 400, BAD, id="authority-form"),
+    pytest.param(b"GET * HTTP/1.1\r\n" + H + b"\r\n", 400, BAD, id="asterisk-not-options"),
+    pytest.param(b"GET /a\x7fb HTTP/1.1\r\n" + H + b"\r\n", 400, BAD, id="target-del"),
+    pytest.param(b"GET /a\x00b HTTP/1.1\r\n" + H + b"\r\n", 400, BAD, id="target-nul"),
+    pytest.param(b"GET /a\x01b HTTP/1.1\r\n" + H + b"\r\n", 400, BAD, id="target-ctl"),
+    pytest.param(b"GET /caf\xc3\xa9 HTTP/1.1\r\n" + H + b"\r\n", 400, BAD, id="target-non-ascii"),
+    pytest.param(b"GET /a#frag HTTP/1.1\r\n" + H + b"\r\n", 400, BAD, id="target-fragment"),
+    pytest.param(b"GET /" + b"a" * http11.MAX_TARGET_LENGTH + b" HTTP/1.1\r\n" + H + b"\r\n",
+                 414, "uri_too_long", id="target-too-long"),
+    # version
+    pytest.param(b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505, HV, id="http2.0"),
+    pytest.param(b"GET / HTTP/2\r\n" + H + b"\r\n", 505, HV, id="http2"),
+    pytest.param(b"GET / HTTP/3.0\r\n" + H + b"\r\n", 505, HV, id="http3.0"),
+    pytest.param(b"GET / HTTP/1.2\r\n" + H + b"\r\n", 505, HV, id="http1.2"),
+    pytest.param(b"GET / HTTP/1.1x\r\n" + H + b"\r\n", 400, BAD, id="version-suffix"),
+    pytest.param(b"GET / http/1.1\r\n" + H + b"\r\n", 400, BAD, id="version-lowercase"),
+    pytest.param(b"GET / HTTP/1\r\n" + H + b"\r\n", 400, BAD, id="version-no-minor"),
+    pytest.param(b"GET / HTTP/1.01\r\n" + H + b"\r\n", 400, BAD, id="version-two-digit-minor"),
+    pytest.param(b"GET / HTTP/0.9\r\n" + H + b"\r\n", 400, BAD, id="http0.9"),
+    pytest.param(b"GET / HTTP/10.0\r\n" + H + b"\r\n", 400, BAD, id="version-two-digit-major"),
+    # line endings
+    pytest.param(b"GET / HTTP/1.1\n" + H + b"\r\n", 400, BAD, id="bare-lf-request-line"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: a\n\r\n", 400, BAD, id="bare-lf-header"),
+    pytest.param(b"GET / HTTP/1.1\nHost: a\n\n", 400, BAD, id="lf-only-head"),
+    pytest.param(b"GET / HTTP/1.1\r" + H + b"\r\n", 400, BAD, id="bare-cr-request-line"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n", 400, BAD, id="bare-cr-header"),
+    pytest.param(b"GET / HTTP/1.1\r\n" + H + b"X: a\rb\r\n\r\n", 400, BAD, id="cr-in-value"),
+    pytest.param(b"\nGET / HTTP/1.1\r\n" + H + b"\r\n", 400, BAD, id="leading-bare-lf"),
+    pytest.param(b"\r\n" * 5 + b"GET / HTTP/1.1\r\n" + H + b"\r\n", 400, BAD,
+                 id="too-many-leading-empty-lines"),
+    # header fields
+    pytest.param(req(b"Bad Name: x\r\n"), 400, BAD, id="space-in-name"),
+    pytest.param(req(b"X-A : x\r\n"), 400, BAD, id="space-before-colon"),
+    pytest.param(req(b"X-A\t: x\r\n"), 400, BAD, id="tab-before-colon"),
+    pytest.param(req(b"X-A: x\r\n folded\r\n"), 400, BAD, id="obs-fold-space"),
+    pytest.param(req(b"X-A: x\r\n\tfolded\r\n"), 400, BAD, id="obs-fold-tab"),
+    pytest.param(b"GET / HTTP/1.1\r\n Host: a\r\n\r\n", 400, BAD, id="first-header-folded"),
+    pytest.param(req(b"X-A: a\x00b\r\n"), 400, BAD, id="nul-in-value"),
+    pytest.param(req(b"X-A: a\x01b\r\n"), 400, BAD, id="ctl-in-value"),
+    pytest.param(req(b"X-A: a\x7fb\r\n"), 400, BAD, id="del-in-value"),
+    pytest.param(req(b": x\r\n"), 400, BAD, id="empty-name"),
+    pytest.param(req(b"NoColon\r\n"), 400, BAD, id="no-colon"),
+    pytest.param(req(b"X(A): x\r\n"), 400, BAD, id="name-not-token"),
+    pytest.param(req(b"X-\xe9: x\r\n"), 400, BAD, id="name-non-ascii"),
+    # Host
+    pytest.param(b"GET / HTTP/1.1\r\n\r\n", 400, BAD, id="http11-no-host"),
+    pytest.param(b"GET / HTTP/1.1\r\nX: y\r\n\r\n", 400, BAD, id="http11-no-host-other-header"),
+    pytest.param(req(b"Host: b\r\n"), 400, BAD, id="two-hosts"),
+    pytest.param(b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", 400, BAD, id="two-hosts-1.0"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", 400, BAD, id="host-slash"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n", 400, BAD, id="host-userinfo"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400, BAD, id="host-space"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: a:8x\r\n\r\n", 400, BAD, id="host-bad-port"),
+    # Content-Length
+    *(pytest.param(cl(v), 400, BAD, id=f"cl-{v!r}") for v in (
+        b"+5", b"-1", b"5_0", b"0x5", b"5 5", b"5,5", b"5, 5", b"", b"1" * 19, b"5.0", b"\xb2")),
+    pytest.param(req(b"Content-Length: 5\r\nContent-Length: 5\r\n", body=b"hello"), 400, BAD,
+                 id="two-cl-equal"),
+    pytest.param(req(b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", body=b"0\r\n\r\n"),
+                 400, BAD, id="cl-and-te"),
+    pytest.param(req(b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", body=b"0\r\n\r\n"),
+                 400, BAD, id="te-and-cl"),
+    pytest.param(req(b"Content-Length: 1001\r\n"), 413, "body_too_large", id="cl-over-limit"),
+    pytest.param(req(b"Content-Length: 999999999999999999\r\n"), 413, "body_too_large",
+                 id="cl-18-digits-over-limit"),
+    # Transfer-Encoding
+    *(pytest.param(te(v), 501, UTC, id=f"te-{v!r}") for v in (
+        b"gzip", b"identity", b"gzip, chunked", b"x", b"chunked, gzip", b"deflate")),
+    *(pytest.param(te(v), 400, BAD, id=f"te-{v!r}") for v in (
+        b"chunked, chunked", b"", b"chunked;x=1", b"chunked,,", b"gzip\x01")),
+    pytest.param(req(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n"), 400, BAD,
+                 id="two-te"),
+    pytest.param(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, BAD,
+                 id="te-in-http10"),
+    # chunked body
+    *(pytest.param(chunked(size + b"\r\nhello\r\n0\r\n\r\n"), 400, BAD, id=f"chunk-size-{size!r}")
+      for size in (b"+5", b"-5", b" 5", b"5 ", b"0x5", b"5_", b"", b"g", b"1" * 17 + b"5")),
+    *(pytest.param(chunked(b"5" + ext + b"\r\nhello\r\n0\r\n\r\n"), 400, BAD,
+                   id=f"chunk-ext-{ext!r}") for ext in (
+        b";", b";=x", b";a=", b";a=\"unterminated", b";a=b c", b";a b", b"x", b";a=\"\x01\"",
+        b";a=(b)")),
+    pytest.param(chunked(b"5;" + b"a" * http11.MAX_CHUNK_LINE + b"\r\nhello\r\n0\r\n\r\n"),
+                 400, BAD, id="chunk-line-too-long"),
+    pytest.param(chunked(b"5\r\nhelloXY0\r\n\r\n"), 400, BAD, id="chunk-data-no-crlf"),
+    pytest.param(chunked(b"5\r\nhello\n0\r\n\r\n"), 400, BAD, id="chunk-data-bare-lf"),
+    pytest.param(chunked(b"5\r\nhello\r\r\n0\r\n\r\n"), 400, BAD, id="chunk-data-cr-cr"),
+    pytest.param(chunked(b"3\r\nhello\r\n0\r\n\r\n"), 400, BAD, id="chunk-longer-than-size"),
+    pytest.param(chunked(b"5\nhello\r\n0\r\n\r\n"), 400, BAD, id="chunk-size-bare-lf"),
+    pytest.param(chunked(b"5\r\nhello\r\n0\r\nX : y\r\n\r\n"), 400, BAD, id="trailer-bad"),
+    pytest.param(chunked(b"5\r\nhello\r\n0\r\nX: y\n\r\n"), 400, BAD, id="trailer-bare-lf"),
+    pytest.param(chunked(b"5\r\nhello\r\n0\r\n folded\r\n\r\n"), 400, BAD, id="trailer-fold"),
+    pytest.param(chunked(b"5\r\nhello\r\n0\r\nX: " + b"t" * http11.MAX_TRAILER_BYTES
+                         + b"\r\n\r\n"), 431, TOO_LARGE, id="trailer-too-large"),
+    pytest.param(chunked(b"3E9\r\n"), 413, "body_too_large", id="chunk-over-limit"),
+    pytest.param(chunked(b"1F4\r\n" + b"x" * 500 + b"\r\n1F5\r\n"), 413, "body_too_large",
+                 id="chunks-total-over-limit"),
+    pytest.param(chunked(b"FFFFFFFFFFFFFFFF\r\n"), 413, "body_too_large", id="chunk-16-hex"),
+    # incomplete at EOF
+    pytest.param(b"GET / HTTP/1.1\r\n" + H, 400, INCOMPLETE, id="eof-in-head"),
+    pytest.param(b"GET / HTT", 400, INCOMPLETE, id="eof-in-request-line"),
+    pytest.param(b"\r", 400, INCOMPLETE, id="eof-after-cr"),
+    pytest.param(req(b"Content-Length: 10\r\n", body=b"abc"), 400, INCOMPLETE, id="eof-in-cl-body"),
+    pytest.param(chunked(b"5\r\nab"), 400, INCOMPLETE, id="eof-in-chunk"),
+    pytest.param(chunked(b"5\r\nhello\r\n"), 400, INCOMPLETE, id="eof-before-last-chunk"),
+    pytest.param(chunked(b"5\r\nhello\r\n0\r\nX: y\r\n"), 400, INCOMPLETE, id="eof-in-trailer"),
+]
+
+
+@pytest.mark.parametrize("how", FEEDS)
+@pytest.mark.parametrize("raw,status,code", INVALID)
+def test_invalid_request(raw, status, code, how):
+    with pytest.raises(ProtocolError) as info:
+        feed_request(raw, how)
+    assert info.value.status == status
+    assert info.value.close
+    # An incomplete message with a second request appended is a different (still broken)
+    # message: only the status is fixed then.
+    if not (how == "pipelined" and code == INCOMPLETE):
+        assert info.value.code == code, info.value.message
+
+
+LIMITS = dict(max_target_length=64, max_header_bytes=256, max_headers=4)
+LIMIT_CASES = [
+    pytest.param(b"GET /" + b"a" * 64 + b" HTTP/1.1\r\n" + H + b"\r\n", 414, "uri_too_long",
+                 id="target"),
+    pytest.param(b"GET / HTTP/1.1\r\n" + H + b"X: " + b"v" * 240 + b"\r\n\r\n", 431, TOO_LARGE,
+                 id="head-bytes"),
+    pytest.param(b"GET / HTTP/1.1\r\n" + H + b"A: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n", 431,
+                 TOO_LARGE, id="header-count"),
+    pytest.param(b"GET / HTTP/1.1\r\n" + H + b"X: " + b"v" * 300, 431, TOO_LARGE,
+                 id="head-bytes-unterminated"),
+]
+
+
+@pytest.mark.parametrize("how", FEEDS)
+@pytest.mark.parametrize("raw,status,code", LIMIT_CASES)
+def test_limits(raw, status, code, how):
+    with pytest.raises(ProtocolError) as info:
+        feed_request(raw, how, **LIMITS)
+    assert (info.value.status, info.value.code) == (status, code)
+
+
+@pytest.mark.parametrize("how", FEEDS)
+def test_limits_exactly_at_the_edge_pass(how):
+    raw = b"GET /" + b"a" * 63 + b" HTTP/1.1\r\n" + H + b"A: 1\r\nB: 2\r\nC: 3\r\n\r\n"
+    assert len(raw) <= LIMITS["max_header_bytes"]
+    expected = [("req", "GET", "/" + "a" * 63), ("end",)]
+    if how == "pipelined":
+        expected += SECOND_EVENTS
+    assert summary(feed_request(raw, how, **LIMITS)) == expected
+
+
+def test_head_at_exact_byte_limit():
+    head = b"GET / HTTP/1.1\r\n" + H + b"X: "
+    head += b"v" * (256 - len(head) - 4) + b"\r\n\r\n"
+    assert len(head) == 256
+    assert summary(feed_request(head, "bytewise", **LIMITS))[0] == ("req", "GET", "/")
+    with pytest.raises(ProtocolError) as info:
+        feed_request(head[:-4] + b"v\r\n\r\n", "bytewise", **LIMITS)
+    assert info.value.status == 431
+
+
+# --- limits are enforced before the data is buffered --------------------------------------
+def test_long_target_refused_before_request_line_ends():
+    parser = RequestParser(MAX_BODY)
+    parser.feed(b"GET /")
+    assert parser.next_event() is NEED_DATA
+    with pytest.raises(ProtocolError) as info:
+        for _ in range(100):   # 100 x 1 KiB, no CRLF ever
+            parser.feed(b"a" * 1024)
+            assert parser.next_event() is NEED_DATA
+    assert info.value.status == 414
+    assert len(parser._buf) < http11.MAX_TARGET_LENGTH + 2048
+
+
+def test_endless_head_refused_at_limit():
+    parser = RequestParser(MAX_BODY)
+    parser.feed(b"GET / HTTP/1.1\r\n" + H)
+    with pytest.raises(ProtocolError) as info:
+        for i in range(1000):
+            parser.feed(b"X-%d: %s\r\n" % (i, b"v" * 1000))
+            assert parser.next_event() is NEED_DATA
+    assert info.value.status == 431
+    assert len(parser._buf) < http11.MAX_HEADER_BYTES + 2048
+
+
+def test_content_length_over_limit_refused_before_body():
+    parser = RequestParser(MAX_BODY)
+    parser.feed(b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 1001\r\n\r\n")
+    with pytest.raises(ProtocolError) as info:
+        parser.next_event()
+    assert (info.value.status, info.value.code) == (413, "body_too_large")
+
+
+def test_chunk_over_limit_refused_before_its_data():
+    parser = RequestParser(MAX_BODY)
+    parser.feed(b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n")
+    assert isinstance(parser.next_event(), Request)
+    parser.feed(b"3e8\r\n")                         # 1000: exactly the limit
+    assert parser.next_event() is NEED_DATA
+    parser.feed(b"x" * 1000 + b"\r\n1\r\n")        # one more byte declared
+    assert isinstance(parser.next_event(), Data)
+    with pytest.raises(ProtocolError) as info:
+        parser.next_event()
+    assert info.value.status == 413
+
+
+def test_error_is_sticky():
+    parser = RequestParser(MAX_BODY)
+    parser.feed(b"GET / HTTP/9.9\r\n\r\n")
+    with pytest.raises(ProtocolError):
+        parser.next_event()
+    with pytest.raises(ProtocolError) as info:
+        parser.next_event()
+    assert info.value.status == 505
+
+
+# --- request attributes -------------------------------------------------------------------
+def test_get_request_attributes():
+    r = parse_one(b"GET /v1/models?x=1 HTTP/1.1\r\nHost: Example.com:8000\r\n"
+                  b"User-Agent:  curl/8 \t\r\nX-Multi: a\r\nx-multi: b\r\n\r\n")
+    assert (r.method, r.target, r.path, r.query) == ("GET", "/v1/models?x=1", "/v1/models", "x=1")
+    assert r.version == (1, 1)
+    assert r.headers == [("host", "Example.com:8000"), ("user-agent", "curl/8"),
+                         ("x-multi", "a"), ("x-multi", "b")]
+    assert r.host == "Example.com:8000"
+    assert r.get("user-agent") == "curl/8"
+    assert r.get("missing") is None
+    assert r.get_all("x-multi") == ["a", "b"]
+    assert r.keep_alive and not r.chunked and not r.expect_continue
+    assert r.content_length is None
+    assert r.connection_tokens == frozenset()
+
+
+def test_obs_text_value_is_latin1_decoded():
+    r = parse_one(b"GET / HTTP/1.1\r\n" + H + b"X: caf\xe9 \xff\r\n\r\n")
+    assert r.get("x") == "caf\xe9 \xff"
+
+
+@pytest.mark.parametrize("raw,keep_alive,tokens", [
+    (b"GET / HTTP/1.1\r\n" + H + b"\r\n", True, set()),
+    (b"GET / HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n", False, {"close"}),
+    (b"GET / HTTP/1.1\r\n" + H + b"Connection: Keep-Alive, CLOSE\r\n\r\n", False,
+     {"keep-alive", "close"}),
+    (b"GET / HTTP/1.1\r\n" + H + b"Connection: upgrade\r\nConnection: x-foo\r\n\r\n", True,
+     {"upgrade", "x-foo"}),
+    (b"GET / HTTP/1.0\r\n\r\n", False, set()),
+    (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", True, {"keep-alive"}),
+    (b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", True, {"keep-alive"}),
+    (b"GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n", False, {"keep-alive", "close"}),
+])
+def test_keep_alive(raw, keep_alive, tokens):
+    r = parse_one(raw)
+    assert r.keep_alive is keep_alive
+    assert r.connection_tokens == tokens
+
+
+@pytest.mark.parametrize("raw,expect", [
+    (b"POST / HTTP/1.1\r\n" + H + b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\nhi", True),
+    (b"POST / HTTP/1.1\r\n" + H + b"Expect: 100-Continue\r\nContent-Length: 2\r\n\r\nhi", True),
+    (b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 2\r\n\r\nhi", False),
+    (b"POST / HTTP/1.1\r\n" + H + b"Expect: something\r\nContent-Length: 2\r\n\r\nhi", False),
+    (b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi", False),
+])
+def test_expect_continue(raw, expect):
+    assert parse_one(raw).expect_continue is expect
+
+
+def test_expect_continue_request_is_returned_before_body_arrives():
+    parser = RequestParser(MAX_BODY)
+    parser.feed(b"POST / HTTP/1.1\r\n" + H + b"Expect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+    r = parser.next_event()
+    assert r.expect_continue and r.content_length == 3
+    assert parser.next_event() is NEED_DATA and parser.in_body
+    parser.feed(b"abc")
+    assert parser.next_event().data == b"abc"
+    assert parser.next_event() is END_OF_MESSAGE
+
+
+def test_head_request_has_no_body():
+    r = parse_one(b"HEAD / HTTP/1.1\r\n" + H + b"\r\n")
+    assert r.method == "HEAD" and r.content_length is None and not r.chunked
+
+
+def test_chunked_flags_and_trailers_discarded():
+    events = feed_request(chunked(b"2;x=\"y\"\r\nab\r\n0\r\nTrailer-A: 1\r\n\r\n"), "whole")
+    assert events[0].chunked and events[0].content_length is None
+    assert summary(events[1:]) == [("data", b"ab"), ("end",)]
+
+
+def test_content_length_body_arrives_in_pieces():
+    parser = RequestParser(MAX_BODY)
+    parser.feed(b"POST /p HTTP/1.1\r\n" + H + b"Content-Length: 10\r\n\r\nab")
+    r = parser.next_event()
+    assert r.content_length == 10
+    assert parser.next_event().data == b"ab"    # delivered now, not when the body is complete
+    assert parser.next_event() is NEED_DATA
+    parser.feed(b"cdef")
+    assert parser.next_event().data == b"cdef"
+    assert parser.next_event() is NEED_DATA
+    parser.feed(b"ghijGET")                      # the rest of the body + the next request's start
+    assert parser.next_event().data == b"ghij"
+    assert parser.next_event() is END_OF_MESSAGE
+    assert not parser.in_body and parser.has_buffered
+    assert parser.next_event() is NEED_DATA
+    parser.feed(b" /n HTTP/1.1\r\n" + H + b"\r\n")
+    assert parser.next_event().target == "/n"
+
+
+def test_three_pipelined_requests_in_one_feed():
+    raw = (b"GET /1 HTTP/1.1\r\n" + H + b"\r\n"
+           b"POST /2 HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nabc"
+           b"POST /3 HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n1\r\nz\r\n0\r\n\r\n")
+    parser = RequestParser(MAX_BODY)
+    parser.feed(raw)
+    events = []
+    drain(parser, events)
+    assert summary(events) == [("req", "GET", "/1"), ("end",), ("req", "POST", "/2"),
+                               ("data", b"abc"), ("end",), ("req", "POST", "/3"),
+                               ("data", b"z"), ("end",)]
+    assert not parser.has_buffered
+
+
+def test_has_buffered_and_in_body():
+    parser = RequestParser(MAX_BODY)
+    assert not parser.has_buffered and not parser.in_body
+    parser.feed(b"GET / HTTP/1.1\r\n" + H + b"\r\nGE")
+    assert parser.has_buffered
+    assert isinstance(parser.next_event(), Request)
+    assert parser.in_body                        # until its END_OF_MESSAGE
+    assert parser.next_event() is END_OF_MESSAGE
+    assert not parser.in_body and parser.has_buffered
+    assert parser.next_event() is NEED_DATA
+
+
+def test_clean_eof_between_requests():
+    parser = RequestParser(MAX_BODY)
+    parser.feed(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+    assert isinstance(parser.next_event(), Request)
+    assert parser.next_event() is END_OF_MESSAGE
+    assert not parser.eof
+    parser.feed_eof()
+    assert parser.eof
+    for _ in range(3):
+        assert parser.next_event() is NEED_DATA
+
+
+def test_eof_with_complete_pipelined_requests_still_parses_them():
+    parser = RequestParser(MAX_BODY)
+    parser.feed(b"GET /a HTTP/1.1\r\n" + H + b"\r\nGET /b HTTP/1.1\r\n" + H + b"\r\n")
+    parser.feed_eof()
+    events = []
+    drain(parser, events)
+    assert summary(events) == [("req", "GET", "/a"), ("end",), ("req", "GET", "/b"), ("end",)]
+
+
+def test_large_body_streams_in_slices_quickly():
+    body = bytes(range(256)) * 4096                     # 1 MiB
+    parser = RequestParser(len(body))
+    parser.feed(b"POST /big HTTP/1.1\r\n" + H + b"Content-Length: %d\r\n\r\n" % len(body))
+    assert isinstance(parser.next_event(), Request)
+    pieces = []
+    start = time.perf_counter()
+    step = 64 * 1024
+    for i in range(0, len(body), step):
+        parser.feed(body[i:i + step])
+        ev = parser.next_event()
+        pieces.append(ev.data)
+        assert parser.next_event() in (NEED_DATA, END_OF_MESSAGE)
+    elapsed = time.perf_counter() - start
+    assert len(pieces) == 16 and all(len(p) == step for p in pieces)   # one slice per feed
+    assert b"".join(pieces) == body
+    assert elapsed < 0.5
+
+
+def test_large_chunked_body_streams_in_slices():
+    body = b"x" * (1 << 20)
+    parser = RequestParser(len(body))
+    raw = (b"POST /big HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+           + chunk(body) + LAST_CHUNK)
+    events = run(parser, [raw[i:i + 65536] for i in range(0, len(raw), 65536)])
+    data = [e for e in events if isinstance(e, Data)]
+    assert len(data) <= 17 and b"".join(d.data for d in data) == body
+
+
+def test_byte_at_a_time_large_head_is_not_quadratic():
+    head = b"GET / HTTP/1.1\r\n" + H + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 500)
+                                                 for i in range(90)) + b"\r\n"
+    assert len(head) < http11.MAX_HEADER_BYTES
+    start = time.perf_counter()
+    events = run(RequestParser(MAX_BODY), bytewise(head))
+    assert len(events[0].headers) == 91
+    assert time.perf_counter() - start < 1.5
+
+
+# --- response parser ----------------------------------------------------------------------
+def feed_response(raw, how, method="POST"):
+    parser = ResponseParser(method)
+    pieces = bytewise(raw) if how == "bytewise" else [raw]
+    return parser, run(parser, pieces)
+
+
+SSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+       b"\r\n" + chunk(b"data: {\"a\":1}\n\n") + chunk(b": ping\n\n") + chunk(b"data: [DONE]\n\n")
+       + LAST_CHUNK)
+
+RESPONSES = [
+    pytest.param(SSE, "POST",
+                 [("resp", 200), ("data", b"data: {\"a\":1}\n\n: ping\n\ndata: [DONE]\n\n"),
+                  ("end",)], True, id="chunked-sse"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", "GET",
+                 [("resp", 200), ("data", b"{}"), ("end",)], True, id="content-length"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end", "GET",
+                 [("resp", 200), ("data", b"until the end"), ("end",)], False, id="until-eof"),
+    pytest.param(b"HTTP/1.1 204 No Content\r\n\r\n", "DELETE", [("resp", 204), ("end",)], True,
+                 id="204"),
+    pytest.param(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", "GET",
+                 [("resp", 304), ("end",)], True, id="304-ignores-cl"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", "HEAD",
+                 [("resp", 200), ("end",)], True, id="head-ignores-cl"),
+    pytest.param(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                 b"HTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nx", "POST",
+                 [("resp", 201), ("data", b"x"), ("end",)], True, id="interim-skipped"),
+    pytest.param(b"HTTP/1.1 503 \r\nContent-Length: 0\r\n\r\n", "GET",
+                 [("resp", 503), ("end",)], True, id="empty-reason"),
+    pytest.param(b"HTTP/1.1 503\r\nContent-Length: 0\r\n\r\n", "GET",
+                 [("resp", 503), ("end",)], True, id="no-reason"),
+    pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx", "GET",
+                 [("resp", 200), ("data", b"x"), ("end",)], False, id="http10-close"),
+    pytest.param(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nx",
+                 "GET", [("resp", 200), ("data", b"x"), ("end",)], True, id="http10-keep-alive"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx", "GET",
+                 [("resp", 200), ("data", b"x"), ("end",)], False, id="connection-close"),
+]
+
+
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
+@pytest.mark.parametrize("raw,method,expected,keep_alive", RESPONSES)
+def test_valid_response(raw, method, expected, keep_alive, how):
+    parser, events = feed_response(raw, how, method)
+    assert summary(events) == expected
+    assert events[0].keep_alive is keep_alive
+    assert parser.done and not parser.has_buffered
+
+
+def test_response_attributes():
+    parser, events = feed_response(SSE, "whole")
+    r = events[0]
+    assert (r.status, r.reason, r.version) == (200, "OK", (1, 1))
+    assert r.chunked and r.has_body and r.content_length is None
+    assert r.get("content-type") == "text/event-stream"
+    assert r.get_all("transfer-encoding") == ["chunked"]
+
+
+def test_response_body_pieces_are_delivered_as_they_arrive():
+    parser = ResponseParser("POST")
+    parser.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert isinstance(parser.next_event(), Response)
+    assert parser.next_event() is NEED_DATA
+    parser.feed(chunk(b"data: 1\n\n"))
+    assert parser.next_event().data == b"data: 1\n\n"
+    assert parser.next_event() is NEED_DATA
+    parser.feed(LAST_CHUNK)
+    assert parser.next_event() is END_OF_MESSAGE
+    assert parser.next_event() is NEED_DATA
+
+
+def test_response_extra_bytes_after_message_are_reported():
+    parser = ResponseParser("GET")
+    parser.feed(b"HTTP/1.1 204 No Content\r\n\r\njunk")
+    assert parser.next_event().status == 204
+    assert parser.next_event() is END_OF_MESSAGE
+    assert parser.next_event() is NEED_DATA
+    assert parser.has_buffered           # the caller must not reuse this connection
+
+
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
+@pytest.mark.parametrize("raw,code", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "bad_upstream_response"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad_upstream_response"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+     "bad_upstream_response"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+     "bad_upstream_response"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "bad_upstream_response"),
+    (b"HTTP/2 200 OK\r\n\r\n", "bad_upstream_response"),
+    (b"HTTP/1.1 20 OK\r\n\r\n", "bad_upstream_response"),
+    (b"HTTP/1.1 099 X\r\n\r\n", "bad_upstream_response"),
+    (b"HTTP/1.1  200 OK\r\n\r\n", "bad_upstream_response"),
+    (b"HTTP/1.1 200 OK\nContent-Length: 0\n\n", "bad_upstream_response"),
+    (b"HTTP/1.1 200 OK\r\nX : y\r\n\r\n", "bad_upstream_response"),
+    (b"HTTP/1.1 200 OK\r\nX: y\r\n z\r\n\r\n", "bad_upstream_response"),
+    (b"HTTP/1.1 200 O\x00K\r\n\r\n", "bad_upstream_response"),
+    (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "bad_upstream_response"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nz\r\n", "bad_upstream_response"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n",
+     "bad_upstream_response"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", "upstream_incomplete"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", "upstream_incomplete"),
+    (b"HTTP/1.1 200 OK\r\n", "upstream_incomplete"),
+    (b"", "upstream_closed"),
+])
+def test_invalid_response(raw, code, how):
+    with pytest.raises(ProtocolError) as info:
+        feed_response(raw, how)
+    assert (info.value.status, info.value.code) == (502, code)
+
+
+def test_response_head_size_limit():
+    parser = ResponseParser("GET", max_header_bytes=128)
+    parser.feed(b"HTTP/1.1 200 OK\r\nX: " + b"v" * 200)
+    with pytest.raises(ProtocolError):
+        parser.next_event()
+
+
+def test_too_many_interim_responses():
+    parser = ResponseParser("GET")
+    parser.feed(b"HTTP/1.1 100 Continue\r\n\r\n" * (http11.MAX_INTERIM_RESPONSES + 1))
+    with pytest.raises(ProtocolError):
+        parser.next_event()
+
+
+# --- serializers --------------------------------------------------------------------------
+def test_response_head():
+    assert response_head(200, [("content-type", "application/json"), ("content-length", "2")]) \
+        == b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
+    assert response_head(429, []) == b"HTTP/1.1 429 Too Many Requests\r\n\r\n"
+    assert response_head(599, []) == b"HTTP/1.1 599 Unknown\r\n\r\n"
+    assert response_head(200, [], version=b"HTTP/1.0") == b"HTTP/1.0 200 OK\r\n\r\n"
+    assert response_head(200, [("x", "caf\xe9")]) == b"HTTP/1.1 200 OK\r\nx: caf\xe9\r\n\r\n"
+
+
+def test_request_head():
+    assert request_head("POST", "/v1/chat/completions", [("host", "127.0.0.1:8080")]) == (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:8080\r\n\r\n")
+
+
+BAD_FIELDS = [("x", "a\r\nSet-Cookie: evil"), ("x", "a\rb"), ("x", "a\nb"), ("x", "a\x00b"),
+              ("x\r\ny", "v"), ("x\n", "v"), ("x\x00", "v"), ("x y", "v"), ("x:y", "v"), ("", "v"),
+              ("x", "\u0100")]
+
+
+@pytest.mark.parametrize("field", BAD_FIELDS)
+def test_serializers_refuse_splitting(field):
+    with pytest.raises(ValueError):
+        response_head(200, [("a", "b"), field])
+    with pytest.raises(ValueError):
+        request_head("GET", "/", [field])
+
+
+@pytest.mark.parametrize("method,target", [("GET", "/a b"), ("GET", "/a\r\nX: y"), ("G T", "/"),
+                                           ("GET", "")])
+def test_request_head_refuses_bad_line(method, target):
+    with pytest.raises(ValueError):
+        request_head(method, target, [])
+
+
+def test_response_head_refuses_bad_status():
+    with pytest.raises(ValueError):
+        response_head(1000, [])
+    with pytest.raises(ValueError):
+        response_head(200, [], version=b"HTTP/1.1\r\nX: y")
+
+
+def test_chunk_and_constants():
+    assert chunk(b"hello") == b"5\r\nhello\r\n"
+    assert chunk(b"x" * 255) == b"ff\r\n" + b"x" * 255 + b"\r\n"
+    assert chunk(memoryview(b"abc")) == b"3\r\nabc\r\n"
+    assert chunk(b"") == b""
+    assert LAST_CHUNK == b"0\r\n\r\n"
+    assert CONTINUE_100 == b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def test_request_round_trip():
+    raw = request_head("POST", "/v1/completions?s=1",
+                       [("host", "127.0.0.1"), ("transfer-encoding", "chunked")])
+    raw += chunk(b'{"prompt":') + chunk(b'"hi"}') + LAST_CHUNK
+    events = feed_request(raw, "bytewise")
+    assert summary(events) == [("req", "POST", "/v1/completions?s=1"),
+                               ("data", b'{"prompt":"hi"}'), ("end",)]
+
+
+def test_response_round_trip():
+    raw = response_head(200, [("transfer-encoding", "chunked")]) + chunk(b"ab") + LAST_CHUNK
+    _, events = feed_response(raw, "bytewise")
+    assert summary(events) == [("resp", 200), ("data", b"ab"), ("end",)]
