@@ -1,0 +1,245 @@
+"""HTTP/1.1 through the gateway's socket: keep-alive, pipelining, HTTP/1.0, HEAD, 100-continue,
+chunked request bodies, parser rejections, and the client-side deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from conftest import ALICE, Stack, aio, auth, chat, eventually, get, post
+
+
+@aio
+async def test_keep_alive_two_requests_one_connection(tmp_path):
+    async with Stack(tmp_path) as s:
+        c = await s.client()
+        r1 = await c.request(get("/v1/models"))
+        r2 = await c.request(post("/v1/chat/completions", chat()))
+        assert (r1.status, r2.status) == (200, 200)
+        assert r1.get("connection") is None and r2.get("connection") is None
+        assert r2.json()["object"] == "chat.completion"
+        assert s.fake.connections_opened == 1
+        assert not await c.closed(0.1)       # still open
+
+
+@aio
+async def test_pipelined_requests_answered_in_order(tmp_path):
+    async with Stack(tmp_path) as s:
+        c = await s.client()
+        await c.send(get("/ping", key=None) + get("/v1/models")
+                     + post("/v1/completions", {"prompt": "a b c", "fake": {"interval": 0.01}}))
+        r1, r2, r3 = [await c.response() for _ in range(3)]
+        assert r1.json() == {"status": "ok"}
+        assert r2.json()["object"] == "list"
+        assert r3.json()["object"] == "text_completion"
+        assert [r.status for r in (r1, r2, r3)] == [200, 200, 200]
+
+
+@aio
+async def test_connection_close_closes_after_response(tmp_path):
+    async with Stack(tmp_path) as s:
+        c = await s.client()
+        r = await c.request(get("/v1/models", extra=b"Connection: close\r\n"))
+        assert r.status == 200 and r.get("connection") == "close"
+        assert await c.closed(1.0)
+
+
+@aio
+async def test_http10_closes_and_stream_is_close_delimited(tmp_path):
+    async with Stack(tmp_path) as s:
+        c = await s.client()
+        r = await c.request(get("/ping", key=None, version=b"HTTP/1.0"))
+        assert r.status == 200 and r.get("connection") == "close"
+        assert await c.closed(1.0)
+        c = await s.client()
+        await c.send(post("/v1/chat/completions", chat(stream=True, events=3),
+                          version=b"HTTP/1.0"))
+        r = await c.response()       # no CL, no TE: read until close
+        assert r.status == 200
+        assert r.get("transfer-encoding") is None and r.get("content-length") is None
+        assert r.get("connection") == "close"
+        assert r.body.count(b"data: ") == 5 and r.body.endswith(b"data: [DONE]\n\n")
+        assert b"\r\n0\r\n" not in r.body    # not chunk-framed
+
+
+@aio
+async def test_head_same_headers_no_body(tmp_path):
+    async with Stack(tmp_path) as s:
+        c = await s.client()
+        g = await c.request(get("/v1/models"))
+        h = await c.request(get("/v1/models", method=b"HEAD"), head_request=True)
+        # the body of the HEAD answer would show up as garbage before the next response
+        g2 = await c.request(get("/health", key=None))
+        assert h.status == 200 and g2.status == 200
+        drop = {"x-request-id", "x-ratelimit-remaining", "x-ratelimit-reset"}
+        assert [x for x in h.headers if x[0] not in drop] == \
+            [x for x in g.headers if x[0] not in drop]
+        assert int(h.get("content-length")) == len(g.body)
+        assert [r.method for r in s.fake.requests] == ["GET", "GET"]
+        hp = await c.request(get("/ping", key=None, method=b"HEAD"), head_request=True)
+        assert hp.status == 200 and hp.get("content-length") == "15"
+        assert (await c.request(get("/ping", key=None))).body == b'{"status":"ok"}'
+
+
+@aio
+async def test_expect_100_continue_only_when_accepted(tmp_path):
+    async with Stack(tmp_path) as s:
+        body = json.dumps(chat()).encode()
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n" + auth()
+                + b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                + b"Content-Length: %d\r\n\r\n" % len(body))
+        c = await s.client()
+        await c.send(head)
+        status, _, _ = await c.head()
+        assert status == 100
+        await c.send(body)
+        r = await c.response()
+        assert r.status == 200 and r.json()["object"] == "chat.completion"
+
+        # wrong key: the final 401 directly, no 100, then close
+        c = await s.client()
+        await c.send(head.replace(ALICE.encode(), b"sk-wrong-key-0123456789"))
+        r = await c.response()
+        assert r.status == 401 and r.interim == []
+        assert r.get("connection") == "close"
+        assert await c.closed(1.0)
+
+        # declared body over MAX_REQUEST_BODY_SIZE: 413 directly, no 100, then close
+        c = await s.client()
+        await c.send(head.replace(b"Content-Length: %d" % len(body), b"Content-Length: 100001"))
+        r = await c.response()
+        assert r.status == 413 and r.interim == [] and r.error()["type"]
+        assert await c.closed(1.0)
+        assert len(s.fake.requests) == 1
+
+
+@aio
+async def test_chunked_request_body_forwarded_with_content_length(tmp_path):
+    async with Stack(tmp_path) as s:
+        body = json.dumps(chat()).encode()
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:7], body[7:20], body[20:]))
+        c = await s.client()
+        r = await c.request(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n" + auth()
+                            + b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n"
+                            + chunked + b"0\r\n\r\n")
+        assert r.status == 200
+        rec = s.fake.requests[-1]
+        assert rec.body == body
+        assert rec.header("content-length") == str(len(body))
+        assert rec.header("transfer-encoding") is None
+
+
+BAD_REQUESTS = [
+    ("cl_and_te", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    ("bad_cl", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n", 400),
+    ("te_gzip", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    ("obs_fold", b"GET /ping HTTP/1.1\r\nHost: x\r\nX-A: b\r\n c\r\n\r\n", 400),
+    ("bare_lf", b"GET /ping HTTP/1.1\nHost: x\n\n", 400),
+    ("no_host", b"GET /ping HTTP/1.1\r\n\r\n", 400),
+    ("http2", b"GET /ping HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    ("foo_method", b"FOO /ping HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+    ("long_target", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    ("huge_header", b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    ("cl_over_max", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + auth()
+                    + b"Content-Length: 100001\r\n\r\n", 413),
+]
+
+
+@pytest.mark.parametrize("name,raw,status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+@aio
+async def test_parser_rejections_answer_json_and_close(tmp_path, name, raw, status):
+    async with Stack(tmp_path) as s:
+        c = await s.client()
+        r = await c.request(raw)
+        assert r.status == status, r
+        assert r.get("content-type") == "application/json"
+        assert r.get("connection") == "close"
+        r.error()
+        assert await c.closed(1.0)
+        assert s.fake.requests == []
+
+
+@aio
+async def test_trickled_header_gets_408_at_the_deadline(tmp_path):
+    async with Stack(tmp_path, {"CLIENT_HEADER_TIMEOUT": "0.5"}) as s:
+        c = await s.client()
+        raw = b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+        started = time.monotonic()
+        resp_task = asyncio.ensure_future(c.response(timeout=3.0))
+        for byte in raw:
+            if resp_task.done():
+                break
+            await c.send(bytes([byte]))
+            await asyncio.sleep(0.1)
+        r = await resp_task
+        elapsed = time.monotonic() - started
+        assert r.status == 408 and r.error()["code"] == "header_timeout"
+        assert 0.4 <= elapsed < 1.2, elapsed
+        assert await c.closed(1.0)
+
+
+@aio
+async def test_body_idle_and_total_deadlines(tmp_path):
+    async with Stack(tmp_path, {"CLIENT_BODY_IDLE_TIMEOUT": "0.3",
+                                "CLIENT_BODY_TIMEOUT": "0.8"}) as s:
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + auth()
+                + b"Content-Length: 50\r\n\r\n")
+        # idle: a few bytes, then nothing
+        c = await s.client()
+        started = time.monotonic()
+        await c.send(head + b'{"prompt"')
+        r = await c.response()
+        assert r.status == 408 and r.error()["code"] == "body_timeout"
+        assert 0.25 <= time.monotonic() - started < 0.7
+        assert await c.closed(1.0)
+        # total: a byte every 0.1 s never trips the idle deadline, the total one does
+        c = await s.client()
+        started = time.monotonic()
+        await c.send(head)
+        task = asyncio.ensure_future(c.response(timeout=3.0))
+        for _ in range(40):
+            if task.done():
+                break
+            await c.send(b" ")
+            await asyncio.sleep(0.1)
+        r = await task
+        assert r.status == 408
+        assert 0.7 <= time.monotonic() - started < 1.3
+        assert s.fake.requests == []
+
+
+@aio
+async def test_keepalive_idle_connection_closed(tmp_path):
+    async with Stack(tmp_path, {"KEEPALIVE_TIMEOUT": "0.3"}) as s:
+        c = await s.client()
+        assert (await c.request(get("/ping", key=None))).status == 200
+        started = time.monotonic()
+        assert await c.closed(2.0)
+        assert 0.2 <= time.monotonic() - started < 0.8
+        # a connection that never sends anything is closed after CLIENT_HEADER_TIMEOUT
+        c = await s.client()
+        assert await c.closed(2.0)
+
+
+@aio
+async def test_client_that_stops_reading_is_dropped_after_write_timeout(tmp_path):
+    async with Stack(tmp_path, {"CLIENT_WRITE_TIMEOUT": "0.4", "STREAM_IDLE_TIMEOUT": "5"}) as s:
+        c = await s.client(rcvbuf=4096)
+        c.reader._limit = 4096
+        await c.send(post("/v1/chat/completions",
+                          chat(stream=True, events=400, payload_size=65536)))
+        # read only the head, then never read again
+        status, _, _ = await c.head()
+        assert status == 200
+        conn = next(iter(s.gw.connections))
+        await eventually(lambda: conn.write_paused, 3.0)
+        paused_at = time.monotonic()
+        await eventually(lambda: not s.gw.connections, 3.0)
+        assert time.monotonic() - paused_at >= 0.3
+        await s.fake.wait_for(lambda: s.fake.disconnects == 1, 2.0)
+        assert s.fake.active_streams == 0
+        c.abort()
