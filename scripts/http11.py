@@ -206,7 +206,11 @@ def _field_error(line: str, err) -> ProtocolError:
 
 
 def _parse_fields(block: str, max_headers: int, err) -> list[tuple[str, str]]:
-    """CRLF-separated field lines -> [(lower-case name, value)]."""
+    """CRLF-separated field lines -> [(lower-case name, value)].
+
+    The block has no bare CR/LF (_take_block checked it): otherwise the line after a bare LF
+    could match on its own and pass the count below.
+    """
     if not block:
         return []
     count = block.count("\r\n") + 1
@@ -217,6 +221,7 @@ def _parse_fields(block: str, max_headers: int, err) -> list[tuple[str, str]]:
         for line in block.split("\r\n"):   # slow path: name the first bad line
             if _FIELD_RE.fullmatch(line) is None:
                 raise _field_error(line, err)
+        raise err("malformed header section")
     return [(name.lower(), value) for name, value in found]
 
 

@@ -224,6 +224,14 @@ INVALID = [
     pytest.param(b"GET / HTTP/1.1\r" + H + b"\r\n", 400, BAD, id="bare-cr-request-line"),
     pytest.param(b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n", 400, BAD, id="bare-cr-header"),
     pytest.param(b"GET / HTTP/1.1\r\n" + H + b"X: a\rb\r\n\r\n", 400, BAD, id="cr-in-value"),
+    # a bare LF/CR between two fields of a complete head must not let the second one through
+    pytest.param(b"GET / HTTP/1.1\r\nX: b\nHost: a\r\n\r\n", 400, BAD, id="bare-lf-hides-host"),
+    pytest.param(b"GET / HTTP/1.1\r\nX: b\rHost: a\r\n\r\n", 400, BAD, id="bare-cr-hides-host"),
+    pytest.param(req(b"X: b\nContent-Length: 5\r\n", body=b"hello"), 400, BAD,
+                 id="bare-lf-hides-content-length"),
+    # refused as soon as seen, not reported as an incomplete request at EOF
+    pytest.param(b"GET / HTTP/1.1\r" + H, 400, BAD, id="bare-cr-unterminated-head"),
+    pytest.param(b"GET / HTTP/1.1\r\nX: a\nb", 400, BAD, id="bare-lf-unterminated-head"),
     pytest.param(b"\nGET / HTTP/1.1\r\n" + H + b"\r\n", 400, BAD, id="leading-bare-lf"),
     pytest.param(b"\r\n" * 5 + b"GET / HTTP/1.1\r\n" + H + b"\r\n", 400, BAD,
                  id="too-many-leading-empty-lines"),
