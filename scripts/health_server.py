@@ -36,6 +36,11 @@ MAX_HEAD_BYTES = 8192
 HEAD_TIMEOUT = 2.0
 # Writing ~150 bytes to a live client never takes this long.
 WRITE_TIMEOUT = 2.0
+# After answering, read and drop what the client still sends (a body, the rest of an oversized
+# head) for this long / this much, so closing does not reset the connection before the client
+# has read the answer (a "lingering close", as Apache and nginx do).
+LINGER_TIMEOUT = 0.5
+LINGER_MAX_BYTES = 65536
 # Concurrent probe connections: the platform probes every few seconds; beyond this we close at once.
 MAX_CONNECTIONS = 64
 # The gateway is on loopback: a connect either succeeds or is refused in well under a millisecond.
@@ -176,8 +181,24 @@ def handle(conn: socket.socket, prober: Prober) -> None:
         try:
             conn.settimeout(WRITE_TIMEOUT)
             conn.sendall(response)
+            conn.shutdown(socket.SHUT_WR)
+            linger(conn)
         except OSError:
             pass
+
+
+def linger(conn: socket.socket) -> None:
+    deadline = time.monotonic() + LINGER_TIMEOUT
+    dropped = 0
+    while dropped < LINGER_MAX_BYTES:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        conn.settimeout(remaining)
+        chunk = conn.recv(16384)
+        if not chunk:
+            return
+        dropped += len(chunk)
 
 
 def serve(listener: socket.socket, prober: Prober) -> None:

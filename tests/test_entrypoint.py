@@ -1,0 +1,369 @@
+"""entrypoint.sh with the fake llama-server and the real health server and gateway: boot checks,
+logs, health states through load, crash and restart, giving up, and a clean SIGTERM."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRYPOINT = os.path.join(REPO, "entrypoint.sh")
+FAKE_LLAMA = os.path.join(REPO, "tests", "fakes", "fake_llama.py")
+BOOT_DEADLINE = 10.0     # s to reach a state; the fake loads in FAKE_LOAD_SECONDS (~1 s)
+HEALTH_FIRST_ANSWER = 1.0  # s from exec to the first probe answer (brief: 0.5 s; CI slack)
+EXIT_DEADLINE = 10.0     # s for the entrypoint to exit after TERM / when giving up
+# Short knobs keep every test to a few seconds.
+FAST_ENV = {"GRACEFUL_TIMEOUT": "1", "LLAMA_STOP_TIMEOUT": "2", "RESTART_BACKOFF_INITIAL": "0.1",
+            "RESTART_BACKOFF_MAX": "0.4", "MAX_RESTARTS": "3", "RESTART_WINDOW": "60",
+            "MODEL_LOAD_TIMEOUT": "20"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health(port: int) -> int:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("GET", "/ping")
+        return conn.getresponse().status
+    except OSError:
+        return 0
+    finally:
+        conn.close()
+
+
+def processes_mentioning(marker: str) -> list[str]:
+    """Live processes whose command line or environment contains marker (our tmp dir)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and (marker.encode() in cmd or marker.encode() in environ):
+            shown = cmd.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{pid}: {shown}")
+    return found
+
+
+class Stack:
+    def __init__(self, tmp_path, **env):
+        self.tmp = str(tmp_path)
+        self.data = tmp_path / "data"
+        self.run_dir = tmp_path / "run"
+        (self.data / "models").mkdir(parents=True)
+        (self.data / "models" / "tiny.gguf").write_bytes(b"GGUF fake")
+        shim = tmp_path / "llama-server"
+        shim.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_LLAMA} "$@"\n')
+        shim.chmod(0o755)
+        self.port, self.health_port, self.backend = free_port(), free_port(), free_port()
+        self.env = dict(os.environ, DATA_DIR=str(self.data), RUN_DIR=str(self.run_dir),
+                        MODEL_NAME="tiny.gguf", LLAMA_SERVER_BIN=str(shim), HOST="127.0.0.1",
+                        PORT=str(self.port), PORT_HEALTH=str(self.health_port),
+                        PORT_BACKEND=str(self.backend), AUTH_ENABLED="false",
+                        FAKE_LOAD_SECONDS="0.5", **FAST_ENV)
+        for k, v in env.items():
+            if v is None:
+                self.env.pop(k, None)
+            else:
+                self.env[k] = v
+        self.out_path = tmp_path / "stdout.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Stack:
+        self.out = open(self.out_path, "wb")
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(["bash", ENTRYPOINT], env=self.env, stdout=self.out,
+                                     stderr=subprocess.STDOUT)
+        return self
+
+    def run(self, timeout: float = EXIT_DEADLINE) -> tuple[int, str]:
+        self.start()
+        rc = self.proc.wait(timeout)
+        return rc, self.output()
+
+    def output(self) -> str:
+        self.out.flush()
+        return self.out_path.read_text(errors="replace")
+
+    def wait_health(self, want: int, deadline: float = BOOT_DEADLINE) -> float:
+        end = time.monotonic() + deadline
+        seen = []
+        while time.monotonic() < end:
+            code = health(self.health_port)
+            seen.append(code)
+            if code == want:
+                return time.monotonic()
+            assert self.proc.poll() is None, f"entrypoint exited {self.proc.returncode}:\n" \
+                                             f"{self.output()}"
+            time.sleep(0.05)
+        raise AssertionError(f"health never {want}; saw {sorted(set(seen))}\n{self.output()}")
+
+    def pid_of(self, name: str) -> int:
+        return int((self.run_dir / f"{name}.pid").read_text())
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(EXIT_DEADLINE)
+        return rc
+
+    def cleanup(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self.proc:
+            self.out.close()
+
+
+@pytest.fixture
+def stack(tmp_path):
+    made = []
+
+    def make(**env) -> Stack:
+        s = Stack(tmp_path, **env)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.cleanup()
+    # whatever happened in the test, nothing it started may outlive it
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+# ---- refusals: nothing is started ----------------------------------------------------------------
+
+def test_missing_model_is_fatal_and_starts_nothing(stack):
+    s = stack(MODEL_NAME="absent.gguf")
+    rc, out = s.run()
+    assert rc == 1
+    assert "FATAL" in out and str(s.data / "models" / "absent.gguf") in out
+    assert "MODEL_NAME=absent.gguf" in out
+    assert not (s.run_dir / "health_server.pid").exists()
+    assert not (s.run_dir / "health").exists()
+    assert health(s.health_port) == 0
+
+
+def test_unreadable_model_path_is_fatal(stack, tmp_path):
+    s = stack(MODEL_PATH=str(tmp_path / "nowhere" / "m.gguf"), MODEL_NAME=None)
+    rc, out = s.run()
+    assert rc == 1
+    assert "FATAL" in out and "MODEL_PATH=" in out
+
+
+def test_no_model_configured_is_fatal(stack):
+    rc, out = stack(MODEL_NAME=None, MODEL_PATH=None).run()
+    assert rc == 1
+    assert "FATAL" in out and "MODEL_PATH" in out and "MODEL_NAME" in out
+
+
+def test_missing_llama_server_is_fatal(stack, tmp_path):
+    s = stack(LLAMA_SERVER_BIN=str(tmp_path / "no-such-llama-server"))
+    rc, out = s.run()
+    assert rc == 1
+    assert "FATAL" in out and "LLAMA_SERVER_BIN" in out
+    assert not (s.run_dir / "health_server.pid").exists()
+
+
+@pytest.mark.parametrize("var,value", [
+    ("PORT", "80a"), ("PORT_HEALTH", "70000"), ("PORT_BACKEND", "-1"), ("CTX", "big"),
+    ("NGL", "1.5"), ("PARALLEL", "0"), ("MODEL_LOAD_TIMEOUT", "soon"), ("GRACEFUL_TIMEOUT", "-3"),
+    ("MAX_RESTARTS", "x"), ("WORKER_TYPE", "../evil"),
+])
+def test_bad_env_exits_2_naming_the_variable(stack, var, value):
+    rc, out = stack(**{var: value}).run()
+    assert rc == 2
+    fatal = [line for line in out.splitlines() if "FATAL" in line]
+    assert fatal and var in fatal[0]
+
+
+def test_equal_ports_exit_2(stack):
+    s = stack()
+    s.env["PORT_BACKEND"] = s.env["PORT"]
+    rc, out = s.run()
+    assert rc == 2 and "PORT_BACKEND" in out
+
+
+def test_bad_gateway_config_exits_2(stack):
+    # Checked by scripts/config.py (health server, gateway), not by the entrypoint itself.
+    rc, out = stack(CLIENT_HEADER_TIMEOUT="never").run()
+    assert rc == 2
+    assert "CLIENT_HEADER_TIMEOUT" in out
+
+
+# ---- the life of a worker -----------------------------------------------------------------------
+
+def test_boot_load_crash_restart_and_sigterm(stack):
+    s = stack(FAKE_LOAD_SECONDS="1").start()
+    # 204 almost at once, and all through the model load
+    t_first = s.wait_health(204, deadline=3)
+    assert t_first - s.t0 < HEALTH_FIRST_ANSWER
+    assert (s.run_dir / "health").read_text().strip() == "starting"
+    # API calls while loading: the gateway answers 503 JSON (it reads the same state file)
+    t_gw = time.monotonic() + 5
+    while time.monotonic() < t_gw:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=2)
+            conn.request("GET", "/v1/models")
+            resp = conn.getresponse()
+            status, body = resp.status, resp.read()
+            conn.close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    if (s.run_dir / "health").read_text().strip() == "starting":
+        assert status == 503 and "error" in json.loads(body)
+    t_ready = s.wait_health(200)
+    assert t_ready - s.t0 >= 1.0  # not before the fake finished loading
+    assert (s.run_dir / "health").read_text().strip() == "ready"
+
+    # logs: boot log and server log, each folder with latest.txt -> newest file
+    boot_dir, server_dir = s.data / "logs" / "_boot", s.data / "logs" / "llama-instruct"
+    for folder, kind in ((boot_dir, "boot"), (server_dir, "server")):
+        latest = folder / "latest.txt"
+        assert latest.is_symlink()
+        target = latest.resolve()
+        assert target.parent == folder and f"_{kind}_" in target.name
+    assert "health server up" in (boot_dir / "latest.txt").read_text()
+    assert "llama-server start #1" in (server_dir / "latest.txt").read_text()
+    assert "model loaded" in (server_dir / "latest.txt").read_text()  # fake's own output
+    assert "model loaded" in s.output()  # ... mirrored to stdout too
+
+    # llama-server crashes: health leaves 200, then comes back after the restart
+    first = s.pid_of("llama-server")
+    os.kill(first, signal.SIGKILL)
+    s.wait_health(204, deadline=3)
+    s.wait_health(200)
+    second = s.pid_of("llama-server")
+    assert second != first
+    assert "exited while serving (signal KILL)" in s.output()
+
+    # the gateway dies: restarted, health 200 again
+    gw = s.pid_of("gateway")
+    os.kill(gw, signal.SIGKILL)
+    time.sleep(0.3)
+    s.wait_health(200)
+    assert s.pid_of("gateway") != gw
+
+    # SIGTERM: stopping, everything down in order, exit 0 in time
+    t_stop = time.monotonic()
+    assert s.stop() == 0
+    assert time.monotonic() - t_stop < 1 + 2 + 3  # GRACEFUL_TIMEOUT + margins
+    out = s.output()
+    assert out.index("stopping gateway") < out.index("stopping llama-server") \
+        < out.index("stopping health server")
+    assert processes_mentioning(s.tmp) == []
+
+
+def test_fail_start_gives_up_after_max_restarts(stack):
+    s = stack(FAKE_FAIL_START="1", MAX_RESTARTS="2")
+    rc, out = s.run()
+    assert rc == 1
+    assert "llama-server start #3" in (s.data / "logs" / "llama-instruct" / "latest.txt").read_text()
+    assert "start #4" not in out
+    assert "giving up" in out and "exit code 1" in out
+    assert (s.run_dir / "health").read_text().strip() == "failed"
+
+
+def test_load_timeout_counts_as_failure(stack):
+    s = stack(FAKE_LOAD_SECONDS="30", MODEL_LOAD_TIMEOUT="0.5", MAX_RESTARTS="0")
+    rc, out = s.run()
+    assert rc == 1
+    assert "not ready after MODEL_LOAD_TIMEOUT=0.5 s" in out
+
+
+def test_sigterm_while_loading_exits_0_quickly(stack):
+    s = stack(FAKE_LOAD_SECONDS="30").start()
+    s.wait_health(204, deadline=3)
+    while not (s.run_dir / "llama-server.pid").exists():
+        assert time.monotonic() - s.t0 < BOOT_DEADLINE
+        time.sleep(0.05)
+    t = time.monotonic()
+    assert s.stop() == 0
+    assert time.monotonic() - t < 3
+    assert processes_mentioning(s.tmp) == []
+
+
+def test_llama_flags_are_explicit_and_extra_args_split(stack):
+    s = stack(CTX="1024", NGL="0", PARALLEL="2", EXTRA_ARGS="--alias  demo   --threads 2").start()
+    s.wait_health(200)
+    out = s.output()
+    line = next(ln for ln in out.splitlines() if "starting llama-server" in ln)
+    args = line.split(": ", 2)[2].split()
+    assert args[1:] == ["-m", str(s.data / "models" / "tiny.gguf"), "--host", "127.0.0.1",
+                        "--port", str(s.backend), "-c", "1024", "-ngl", "0", "-np", "2",
+                        "--metrics", "--alias", "demo", "--threads", "2"]
+    assert s.stop() == 0
+
+
+# ---- make run: scripts/run_local.py --dry-run ---------------------------------------------------
+
+RUN_LOCAL = os.path.join(REPO, "scripts", "run_local.py")
+
+
+def dry_run(tmp_path, gpu: bool, **env) -> tuple[dict[str, str], list[str], str]:
+    bindir = tmp_path / ("gpubin" if gpu else "bin")
+    bindir.mkdir(exist_ok=True)
+    if gpu:
+        smi = bindir / "nvidia-smi"
+        smi.write_text("#!/bin/sh\nexit 0\n")
+        smi.chmod(0o755)
+    full = {"PATH": str(bindir), "HOME": str(tmp_path), "DATA_DIR": str(tmp_path / "data"),
+            "LLAMA_SERVER_BIN": "/opt/llama-server"}
+    full.update(env)
+    done = subprocess.run([sys.executable, RUN_LOCAL, "--cache-dir", str(tmp_path / "cache"),
+                           "--dry-run"], env={k: v for k, v in full.items() if v is not None},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    shown = dict(ln[4:].split("=", 1) for ln in done.stdout.splitlines() if ln.startswith("ENV "))
+    execs = [ln[5:] for ln in done.stdout.splitlines() if ln.startswith("EXEC ")]
+    return shown, execs, done.stderr
+
+
+def test_run_local_dry_run_defaults_without_gpu(tmp_path):
+    shown, execs, err = dry_run(tmp_path, gpu=False)
+    assert shown["NGL"] == "0" and shown["CTX"] == "2048"
+    assert shown["MODEL_NAME"] == "demo-tiny-llama.gguf"
+    assert shown["DATA_DIR"] == str(tmp_path / "data")
+    assert execs == [f"bash {ENTRYPOINT}"]
+    assert "would make the demo model" in err and "make_model.py" in err
+    assert "would create a first key" in err
+    assert not (tmp_path / "data").exists()  # a dry run writes nothing
+
+
+def test_run_local_dry_run_keeps_user_settings_and_gpu_default(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x")
+    shown, _, err = dry_run(tmp_path, gpu=True, MODEL_PATH=str(model), CTX="4096",
+                            LLAMA_SERVER_BIN=None)
+    assert "NGL" not in shown  # a GPU: entrypoint.sh's default (99) applies
+    assert shown["CTX"] == "4096" and shown["MODEL_PATH"] == str(model)
+    assert "MODEL_NAME" not in shown and "demo model" not in err
+    assert "would find or build llama-server" in err and "--ensure" in err
+
+
+def test_run_local_existing_key_is_not_replaced(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("alice:sk-" + "a" * 40 + "\n")
+    keys.chmod(0o600)
+    _, _, err = dry_run(tmp_path, gpu=False, AUTH_KEYS_FILE=str(keys))
+    assert "would create a first key" not in err
+    assert "keys exist" in err and "curl -s http://127.0.0.1:8000/v1/chat/completions" in err
