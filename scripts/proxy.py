@@ -94,6 +94,12 @@ class Exchange:
     # ---- upstream events (Sink) ----
     def on_head(self, resp: http11.Response) -> None:
         self.last_activity = self.loop.time()
+        if self._timer is not None:
+            # From now on the stream idle deadline applies, which may be shorter than the
+            # first-byte one the timer was armed with.
+            self._timer.cancel()
+            self._timer = self.loop.call_at(self.last_activity + self.idle_timeout,
+                                            self._on_timer)
         self.ctx.ttfb = time.monotonic() - self.ctx.started
         self.status = resp.status
         self.upstream_keep_alive = resp.keep_alive
