@@ -76,6 +76,7 @@ log() {
 fatal() {  # fatal CODE MESSAGE...
   local code=$1; shift
   log FATAL "$*"
+  if [[ -n $STATE ]]; then set_state failed; fi  # health 503 until the health server stops
   finish "$code"
 }
 

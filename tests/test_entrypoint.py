@@ -263,6 +263,14 @@ def test_boot_load_crash_restart_and_sigterm(stack):
     s.wait_health(200)
     assert s.pid_of("gateway") != gw
 
+    # the health server dies: restarted on the same port
+    hs = s.pid_of("health_server")
+    os.kill(hs, signal.SIGKILL)
+    time.sleep(0.3)
+    s.wait_health(200)
+    assert s.pid_of("health_server") != hs
+    assert "health server: exited (signal KILL)" in s.output()
+
     # SIGTERM: stopping, everything down in order, exit 0 in time
     t_stop = time.monotonic()
     assert s.stop() == 0
