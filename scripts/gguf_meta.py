@@ -287,6 +287,27 @@ class _Cursor:
                              f"({MAX_STRING_BYTES})")
         return n
 
+    def skip_strings(self, count: int, what: str) -> None:
+        """Skip `count` strings (a token list) without decoding them: the hot loop of a read."""
+        unpack_len = struct.Struct(self.endian + "Q").unpack_from
+        for _ in range(count):
+            if len(self.buf) - self.pos < 8:
+                self._ensure(8)
+            (n,) = unpack_len(self.buf, self.pos)
+            if n > MAX_STRING_BYTES:
+                raise self._fail(f"{what}: string of {n} bytes exceeds MAX_STRING_BYTES "
+                                 f"({MAX_STRING_BYTES})")
+            total = 8 + n
+            if self.consumed + total > self.max_bytes:
+                raise self._fail(f"GGUF header larger than the limit of {self.max_bytes} bytes")
+            if len(self.buf) - self.pos >= total:
+                self.pos += total
+                self.consumed += total
+            else:
+                self.pos += 8
+                self.consumed += 8
+                self.skip(n)
+
     def string(self, what: str) -> str:
         raw = self.take(self.string_length(what))
         try:
@@ -370,6 +391,9 @@ def _read_array(cur: _Cursor, key: str) -> Any:
         return ArraySummary("array", count)
     keep = count <= INLINE_ARRAY_MAX
     if etype == TYPE_STRING:
+        if not keep:
+            cur.skip_strings(count, key)
+            return ArraySummary(ename, count)
         items = []
         for _ in range(count):
             n = cur.string_length(key)
@@ -440,6 +464,6 @@ def _prod(dims: tuple[int, ...]) -> int:
 
 def rfc3339(seconds: float) -> str:
     """An mtime as RFC 3339 UTC with nanoseconds, as Ollama writes modified_at."""
-    ns = int(round(seconds * 1_000_000_000))
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 1_000_000_000)) + \
-        f".{ns % 1_000_000_000:09d}Z"
+    whole = int(seconds // 1)
+    frac_ns = min(int(round((seconds - whole) * 1_000_000_000)), 999_999_999)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{frac_ns:09d}Z"
