@@ -41,7 +41,8 @@ class RequestContext:
 
     __slots__ = ("request_id", "key_id", "client", "method", "path", "route", "status",
                  "bytes_in", "bytes_out", "started", "ttfb", "duration", "stream", "outcome",
-                 "prompt_tokens", "completion_tokens", "response_headers", "upstream_error")
+                 "prompt_tokens", "completion_tokens", "response_headers", "upstream_error",
+                 "continued")
 
     def __init__(self, client: str, method: str, path: str, request_id: str):
         self.request_id = request_id
@@ -62,6 +63,7 @@ class RequestContext:
         self.completion_tokens: int | None = None
         self.response_headers: list[tuple[str, str]] = []
         self.upstream_error = ""
+        self.continued = False     # 100 Continue sent
 
 
 class ClientGone(Exception):
@@ -227,13 +229,21 @@ class ClientConnection(asyncio.Protocol):
             raise ProtocolError("Unexpected data before a request", 400)
         return event
 
+    def _end_bodiless(self) -> None:
+        """A request without a body: take its END_OF_MESSAGE off the parser at once, so the next
+        request on the connection parses whatever this one's answer is (errors included)."""
+        if type(self.parser.next_event()) is not http11.EndOfMessage:
+            raise ProtocolError("Unexpected body framing", 400)
+
     async def _read_body(self, req: http11.Request, ctx: RequestContext) -> bytes:
         parser = self.parser
         if not req.chunked and not req.content_length:
-            event = parser.next_event()
-            if type(event) is not http11.EndOfMessage:
-                raise ProtocolError("Unexpected body framing", 400)
-            return b""
+            return b""          # END_OF_MESSAGE already taken by _handle (_end_bodiless)
+        if req.expect_continue and not ctx.continued:
+            # Only now, once the request is accepted: a refused one gets its final status
+            # instead (RFC 9110 10.1.1), and the client never sends the body.
+            ctx.continued = True
+            self.write(http11.CONTINUE_100)
         cfg = self.gw.config
         loop = asyncio.get_running_loop()
         total_deadline = loop.time() + cfg.client_body_timeout
@@ -268,11 +278,16 @@ class ClientConnection(asyncio.Protocol):
         body_done = not (req.chunked or req.content_length)
         gw.in_flight += 1
         try:
+            if body_done:
+                self._end_bodiless()
             origin = req.get("origin")
             if origin is not None:
                 ctx.response_headers.extend(gw.cors.headers_for(origin))
             if req.method == "OPTIONS":
+                await self._read_body(req, ctx)      # a preflight body means nothing: drop it
+                body_done = True
                 self._respond(ctx, req, *gw.cors.preflight(req))
+                ctx.outcome = "ok"
                 return
             route = routes.match(req.method, req.path)
             ctx.route = route.name
@@ -284,8 +299,6 @@ class ClientConnection(asyncio.Protocol):
                 return
             ticket = gw.admit(req, route, ctx)       # auth, rate and key concurrency; raises
             try:
-                if req.expect_continue and not body_done:
-                    self.write(http11.CONTINUE_100)
                 body = await self._read_body(req, ctx)
                 body_done = True
                 slot = await gw.backend_slot(ctx)    # global limit with a bounded queue; raises

@@ -26,6 +26,26 @@ async def test_keep_alive_two_requests_one_connection(tmp_path):
 
 
 @aio
+async def test_error_answers_keep_the_connection_usable(tmp_path):
+    async with Stack(tmp_path) as s:
+        c = await s.client()
+        seq = [(get("/nope"), 404), (get("/v1/models", key=None), 401),
+               (get("/v1/chat/completions"), 405),
+               (get("/v1/models", key=None, method=b"OPTIONS"), 204),
+               (post("/v1/models", b"{}", key=None, extra=b"Origin: https://x\r\n")
+                .replace(b"POST", b"OPTIONS", 1), 204),
+               (get("/v1/models"), 200)]
+        for raw, status in seq:
+            r = await c.request(raw)
+            assert r.status == status, (raw, r)
+            assert r.get("connection") is None
+        # the same pipelined in one write
+        await c.send(b"".join(raw for raw, _ in seq))
+        assert [(await c.response()).status for _ in seq] == [st for _, st in seq]
+        assert not await c.closed(0.1)
+
+
+@aio
 async def test_pipelined_requests_answered_in_order(tmp_path):
     async with Stack(tmp_path) as s:
         c = await s.client()
