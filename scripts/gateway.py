@@ -94,6 +94,21 @@ class Gateway:
             keys_loaded=lambda: len(self.store) if self.store is not None else 0,
         )
         self.metrics.in_flight = 0
+        if store is not None and config.auth_enabled:
+            self.metrics.set_known_keys(store.key_ids())
+
+    def reload_keys(self, now: float | None = None) -> bool:
+        """Re-read the key file (now=None: at once, e.g. SIGHUP; else a poll that stats the file
+        at most every few seconds). On a change, per-key state of removed keys is dropped."""
+        store = self.store
+        if store is None:
+            return False
+        changed = store.reload() if now is None else store.maybe_reload(now)
+        if changed:
+            ids = store.key_ids()
+            self.admission.rate.retain(ids)
+            self.metrics.set_known_keys(ids)
+        return changed
 
     # ---------------- the request path (called by ClientConnection) ----------------
     def admit(self, req, route, ctx) -> admission.Ticket:
@@ -239,8 +254,7 @@ async def _poll_keys(store: keys.KeyStore, gw: Gateway) -> None:
     while True:
         await asyncio.sleep(KEY_POLL_INTERVAL)
         try:
-            if store.maybe_reload(loop.time()):
-                gw.admission.rate.retain(store.key_ids())
+            gw.reload_keys(loop.time())
         except Exception:
             log.exception("key file poll failed")
 
@@ -275,10 +289,7 @@ async def amain(cfg: config_mod.Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     poller = None
     if store is not None:
-        def _hup() -> None:
-            if store.reload():
-                gw.admission.rate.retain(store.key_ids())
-        loop.add_signal_handler(signal.SIGHUP, _hup)
+        loop.add_signal_handler(signal.SIGHUP, gw.reload_keys)
         poller = asyncio.create_task(_poll_keys(store, gw))
     await stop.wait()
     log.info("shutting down: draining %d connection(s) for up to %.0f s",

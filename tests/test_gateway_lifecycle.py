@@ -1,0 +1,205 @@
+"""Health endpoints and the backend state file, graceful shutdown in-process, and the gateway as a
+real process (SIGTERM -> exit 0, bad config -> exit 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import Stack, aio, chat, get, post
+
+GATEWAY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "scripts", "gateway.py")
+
+
+def _write_state(s: Stack, word: str | None) -> None:
+    path = s.config.health_file
+    if word is None:
+        if os.path.exists(path):
+            os.unlink(path)
+    else:
+        with open(path, "w") as f:
+            f.write(word + "\n")
+    s.gw.backend._read_at = -1e9      # skip the state file cache (STATE_FILE_TTL)
+
+
+@aio
+async def test_ping_and_health_without_key(tmp_path):
+    async with Stack(tmp_path) as s:
+        r = await s.one(get("/ping", key=None))
+        assert r.status == 200 and r.json() == {"status": "ok"}
+        r = await s.one(get("/health", key=None))
+        assert r.status == 200
+        body = r.json()
+        assert body["backend"] == "unknown" and body["status"] == "ok"
+        assert body["in_flight"] == 1        # this request
+        assert body["queue"] == 0 and body["uptime_s"] >= 0
+        _write_state(s, "starting")
+        body = (await s.one(get("/health", key=None))).json()
+        assert body["backend"] == "starting" and body["status"] == "starting"
+        assert s.fake.requests == []
+
+
+@pytest.mark.parametrize("state,retry_after", [("starting", "5"), ("failed", "30"),
+                                               ("stopping", "5"), ("garbage", "5")])
+@aio
+async def test_backend_not_ready_answers_503_without_contacting_it(tmp_path, state, retry_after):
+    async with Stack(tmp_path) as s:
+        _write_state(s, state)
+        started = time.monotonic()
+        r = await s.one(post("/v1/chat/completions", chat()))
+        assert time.monotonic() - started < 0.3
+        assert r.status == 503 and r.get("retry-after") == retry_after
+        assert r.error()["type"] == "service_unavailable"
+        r = await s.one(get("/v1/models"))
+        assert r.status == 503
+        assert s.fake.requests == [] and s.fake.connections_opened == 0
+
+
+@pytest.mark.parametrize("state", ["ready", None])
+@aio
+async def test_backend_ready_or_unknown_is_proxied(tmp_path, state):
+    async with Stack(tmp_path) as s:
+        _write_state(s, state)
+        r = await s.one(post("/v1/chat/completions", chat()))
+        assert r.status == 200 and len(s.fake.requests) == 1
+
+
+# ---------------- graceful shutdown ----------------
+
+@aio
+async def test_shutdown_refuses_new_and_closes_idle_connections(tmp_path):
+    async with Stack(tmp_path) as s:
+        idle = await s.client()
+        assert (await idle.request(get("/ping", key=None))).status == 200
+        fresh = await s.client()                   # connected, nothing sent yet
+        task = asyncio.ensure_future(s.gw.shutdown(1.0))
+        started = time.monotonic()
+        assert await idle.closed(0.5)
+        assert await fresh.closed(0.5)
+        assert time.monotonic() - started < 0.3
+        with pytest.raises(OSError):
+            await asyncio.wait_for(asyncio.open_connection("127.0.0.1", s.port), 1.0)
+        await asyncio.wait_for(task, 2.0)
+
+
+@aio
+async def test_shutdown_lets_a_stream_finish_then_closes(tmp_path):
+    async with Stack(tmp_path) as s:
+        c = await s.client()
+        await c.send(post("/v1/chat/completions", chat(stream=True, events=6, interval=0.1)))
+        slow = await s.client()
+        await slow.send(post("/v1/chat/completions", chat(delay_first_byte=0.3)))
+        await c.head()
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        task = asyncio.ensure_future(s.gw.shutdown(2.0))
+        # the request still waiting for llama-server gets its answer with Connection: close
+        r = await slow.response()
+        assert r.status == 200 and r.get("connection") == "close"
+        assert await slow.closed(1.0)
+        # the stream runs to its end (terminator included), then the connection closes
+        rest = b""
+        while not rest.endswith(b"0\r\n\r\n"):
+            data = await asyncio.wait_for(c.reader.read(65536), 2.0)
+            assert data, "closed before the stream ended"
+            rest += data
+        assert b"[DONE]" in rest
+        assert await c.closed(1.0)
+        await asyncio.wait_for(task, 3.0)
+        assert time.monotonic() - started < 1.5
+        assert s.fake.disconnects == 0
+
+
+@aio
+async def test_shutdown_cuts_a_stream_longer_than_the_grace(tmp_path):
+    async with Stack(tmp_path, {"GRACEFUL_TIMEOUT": "0.4"}) as s:
+        c = await s.client()
+        await c.send(post("/v1/chat/completions", chat(stream=True, events=100, interval=0.05)))
+        await c.head()
+        started = time.monotonic()
+        await asyncio.wait_for(s.gw.shutdown(), 3.0)
+        elapsed = time.monotonic() - started
+        assert 0.35 <= elapsed < 1.5
+        data = b""
+        try:
+            while True:
+                more = await asyncio.wait_for(c.reader.read(65536), 1.0)
+                if not more:
+                    break
+                data += more
+        except ConnectionResetError:
+            pass
+        assert not data.endswith(b"0\r\n\r\n")
+        await s.fake.wait_for(lambda: s.fake.disconnects == 1, 1.0)
+        assert s.gw.connections == set()
+        assert s.gw.admission.slots.active == 0
+
+
+# ---------------- the real process ----------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(tmp_path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "HOME")}
+    env.update({"HOST": "127.0.0.1", "PORT": str(_free_port()), "PORT_HEALTH": str(_free_port()),
+                "PORT_BACKEND": str(_free_port()), "DATA_DIR": str(tmp_path / "data"),
+                "RUN_DIR": str(tmp_path / "run"), "AUTH_ENABLED": "false",
+                "GRACEFUL_TIMEOUT": "1"})
+    env.update(extra)
+    return env
+
+
+def test_process_sigterm_exits_0(tmp_path):
+    env = _env(tmp_path)
+    proc = subprocess.Popen([sys.executable, GATEWAY], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", int(env["PORT"])), timeout=0.5) as sk:
+                    sk.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    sk.settimeout(2)
+                    assert sk.recv(100).startswith(b"HTTP/1.1 200")
+                break
+            except ConnectionRefusedError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "gateway did not start listening"
+                time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=5)
+        assert proc.returncode == 0, err
+        assert b"gateway stopped" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+
+
+def test_process_bad_config_exits_2_naming_the_variable(tmp_path):
+    env = _env(tmp_path, PORT="abc")
+    proc = subprocess.run([sys.executable, GATEWAY], env=env, capture_output=True, timeout=10)
+    assert proc.returncode == 2
+    assert b"PORT" in proc.stderr and b"abc" in proc.stderr
+
+
+def test_process_unsafe_key_file_exits_2(tmp_path):
+    keyfile = tmp_path / "keys.txt"
+    keyfile.write_text("alice:sk-alice-0123456789abcdef\n")
+    os.chmod(keyfile, 0o644)
+    env = _env(tmp_path, AUTH_ENABLED="true", AUTH_KEYS_FILE=str(keyfile))
+    proc = subprocess.run([sys.executable, GATEWAY], env=env, capture_output=True, timeout=10)
+    assert proc.returncode == 2, proc.stderr
+    assert b"sk-alice" not in proc.stderr
