@@ -5,6 +5,18 @@ result upstream (to upstream_path(body)), and turns the answer back with chat_re
 embed_response, or, when streaming, feeds each SSE `data:` payload to a ChatStream and writes
 the NDJSON lines it returns (Content-Type NDJSON_CONTENT_TYPE).
 
+Public API (all pure; times injectable):
+    OllamaError(status, message) .body(); error_body(msg); parse_json_body(raw);
+    upstream_error(status, raw); not_supported(path) -> OllamaError(501) | None
+    chat_request(body, model) / generate_request(body, model) / embed_request(body, model,
+        legacy=) -> OpenAI body | ModelLoad;  upstream_path(openai_body); wants_stream(body)
+    load_response(marker, model, now_ns); chat_response(openai, model, kind, started_ns,
+        now_ns=); embed_response(openai, model, legacy, started_ns=, now_ns=, dimensions=)
+    ChatStream(model, kind, clock_ns).feed_event(data) / .finish() / .error_line(msg)
+    version_response(); tags_response(infos); show_response(info, vision=);
+    ps_response(infos, context_length=, size_vram=); capabilities(info); ollama_name(name);
+    matches_model(requested, name); rfc3339_ns(ns); ROOT_TEXT; NDJSON_CONTENT_TYPE
+
 Decisions (documented here because clients will notice them):
 - /api/chat -> POST /v1/chat/completions. Images (base64, as Ollama sends them) become
   OpenAI `image_url` content parts with a data: URI, on user messages only; llama-server
