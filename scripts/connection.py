@@ -86,6 +86,9 @@ class ClientConnection(asyncio.Protocol):
         self._waiter: asyncio.Future | None = None
         self._pipelined = 0
         self._reading_paused = False
+        # The current request's body is in: bytes arriving now are pipelined requests, bounded
+        # by MAX_PIPELINED_BYTES while it is answered (queue wait included).
+        self._body_read = False
 
     # ---------------- asyncio.Protocol ----------------
     def connection_made(self, transport):
@@ -97,7 +100,7 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed(data)
-        if self.exchange is not None:
+        if self._body_read:
             self._pipelined += len(data)
             if self._pipelined > MAX_PIPELINED_BYTES and not self._reading_paused:
                 self._reading_paused = True
@@ -206,6 +209,7 @@ class ClientConnection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
         self._pipelined = 0
+        self._body_read = False
         event = parser.next_event()
         if event is http11.NEED_DATA:
             if not parser.has_buffered:
@@ -234,10 +238,12 @@ class ClientConnection(asyncio.Protocol):
         request on the connection parses whatever this one's answer is (errors included)."""
         if type(self.parser.next_event()) is not http11.EndOfMessage:
             raise ProtocolError("Unexpected body framing", 400)
+        self._body_read = True
 
     async def _read_body(self, req: http11.Request, ctx: RequestContext) -> bytes:
         parser = self.parser
         if not req.chunked and not req.content_length:
+            self._body_read = True
             return b""          # END_OF_MESSAGE already taken by _handle (_end_bodiless)
         if req.expect_continue and not ctx.continued:
             # Only now, once the request is accepted: a refused one gets its final status
@@ -264,6 +270,7 @@ class ClientConnection(asyncio.Protocol):
             deadline = min(loop.time() + cfg.client_body_idle_timeout, total_deadline)
             if not await self._wait_data(deadline) and loop.time() >= deadline:
                 raise ProtocolError("Request body not received in time", 408, "body_timeout")
+        self._body_read = True
         return b"".join(parts) if len(parts) != 1 else parts[0]
 
     async def _handle(self, req: http11.Request) -> None:
@@ -336,10 +343,12 @@ class ClientConnection(asyncio.Protocol):
             out.append(("content-length", str(len(body))))
         if not self.keep_alive:
             out.append(("connection", "close"))
+        elif req.version == (1, 0):
+            out.append(("connection", "keep-alive"))   # HTTP/1.0 closes unless told otherwise
         ctx.status = status
-        ctx.bytes_out += len(body)
         if req.method == "HEAD":
             body = b""
+        ctx.bytes_out += len(body)
         self.write(http11.response_head(status, out) + body)
 
     def _send_error(self, err: GatewayError, ctx: RequestContext, req: http11.Request) -> None:

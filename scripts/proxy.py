@@ -127,6 +127,8 @@ class Exchange:
         headers.extend(self.ctx.response_headers)
         if not client.keep_alive:
             headers.append(("connection", "close"))
+        elif self.http10:
+            headers.append(("connection", "keep-alive"))   # HTTP/1.0 closes unless told so
         self.ctx.status = resp.status
         self.head_written = True
         client.write(http11.response_head(resp.status, headers))

@@ -263,3 +263,52 @@ async def test_client_that_stops_reading_is_dropped_after_write_timeout(tmp_path
         await s.fake.wait_for(lambda: s.fake.disconnects == 1, 2.0)
         assert s.fake.active_streams == 0
         c.abort()
+
+
+@aio
+async def test_http10_keep_alive_is_announced(tmp_path):
+    async with Stack(tmp_path) as s:
+        c = await s.client()
+        ka = b"Connection: keep-alive\r\n"
+        r = await c.request(get("/ping", key=None, version=b"HTTP/1.0", extra=ka))
+        assert r.status == 200 and r.get("connection") == "keep-alive"
+        r = await c.request(get("/v1/models", version=b"HTTP/1.0", extra=ka))
+        assert r.status == 200 and r.get("connection") == "keep-alive"
+        assert r.json()["object"] == "list"
+        assert not await c.closed(0.1)
+
+
+@aio
+async def test_pipelined_bytes_bounded_while_a_request_waits(tmp_path):
+    import connection
+    async with Stack(tmp_path, {"MAX_CONCURRENT_REQUESTS": "1", "QUEUE_TIMEOUT": "2",
+                                "MAX_REQUEST_BODY_SIZE": "100000"}) as s:
+        busy = await s.client()
+        await busy.send(post("/v1/chat/completions", chat(stream=True, events=20, interval=0.05)))
+        await busy.head()
+        c = await s.client()
+        await c.send(post("/v1/chat/completions", chat()))
+        await eventually(lambda: s.gw.admission.slots.waiting == 1, 1.0)
+        conn = next(x for x in s.gw.connections if x.exchange is None)
+        junk = get("/ping", key=None) * (4 * connection.MAX_PIPELINED_BYTES // 30)
+        c.writer.write(junk)
+        await eventually(lambda: conn._reading_paused, 1.0)
+        await asyncio.sleep(0.1)
+        # what the gateway holds is one limit plus one socket read, not the whole flood
+        assert len(conn.parser._buf) < connection.MAX_PIPELINED_BYTES + 300_000
+        busy.abort()
+        r = await c.response()
+        assert r.status == 200
+        assert (await c.response()).json() == {"status": "ok"}    # pipelined ones follow
+        c.abort()
+
+
+@aio
+async def test_over_max_connections_503(tmp_path):
+    async with Stack(tmp_path, {"MAX_CONNECTIONS": "1"}) as s:
+        first = await s.client()
+        second = await s.client()
+        r = await second.response()
+        assert r.status == 503 and r.error()["code"] == "too_many_connections"
+        assert r.get("retry-after") == "1"
+        assert (await first.request(get("/ping", key=None))).status == 200
