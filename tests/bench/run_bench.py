@@ -1,0 +1,1037 @@
+#!/usr/bin/env python3
+"""`make bench`: the gateway against the upstream it fronts, called directly, as ratios.
+
+    python3 tests/bench/run_bench.py --out bench-results [--quick] [--cases a,b,c,d,e] [--profile]
+
+Cases (every one runs gateway, direct, gateway, direct, ... in short rounds so drift cancels):
+  a  non-streaming small POST /v1/chat/completions to the fake llama-server, wrk with keep-alive
+     at 1, 16 and 64 connections: req/s, p50/p99 latency.
+  b  64 concurrent SSE streams of 200 events (no delay): events/s, TTFB p50/p99.
+  c  1,000 then 10,000 concurrent streams of 40 events 50 ms apart: all complete, p99 stream time,
+     peak gateway RSS (fresh gateway per run, VmHWM).
+  d  the real llama-server with the demo model: tokens/s and time to first token, 1 and 8 streams.
+  e  cold start: entrypoint.sh start -> health answer / 204 / 200 -> first token through the
+     gateway; beside it llama-server alone: start -> /health 200 -> first token.
+
+The gateway runs as in production (python3 scripts/gateway.py) with auth on (a key file of mode
+600 holding one key with huge limits) and global limits raised so that nothing is refused. The
+load generators are wrk (case a) and tests/bench/loadclient.py (asyncio, raw sockets); their CPU
+and the upstream's CPU are reported so a saturated generator or fake is visible.
+
+Writes OUT/bench.md (the tables) and OUT/bench.json (all figures, per round), plus the logs of the
+processes it started. With --profile the gateway of cases a and b runs under cProfile and
+OUT/profile-<case>.txt holds the top functions. Every child is killed at the end, even on error.
+All traffic goes to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+GATEWAY = REPO / "scripts" / "gateway.py"
+FAKE = REPO / "tests" / "fakes" / "fake_llama.py"
+LOADCLIENT = HERE / "loadclient.py"
+WRK_SCRIPT = HERE / "wrk_post.lua"
+ENTRYPOINT = REPO / "entrypoint.sh"
+DEMO_MODEL = REPO / "data" / "models" / "demo-tiny-llama.gguf"
+DEFAULT_LLAMA_CACHE = Path.home() / ".cache" / "llama-gguf-inference"
+
+# ---- limits and sizes (where the numbers come from) -------------------------------------------
+# Open files: 10,000 client sockets + 10,000 upstream sockets in the gateway during case c, plus
+# logs and the listener; the kernel's nr_open is far above.
+NOFILE_WANTED = 65536
+# Gateway limits for the benchmark: nothing may be refused (the benchmark measures the relay, not
+# admission), while the checks still run. 10,000,000 is config.py's and keys.py's upper bound.
+BENCH_RPM = 10_000_000
+BENCH_CONCURRENCY = 100_000
+BENCH_MAX_CONNECTIONS = 30_000  # above case c's 10,000 streams
+# Start-up: python binds in ~0.2 s; 15 s means something is broken.
+START_TIMEOUT = 15.0
+# The real llama-server loads the 5 MB demo model in about a second; 120 s bounds a slow disk.
+LLAMA_LOAD_TIMEOUT = 120.0
+# SIGTERM, then SIGKILL after this (the gateway drains for GRACEFUL_TIMEOUT, set to 2 s here).
+STOP_TIMEOUT = 10.0
+BENCH_GRACEFUL_TIMEOUT = "2"
+# Open files the gateway needs besides its sockets (listener, logs, epoll, stdio, pipes).
+FD_RESERVE = 128
+# Streams per loadclient process in case c (one event loop handles a few thousand sockets).
+STREAMS_PER_CLIENT = 2500
+# RSS sampling period in case c (VmHWM is the figure; samples give the curve's maximum too).
+RSS_SAMPLE_PERIOD = 0.05
+# llama-server's CPU threads: half the CPUs, so the gateway and the load generator keep the
+# rest (its default, all CPUs, stalls its thread barrier whenever another process runs).
+LLAMA_THREADS = max(1, len(os.sched_getaffinity(0)) // 2)
+# Cold start (case e): health poll period and overall bound.
+HEALTH_POLL_PERIOD = 0.005
+COLD_START_TIMEOUT = 60.0
+# One request's deadline in the harness's own blocking HTTP calls.
+HTTP_TIMEOUT = 30.0
+
+CHAT_PATH = "/v1/chat/completions"
+SMALL_BODY = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+LLAMA_BODY = {"model": "demo", "messages": [{"role": "user", "content": "Tell me a story."}],
+              "stream": True, "max_tokens": 96, "temperature": 0, "seed": 42, "ignore_eos": True}
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ======================================= processes ===============================================
+class Child:
+    """A process started by the harness in its own session (so its whole group can be killed)."""
+
+    registry: list["Child"] = []
+
+    def __init__(self, name: str, argv: list[str], env: dict, log_path: Path):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     cwd=str(REPO))
+        self.pid = self.proc.pid
+        Child.registry.append(self)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def cpu(self) -> float:
+        """utime + stime in seconds (from /proc/<pid>/stat); 0.0 once gone."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def status_kb(self, field: str) -> int:
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = STOP_TIMEOUT, sig: int = signal.SIGTERM) -> int | None:
+        if self.alive():
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever is left of the group (children of an entrypoint, say) goes too.
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.log.close()
+        if self in Child.registry:
+            Child.registry.remove(self)
+        return self.proc.returncode
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for child in list(cls.registry):
+            child.stop(timeout=3.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_request(port: int, method: str, path: str, body: bytes = b"", headers=(),
+                 timeout: float = HTTP_TIMEOUT) -> tuple[int, bytes]:
+    """One blocking request with `Connection: close`; (status, raw body) or raises OSError."""
+    head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    head += [f"{k}: {v}" for k, v in headers]
+    if body or method == "POST":
+        head += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    data = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.settimeout(timeout)
+        s.sendall(data)
+        chunks = []
+        while True:
+            piece = s.recv(65536)
+            if not piece:
+                break
+            chunks.append(piece)
+    raw = b"".join(chunks)
+    head_end = raw.find(b"\r\n\r\n")
+    if head_end < 0:
+        raise OSError("no response head")
+    status = int(raw.split(b" ", 2)[1])
+    return status, raw[head_end + 4:]
+
+
+def wait_until(pred, timeout: float, what: str, child: Child | None = None,
+               period: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child is not None and not child.alive():
+            raise RuntimeError(f"{child.name} exited ({child.proc.returncode}) while waiting for "
+                               f"{what}:\n{child.tail()}")
+        try:
+            value = pred()
+            if value:
+                return value
+        except OSError:
+            pass
+        time.sleep(period)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}"
+                       + (f":\n{child.tail()}" if child else ""))
+
+
+def machine_busy() -> float:
+    """CPU seconds spent busy by the whole machine so far (all CPUs, from /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)   # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+class Meter:
+    """CPU of the watched children (/proc/<pid>/stat), of reaped children (the load generator,
+    via RUSAGE_CHILDREN) and of the whole machine over one run; as % of one core."""
+
+    def __init__(self, watch):
+        self.watch = list(watch)
+        self.t0 = time.monotonic()
+        self.cpu0 = {c.name: c.cpu() for c in self.watch}
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.reaped0 = ru.ru_utime + ru.ru_stime
+        self.machine0 = machine_busy()
+
+    def stop(self, generator: str) -> tuple[float, dict]:
+        wall = time.monotonic() - self.t0
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = {c.name.split("-")[0]: 100 * (c.cpu() - self.cpu0[c.name]) / wall
+               for c in self.watch}
+        out[generator] = 100 * (ru.ru_utime + ru.ru_stime - self.reaped0) / wall
+        out["machine"] = 100 * (machine_busy() - self.machine0) / wall
+        return wall, out
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def raise_nofile() -> int:
+    """Raise RLIMIT_NOFILE (inherited by every child) to NOFILE_WANTED, or at least to the hard
+    limit when raising that is not permitted. Returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE_WANTED, max(hard, NOFILE_WANTED)))
+    except (ValueError, OSError):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# ======================================= the bench ===============================================
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.out = Path(args.out).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="llama-bench-"))
+        self.logs = self.out / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.key = "sk-" + secrets.token_urlsafe(32)
+        self.keys_file = self.tmp / "api_keys.txt"
+        fd = os.open(self.keys_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"bench:{self.key} rpm={BENCH_RPM} concurrency={BENCH_CONCURRENCY}\n")
+        self.results: dict = {}
+        self.targets: list[dict] = []
+        self.fake: Child | None = None
+        self.fake_port = 0
+        self.n_gateways = 0
+        self.loadavg_start = os.getloadavg()
+
+    # ---- processes ----
+    def env(self, **extra) -> dict:
+        env = dict(os.environ)
+        env.pop("LLAMA_ARG_HOST", None)
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def start_fake(self) -> None:
+        if self.fake is not None and self.fake.alive():
+            return
+        self.fake_port = free_port()
+        self.fake = Child("fake-llama", [sys.executable, str(FAKE), "-m", "demo", "--host",
+                                         "127.0.0.1", "--port", str(self.fake_port), "-np", "64"],
+                          self.env(), self.logs / "fake_llama.log")
+        wait_until(lambda: http_request(self.fake_port, "GET", "/health", timeout=2)[0] == 200,
+                   START_TIMEOUT, "the fake llama-server", self.fake)
+
+    def start_gateway(self, backend_port: int, label: str, profile: Path | None = None) -> tuple[Child, int]:
+        self.n_gateways += 1
+        port = free_port()
+        data = self.tmp / f"gw{self.n_gateways}-data"
+        run = self.tmp / f"gw{self.n_gateways}-run"   # no state file: backend state "unknown"
+        data.mkdir()
+        run.mkdir()
+        argv = [sys.executable]
+        if profile is not None:
+            argv += ["-m", "cProfile", "-o", str(profile)]
+        argv.append(str(GATEWAY))
+        env = self.env(PORT=port, HOST="127.0.0.1", PORT_HEALTH=free_port(),
+                       BACKEND_HOST="127.0.0.1", PORT_BACKEND=backend_port, DATA_DIR=data,
+                       RUN_DIR=run, AUTH_ENABLED="true", AUTH_KEYS_FILE=self.keys_file,
+                       MAX_CONCURRENT_REQUESTS=BENCH_CONCURRENCY, MAX_QUEUE_SIZE=BENCH_CONCURRENCY,
+                       MAX_CONCURRENT_REQUESTS_PER_KEY=BENCH_CONCURRENCY,
+                       MAX_REQUESTS_PER_MINUTE=BENCH_RPM, MAX_CONNECTIONS=BENCH_MAX_CONNECTIONS,
+                       GRACEFUL_TIMEOUT=BENCH_GRACEFUL_TIMEOUT)
+        gw = Child(f"gateway-{label}", argv, env, self.logs / f"gateway-{label}.log")
+        wait_until(lambda: http_request(port, "GET", "/ping", timeout=2)[0] == 200,
+                   START_TIMEOUT, "the gateway", gw)
+        # The measured path must be the authenticated one: check the key works end to end.
+        status, body = http_request(port, "POST", CHAT_PATH, json.dumps(SMALL_BODY).encode(),
+                                    [("Authorization", f"Bearer {self.key}")])
+        if status != 200:
+            raise RuntimeError(f"gateway check request answered {status}: {body[:300]!r}")
+        return gw, port
+
+    # ---- load generators ----
+    def request_bytes(self, body: dict) -> str:
+        data = json.dumps(body, separators=(",", ":"))
+        return (f"POST {CHAT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {self.key}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n{data}")
+
+    def run_clients(self, port: int, body: dict, connections: int, *, requests_per_conn: int = 1,
+                    duration: float = 0.0, mode: str = "count", processes: int = 1,
+                    timeout: float = 120.0, watch: list[Child] = (), on_tick=None) -> dict:
+        """Run loadclient workers together; merged records plus CPU of each watched process."""
+        start_at = time.time() + 0.4 + 0.1 * processes
+        per = [connections // processes + (1 if i < connections % processes else 0)
+               for i in range(processes)]
+        procs = []
+        for n in per:
+            spec = {"host": "127.0.0.1", "port": port, "request": self.request_bytes(body),
+                    "connections": n, "requests_per_conn": requests_per_conn,
+                    "duration": duration, "start_at": start_at, "mode": mode,
+                    "timeout": timeout}
+            p = subprocess.Popen([sys.executable, str(LOADCLIENT)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            p.stdin.write(json.dumps(spec).encode())
+            p.stdin.close()
+            procs.append(p)
+        while time.time() < start_at:
+            time.sleep(0.005)
+        meter = Meter(watch)
+        outs: list[bytes] = [b""] * len(procs)
+        errs: list[bytes] = [b""] * len(procs)
+
+        def reader(i, p):
+            outs[i] = p.stdout.read()
+            errs[i] = p.stderr.read()
+
+        threads = [threading.Thread(target=reader, args=(i, p), daemon=True)
+                   for i, p in enumerate(procs)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + timeout + 30
+        pending = list(procs)
+        while pending and time.monotonic() < deadline:
+            if on_tick is not None:
+                on_tick()
+            for p in list(pending):
+                pid, status, _ru = os.wait4(p.pid, os.WNOHANG)
+                if pid:
+                    p.returncode = os.waitstatus_to_exitcode(status)
+                    pending.remove(p)
+            time.sleep(0.02 if on_tick is None else RSS_SAMPLE_PERIOD)
+        for p in pending:
+            p.kill()
+            p.wait()
+        wall, cpu_pct = meter.stop("loadclient")
+        for t in threads:
+            t.join(5)
+        merged = {"records": [], "connect_times": [], "failed": 0, "error_count": 0,
+                  "errors": {}, "wall": 0.0, "wall_outer": wall,
+                  "cpu_pct": cpu_pct, "processes": processes}
+        for i, p in enumerate(procs):
+            if p.returncode != 0 or not outs[i]:
+                raise RuntimeError(f"loadclient failed ({p.returncode}): "
+                                   f"{errs[i].decode(errors='replace')[-2000:]}")
+            r = json.loads(outs[i])
+            merged["records"] += r["records"]
+            merged["connect_times"] += r["connect_times"]
+            merged["failed"] += r["failed"]
+            merged["error_count"] += r["error_count"]
+            for k, v in r["errors"].items():
+                merged["errors"][k] = merged["errors"].get(k, 0) + v
+            merged["wall"] = max(merged["wall"], r["wall"])
+        return merged
+
+    def run_wrk(self, port: int, connections: int, duration: float, watch: list[Child]) -> dict:
+        env = self.env(BENCH_BODY=json.dumps(SMALL_BODY), BENCH_AUTH=self.key)
+        argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s",
+                "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}{CHAT_PATH}"]
+        meter = Meter(watch)
+        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = p.communicate(timeout=duration + 30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            raise RuntimeError("wrk did not finish in time")
+        wall, cpu_pct = meter.stop("wrk")   # communicate() reaped wrk: RUSAGE_CHILDREN has it
+        line = next((ln for ln in out.decode().splitlines() if ln.startswith("BENCHJSON ")), None)
+        if line is None:
+            raise RuntimeError(f"wrk printed no result: {out.decode()[-500:]} {err.decode()[-500:]}")
+        r = json.loads(line[len("BENCHJSON "):])
+        secs = r["duration_us"] / 1e6
+        errors = sum(r["errors"].values())
+        return {"rps": r["requests"] / secs, "p50_ms": r["latency_us"]["p50"] / 1000,
+                "p99_ms": r["latency_us"]["p99"] / 1000, "requests": r["requests"],
+                "errors": errors, "error_detail": r["errors"], "wall": wall, "cpu_pct": cpu_pct}
+
+    # ---- targets ----
+    def target(self, case: str, text: str, value: str, ok: bool | None) -> None:
+        self.targets.append({"case": case, "target": text, "measured": value,
+                             "pass": ok})
+
+    # =================================== cases ===================================================
+    def case_a(self) -> None:
+        self.start_fake()
+        prof = self.out / "profile-a.prof" if self.args.profile else None
+        gw, gport = self.start_gateway(self.fake_port, "a", prof)
+        rounds = 1 if self.quick else 3
+        dur = 2 if self.quick else 5
+        conns = [1, 16, 64]
+        res: dict = {"rounds": rounds, "duration_s": dur, "runs": {}}
+        watch = [gw, self.fake]
+        # warm-up: imports, code paths, the upstream pool
+        for port in (gport, self.fake_port):
+            self.run_wrk(port, 16, 1, watch)
+        for c in conns:
+            runs = {"gateway": [], "direct": []}
+            for _ in range(rounds):
+                for tgt, port in (("gateway", gport), ("direct", self.fake_port)):
+                    r = self.run_wrk(port, c, dur if c > 1 else max(2, dur - 2), watch)
+                    runs[tgt].append(r)
+                    log(f"  a c={c:<3} {tgt:8s} {r['rps']:9.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
+                        f"p99 {r['p99_ms']:.3f} ms  errors {r['errors']}  cpu "
+                        + " ".join(f"{k} {v:.0f}%" for k, v in r["cpu_pct"].items()))
+            res["runs"][c] = runs
+        res["summary"] = {}
+        for c, runs in res["runs"].items():
+            s = {}
+            for tgt in ("gateway", "direct"):
+                rr = runs[tgt]
+                s[tgt] = {"rps": median([r["rps"] for r in rr]),
+                          "p50_ms": median([r["p50_ms"] for r in rr]),
+                          "p99_ms": median([r["p99_ms"] for r in rr]),
+                          "errors": sum(r["errors"] for r in rr),
+                          "cpu_pct": {k: median([r["cpu_pct"][k] for r in rr])
+                                      for k in rr[0]["cpu_pct"]}}
+            res["summary"][c] = s
+        self.stop_gateway(gw, prof, "a")
+        self.results["a"] = res
+        s16 = res["summary"][16]
+        rr = ratio(s16["gateway"]["rps"], s16["direct"]["rps"])
+        self.target("a", ">= 0.5x direct req/s at 16 connections", f"{rr:.2f}x", rr >= 0.5)
+        for c in (1, 16):
+            added = res["summary"][c]["gateway"]["p50_ms"] - res["summary"][c]["direct"]["p50_ms"]
+            self.target("a", f"p50 added latency <= 0.3 ms ({c} connection{'s' if c > 1 else ''})",
+                        f"{added:.3f} ms", added <= 0.3)
+        errs = sum(s["gateway"]["errors"] + s["direct"]["errors"] for s in res["summary"].values())
+        self.target("a", "no errors (non-2xx, timeouts, resets)", str(errs), errs == 0)
+
+    def case_b(self) -> None:
+        self.start_fake()
+        prof = self.out / "profile-b.prof" if self.args.profile else None
+        gw, gport = self.start_gateway(self.fake_port, "b", prof)
+        rounds = 1 if self.quick else 3
+        dur = 2 if self.quick else 4
+        n_streams, n_events = 64, 200
+        body = dict(SMALL_BODY, stream=True, fake={"events": n_events, "interval": 0})
+        watch = [gw, self.fake]
+        self.run_clients(gport, body, n_streams, requests_per_conn=1, watch=watch)  # warm-up
+        runs = {"gateway": [], "direct": []}
+        for _ in range(rounds):
+            for tgt, port in (("gateway", gport), ("direct", self.fake_port)):
+                m = self.run_clients(port, body, n_streams, requests_per_conn=0, duration=dur,
+                                     watch=watch, timeout=dur + 60)
+                recs = m["records"]
+                events = sum(r[5] for r in recs)
+                ok = sum(1 for r in recs if r[4] == 200 and r[5] >= n_events)
+                run = {"streams": len(recs), "complete": ok, "failed": m["failed"],
+                       "errors": m["errors"], "events": events, "wall": m["wall"],
+                       "events_per_s": events / m["wall"],
+                       "ttfb_ms": [r[1] * 1000 for r in recs],
+                       "cpu_pct": m["cpu_pct"]}
+                runs[tgt].append(run)
+                log(f"  b {tgt:8s} {run['events_per_s']:9.0f} events/s  streams {len(recs)} "
+                    f"(complete {ok}, failed {m['failed']})  ttfb p50 "
+                    f"{percentile(run['ttfb_ms'], 50):.2f} ms p99 {percentile(run['ttfb_ms'], 99):.2f}"
+                    f" ms  cpu " + " ".join(f"{k} {v:.0f}%" for k, v in run["cpu_pct"].items()))
+        summary = {}
+        for tgt, rr in runs.items():
+            ttfb = [x for r in rr for x in r["ttfb_ms"]]
+            summary[tgt] = {"events_per_s": median([r["events_per_s"] for r in rr]),
+                            "ttfb_p50_ms": percentile(ttfb, 50), "ttfb_p99_ms": percentile(ttfb, 99),
+                            "streams": sum(r["streams"] for r in rr),
+                            "incomplete": sum(r["streams"] - r["complete"] + r["failed"] for r in rr),
+                            "cpu_pct": {k: median([r["cpu_pct"][k] for r in rr])
+                                        for k in rr[0]["cpu_pct"]}}
+            for r in rr:
+                r["ttfb_ms"] = {"p50": percentile(r["ttfb_ms"], 50),
+                                "p99": percentile(r["ttfb_ms"], 99)}
+        self.stop_gateway(gw, prof, "b")
+        self.results["b"] = {"rounds": rounds, "duration_s": dur, "streams": n_streams,
+                             "events": n_events, "runs": runs, "summary": summary}
+        r = ratio(summary["gateway"]["events_per_s"], summary["direct"]["events_per_s"])
+        self.target("b", ">= 0.6x direct events/s", f"{r:.2f}x", r >= 0.6)
+        r = ratio(summary["gateway"]["ttfb_p99_ms"], summary["direct"]["ttfb_p99_ms"])
+        self.target("b", "TTFB p99 <= 3x direct", f"{r:.2f}x", r <= 3)
+        bad = summary["gateway"]["incomplete"] + summary["direct"]["incomplete"]
+        self.target("b", "every stream complete", f"{bad} incomplete", bad == 0)
+
+    def case_c(self) -> None:
+        self.start_fake()
+        sizes = [(500, 1)] if self.quick else [(1000, 2), (10000, 1)]
+        n_events, interval = 40, 0.05
+        body = dict(SMALL_BODY, stream=True, fake={"events": n_events, "interval": interval})
+        res = {"events": n_events, "interval_s": interval, "sizes": {}}
+        # The gateway holds two sockets per stream (client, upstream): past the open-file limit
+        # (when it cannot be raised) the case is scaled down and says so.
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        fit = (nofile - FD_RESERVE) // 2
+        for wanted, rounds in sizes:
+            n = min(wanted, fit)
+            if n < wanted:
+                note = (f"{wanted:,} streams need {2 * wanted + FD_RESERVE} open files in the "
+                        f"gateway; RLIMIT_NOFILE is {nofile} and cannot be raised here: ran {n:,}")
+                res.setdefault("notes", []).append(note)
+                log("  " + note)
+            rss_lim = 60 if wanted <= 1000 else 200
+            procs = max(1, n // STREAMS_PER_CLIENT)
+            runs = {"gateway": [], "direct": []}
+            for _ in range(rounds):
+                for tgt in ("gateway", "direct"):
+                    gw = None
+                    if tgt == "gateway":
+                        gw, port = self.start_gateway(self.fake_port, f"c{n}")
+                        rss0 = gw.status_kb("VmRSS")
+                        peak = [rss0]
+
+                        def tick(gw=gw, peak=peak):
+                            peak[0] = max(peak[0], gw.status_kb("VmRSS"))
+                    else:
+                        port, tick = self.fake_port, None
+                    watch = [self.fake] + ([gw] if gw else [])
+                    m = self.run_clients(port, body, n, requests_per_conn=1, processes=procs,
+                                         watch=watch, timeout=90, on_tick=tick)
+                    recs = m["records"]
+                    done = sum(1 for r in recs if r[4] == 200 and r[5] >= n_events)
+                    times = [r[3] for r in recs]
+                    run = {"streams": n, "complete": done, "failed": m["failed"],
+                           "errors": m["errors"], "wall": m["wall"],
+                           "stream_p50_s": percentile(times, 50),
+                           "stream_p99_s": percentile(times, 99),
+                           "stream_max_s": max(times) if times else None,
+                           "ttfb_p99_ms": (percentile([r[1] for r in recs], 99) or 0) * 1000,
+                           "connect_p99_ms": (percentile(m["connect_times"], 99) or 0) * 1000,
+                           "cpu_pct": m["cpu_pct"]}
+                    if gw is not None:
+                        run["rss_start_mb"] = rss0 / 1024
+                        run["rss_peak_sampled_mb"] = peak[0] / 1024
+                        run["rss_hwm_mb"] = gw.status_kb("VmHWM") / 1024
+                        self.stop_gateway(gw, None, f"c{n}")
+                    runs[tgt].append(run)
+                    log(f"  c n={n:<5} {tgt:8s} complete {done}/{n} (failed {m['failed']})  "
+                        f"stream p50 {run['stream_p50_s']:.3f} s p99 {run['stream_p99_s']:.3f} s"
+                        + (f"  RSS peak {run['rss_hwm_mb']:.1f} MB" if gw else "")
+                        + "  cpu " + " ".join(f"{k} {v:.0f}%" for k, v in run["cpu_pct"].items())
+                        + (f"  errors {run['errors']}" if run["errors"] else ""))
+            summary = {}
+            for tgt, rr in runs.items():
+                summary[tgt] = {"complete": sum(r["complete"] for r in rr),
+                                "streams": sum(r["streams"] for r in rr),
+                                "stream_p99_s": median([r["stream_p99_s"] for r in rr]),
+                                "stream_p50_s": median([r["stream_p50_s"] for r in rr]),
+                                "cpu_pct": {k: median([r["cpu_pct"][k] for r in rr])
+                                            for k in rr[0]["cpu_pct"]}}
+            summary["gateway"]["rss_hwm_mb"] = max(r["rss_hwm_mb"] for r in runs["gateway"])
+            res["sizes"][n] = {"rounds": rounds, "runs": runs, "summary": summary}
+            g, d = summary["gateway"], summary["direct"]
+            all_ok = g["complete"] == g["streams"] and d["complete"] == d["streams"]
+            self.target("c", f"all {n:,} streams complete", f"{g['complete']}/{g['streams']} "
+                        f"(direct {d['complete']}/{d['streams']})", all_ok)
+            r = ratio(g["stream_p99_s"], d["stream_p99_s"])
+            self.target("c", f"p99 stream time <= 1.1x direct ({n:,})",
+                        "n/a" if r is None else f"{r:.2f}x", None if r is None else r <= 1.1)
+            lim = rss_lim
+            self.target("c", f"gateway peak RSS <= {lim} MB ({n:,})", f"{g['rss_hwm_mb']:.1f} MB",
+                        g["rss_hwm_mb"] <= lim)
+        self.results["c"] = res
+
+    def llama_server_bin(self) -> str:
+        env_bin = os.environ.get("LLAMA_SERVER_BIN")
+        if env_bin:
+            return env_bin
+        try:
+            out = subprocess.run([sys.executable, str(REPO / "scripts" / "llama_bin.py"),
+                                  "--cache-dir", os.environ.get("LLAMA_CACHE",
+                                                                str(DEFAULT_LLAMA_CACHE))],
+                                 capture_output=True, text=True, timeout=30)
+            path = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+            if out.returncode == 0 and path and os.access(path, os.X_OK):
+                return path
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        found = shutil.which("llama-server")
+        if found:
+            return found
+        raise RuntimeError("llama-server not found: run `make llama-server` or set LLAMA_SERVER_BIN")
+
+    def model_path(self) -> Path:
+        model = Path(os.environ.get("DEMO_MODEL", DEMO_MODEL))
+        if not model.is_file():
+            raise RuntimeError(f"no model at {model}: run `make model`")
+        return model
+
+    def start_llama(self, label: str, port: int | None = None, parallel: int = 8) -> tuple[Child, int]:
+        port = port or free_port()
+        argv = [self.llama_server_bin(), "-m", str(self.model_path()), "--host", "127.0.0.1",
+                "--port", str(port), "-c", "2048", "-ngl", "0", "-np", str(parallel), "--metrics",
+                "--threads", str(LLAMA_THREADS)]
+        child = Child(f"llama-server-{label}", argv, self.env(), self.logs / f"llama-server-{label}.log")
+        return child, port
+
+    def case_d(self) -> None:
+        llama, lport = self.start_llama("d")
+        wait_until(lambda: http_request(lport, "GET", "/health", timeout=2)[0] == 200,
+                   LLAMA_LOAD_TIMEOUT, "llama-server /health 200", llama, period=0.1)
+        gw, gport = self.start_gateway(lport, "d")
+        rounds = 1 if self.quick else 3
+        dur = 2 if self.quick else 5
+        watch = [gw, llama]
+        for port in (gport, lport):   # warm-up, and a check that streams carry tokens
+            m = self.run_clients(port, LLAMA_BODY, 1, mode="tokens", timeout=60)
+            if not m["records"] or m["records"][0][4] != 200 or not m["records"][0][5]:
+                raise RuntimeError(f"case d warm-up failed: {m['errors']} {m['records'][:1]}")
+        res = {"rounds": rounds, "duration_s": dur, "max_tokens": LLAMA_BODY["max_tokens"],
+               "parallel": {}}
+        for par in (1, 8):
+            runs = {"gateway": [], "direct": []}
+            for _ in range(rounds):
+                for tgt, port in (("gateway", gport), ("direct", lport)):
+                    m = self.run_clients(port, LLAMA_BODY, par, requests_per_conn=0,
+                                         duration=dur, mode="tokens", watch=watch,
+                                         timeout=dur + 120)
+                    recs = m["records"]
+                    tokens = sum(r[5] for r in recs if r[4] == 200)
+                    ttft = [r[2] * 1000 for r in recs if r[2] is not None]
+                    run = {"streams": len(recs), "failed": m["failed"], "errors": m["errors"],
+                           "tokens": tokens, "wall": m["wall"], "tokens_per_s": tokens / m["wall"],
+                           "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
+                           "ttft_ms": ttft,
+                           "cpu_pct": m["cpu_pct"]}
+                    runs[tgt].append(run)
+                    log(f"  d np={par} {tgt:8s} {run['tokens_per_s']:8.0f} tokens/s  streams "
+                        f"{len(recs)}  ttft p50 {run['ttft_p50_ms'] or 0:.2f} ms  cpu "
+                        + " ".join(f"{k} {v:.0f}%" for k, v in run["cpu_pct"].items()))
+            summary = {}
+            for tgt, rr in runs.items():
+                ttft = [x for r in rr for x in r["ttft_ms"]]
+                summary[tgt] = {"tokens_per_s": median([r["tokens_per_s"] for r in rr]),
+                                "ttft_p50_ms": percentile(ttft, 50),
+                                "ttft_p99_ms": percentile(ttft, 99),
+                                "failed": sum(r["failed"] for r in rr),
+                                "cpu_pct": {k: median([r["cpu_pct"][k] for r in rr])
+                                            for k in rr[0]["cpu_pct"]}}
+                for r in rr:
+                    del r["ttft_ms"]
+            res["parallel"][par] = {"runs": runs, "summary": summary}
+            r = ratio(summary["gateway"]["tokens_per_s"], summary["direct"]["tokens_per_s"])
+            self.target("d", f">= 0.98x direct tokens/s ({par} stream{'s' if par > 1 else ''})",
+                        f"{r:.3f}x", r >= 0.98)
+        self.stop_gateway(gw, None, "d")
+        llama.stop()
+        self.results["d"] = res
+
+    def first_token(self, port: int, deadline: float, auth: bool) -> float | None:
+        """Send one streaming request; time.monotonic() of the first content byte, or None."""
+        body = json.dumps(dict(LLAMA_BODY, max_tokens=8)).encode()
+        head = (f"POST {CHAT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                "Content-Type: application/json\r\n"
+                + (f"Authorization: Bearer {self.key}\r\n" if auth else "")
+                + f"Content-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            s.sendall(head + body)
+            buf = b""
+            while True:
+                piece = s.recv(65536)
+                if not piece:
+                    return None
+                buf += piece
+                i = buf.find(b'"content":"')
+                while i >= 0:
+                    j = i + len(b'"content":"')
+                    if j < len(buf) and buf[j:j + 1] != b'"':
+                        return time.monotonic()
+                    i = buf.find(b'"content":"', j)
+                if len(buf) > 1 << 20:
+                    return None
+
+    def cold_start_once(self, tgt: str, n: int) -> dict:
+        model = self.model_path()
+        llama_bin = self.llama_server_bin()
+        out: dict = {}
+        if tgt == "gateway":
+            port, hport, bport = free_port(), free_port(), free_port()
+            data, run = self.tmp / f"e{n}-data", self.tmp / f"e{n}-run"
+            data.mkdir()
+            env = self.env(PORT=port, PORT_HEALTH=hport, PORT_BACKEND=bport, HOST="127.0.0.1",
+                           DATA_DIR=data, RUN_DIR=run, MODEL_PATH=model,
+                           LLAMA_SERVER_BIN=llama_bin, CTX=2048, NGL=0, PARALLEL=1,
+                           AUTH_KEYS_FILE=self.keys_file, PYTHON=sys.executable,
+                           GRACEFUL_TIMEOUT=BENCH_GRACEFUL_TIMEOUT)
+            t0 = time.monotonic()
+            child = Child(f"entrypoint-{n}", ["bash", str(ENTRYPOINT)], env,
+                          self.logs / f"entrypoint-{n}.log")
+            probe_port, ready_status = hport, 200
+        else:
+            t0 = time.monotonic()
+            child, port = self.start_llama(f"e{n}", parallel=1)
+            probe_port = port
+        deadline = t0 + COLD_START_TIMEOUT
+        try:
+            first = t204 = t200 = None
+            while time.monotonic() < deadline:
+                if not child.alive():
+                    raise RuntimeError(f"{child.name} exited ({child.proc.returncode}):\n"
+                                       f"{child.tail()}")
+                try:
+                    status, _ = http_request(probe_port, "GET", "/ping" if tgt == "gateway"
+                                             else "/health", timeout=2)
+                except OSError:
+                    status = None
+                now = time.monotonic()
+                if status is not None and first is None:
+                    first = now
+                if status == 204 and t204 is None:
+                    t204 = now
+                if status == 200:
+                    t200 = now
+                    break
+                time.sleep(HEALTH_POLL_PERIOD)
+            if t200 is None:
+                raise RuntimeError(f"{child.name}: no health 200 within {COLD_START_TIMEOUT:.0f} s"
+                                   f":\n{child.tail()}")
+            tok = self.first_token(port, deadline, auth=(tgt == "gateway"))
+            out = {"health_first_answer_s": first - t0 if first else None,
+                   "health_204_s": t204 - t0 if t204 else None, "health_200_s": t200 - t0,
+                   "first_token_s": tok - t0 if tok else None}
+        finally:
+            child.stop(timeout=STOP_TIMEOUT)
+        return out
+
+    def case_e(self) -> None:
+        if not ENTRYPOINT.is_file() or not (REPO / "scripts" / "health_server.py").is_file():
+            raise RuntimeError("entrypoint.sh or scripts/health_server.py is missing: "
+                               "case e needs both")
+        rounds = 1 if self.quick else 3
+        runs = {"gateway": [], "direct": []}
+        for i in range(rounds):
+            for tgt in ("gateway", "direct"):
+                r = self.cold_start_once(tgt, i)
+                runs[tgt].append(r)
+                log(f"  e {tgt:8s} " + "  ".join(f"{k} {v:.3f}" if v is not None else f"{k} -"
+                                                 for k, v in r.items()))
+        summary = {tgt: {k: median([r[k] for r in rr]) for k in rr[0]}
+                   for tgt, rr in runs.items()}
+        self.results["e"] = {"rounds": rounds, "runs": runs, "summary": summary}
+        first = max((r["health_first_answer_s"] or 1e9) for r in runs["gateway"])
+        self.target("e", "health port answers within 0.5 s of the entrypoint start (worst run)",
+                    f"{first:.3f} s", first <= 0.5)
+        ok = all(r["health_204_s"] is not None for r in runs["gateway"])
+        self.target("e", "health answers 204 before 200", "yes" if ok else "no", ok)
+
+    # ---- profiling ----
+    def stop_gateway(self, gw: Child, prof: Path | None, case: str) -> None:
+        code = gw.stop(timeout=STOP_TIMEOUT)
+        if prof is None:
+            return
+        if code != 0 or not prof.is_file():
+            log(f"  profile for case {case}: gateway exit {code}, no profile written")
+            return
+        import io
+        import pstats
+        buf = io.StringIO()
+        st = pstats.Stats(str(prof), stream=buf)
+        st.strip_dirs()
+        buf.write(f"# gateway under cProfile, case {case} (all rounds, gateway and warm-up)\n")
+        st.sort_stats("tottime").print_stats(30)
+        st.sort_stats("cumulative").print_stats(40)
+        (self.out / f"profile-{case}.txt").write_text(buf.getvalue())
+        log(f"  profile for case {case}: {self.out / f'profile-{case}.txt'}")
+
+    # =================================== report ==================================================
+    def machine(self) -> dict:
+        cpu = "unknown"
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        mem = 0
+        try:
+            for line in open("/proc/meminfo"):
+                if line.startswith("MemTotal:"):
+                    mem = int(line.split()[1]) // 1024
+        except OSError:
+            pass
+        def cmd(argv):
+            try:
+                p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+                return (p.stdout + p.stderr).strip().splitlines()[0] if (p.stdout + p.stderr).strip() else ""
+            except (OSError, subprocess.TimeoutExpired):
+                return ""
+        return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "cpu_model": cpu, "cpu_count": os.cpu_count(),
+                "cpus_usable": len(os.sched_getaffinity(0)), "memory_mb": mem,
+                "python": platform.python_version(), "platform": platform.platform(),
+                "wrk": cmd(["wrk", "-v"]), "git_commit": cmd(["git", "-C", str(REPO), "rev-parse",
+                                                              "--short", "HEAD"]),
+                "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                "loadavg_start": self.loadavg_start, "loadavg_end": os.getloadavg(),
+                "llama_threads": LLAMA_THREADS,
+                "quick": self.quick}
+
+    def markdown(self, machine: dict) -> str:
+        f2 = lambda v, fmt="{:.2f}": "–" if v is None else fmt.format(v)  # noqa: E731
+        L = ["# Benchmark: gateway vs llama-server direct", "",
+             f"{machine['date']} · {machine['cpu_model']} · {machine['cpus_usable']} CPUs · "
+             f"{machine['memory_mb']} MB · Python {machine['python']} · {machine['platform']} · "
+             f"commit {machine['git_commit']}" + (" · **--quick**" if self.quick else ""), "",
+             "Load average at start {:.2f} / {:.2f} / {:.2f}, at end {:.2f} / {:.2f} / {:.2f} "
+             "(other work on the machine shows as `machine` CPU above the sum of ours).".format(
+                 *machine["loadavg_start"], *machine["loadavg_end"]), "",
+             "Ratio = gateway / direct. Figures are medians over interleaved rounds (gateway, "
+             "direct, gateway, ...); percentiles pool every request of the rounds. CPU % is of one "
+             "core, over the run's wall time.", ""]
+
+        def cpu_cell(d):
+            return ", ".join(f"{k} {v:.0f}%" for k, v in d.items())
+
+        if "a" in self.results:
+            a = self.results["a"]
+            L += [f"## (a) non-streaming POST, fake llama-server, wrk ({a['rounds']} × "
+                  f"{a['duration_s']} s per point)", "",
+                  "| conns | metric | gateway | direct | ratio |", "|---|---|---|---|---|"]
+            for c, s in a["summary"].items():
+                g, d = s["gateway"], s["direct"]
+                L.append(f"| {c} | req/s | {g['rps']:.0f} | {d['rps']:.0f} | "
+                         f"{f2(ratio(g['rps'], d['rps']))} |")
+                L.append(f"| {c} | p50 latency ms | {g['p50_ms']:.3f} | {d['p50_ms']:.3f} | "
+                         f"{f2(ratio(g['p50_ms'], d['p50_ms']))} |")
+                L.append(f"| {c} | p99 latency ms | {g['p99_ms']:.3f} | {d['p99_ms']:.3f} | "
+                         f"{f2(ratio(g['p99_ms'], d['p99_ms']))} |")
+                L.append(f"| {c} | CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
+            L.append("")
+        if "b" in self.results:
+            b = self.results["b"]
+            L += [f"## (b) SSE: {b['streams']} concurrent streams of {b['events']} events "
+                  f"({b['rounds']} × {b['duration_s']} s)", "",
+                  "| metric | gateway | direct | ratio |", "|---|---|---|---|"]
+            g, d = b["summary"]["gateway"], b["summary"]["direct"]
+            for key, name, fmt in (("events_per_s", "events/s", "{:.0f}"),
+                                   ("ttfb_p50_ms", "TTFB p50 ms", "{:.3f}"),
+                                   ("ttfb_p99_ms", "TTFB p99 ms", "{:.3f}"),
+                                   ("streams", "streams done", "{}"),
+                                   ("incomplete", "incomplete", "{}")):
+                L.append(f"| {name} | {f2(g[key], fmt)} | {f2(d[key], fmt)} | "
+                         f"{f2(ratio(g[key], d[key]))} |")
+            L.append(f"| CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
+            L.append("")
+        if "c" in self.results:
+            c = self.results["c"]
+            L += [f"## (c) many slow streams: {c['events']} events {c['interval_s'] * 1000:.0f} ms "
+                  "apart (fresh gateway per run)", "",
+                  "| streams | metric | gateway | direct | ratio |", "|---|---|---|---|---|"]
+            for n, sz in c["sizes"].items():
+                g, d = sz["summary"]["gateway"], sz["summary"]["direct"]
+                L.append(f"| {n} | complete | {g['complete']}/{g['streams']} | "
+                         f"{d['complete']}/{d['streams']} | |")
+                for key, name in (("stream_p50_s", "stream time p50 s"),
+                                  ("stream_p99_s", "stream time p99 s")):
+                    L.append(f"| {n} | {name} | {f2(g[key], '{:.3f}')} | {f2(d[key], '{:.3f}')} | "
+                             f"{f2(ratio(g[key], d[key]))} |")
+                L.append(f"| {n} | gateway peak RSS MB | {g['rss_hwm_mb']:.1f} | | |")
+                L.append(f"| {n} | CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
+            L.append("")
+            L += [f"Note: {note}" for note in c.get("notes", ())] + ([""] if c.get("notes") else [])
+        if "d" in self.results:
+            dd = self.results["d"]
+            L += [f"## (d) real llama-server, demo model, max_tokens {dd['max_tokens']}, "
+                  f"temperature 0 ({dd['rounds']} × {dd['duration_s']} s)", "",
+                  "| streams | metric | gateway | direct | ratio |", "|---|---|---|---|---|"]
+            for par, p in dd["parallel"].items():
+                g, d = p["summary"]["gateway"], p["summary"]["direct"]
+                for key, name, fmt in (("tokens_per_s", "tokens/s", "{:.0f}"),
+                                       ("ttft_p50_ms", "TTFT p50 ms", "{:.2f}"),
+                                       ("ttft_p99_ms", "TTFT p99 ms", "{:.2f}")):
+                    L.append(f"| {par} | {name} | {f2(g[key], fmt)} | {f2(d[key], fmt)} | "
+                             f"{f2(ratio(g[key], d[key]))} |")
+                L.append(f"| {par} | CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
+            L.append("")
+        if "e" in self.results:
+            e = self.results["e"]
+            g, d = e["summary"]["gateway"], e["summary"]["direct"]
+            L += [f"## (e) cold start, seconds from process start (median of {e['rounds']})", "",
+                  "| milestone | entrypoint.sh (health port, gateway) | llama-server alone |",
+                  "|---|---|---|",
+                  f"| health answers | {f2(g['health_first_answer_s'], '{:.3f}')} | "
+                  f"{f2(d['health_first_answer_s'], '{:.3f}')} (503 while loading) |",
+                  f"| health 204 | {f2(g['health_204_s'], '{:.3f}')} | – |",
+                  f"| health 200 | {f2(g['health_200_s'], '{:.3f}')} | "
+                  f"{f2(d['health_200_s'], '{:.3f}')} |",
+                  f"| first token | {f2(g['first_token_s'], '{:.3f}')} | "
+                  f"{f2(d['first_token_s'], '{:.3f}')} |", ""]
+        if self.results.get("errors"):
+            L += ["## Cases that failed to run", ""]
+            L += [f"- ({k}) {v}" for k, v in self.results["errors"].items()] + [""]
+        L += ["## Targets", "", "| case | target | measured | result |", "|---|---|---|---|"]
+        for t in self.targets:
+            res = {True: "PASS", False: "**FAIL**", None: "n/a"}[t["pass"]]
+            L.append(f"| {t['case']} | {t['target']} | {t['measured']} | {res} |")
+        return "\n".join(L) + "\n"
+
+    def write(self) -> str:
+        machine = self.machine()
+        md = self.markdown(machine)
+        (self.out / "bench.md").write_text(md)
+        (self.out / "bench.json").write_text(json.dumps(
+            {"machine": machine, "results": self.results, "targets": self.targets},
+            indent=1, default=str))
+        return md
+
+    def cleanup(self) -> None:
+        Child.stop_all()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench-results")
+    p.add_argument("--quick", action="store_true", help="short runs, one round, small case c")
+    p.add_argument("--cases", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    p.add_argument("--profile", action="store_true",
+                   help="run the gateway of cases a and b under cProfile (slower; profile only)")
+    args = p.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in "abcde" or len(c) != 1]
+    if unknown:
+        p.error(f"unknown case(s): {', '.join(unknown)}")
+    if "a" in cases and shutil.which("wrk") is None:
+        p.error("case a needs wrk (Debian/Ubuntu: apt-get install -y wrk)")
+    nofile = raise_nofile()
+    bench = Bench(args)
+    log(f"bench: out {bench.out}, cases {','.join(cases)}, open files {nofile}"
+        + (" (quick)" if args.quick else ""))
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    errors = {}
+    try:
+        for case in "abcde":
+            if case not in cases:
+                continue
+            log(f"case {case}")
+            t = time.monotonic()
+            try:
+                getattr(bench, f"case_{case}")()
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # one broken case must not lose the others' figures
+                errors[case] = f"{type(exc).__name__}: {exc}"
+                bench.target(case, "case ran", errors[case].splitlines()[0][:200], False)
+                log(f"  case {case} FAILED: {exc}")
+                for child in list(Child.registry):
+                    if child is not bench.fake:
+                        child.stop(timeout=3.0)
+            log(f"  case {case}: {time.monotonic() - t:.1f} s")
+        if errors:
+            bench.results["errors"] = errors
+        md = bench.write()
+        print(md)
+    finally:
+        bench.cleanup()
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
