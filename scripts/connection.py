@@ -89,6 +89,7 @@ class ClientConnection(asyncio.Protocol):
         # The current request's body is in: bytes arriving now are pipelined requests, bounded
         # by MAX_PIPELINED_BYTES while it is answered (queue wait included).
         self._body_read = False
+        self._queued = False      # waiting for a backend slot
 
     # ---------------- asyncio.Protocol ----------------
     def connection_made(self, transport):
@@ -114,6 +115,8 @@ class ClientConnection(asyncio.Protocol):
             # Half-close while an answer is being produced: treated as a client that went away
             # (as nginx does), so llama-server stops generating for nobody.
             self.exchange.on_client_gone()
+        if self._queued and self.task is not None:
+            self.task.cancel()       # the same for a request still waiting in the queue
         self._wake(True)
         return True   # keep the write side open to answer requests already received
 
@@ -122,6 +125,8 @@ class ClientConnection(asyncio.Protocol):
         self.gw.connections.discard(self)
         if self.exchange is not None:
             self.exchange.on_client_gone()
+        if self._queued and self.task is not None:
+            self.task.cancel()
         self._wake(True)
 
     def pause_writing(self):
@@ -308,8 +313,10 @@ class ClientConnection(asyncio.Protocol):
             try:
                 body = await self._read_body(req, ctx)
                 body_done = True
-                slot = await gw.backend_slot(ctx)    # global limit with a bounded queue; raises
+                slot = await self._backend_slot(ctx)  # global limit, bounded queue; raises
                 try:
+                    if self.gone or self.eof:
+                        raise ClientGone()
                     await gw.dispatch(self, ctx, req, route, body)
                 finally:
                     slot.release()
@@ -329,10 +336,19 @@ class ClientConnection(asyncio.Protocol):
             gw.in_flight -= 1
             ctx.duration = time.monotonic() - ctx.started
             if not ctx.outcome:
-                ctx.outcome = "client_closed" if self.gone else "error"
+                ctx.outcome = "client_closed" if self.gone or self.eof else "error"
             if self.gone and ctx.outcome == "ok" and ctx.status == 0:
                 ctx.outcome = "client_closed"
             gw.observe(ctx)
+
+    async def _backend_slot(self, ctx: RequestContext):
+        """Wait in the global queue. A client that disconnects (or half-closes) meanwhile cancels
+        the wait, so it neither holds a queue place nor reaches llama-server."""
+        self._queued = True
+        try:
+            return await self.gw.backend_slot(ctx)
+        finally:
+            self._queued = False
 
     # ---------------- responses ----------------
     def _respond(self, ctx: RequestContext, req: http11.Request, status: int,

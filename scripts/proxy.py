@@ -337,6 +337,11 @@ async def forward(gw, client, ctx, req: http11.Request, route, body: bytes) -> N
                                "upstream_connect_timeout") from None
         except OSError:
             raise GatewayError(502, "llama-server is not reachable", "upstream_unavailable") from None
+        if client.gone or client.eof:
+            # The client left while we connected: send nothing; the unused connection is pooled.
+            gw.pool.release(conn, True)
+            ctx.outcome = "client_closed"
+            return
         ex = Exchange(client, ctx, head_only=req.method == "HEAD", http10=req.version == (1, 0),
                       first_byte_timeout=cfg.request_timeout, idle_timeout=cfg.stream_idle_timeout,
                       write_timeout=cfg.client_write_timeout, account=route.name != "models")

@@ -261,6 +261,7 @@ class Stack:
         self.gw = None
         self.access = None
         self.store = None
+        self.clients: list[RawClient] = []
 
     async def __aenter__(self) -> "Stack":
         import accesslog
@@ -290,6 +291,8 @@ class Stack:
         return self
 
     async def __aexit__(self, *exc) -> None:
+        for c in self.clients:
+            c.abort()
         if self.gw is not None:
             await self.gw.shutdown(0.2)
         if self.fake is not None:
@@ -298,7 +301,9 @@ class Stack:
             self.access.close()
 
     async def client(self, **kw) -> RawClient:
-        return await RawClient.connect(self.port, **kw)
+        c = await RawClient.connect(self.port, **kw)
+        self.clients.append(c)
+        return c
 
     async def one(self, data: bytes, **kw) -> Resp:
         """One request on a new connection."""
@@ -306,7 +311,7 @@ class Stack:
         try:
             return await c.request(data, **kw)
         finally:
-            c.close()
+            c.abort()
 
     def access_records(self) -> list[dict]:
         self.access.close()

@@ -330,3 +330,24 @@ async def test_no_secret_in_any_log(tmp_path, caplog):
     logged = caplog.text + recs_text
     for secret in (ALICE, BOB, CAROL, wrong, metrics_key):
         assert secret not in logged, secret
+
+
+@aio
+async def test_client_gone_while_queued_leaves_the_queue(tmp_path):
+    async with Stack(tmp_path, {"MAX_CONCURRENT_REQUESTS": "1", "MAX_QUEUE_SIZE": "4",
+                                "QUEUE_TIMEOUT": "3"}, access_log=True) as s:
+        busy = await s.client()
+        await busy.send(post("/v1/chat/completions", chat(stream=True, events=12, interval=0.05)))
+        await busy.head()
+        c = await s.client()
+        await c.send(post("/v1/chat/completions", chat(), key=CAROL))
+        await eventually(lambda: s.gw.admission.slots.waiting == 1, 1.0)
+        c.abort()
+        await eventually(lambda: s.gw.admission.slots.waiting == 0, 0.5)
+        assert s.gw.admission.concurrency.in_flight("carol") == 0
+        assert s.fake.requests_total == 1 and s.gw.admission.slots.active == 1
+        await s.fake.wait_for(lambda: s.fake.responses == 1, 2.0)   # the stream ends
+        await eventually(lambda: s.gw.admission.slots.active == 0 and s.gw.in_flight == 0, 1.0)
+        assert len(s.fake.requests) == 1                       # the gone one never went there
+        recs = s.access_records()
+        assert [x["outcome"] for x in recs if x.get("key_id") == "carol"] == ["client_closed"]
