@@ -103,6 +103,7 @@ class Child:
         self.name = name
         self.argv = argv
         self.log_path = log_path
+        self.data_dir: Path | None = None   # a gateway's DATA_DIR (its access log)
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
@@ -250,6 +251,24 @@ class Meter:
         return wall, out
 
 
+def access_outcomes(data_dir: Path) -> dict:
+    """{"<status> <outcome>": count} over a gateway's access log(s), read after it stopped."""
+    counts: dict[str, int] = {}
+    for path in sorted((data_dir / "logs").glob("api_access.log*")):
+        try:
+            with open(path, "rb") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue
+                    k = f"{rec.get('status')} {rec.get('outcome')}"
+                    counts[k] = counts.get(k, 0) + 1
+        except OSError:
+            pass
+    return counts
+
+
 def percentile(values: list[float], p: float) -> float | None:
     """Nearest-rank percentile; None for no values."""
     if not values:
@@ -305,6 +324,7 @@ class Bench:
         self.fake_port = 0
         self.n_gateways = 0
         self.loadavg_start = os.getloadavg()
+        self.outcomes: dict[str, dict] = {}   # gateway name -> {"status outcome": count}
 
     # ---- processes ----
     def env(self, **extra) -> dict:
@@ -342,6 +362,7 @@ class Bench:
                        MAX_REQUESTS_PER_MINUTE=BENCH_RPM, MAX_CONNECTIONS=BENCH_MAX_CONNECTIONS,
                        GRACEFUL_TIMEOUT=BENCH_GRACEFUL_TIMEOUT)
         gw = Child(f"gateway-{label}", argv, env, self.logs / f"gateway-{label}.log")
+        gw.data_dir = data
         wait_until(lambda: http_request(port, "GET", "/ping", timeout=2)[0] == 200,
                    START_TIMEOUT, "the gateway", gw)
         # The measured path must be the authenticated one: check the key works end to end.
@@ -815,6 +836,11 @@ class Bench:
     # ---- profiling ----
     def stop_gateway(self, gw: Child, prof: Path | None, case: str) -> None:
         code = gw.stop(timeout=STOP_TIMEOUT)
+        key = gw.name if gw.name not in self.outcomes else f"{gw.name}#{len(self.outcomes)}"
+        self.outcomes[key] = access_outcomes(gw.data_dir)
+        bad = {k: v for k, v in self.outcomes[key].items() if not k.startswith("200 ok")}
+        if bad:
+            log(f"  {gw.name} access log, other than 200 ok: {bad}")
         if prof is None:
             return
         if code != 0 or not prof.is_file():
@@ -862,7 +888,7 @@ class Bench:
                                                               "--short", "HEAD"]),
                 "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
                 "loadavg_start": self.loadavg_start, "loadavg_end": os.getloadavg(),
-                "llama_threads": LLAMA_THREADS,
+                "llama_threads": LLAMA_THREADS, "niceness": os.getpriority(os.PRIO_PROCESS, 0),
                 "quick": self.quick}
 
     def markdown(self, machine: dict) -> str:
@@ -955,6 +981,13 @@ class Bench:
                   f"{f2(d['health_200_s'], '{:.3f}')} |",
                   f"| first token | {f2(g['first_token_s'], '{:.3f}')} | "
                   f"{f2(d['first_token_s'], '{:.3f}')} |", ""]
+        odd = {name: {k: v for k, v in c.items() if not k.startswith("200 ok")}
+               for name, c in self.outcomes.items()}
+        odd = {name: c for name, c in odd.items() if c}
+        if odd:
+            L += ["## Gateway access log: requests not `200 ok`", ""]
+            L += [f"- {name}: " + ", ".join(f"{k} × {v}" for k, v in c.items())
+                  for name, c in odd.items()] + [""]
         if self.results.get("errors"):
             L += ["## Cases that failed to run", ""]
             L += [f"- ({k}) {v}" for k, v in self.results["errors"].items()] + [""]
@@ -969,7 +1002,8 @@ class Bench:
         md = self.markdown(machine)
         (self.out / "bench.md").write_text(md)
         (self.out / "bench.json").write_text(json.dumps(
-            {"machine": machine, "results": self.results, "targets": self.targets},
+            {"machine": machine, "results": self.results, "targets": self.targets,
+             "gateway_access_outcomes": self.outcomes},
             indent=1, default=str))
         return md
 
@@ -987,6 +1021,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench-results")
     p.add_argument("--quick", action="store_true", help="short runs, one round, small case c")
     p.add_argument("--cases", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    p.add_argument("--nice", type=int, default=0,
+                   help="run the harness and everything it starts at this niceness (e.g. -10 "
+                        "on a machine shared with other work; negative needs root)")
     p.add_argument("--profile", action="store_true",
                    help="run the gateway of cases a and b under cProfile (slower; profile only)")
     args = p.parse_args(argv)
@@ -997,6 +1034,11 @@ def main(argv=None) -> int:
     if "a" in cases and shutil.which("wrk") is None:
         p.error("case a needs wrk (Debian/Ubuntu: apt-get install -y wrk)")
     nofile = raise_nofile()
+    if args.nice:
+        try:
+            os.nice(args.nice)
+        except OSError as exc:
+            log(f"bench: cannot change niceness by {args.nice}: {exc}")
     bench = Bench(args)
     log(f"bench: out {bench.out}, cases {','.join(cases)}, open files {nofile}"
         + (" (quick)" if args.quick else ""))
