@@ -6,9 +6,14 @@ are answered in order. The transport's flow-control callbacks (pause_writing / r
 connection_lost are forwarded to the proxy exchange in flight, which is how a slow reader slows
 llama-server and a vanished client closes the upstream socket at once.
 
+A client that closes or half-closes (EOF) while its API request waits in the queue or is being
+answered is treated as gone (as nginx does): the request never reaches llama-server, or its
+upstream socket is closed so the generation stops. Local answers (/ping, /health) still go out.
+
 Deadlines (config):
 - CLIENT_HEADER_TIMEOUT: from the first byte of a request head to its end (trickling bytes do not
-  reset it); also the wait for the first request on a new connection. Expiry: 408, close.
+  reset it): expiry 408, close. It is also the wait for the first byte on a new connection: a
+  connection that sends nothing is closed silently.
 - CLIENT_BODY_TIMEOUT (whole body) and CLIENT_BODY_IDLE_TIMEOUT (between body bytes): 408, close.
 - KEEPALIVE_TIMEOUT: idle time between requests; expiry closes silently.
 - CLIENT_WRITE_TIMEOUT: a response the client does not read for this long is dropped (proxy).
