@@ -39,6 +39,7 @@
 #   MODEL_LOAD_TIMEOUT [600] GRACEFUL_TIMEOUT [30] LLAMA_STOP_TIMEOUT [10]
 #   RESTART_BACKOFF_INITIAL [1] RESTART_BACKOFF_MAX [30] RESTART_WINDOW [600] (seconds, decimals ok)
 #   MAX_RESTARTS [5]
+#   PYTHON [python3] the interpreter for the health server and the gateway
 # Numbers are checked here (a bad one: FATAL naming the variable, exit 2); the gateway's own
 # settings are checked by scripts/config.py in the health server and the gateway (exit 2 as well).
 #
@@ -466,27 +467,32 @@ supervise() {  # returns when llama-server dies; LOAD_FAILURE says why
   while :; do
     check_stop
     check_helpers
+    # A child that died before `wait -n` starts may already be reaped and gone from the job
+    # table (`wait -n` then says "no such job"): check first, and loop when wait returns nothing.
+    if ! kill -0 "$LLAMA_PID" 2>/dev/null; then
+      reap "$LLAMA_PID"; LLAMA_PID=""
+      LOAD_FAILURE="llama-server exited while serving ($(describe_exit "$LAST_EXIT"))"
+      return 0
+    fi
     which="" rc=0
-    wait -n -p which "$LLAMA_PID" ${GATEWAY_PID:+"$GATEWAY_PID"} ${HEALTH_PID:+"$HEALTH_PID"} || rc=$?
+    wait -n -p which "$LLAMA_PID" ${GATEWAY_PID:+"$GATEWAY_PID"} ${HEALTH_PID:+"$HEALTH_PID"} \
+      2>/dev/null || rc=$?
     check_stop
-    if [[ -z $which ]]; then nap 0.1; continue; fi  # interrupted, or nothing to wait for: no spin
+    if [[ -z $which ]]; then nap 0.05; continue; fi  # a signal, or "no such job": re-check
     if [[ $which == "$LLAMA_PID" ]]; then
       LLAMA_PID=""
       LOAD_FAILURE="llama-server exited while serving ($(describe_exit "$rc"))"
       return 0
-    elif [[ -n $which ]]; then
-      # A helper exited and wait consumed its status: restart it here.
-      if [[ $which == "$HEALTH_PID" ]]; then
-        HEALTH_PID=""
-        record_failure HEALTH_FAILS "health server" "exited ($(describe_exit "$rc"))"
-        backoff; check_stop; start_health
-      else
-        GATEWAY_PID=""
-        if (( rc == 2 )); then set_state failed; fatal 2 "gateway: bad configuration (see above)"; fi
-        set_state starting
-        record_failure GATEWAY_FAILS gateway "exited ($(describe_exit "$rc"))"
-        backoff; check_stop; start_gateway; wait_gateway; set_state ready
-      fi
+    elif [[ $which == "$HEALTH_PID" ]]; then  # wait consumed its status: restart it here
+      HEALTH_PID=""
+      record_failure HEALTH_FAILS "health server" "exited ($(describe_exit "$rc"))"
+      backoff; check_stop; start_health
+    else
+      GATEWAY_PID=""
+      if (( rc == 2 )); then fatal 2 "gateway: bad configuration (see above)"; fi
+      set_state starting
+      record_failure GATEWAY_FAILS gateway "exited ($(describe_exit "$rc"))"
+      backoff; check_stop; start_gateway; wait_gateway; set_state ready
     fi
   done
 }

@@ -18,7 +18,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRYPOINT = os.path.join(REPO, "entrypoint.sh")
 FAKE_LLAMA = os.path.join(REPO, "tests", "fakes", "fake_llama.py")
 BOOT_DEADLINE = 10.0     # s to reach a state; the fake loads in FAKE_LOAD_SECONDS (~1 s)
-HEALTH_FIRST_ANSWER = 1.0  # s from exec to the first probe answer (brief: 0.5 s; CI slack)
+# s from exec to the first probe answer: the target is 0.5 s and it measures 0.08-0.25 s on an idle
+# 2-core box; 2 s tolerates a CPU-starved runner (1.4 s seen with four busy loops on 2 cores). That health
+# comes up before the model is loaded is checked separately: the first answer must be 204.
+HEALTH_FIRST_ANSWER = 2.0
 EXIT_DEADLINE = 10.0     # s for the entrypoint to exit after TERM / when giving up
 # Short knobs keep every test to a few seconds.
 FAST_ENV = {"GRACEFUL_TIMEOUT": "1", "LLAMA_STOP_TIMEOUT": "2", "RESTART_BACKOFF_INITIAL": "0.1",
@@ -79,6 +82,7 @@ class Stack:
                         MODEL_NAME="tiny.gguf", LLAMA_SERVER_BIN=str(shim), HOST="127.0.0.1",
                         PORT=str(self.port), PORT_HEALTH=str(self.health_port),
                         PORT_BACKEND=str(self.backend), AUTH_ENABLED="false",
+                        PYTHON=sys.executable,  # as in the image: no version-manager shim
                         FAKE_LOAD_SECONDS="0.5", **FAST_ENV)
         for k, v in env.items():
             if v is None:
@@ -126,9 +130,13 @@ class Stack:
         return rc
 
     def cleanup(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        if self.proc and self.proc.poll() is None:  # a failed test: ask nicely first
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(EXIT_DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
         if self.proc:
             self.out.close()
 
@@ -146,7 +154,13 @@ def stack(tmp_path):
     for s in made:
         s.cleanup()
     # whatever happened in the test, nothing it started may outlive it
-    assert processes_mentioning(str(tmp_path)) == []
+    left = processes_mentioning(str(tmp_path))
+    for line in left:  # ours (they carry our unique tmp dir): don't leak them into later tests
+        try:
+            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
+        except OSError:
+            pass
+    assert left == []
 
 
 # ---- refusals: nothing is started ----------------------------------------------------------------

@@ -81,6 +81,13 @@ class CountingListener:
             self.count += 1
             conn.close()
 
+    def wait_count(self, n: int, deadline: float = IO_TIMEOUT) -> int:
+        """The count once it reaches n (the accept thread may lag the client's connect)."""
+        end = time.monotonic() + deadline
+        while self.count < n and time.monotonic() < end:
+            time.sleep(0.01)
+        return self.count
+
     def close(self) -> None:
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -150,7 +157,7 @@ def test_ready_with_gateway_listening_is_200(server, gateway):
     assert json.loads(body) == {"status": "ready"}
     assert headers["content-type"] == "application/json"
     assert headers["connection"] == "close"
-    assert gateway.count >= 1  # it did check the port (a bare connect)
+    assert gateway.wait_count(1) >= 1  # it did check the port (a bare connect)
 
 
 def test_ready_without_gateway_is_503(server):
@@ -164,7 +171,9 @@ def test_gateway_check_is_cached_then_redone_on_state_rewrite(server, gateway):
     write_state(server["run_dir"], "ready")
     for _ in range(5):
         assert probe(server["health"])[0] == 200
-    assert gateway.count == 1  # five probes inside the TTL: one connect
+    assert gateway.wait_count(1) == 1  # five probes inside the TTL: one connect
+    time.sleep(0.1)
+    assert gateway.count == 1
     gateway.close()
     write_state(server["run_dir"], "ready")  # a rewrite invalidates the cached answer
     assert probe(server["health"])[0] == 503

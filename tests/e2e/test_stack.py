@@ -70,7 +70,7 @@ def test_entrypoint_serves_the_demo_model_and_stops_clean(tmp_path):
     env = dict(os.environ, DATA_DIR=str(data), RUN_DIR=str(run_dir), HOST="127.0.0.1",
                MODEL_PATH=str(demo_model()), LLAMA_SERVER_BIN=server_bin(), PORT=str(port),
                PORT_HEALTH=str(health_port), PORT_BACKEND=str(backend), CTX="2048", NGL="0",
-               GRACEFUL_TIMEOUT="2", MAX_RESTARTS="0")
+               GRACEFUL_TIMEOUT="2", MAX_RESTARTS="0", PYTHON=sys.executable)
     out_path = tmp_path / "stdout.log"
     with open(out_path, "wb") as out:
         proc = subprocess.Popen(["bash", str(REPO / "entrypoint.sh")], env=env, stdout=out,
