@@ -28,7 +28,8 @@
 #   RUN_DIR         [/tmp/llama-gguf-inference] per-worker runtime state: state file, pid files.
 #                   Never under DATA_DIR: on RunPod that is a network volume shared by workers.
 #   MODEL_PATH      a .gguf file; else MODEL_NAME, a file under $DATA_DIR/models
-#   LLAMA_SERVER_BIN  [llama-server on PATH, else /app/llama-server (the llama.cpp image)]
+#   LLAMA_SERVER_BIN  [llama-server on PATH, else next to this script, else /app/llama-server
+#                   (the llama.cpp image keeps it in /app)]
 #   PORT [8000] gateway, PORT_HEALTH [8001] health server, PORT_BACKEND [8080] llama-server,
 #   HOST [0.0.0.0] where the gateway and the health server listen.
 #   CTX [16384] context size, NGL [99] layers on the GPU (llama-server runs on the CPU when there is
@@ -303,7 +304,8 @@ if [[ ! -f $MODEL || ! -r $MODEL ]]; then
 fi
 export MODEL_NAME="${MODEL_NAME:-$(basename "$MODEL")}"
 
-# llama-server: LLAMA_SERVER_BIN, else on PATH, else the llama.cpp image's /app/llama-server.
+# llama-server: LLAMA_SERVER_BIN, else on PATH, else next to this script (the llama.cpp image
+# keeps it in /app, where this script goes too), else /app/llama-server.
 if [[ -n ${LLAMA_SERVER_BIN:-} ]]; then
   LLAMA_BIN=$LLAMA_SERVER_BIN
   if [[ ! -f $LLAMA_BIN || ! -x $LLAMA_BIN ]]; then
@@ -311,10 +313,12 @@ if [[ -n ${LLAMA_SERVER_BIN:-} ]]; then
   fi
 elif LLAMA_BIN=$(command -v llama-server); then
   :
-elif [[ -x /app/llama-server ]]; then
+elif [[ -f $HERE/llama-server && -x $HERE/llama-server ]]; then
+  LLAMA_BIN=$HERE/llama-server
+elif [[ -f /app/llama-server && -x /app/llama-server ]]; then
   LLAMA_BIN=/app/llama-server
 else
-  fatal 1 "llama-server not found: looked at LLAMA_SERVER_BIN (unset), PATH, /app/llama-server"
+  fatal 1 "llama-server not found: looked at LLAMA_SERVER_BIN (unset), PATH, $HERE/llama-server, /app/llama-server"
 fi
 
 log INFO "model $MODEL; llama-server $LLAMA_BIN; ports gateway $PORT, health $PORT_HEALTH, backend 127.0.0.1:$PORT_BACKEND"
