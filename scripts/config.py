@@ -84,7 +84,8 @@ class Config:
     cors_origins: tuple[str, ...] = ()
     access_log_max_bytes: int = 50_000_000
     access_log_backups: int = 5
-    # model
+    # model (the gateway describes it on the Ollama API: /api/tags, /api/show)
+    model_path: str = ""
     model_name: str = ""
     worker_type: str = "instruct"
 
@@ -202,6 +203,9 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         cors_origins=_origins(env, "CORS_ORIGINS"),
         access_log_max_bytes=_int(env, "ACCESS_LOG_MAX_BYTES", 50_000_000, 4096, 1 << 40),
         access_log_backups=_int(env, "ACCESS_LOG_BACKUPS", 5, 0, 1000),
+        model_path=(env.get("MODEL_PATH", "").strip()
+                    or (os.path.join(data_dir, "models", env["MODEL_NAME"].strip())
+                        if env.get("MODEL_NAME", "").strip() else "")),
         model_name=env.get("MODEL_NAME", "").strip(),
         worker_type=env.get("WORKER_TYPE", "").strip() or "instruct",
     )

@@ -31,6 +31,7 @@ import http11
 import proxy
 import routes
 from errors import GatewayError, ProtocolError
+from ollama_api import error_body as ollama_error_body
 
 log = logging.getLogger("gateway")
 
@@ -47,7 +48,7 @@ class RequestContext:
     __slots__ = ("request_id", "key_id", "client", "method", "path", "route", "status",
                  "bytes_in", "bytes_out", "started", "ttfb", "duration", "stream", "outcome",
                  "prompt_tokens", "completion_tokens", "response_headers", "upstream_error",
-                 "continued")
+                 "continued", "ollama")
 
     def __init__(self, client: str, method: str, path: str, request_id: str):
         self.request_id = request_id
@@ -69,6 +70,7 @@ class RequestContext:
         self.response_headers: list[tuple[str, str]] = []
         self.upstream_error = ""
         self.continued = False     # 100 Continue sent
+        self.ollama = False        # errors in Ollama's shape {"error": "..."}
 
 
 class ClientGone(Exception):
@@ -303,21 +305,20 @@ class ClientConnection(asyncio.Protocol):
             if req.method == "OPTIONS":
                 await self._read_body(req, ctx)      # a preflight body means nothing: drop it
                 body_done = True
-                self._respond(ctx, req, *gw.cors.preflight(req))
+                self.respond(ctx, req, *gw.cors.preflight(req))
                 ctx.outcome = "ok"
                 return
             route = routes.match(req.method, req.path)
             ctx.route = route.name
-            if route.kind == "local":
-                await self._read_body(req, ctx)
-                body_done = True
-                self._respond(ctx, req, *gw.local(route, req, ctx))
-                ctx.outcome = "ok"
-                return
+            ctx.ollama = route.kind == "ollama"
             ticket = gw.admit(req, route, ctx)       # auth, rate and key concurrency; raises
             try:
                 body = await self._read_body(req, ctx)
                 body_done = True
+                if gw.is_local(route):               # answered here, no backend slot
+                    self.respond(ctx, req, *gw.local(route, req, ctx, body))
+                    ctx.outcome = "ok"
+                    return
                 slot = await self._backend_slot(ctx)  # global limit, bounded queue; raises
                 try:
                     if self.gone or self.eof:
@@ -356,7 +357,7 @@ class ClientConnection(asyncio.Protocol):
             self._queued = False
 
     # ---------------- responses ----------------
-    def _respond(self, ctx: RequestContext, req: http11.Request, status: int,
+    def respond(self, ctx: RequestContext, req: http11.Request, status: int,
                  headers: list[tuple[str, str]], body: bytes) -> None:
         out = list(headers)
         out.extend(ctx.response_headers)
@@ -377,7 +378,8 @@ class ClientConnection(asyncio.Protocol):
         headers.extend(err.headers)
         if not ctx.outcome:
             ctx.outcome = err.code
-        self._respond(ctx, req, err.status, headers, err.body())
+        body = ollama_error_body(err.message) if ctx.ollama else err.body()
+        self.respond(ctx, req, err.status, headers, body)
 
     def _send_error_simple(self, err: GatewayError) -> None:
         """A protocol error outside any request: answer and close."""

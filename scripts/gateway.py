@@ -23,6 +23,8 @@ import config as config_mod
 import cors
 import keys
 import metrics as metrics_mod
+import ollama_api
+import ollama_routes
 import proxy
 import upstream
 from connection import ClientConnection
@@ -86,8 +88,8 @@ class Gateway:
                                           config.backend_connect_timeout)
         self.backend_hostport = f"{config.backend_host}:{config.port_backend}"
         self.server: asyncio.base_events.Server | None = None
-        # Route kinds other than "proxy" (the Ollama API) register an async handler here.
-        self.handlers: dict = {}
+        self.ollama = ollama_routes.OllamaAPI(
+            self, ollama_routes.ModelCatalog(config.model_path, config.model_name))
         self.metrics.set_gauge_sources(
             queue_depth=lambda: self.admission.slots.waiting,
             backend_up=lambda: 1 if self.backend.get() in ("ready", "unknown") else 0,
@@ -126,19 +128,31 @@ class Gateway:
         self.metrics.in_flight = self.in_flight
         return await self.admission.backend_slot(ctx)
 
+    def is_local(self, route) -> bool:
+        """Answered by the gateway itself, without a llama-server slot."""
+        return route.kind == "local" or (route.kind == "ollama" and self.ollama.is_local(route))
+
     async def dispatch(self, client, ctx, req, route, body: bytes) -> None:
         try:
             if route.kind == "proxy":
                 await proxy.forward(self, client, ctx, req, route, body)
             else:
-                await self.handlers[route.kind](self, client, ctx, req, route, body)
+                try:
+                    await self.ollama.handle(self, client, ctx, req, route, body)
+                except ollama_api.OllamaError as err:
+                    raise GatewayError(err.status, err.message, "ollama_error") from None
         except GatewayError as err:
             if err.status in (502, 504):
                 self.metrics.inc_upstream_error(err.code)
                 ctx.upstream_error = err.code
             raise
 
-    def local(self, route, req, ctx) -> tuple[int, list[tuple[str, str]], bytes]:
+    def local(self, route, req, ctx, body: bytes = b"") -> tuple[int, list[tuple[str, str]], bytes]:
+        if route.kind == "ollama":
+            try:
+                return self.ollama.local(route, req, body)
+            except ollama_api.OllamaError as err:
+                raise GatewayError(err.status, err.message, "ollama_error") from None
         if route.handler == "ping":
             return 200, [("content-type", "application/json")], b'{"status":"ok"}'
         if route.handler == "health":
@@ -155,8 +169,7 @@ class Gateway:
             }
             return 200, [("content-type", "application/json"),
                          ("cache-control", "no-store")], json.dumps(body).encode()
-        if route.handler == "metrics":
-            self.admission.check_metrics_key(req)
+        if route.handler == "metrics":      # METRICS_KEY was checked by admission
             self.metrics.in_flight = self.in_flight
             accept = req.get("accept") or ""
             if "application/json" in accept:
@@ -213,6 +226,7 @@ class Gateway:
         if timeout is None:
             timeout = self.config.graceful_timeout
         self.shutting_down = True
+        self.admission.slots.close()      # queued requests are refused at once (503)
         if self.server is not None:
             self.server.close()
         for conn in list(self.connections):
@@ -283,6 +297,8 @@ async def amain(cfg: config_mod.Config) -> int:
         access.close()
         return 1
     log.info("gateway listening on %s:%d, backend %s", cfg.host, cfg.port, gw.backend_hostport)
+    # The model's GGUF header (and digest) for the Ollama API, read off the event loop.
+    catalog_task = asyncio.create_task(gw.ollama.catalog.load())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -296,6 +312,7 @@ async def amain(cfg: config_mod.Config) -> int:
              len(gw.connections), cfg.graceful_timeout)
     if poller is not None:
         poller.cancel()
+    catalog_task.cancel()
     await gw.shutdown()
     access.close()
     log.info("gateway stopped")

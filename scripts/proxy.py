@@ -63,11 +63,15 @@ class Exchange:
     __slots__ = ("client", "ctx", "conn", "head_only", "http10", "loop", "done", "head_written",
                  "swallow", "chunked_out", "sse", "keep_body", "body_parts", "body_size", "tail",
                  "last_activity", "idle_timeout", "write_timeout", "first_byte_timeout",
-                 "_timer", "_stall_timer", "upstream_keep_alive", "status")
+                 "_timer", "_stall_timer", "upstream_keep_alive", "status", "transform")
 
     def __init__(self, client, ctx, *, head_only: bool, http10: bool, first_byte_timeout: float,
-                 idle_timeout: float, write_timeout: float, account: bool):
+                 idle_timeout: float, write_timeout: float, account: bool, transform=None):
         self.client = client
+        # Optional response transform (API translators, e.g. Ollama): .head(status),
+        # .streaming, .status, .content_type, .feed(bytes) -> bytes, .finish() -> bytes,
+        # .cut() -> bytes. Streaming transforms are written as they go; others at the end.
+        self.transform = transform
         self.ctx = ctx
         self.conn = None
         self.head_only = head_only
@@ -108,16 +112,25 @@ class Exchange:
             self.swallow = True
             return
         client = self.client
-        headers: list[tuple[str, str]] = [(n, v) for n, v in resp.headers if n in RESPONSE_HEADERS]
         ctype = resp.get("content-type") or ""
         self.sse = ctype.startswith("text/event-stream")
-        if self.sse:
-            headers.append(("cache-control", "no-cache"))
-            headers.append(("x-accel-buffering", "no"))
-            self.ctx.stream = True
         if (resp.content_length or 0) > USAGE_BODY_LIMIT:
             self.keep_body = False
-        if resp.content_length is not None and not resp.chunked:
+        transform = self.transform
+        if transform is not None:
+            transform.head(resp.status)
+            if not transform.streaming:
+                return                       # the whole answer is written by on_end
+            headers = [("content-type", transform.content_type),
+                       ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
+            self.ctx.stream = True
+        else:
+            headers = [(n, v) for n, v in resp.headers if n in RESPONSE_HEADERS]
+            if self.sse:
+                headers.append(("cache-control", "no-cache"))
+                headers.append(("x-accel-buffering", "no"))
+                self.ctx.stream = True
+        if transform is None and resp.content_length is not None and not resp.chunked:
             headers.append(("content-length", str(resp.content_length)))
         elif self.http10:
             client.keep_alive = False        # close-delimited body for an HTTP/1.0 client
@@ -129,9 +142,10 @@ class Exchange:
             headers.append(("connection", "close"))
         elif self.http10:
             headers.append(("connection", "keep-alive"))   # HTTP/1.0 closes unless told so
-        self.ctx.status = resp.status
+        status = resp.status if transform is None else transform.status
+        self.ctx.status = status
         self.head_written = True
-        client.write(http11.response_head(resp.status, headers))
+        client.write(http11.response_head(status, headers))
 
     def on_data(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -152,6 +166,10 @@ class Exchange:
                     self.body_parts.clear()
         if self.head_only:
             return
+        if self.transform is not None:
+            data = self.transform.feed(data)
+            if not data or not self.head_written:
+                return
         self.ctx.bytes_out += len(data)
         self.client.write(http11.chunk(data) if self.chunked_out else data)
 
@@ -161,6 +179,15 @@ class Exchange:
                 503, "The model is still loading; retry shortly", "model_loading",
                 headers=[("retry-after", str(LOADING_RETRY_AFTER))]), pool=True)
             return
+        transform = self.transform
+        if transform is not None:
+            tail = transform.finish()
+            if not self.head_written:      # collected answer: one response with its length
+                self.head_written = True
+                self._write_whole(transform.status, transform.content_type, tail)
+            elif tail:
+                self.ctx.bytes_out += len(tail)
+                self.client.write(http11.chunk(tail) if self.chunked_out else tail)
         if self.chunked_out and not self.head_only:
             self.client.write(http11.LAST_CHUNK)
         if self.keep_body:
@@ -175,9 +202,12 @@ class Exchange:
             # Cut mid-body: tell the client in-band (SSE) and close without a clean end.
             self.ctx.outcome = "upstream_error"
             self.ctx.upstream_error = "closed_mid_body"
-            if self.sse and not self.head_only and not self.client.gone:
-                self.client.write(http11.chunk(_UPSTREAM_CLOSED_EVENT)
-                                  if self.chunked_out else _UPSTREAM_CLOSED_EVENT)
+            if self.transform is not None:
+                event = self.transform.cut()
+            else:
+                event = _UPSTREAM_CLOSED_EVENT if self.sse and not self.head_only else b""
+            if event and not self.client.gone:
+                self.client.write(http11.chunk(event) if self.chunked_out else event)
             self.client.close_after_write(abort_chunked=True)
             self._finish(pool=False)
             return
@@ -186,6 +216,18 @@ class Exchange:
         else:
             self._fail(GatewayError(502, f"Invalid response from llama-server: {exc}",
                                     "bad_upstream_response"))
+
+    def _write_whole(self, status: int, content_type: str, body: bytes) -> None:
+        client = self.client
+        headers = [("content-type", content_type), ("content-length", str(len(body)))]
+        headers.extend(self.ctx.response_headers)
+        if not client.keep_alive:
+            headers.append(("connection", "close"))
+        elif self.http10:
+            headers.append(("connection", "keep-alive"))
+        self.ctx.status = status
+        self.ctx.bytes_out += len(body)
+        client.write(http11.response_head(status, headers) + body)
 
     # ---- client events (called by the client connection) ----
     def on_client_paused(self) -> None:
@@ -320,15 +362,20 @@ def _usage_from_sse_tail(tail: bytes) -> dict | None:
     return None
 
 
-async def forward(gw, client, ctx, req: http11.Request, route, body: bytes) -> None:
+async def forward(gw, client, ctx, req: http11.Request, route, body: bytes, *,
+                  upstream_path: str | None = None, method: str | None = None,
+                  headers: list[tuple[str, str]] | None = None, transform=None) -> None:
     """Send the rebuilt request to llama-server and relay the response to `client`.
 
+    API translators pass their own upstream path, method, headers and a response transform.
     Raises GatewayError before the response head is written (the caller renders it); after that,
     failures are handled in-band by the Exchange and recorded in ctx.outcome."""
     cfg = gw.config
-    method = "GET" if req.method == "HEAD" else req.method
-    payload = build_upstream_request(method, route.upstream, req.headers, body, gw.backend_hostport,
-                                     client.peer_host, ctx.request_id)
+    if method is None:
+        method = "GET" if req.method == "HEAD" else req.method
+    payload = build_upstream_request(method, upstream_path or route.upstream,
+                                     req.headers if headers is None else headers, body,
+                                     gw.backend_hostport, client.peer_host, ctx.request_id)
     for attempt in (0, 1):
         try:
             conn = await gw.pool.acquire(fresh=attempt > 0)
@@ -344,7 +391,8 @@ async def forward(gw, client, ctx, req: http11.Request, route, body: bytes) -> N
             return
         ex = Exchange(client, ctx, head_only=req.method == "HEAD", http10=req.version == (1, 0),
                       first_byte_timeout=cfg.request_timeout, idle_timeout=cfg.stream_idle_timeout,
-                      write_timeout=cfg.client_write_timeout, account=route.name != "models")
+                      write_timeout=cfg.client_write_timeout, account=route.name != "models",
+                      transform=transform)
         ex.conn = conn
         client.exchange = ex
         if client.write_paused:

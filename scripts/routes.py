@@ -52,6 +52,32 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/metrics"): _local("metrics", "metrics"),
 }
 
+
+def _ollama(name: str, handler: str, auth: str = "key") -> Route:
+    return Route(name, "ollama", auth, handler=handler)
+
+
+# Ollama-compatible API (handlers in ollama_routes.py). "/" and /api/version are what Ollama
+# clients probe to find a server, so they are open like /ping.
+OLLAMA_ROUTES: dict[tuple[str, str], Route] = {
+    ("GET", "/"): _ollama("ollama_root", "root", "none"),
+    ("GET", "/api/version"): _ollama("ollama_version", "version", "none"),
+    ("GET", "/api/tags"): _ollama("ollama_tags", "tags"),
+    ("POST", "/api/show"): _ollama("ollama_show", "show"),
+    ("GET", "/api/ps"): _ollama("ollama_ps", "ps"),
+    ("POST", "/api/chat"): _ollama("ollama_chat", "chat"),
+    ("POST", "/api/generate"): _ollama("ollama_generate", "generate"),
+    ("POST", "/api/embed"): _ollama("ollama_embed", "embed"),
+    ("POST", "/api/embeddings"): _ollama("ollama_embeddings", "embeddings"),
+    # Model management belongs to the container: a clear 501.
+    ("POST", "/api/pull"): _ollama("ollama_unsupported", "unsupported"),
+    ("POST", "/api/push"): _ollama("ollama_unsupported", "unsupported"),
+    ("POST", "/api/create"): _ollama("ollama_unsupported", "unsupported"),
+    ("POST", "/api/copy"): _ollama("ollama_unsupported", "unsupported"),
+    ("DELETE", "/api/delete"): _ollama("ollama_unsupported", "unsupported"),
+}
+ROUTES.update(OLLAMA_ROUTES)
+
 # HEAD is served for every GET route: same status and headers, no body.
 _PATHS: dict[str, list[str]] = {}
 for (_method, _path) in ROUTES:

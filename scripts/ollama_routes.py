@@ -1,0 +1,229 @@
+"""The Ollama-compatible API on the gateway port: routes, handlers and response transforms.
+
+The translations themselves are pure functions in ollama_api.py; this module does the I/O around
+them. Requests go through the same admission (keys, rate and concurrency limits), access log and
+metrics as the OpenAI routes. Inference calls are rebuilt as OpenAI-compatible llama-server calls
+and their answers are transformed on the fly by proxy.Exchange: a streamed answer is split into SSE
+events and each one becomes NDJSON lines written at once (no buffering of the whole stream).
+
+Errors are Ollama-shaped: {"error": "..."} with the HTTP status; an error after streaming began
+arrives as a last NDJSON line {"error": "..."}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+
+import ollama_api
+import proxy
+from gguf_meta import ModelInfo, read_gguf_metadata
+from routes import Route
+from sse import SSEError, SSESplitter
+
+log = logging.getLogger("gateway")
+
+# Non-streamed answers (and upstream error bodies) are collected whole before translation; an
+# embeddings batch is the largest legitimate one (2048 inputs x 4096 floats as JSON ~ 100 MB is
+# far beyond what RunPod carries: 30 MB).
+MAX_COLLECTED_BODY = 30_000_000
+
+
+# Handlers that never call llama-server: answered without taking a backend slot.
+LOCAL_HANDLERS = frozenset({"root", "version", "tags", "show", "ps", "unsupported"})
+
+
+class ModelCatalog:
+    """The served model, described from its GGUF header (read once, in a worker thread)."""
+
+    def __init__(self, model_path: str, model_name: str):
+        self.path = model_path
+        self.name = model_name or (os.path.splitext(os.path.basename(model_path))[0]
+                                   if model_path else "default")
+        self.info: ModelInfo | None = None
+
+    async def load(self) -> None:
+        if not self.path:
+            return
+        try:
+            self.info = await asyncio.to_thread(read_gguf_metadata, self.path, name=self.name)
+            await asyncio.to_thread(lambda: self.info.digest)   # hash once, off the loop
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read GGUF metadata of %s: %s", self.path, exc)
+
+    def infos(self) -> list[ModelInfo]:
+        return [self.info] if self.info is not None else []
+
+
+def _json(status: int, obj) -> tuple[int, list[tuple[str, str]], bytes]:
+    return status, [("content-type", "application/json; charset=utf-8")], \
+        json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _parse(body: bytes) -> dict:
+    return ollama_api.parse_json_body(body)
+
+
+# ------------------------------------------------------------------ transforms (proxy.Exchange)
+class _Collect:
+    """Collect a whole upstream body (bounded) and translate it at the end."""
+
+    streaming = False
+
+    def __init__(self, finish):
+        self._finish = finish
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._too_large = False
+        self.status = 200
+        self.content_type = "application/json; charset=utf-8"
+
+    def head(self, status: int) -> None:
+        self.status = status
+
+    def feed(self, data: bytes) -> bytes:
+        self._size += len(data)
+        if self._size > MAX_COLLECTED_BODY:
+            self._too_large = True
+            self._parts.clear()
+        else:
+            self._parts.append(data)
+        return b""
+
+    def finish(self) -> bytes:
+        if self._too_large:
+            self.status = 502
+            return ollama_api.error_body("llama-server's answer is too large")
+        raw = b"".join(self._parts)
+        if self.status >= 400:
+            err = ollama_api.upstream_error(self.status, raw)
+            return err.body()
+        try:
+            return json.dumps(self._finish(json.loads(raw)), separators=(",", ":")).encode()
+        except ollama_api.OllamaError as err:
+            self.status = err.status
+            return err.body()
+        except ValueError:
+            self.status = 502
+            return ollama_api.error_body("llama-server returned invalid JSON")
+
+    def cut(self) -> bytes:
+        return b""
+
+
+class _NdjsonStream:
+    """SSE from llama-server -> NDJSON lines, event by event."""
+
+    content_type = ollama_api.NDJSON_CONTENT_TYPE
+    streaming = True
+
+    def __init__(self, stream: ollama_api.ChatStream):
+        self._stream = stream
+        self._sse = SSESplitter()
+        self._error: _Collect | None = None
+        self.status = 200
+
+    def head(self, status: int) -> None:
+        self.status = status
+        if status >= 400:     # llama-server refused: answer one Ollama error object
+            self.streaming = False
+            self._error = _Collect(lambda data: data)
+            self._error.head(status)
+            self.content_type = "application/json; charset=utf-8"
+
+    def feed(self, data: bytes) -> bytes:
+        if self._error is not None:
+            return self._error.feed(data)
+        out: list[bytes] = []
+        try:
+            for event in self._sse.feed(data):
+                out.extend(self._stream.feed_event(event))
+        except SSEError as exc:
+            out.append(self._stream.error_line(str(exc)))
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        if self._error is not None:
+            return self._error.finish()
+        return b"".join(self._stream.finish())
+
+    def cut(self) -> bytes:
+        if self._error is not None:
+            return b""
+        return self._stream.error_line("llama-server closed the stream before it was complete")
+
+
+# ------------------------------------------------------------------ handlers
+class OllamaAPI:
+    def __init__(self, gw, catalog: ModelCatalog):
+        self.gw = gw
+        self.catalog = catalog
+
+    def is_local(self, route: Route) -> bool:
+        return route.handler in LOCAL_HANDLERS
+
+    def local(self, route: Route, req, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        name = route.handler
+        cat = self.catalog
+        if name == "root":
+            return 200, [("content-type", "text/plain; charset=utf-8")], \
+                ollama_api.ROOT_TEXT.encode()
+        if name == "version":
+            return _json(200, ollama_api.version_response())
+        if name == "tags":
+            return _json(200, ollama_api.tags_response(cat.infos()))
+        if name == "show":
+            data = _parse(body)
+            requested = data.get("model") or data.get("name") or ""
+            if cat.info is None or (requested and not ollama_api.matches_model(requested,
+                                                                               cat.name)):
+                raise ollama_api.OllamaError(404, f"model '{requested}' not found")
+            return _json(200, ollama_api.show_response(cat.info))
+        if name == "ps":
+            ready = self.gw.backend.get() in ("ready", "unknown")
+            return _json(200, ollama_api.ps_response(cat.infos() if ready else []))
+        err = ollama_api.not_supported(req.path) or ollama_api.OllamaError(
+            501, "models are managed by the container")
+        raise err
+
+    async def handle(self, gw, client, ctx, req, route: Route, body: bytes) -> None:
+        """Inference routes: translate, call llama-server, transform the answer back."""
+        data = _parse(body)
+        model = self.catalog.name
+        requested = data.get("model")
+        if isinstance(requested, str) and requested and not ollama_api.matches_model(
+                requested, model):
+            raise ollama_api.OllamaError(404, f"model '{requested}' not found")
+        started = time.time_ns()
+        kind = route.handler
+        if kind == "chat":
+            upstream_body = ollama_api.chat_request(data, model)
+        elif kind == "generate":
+            upstream_body = ollama_api.generate_request(data, model)
+        else:
+            upstream_body = ollama_api.embed_request(data, model, legacy=kind == "embeddings")
+        if isinstance(upstream_body, ollama_api.ModelLoad):
+            status, headers, payload = _json(200, ollama_api.load_response(upstream_body, model))
+            client.respond(ctx, req, status, headers, payload)
+            ctx.outcome = "ok"
+            return
+        if kind in ("chat", "generate"):
+            gen_kind = "chat" if kind == "chat" else "generate"
+            if upstream_body.get("stream"):
+                transform = _NdjsonStream(ollama_api.ChatStream(model, gen_kind))
+            else:
+                transform = _Collect(lambda resp: ollama_api.chat_response(
+                    resp, model, gen_kind, started))
+        else:
+            dims = data.get("dimensions") if isinstance(data.get("dimensions"), int) else None
+            legacy = kind == "embeddings"
+            transform = _Collect(lambda resp: ollama_api.embed_response(
+                resp, model, legacy, started_ns=started, dimensions=dims))
+        payload = json.dumps(upstream_body, separators=(",", ":")).encode()
+        await proxy.forward(gw, client, ctx, req, route, payload,
+                            upstream_path=ollama_api.upstream_path(upstream_body),
+                            transform=transform, method="POST",
+                            headers=[("content-type", "application/json")])
