@@ -342,6 +342,7 @@ LLAMA_STARTS=0
 start_llama() {
   local args=(-m "$MODEL" --host 127.0.0.1 --port "$PORT_BACKEND" -c "$CTX" -ngl "$NGL"
     -np "$PARALLEL" --metrics "${EXTRA[@]}")
+  local marker
   LLAMA_STARTS=$(( LLAMA_STARTS + 1 ))
   log INFO "starting llama-server (start #$LLAMA_STARTS): $LLAMA_BIN ${args[*]}"
   printf -v marker '==== %(%Y-%m-%dT%H:%M:%S)T entrypoint: llama-server start #%d ====' -1 \
