@@ -303,6 +303,9 @@ if [[ ! -f $MODEL || ! -r $MODEL ]]; then
   fatal 1 "model not found or not readable: $MODEL ($WHAT)"
 fi
 export MODEL_NAME="${MODEL_NAME:-$(basename "$MODEL")}"
+export MODEL_PATH="$MODEL"
+# The id clients see in /v1/models and /api/tags: the file name without .gguf (not a full path).
+MODEL_ALIAS="${MODEL_ALIAS:-$(basename "$MODEL" .gguf)}"
 
 # llama-server: LLAMA_SERVER_BIN, else on PATH, else next to this script (the llama.cpp image
 # keeps it in /app, where this script goes too), else /app/llama-server.
@@ -341,7 +344,7 @@ start_gateway() {
 LLAMA_STARTS=0
 start_llama() {
   local args=(-m "$MODEL" --host 127.0.0.1 --port "$PORT_BACKEND" -c "$CTX" -ngl "$NGL"
-    -np "$PARALLEL" --metrics "${EXTRA[@]}")
+    -np "$PARALLEL" --metrics --alias "$MODEL_ALIAS" "${EXTRA[@]}")
   local marker
   LLAMA_STARTS=$(( LLAMA_STARTS + 1 ))
   log INFO "starting llama-server (start #$LLAMA_STARTS): $LLAMA_BIN ${args[*]}"

@@ -41,8 +41,8 @@ class ModelCatalog:
 
     def __init__(self, model_path: str, model_name: str):
         self.path = model_path
-        self.name = model_name or (os.path.splitext(os.path.basename(model_path))[0]
-                                   if model_path else "default")
+        base = model_name or (os.path.basename(model_path) if model_path else "default")
+        self.name = base[:-5] if base.endswith(".gguf") else base
         self.info: ModelInfo | None = None
 
     async def load(self) -> None:

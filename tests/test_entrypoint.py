@@ -325,14 +325,14 @@ def test_sigterm_while_loading_exits_0_quickly(stack):
 
 
 def test_llama_flags_are_explicit_and_extra_args_split(stack):
-    s = stack(CTX="1024", NGL="0", PARALLEL="2", EXTRA_ARGS="--alias  demo   --threads 2").start()
+    s = stack(CTX="1024", NGL="0", PARALLEL="2", EXTRA_ARGS="--pooling  mean   --threads 2").start()
     s.wait_health(200)
     out = s.output()
     line = next(ln for ln in out.splitlines() if "starting llama-server" in ln)
     args = line.split(": ", 2)[2].split()
     assert args[1:] == ["-m", str(s.data / "models" / "tiny.gguf"), "--host", "127.0.0.1",
                         "--port", str(s.backend), "-c", "1024", "-ngl", "0", "-np", "2",
-                        "--metrics", "--alias", "demo", "--threads", "2"]
+                        "--metrics", "--alias", "tiny", "--pooling", "mean", "--threads", "2"]
     assert s.stop() == 0
 
 
