@@ -34,6 +34,9 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_ERROR_SAMPLES = 5
 # Hard cap on the whole run when the spec gives none.
 DEFAULT_TIMEOUT = 300.0
+# Reconnects of one logical client (the server closing idle keep-alive connections): bounds a
+# server that closes every connection at once. 100,000 is far above any run's request count.
+MAX_RECONNECTS = 100_000
 # Mode "tokens": keep at most this much of a body to read `usage` from the last events.
 TOKENS_BODY_CAP = 4 * 1024 * 1024
 
@@ -43,11 +46,14 @@ _CONTENT = b'"content":"'
 
 
 class Conn(asyncio.Protocol):
-    def __init__(self, runner: "Runner", done: asyncio.Future):
+    """One connection; `state` (requests done so far) outlives it when the server closes an idle
+    keep-alive connection and the client reconnects, as HTTP clients do."""
+
+    def __init__(self, runner: "Runner", done: asyncio.Future, state: list):
         self.r = runner
         self.done = done
         self.transport = None
-        self.n_done = 0
+        self.state = state
         self._reset()
 
     def _reset(self):
@@ -157,15 +163,13 @@ class Conn(asyncio.Protocol):
         r.records.append(rec)
         if self.status != 200:
             r.error("HTTP %d" % self.status)
-        self.n_done += 1
-        more = (r.requests_per_conn <= 0 or self.n_done < r.requests_per_conn) and (
-            r.deadline is None or now < r.deadline) and not r.stopping
-        if more:
+        self.state[0] += 1
+        if r.more(self.state[0], now):
             self.send()
         else:
             self.transport.close()
             if not self.done.done():
-                self.done.set_result(None)
+                self.done.set_result("done")
 
     def _fail(self, msg: str):
         self.r.error(msg)
@@ -177,12 +181,18 @@ class Conn(asyncio.Protocol):
 
     def connection_lost(self, exc):
         if not self.done.done():
+            if self.t_first is None and self.state[0] > 0:
+                # The server closed an idle keep-alive connection (llama-server does after a
+                # stream) as the next request went out: reconnect and send it again.
+                self.r.reconnects += 1
+                self.done.set_result("reconnect")
+                return
             if self.head_done or self.t_first is not None:
                 self.r.error("connection lost mid-response: %s" % (exc or "EOF"))
             else:
                 self.r.error("connection closed before a response: %s" % (exc or "EOF"))
             self.r.failed += 1
-            self.done.set_result(None)
+            self.done.set_result("failed")
 
 
 def _completion_tokens(raw: bytes, chunked: bool) -> int:
@@ -235,27 +245,36 @@ class Runner:
         self.records: list[list] = []
         self.errors: dict[str, int] = {}
         self.failed = 0
+        self.reconnects = 0
         self.connect_times: list[float] = []
-        self.stopping = False
         self.deadline = None
         self.t0 = 0.0
 
     def error(self, msg: str):
         self.errors[msg] = self.errors.get(msg, 0) + 1
 
+    def more(self, n_done: int, now: float) -> bool:
+        return (self.requests_per_conn <= 0 or n_done < self.requests_per_conn) and (
+            self.deadline is None or now < self.deadline)
+
     async def one(self, sem: asyncio.Semaphore):
         loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        async with sem:
-            t = time.perf_counter()
-            try:
-                await loop.create_connection(lambda: Conn(self, done), self.host, self.port)
-            except OSError as exc:
-                self.error("connect: %s" % exc)
-                self.failed += 1
+        state = [0]
+        for _ in range(MAX_RECONNECTS):
+            done = loop.create_future()
+            async with sem:
+                t = time.perf_counter()
+                try:
+                    await loop.create_connection(lambda: Conn(self, done, state), self.host,
+                                                 self.port)
+                except OSError as exc:
+                    self.error("connect: %s" % exc)
+                    self.failed += 1
+                    return
+                self.connect_times.append(time.perf_counter() - t)
+            if await done != "reconnect" or not self.more(state[0], time.perf_counter()):
                 return
-            self.connect_times.append(time.perf_counter() - t)
-        await done
+        self.error("gave up after %d reconnects" % MAX_RECONNECTS)
 
     async def run(self) -> dict:
         delay = self.start_at - time.time()
@@ -279,6 +298,7 @@ class Runner:
         return {
             "wall_start": wall0, "wall": wall, "records": self.records,
             "connect_times": self.connect_times, "failed": self.failed + timed_out,
+            "reconnects": self.reconnects,
             "errors": dict(list(self.errors.items())[:MAX_ERROR_SAMPLES]),
             "error_count": sum(self.errors.values()),
             "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kb": ru.ru_maxrss,

@@ -475,6 +475,8 @@ class Bench:
 
     # =================================== cases ===================================================
     def case_a(self) -> None:
+        if shutil.which("wrk") is None:
+            raise RuntimeError("case a needs wrk on PATH (Debian/Ubuntu: apt-get install -y wrk)")
         self.start_fake()
         prof = self.out / "profile-a.prof" if self.args.profile else None
         gw, gport = self.start_gateway(self.fake_port, "a", prof)
@@ -1031,8 +1033,6 @@ def main(argv=None) -> int:
     unknown = [c for c in cases if c not in "abcde" or len(c) != 1]
     if unknown:
         p.error(f"unknown case(s): {', '.join(unknown)}")
-    if "a" in cases and shutil.which("wrk") is None:
-        p.error("case a needs wrk (Debian/Ubuntu: apt-get install -y wrk)")
     nofile = raise_nofile()
     if args.nice:
         try:
