@@ -1,0 +1,114 @@
+"""The official `ollama` Python client through the gateway, against the real llama-server.
+
+The demo model has random weights: these tests check shapes, types and framing, never text.
+(`format` with a JSON schema makes this model's llama-server fail to build its samplers, so
+structured output is covered by the unit tests of the mapping only.)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ollama
+import pytest
+
+# Short answers keep the module fast; the model generates up to this many tokens.
+OPTIONS = {"num_predict": 8, "temperature": 0}
+# Per request deadline (the tiny model answers in milliseconds; a loaded runner is slower).
+TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def model(stack) -> str:
+    return os.path.basename(str(stack.model)).removesuffix(".gguf")
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return ollama.Client(host=stack.base_url, timeout=TIMEOUT_S,
+                         headers={"Authorization": f"Bearer {stack.key}"})
+
+
+def _check_final(resp) -> None:
+    assert resp.done is True and resp.done_reason in ("stop", "length")
+    assert isinstance(resp.eval_count, int) and 1 <= resp.eval_count <= OPTIONS["num_predict"]
+    assert isinstance(resp.prompt_eval_count, int) and resp.prompt_eval_count >= 1
+    # nanoseconds: even the tiny model takes more than a microsecond per token
+    assert isinstance(resp.eval_duration, int) and resp.eval_duration > 1000
+    assert resp.total_duration >= resp.eval_duration + resp.prompt_eval_duration
+
+
+def test_chat(client, model):
+    resp = client.chat(model=model, messages=[{"role": "user", "content": "Hello"}],
+                       options=OPTIONS)
+    assert resp.message.role == "assistant" and isinstance(resp.message.content, str)
+    assert resp.model.startswith(model)
+    _check_final(resp)
+
+
+def test_streaming_chat(client, model):
+    chunks = list(client.chat(model=model, messages=[{"role": "user", "content": "Count"}],
+                              options=OPTIONS, stream=True))
+    assert len(chunks) >= 3
+    assert all(c.done is False for c in chunks[:-1])
+    assert all(isinstance(c.message.content, str) for c in chunks)
+    assert sum(1 for c in chunks[:-1] if c.message.content) >= 2
+    _check_final(chunks[-1])
+
+
+def test_generate(client, model):
+    resp = client.generate(model=model, prompt="Once upon a time", options=OPTIONS)
+    assert isinstance(resp.response, str)
+    _check_final(resp)
+    chunks = list(client.generate(model=model, prompt="Once upon a time", options=OPTIONS,
+                                  stream=True, raw=True))
+    assert chunks[-1].done is True and all(c.done is False for c in chunks[:-1])
+    assert all(isinstance(c.response, str) for c in chunks)
+
+
+def test_list_show_ps(client, model, stack):
+    listed = client.list().models
+    (m,) = [x for x in listed if x.model == f"{model}:latest"]
+    assert m.size == os.path.getsize(stack.model)
+    assert m.digest and len(m.digest) == 64
+    assert m.details.format == "gguf" and m.details.family
+    assert m.details.quantization_level and m.details.parameter_size
+    assert m.modified_at is not None
+
+    shown = client.show(model)
+    info = shown.modelinfo
+    arch = info["general.architecture"]
+    assert isinstance(info[f"{arch}.context_length"], int) and info[f"{arch}.context_length"] > 0
+    assert shown.details.family == arch
+    assert "completion" in shown.capabilities or "embedding" in shown.capabilities
+
+    running = client.ps().models
+    assert [r.model for r in running] == [f"{model}:latest"]
+    assert running[0].size == m.size and running[0].expires_at is not None
+
+
+def test_embed(client, model):
+    resp = client.embed(model=model, input=["hello world", "goodbye"])
+    assert len(resp.embeddings) == 2
+    dim = len(resp.embeddings[0])
+    assert dim > 1 and all(len(v) == dim for v in resp.embeddings)
+    assert all(isinstance(x, float) and math.isfinite(x) for v in resp.embeddings for x in v)
+    legacy = client.embeddings(model=model, prompt="hello world")
+    assert len(legacy.embedding) == dim
+
+
+def test_errors_reach_the_client_as_response_errors(stack, client, model):
+    anonymous = ollama.Client(host=stack.base_url, timeout=TIMEOUT_S)
+    with pytest.raises(ollama.ResponseError) as err:
+        anonymous.chat(model=model, messages=[{"role": "user", "content": "Hi"}])
+    assert err.value.status_code == 401 and "key" in err.value.error.lower()
+    with pytest.raises(ollama.ResponseError) as err:
+        anonymous.list()
+    assert err.value.status_code == 401
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="not-served:7b", messages=[{"role": "user", "content": "Hi"}])
+    assert err.value.status_code == 404 and "not-served:7b" in err.value.error
+    with pytest.raises(ollama.ResponseError) as err:
+        client.pull(model)
+    assert err.value.status_code == 501
