@@ -18,6 +18,7 @@ import logging
 import os
 import time
 
+import gguf_meta
 import ollama_api
 import proxy
 from gguf_meta import ModelInfo, read_gguf_metadata
@@ -36,25 +37,45 @@ MAX_COLLECTED_BODY = 30_000_000
 LOCAL_HANDLERS = frozenset({"root", "version", "tags", "show", "ps", "unsupported"})
 
 
+class _Described:
+    """A ModelInfo whose `digest` is a plain value: "" until the worker thread has hashed the
+    file. ModelInfo.digest itself hashes the whole file when called, which on the event loop
+    would freeze the gateway for minutes on a multi-GB model."""
+
+    __slots__ = ("_info", "digest")
+
+    def __init__(self, info: ModelInfo, digest: str = ""):
+        self._info = info
+        self.digest = digest
+
+    def __getattr__(self, name):
+        return getattr(self._info, name)
+
+
 class ModelCatalog:
-    """The served model, described from its GGUF header (read once, in a worker thread)."""
+    """The served model, described from its GGUF header (read in a worker thread).
+
+    The header is published as soon as it is read, so /api/tags and /api/show answer while the
+    file's sha256 is still being computed (their `digest` is "" until then)."""
 
     def __init__(self, model_path: str, model_name: str):
         self.path = model_path
         base = model_name or (os.path.basename(model_path) if model_path else "default")
         self.name = base[:-5] if base.endswith(".gguf") else base
-        self.info: ModelInfo | None = None
+        self.info: _Described | None = None
 
     async def load(self) -> None:
         if not self.path:
             return
         try:
-            self.info = await asyncio.to_thread(read_gguf_metadata, self.path, name=self.name)
-            await asyncio.to_thread(lambda: self.info.digest)   # hash once, off the loop
+            info = await asyncio.to_thread(read_gguf_metadata, self.path, name=self.name)
+            self.info = _Described(info)
+            digest = await asyncio.to_thread(gguf_meta.file_digest, info.path)
+            self.info = _Described(info, digest)
         except (OSError, ValueError) as exc:
             log.warning("cannot read GGUF metadata of %s: %s", self.path, exc)
 
-    def infos(self) -> list[ModelInfo]:
+    def infos(self) -> list:
         return [self.info] if self.info is not None else []
 
 
@@ -110,7 +131,7 @@ class _Collect:
             self.status = 502
             return ollama_api.error_body("llama-server returned invalid JSON")
 
-    def cut(self) -> bytes:
+    def cut(self, message: str | None = None) -> bytes:
         return b""
 
 
@@ -150,10 +171,13 @@ class _NdjsonStream:
             return self._error.finish()
         return b"".join(self._stream.finish())
 
-    def cut(self) -> bytes:
-        if self._error is not None:
+    def cut(self, message: str | None = None) -> bytes:
+        """The stream was cut (upstream closed or idle timeout): one last error line, unless the
+        answer is already complete (its done line sent)."""
+        if self._error is not None or self._stream.done:
             return b""
-        return self._stream.error_line("llama-server closed the stream before it was complete")
+        return self._stream.error_line(
+            message or "llama-server closed the stream before it was complete")
 
 
 # ------------------------------------------------------------------ handlers

@@ -70,7 +70,8 @@ class Exchange:
         self.client = client
         # Optional response transform (API translators, e.g. Ollama): .head(status),
         # .streaming, .status, .content_type, .feed(bytes) -> bytes, .finish() -> bytes,
-        # .cut() -> bytes. Streaming transforms are written as they go; others at the end.
+        # .cut(message=None) -> bytes (the last words of a stream cut short: upstream closed
+        # or went silent). Streaming transforms are written as they go; others at the end.
         self.transform = transform
         self.ctx = ctx
         self.conn = None
@@ -272,6 +273,11 @@ class Exchange:
             return
         self.ctx.outcome = "upstream_timeout"
         self.ctx.upstream_error = "stream_idle_timeout"
+        if self.transform is not None and not self.head_only and not self.client.gone:
+            # A translated stream (Ollama NDJSON) ends with an in-band error line.
+            event = self.transform.cut(f"llama-server sent nothing for {self.idle_timeout:g} s")
+            if event:
+                self.client.write(http11.chunk(event) if self.chunked_out else event)
         self.client.close_after_write(abort_chunked=True)
         self._finish(pool=False)
 

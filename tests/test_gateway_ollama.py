@@ -397,3 +397,59 @@ async def test_access_log_and_metrics_count_the_ollama_route(tmp_path, model_fil
             [(200, True, "ok"), (200, False, "ok"), (401, False, "missing_api_key")]
         assert recs[0]["completion_tokens"] == 3 and recs[0]["bytes_out"] > 0
         assert recs[1]["completion_tokens"] == 3 and recs[1]["key_id"] == "alice"
+
+
+@aio
+async def test_upstream_silent_mid_stream_ends_with_an_error_line(tmp_path, model_file):
+    async with ollama_stack(tmp_path, model_file, env={"STREAM_IDLE_TIMEOUT": "0.3"},
+                            knobs={"events": 5, "stall_after": 2}) as s:
+        c = await s.client()
+        await c.send(post("/api/chat", ochat()))
+        assert (await c.head())[0] == 200
+        pieces, clean = await read_chunks(c)
+        assert not clean
+        lines = ndjson(b"".join(p for _, p in pieces))
+        assert len(lines) == 3 and lines[2] == {"error": "llama-server sent nothing for 0.3 s"}
+        await s.fake.wait_for(lambda: s.fake.disconnects == 1)   # upstream socket closed
+
+
+def test_cut_after_the_done_line_adds_nothing():
+    import ollama_api
+    import ollama_routes
+    stream = ollama_routes._NdjsonStream(ollama_api.ChatStream(MODEL, "chat"))
+    stream.head(200)
+    out = stream.feed(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+                      b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+                      b"data: [DONE]\n\n")
+    assert [json.loads(x)["done"] for x in out.splitlines()] == [False, True]
+    assert stream.cut() == b"" and stream.finish() == b""
+    cut_early = ollama_routes._NdjsonStream(ollama_api.ChatStream(MODEL, "chat"))
+    cut_early.head(200)
+    assert json.loads(cut_early.cut("gone")) == {"error": "gone"}
+
+
+@aio
+async def test_tags_answer_while_the_digest_is_computed_off_the_loop(tmp_path, model_file,
+                                                                     monkeypatch):
+    import threading
+
+    import gguf_meta
+    release = threading.Event()
+    real = gguf_meta.file_digest
+
+    def slow_digest(path):
+        assert threading.current_thread() is not threading.main_thread()
+        assert release.wait(IO_TIMEOUT)
+        return real(path)
+
+    monkeypatch.setattr(gguf_meta, "file_digest", slow_digest)
+    async with Stack(tmp_path, env={"MODEL_PATH": model_file}) as s:
+        catalog = s.gw.ollama.catalog
+        loading = asyncio.create_task(catalog.load())
+        await eventually(lambda: catalog.info is not None)
+        r = await s.one(get("/api/tags"))             # the loop is free while hashing
+        assert r.status == 200 and r.json()["models"][0]["digest"] == ""
+        release.set()
+        await asyncio.wait_for(loading, IO_TIMEOUT)
+        r = await s.one(get("/api/tags"))
+        assert r.json()["models"][0]["digest"] == real(model_file)
