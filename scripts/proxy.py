@@ -348,23 +348,33 @@ class Exchange:
 
 
 def _usage_from_sse_tail(tail: bytes) -> dict | None:
-    """The `usage` of the last SSE data event that carries one (llama-server: the final chunk)."""
-    pos = tail.rfind(b'"usage"')
-    while pos != -1:
-        start = tail.rfind(b"data:", 0, pos)
-        if start == -1:
-            return None
-        end = tail.find(b"\n", pos)
-        line = tail[start + 5:end if end != -1 else len(tail)].strip()
-        try:
-            event = json.loads(line)
-        except ValueError:
-            pos = tail.rfind(b'"usage"', 0, start)
-            continue
-        usage = event.get("usage") if isinstance(event, dict) else None
-        if isinstance(usage, dict):
-            return usage
-        pos = tail.rfind(b'"usage"', 0, start)
+    """Token counts of a stream, from the last SSE data event that carries them.
+
+    llama-server puts `usage` on the final chunk only when the client asked for
+    stream_options.include_usage; its final chunk always carries `timings` (prompt_n,
+    predicted_n), which give the same counts. We never add include_usage to a client's request:
+    the extra chunk (with empty `choices`) would change what the client receives."""
+    for field in (b'"usage"', b'"timings"'):
+        pos = tail.rfind(field)
+        while pos != -1:
+            start = tail.rfind(b"data:", 0, pos)
+            if start == -1:
+                break
+            end = tail.find(b"\n", pos)
+            line = tail[start + 5:end if end != -1 else len(tail)].strip()
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                usage = event.get("usage")
+                if isinstance(usage, dict):
+                    return usage
+                timings = event.get("timings")
+                if isinstance(timings, dict):
+                    return {"prompt_tokens": timings.get("prompt_n"),
+                            "completion_tokens": timings.get("predicted_n")}
+            pos = tail.rfind(field, 0, start)
     return None
 
 

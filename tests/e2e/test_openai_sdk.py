@@ -47,6 +47,27 @@ def test_streaming_chat_arrives_chunk_by_chunk(client):
     assert usage is not None and usage.completion_tokens >= 1
 
 
+def test_stream_tokens_are_accounted_without_include_usage(client, stack):
+    stream = client.chat.completions.create(
+        model="demo-tiny-llama", messages=[{"role": "user", "content": "Count"}], max_tokens=12,
+        temperature=0, stream=True, extra_headers={"X-Request-Id": "e2e-usage-probe"})
+    chunks = list(stream)
+    assert all(c.choices for c in chunks)        # no usage-only chunk forced on the client
+    log = stack.data / "logs" / "api_access.log"
+    deadline = time.monotonic() + 5
+    record = None
+    while record is None and time.monotonic() < deadline:
+        lines = log.read_text().splitlines() if log.exists() else []   # written by a thread
+        for line in lines:
+            rec = json.loads(line)
+            if rec.get("request_id") == "e2e-usage-probe":
+                record = rec
+        time.sleep(0.05)
+    assert record is not None
+    assert record["key_id"] == "e2e" and record["stream"] is True and record["outcome"] == "ok"
+    assert record["prompt_tokens"] >= 1 and 1 <= record["completion_tokens"] <= 12
+
+
 def test_completions(client):
     resp = client.completions.create(model="demo-tiny-llama", prompt="Once upon a time",
                                      max_tokens=8, temperature=0)
