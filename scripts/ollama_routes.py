@@ -218,9 +218,13 @@ class OllamaAPI:
         data = _parse(body)
         model = self.catalog.name
         requested = data.get("model")
-        if isinstance(requested, str) and requested and not ollama_api.matches_model(
-                requested, model):
-            raise ollama_api.OllamaError(404, f"model '{requested}' not found")
+        if isinstance(requested, str) and requested:
+            if not self.catalog.path:
+                # No MODEL_PATH (a llama-server started by hand): whatever it serves answers,
+                # under the name the client asked for.
+                model = requested
+            elif not ollama_api.matches_model(requested, model):
+                raise ollama_api.OllamaError(404, f"model '{requested}' not found")
         started = time.time_ns()
         kind = route.handler
         if kind == "chat":

@@ -453,3 +453,27 @@ async def test_tags_answer_while_the_digest_is_computed_off_the_loop(tmp_path, m
         await asyncio.wait_for(loading, IO_TIMEOUT)
         r = await s.one(get("/api/tags"))
         assert r.json()["models"][0]["digest"] == real(model_file)
+
+
+@aio
+async def test_without_model_path_any_name_is_served(tmp_path):
+    async with Stack(tmp_path, env={"MODEL_PATH": ""}) as s:
+        await s.gw.ollama.catalog.load()
+        c = await s.client()
+        assert (await c.request(get("/api/tags"))).json() == {"models": []}
+        r = await c.request(post("/api/chat", ochat(stream=False, model="llama3.2")))
+        assert r.status == 200 and r.json()["model"] == "llama3.2"
+        assert s.fake.requests[-1].json()["model"] == "llama3.2"
+
+
+@aio
+async def test_http10_client_gets_a_close_delimited_stream(tmp_path, model_file):
+    async with ollama_stack(tmp_path, model_file, knobs={"events": 2}) as s:
+        c = await s.client()
+        r = await c.request(post("/api/generate", {"model": MODEL, "prompt": "hi"},
+                                 version=b"HTTP/1.0"))
+        assert r.status == 200 and r.get("transfer-encoding") is None
+        assert r.get("content-type") == NDJSON
+        lines = ndjson(r.body)
+        assert [ln["done"] for ln in lines] == [False, False, True]
+        assert await c.closed()
