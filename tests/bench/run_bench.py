@@ -956,6 +956,10 @@ class Bench:
                 L.append(f"| {n} | CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
             L.append("")
             L += [f"Note: {note}" for note in c.get("notes", ())] + ([""] if c.get("notes") else [])
+            L += ["Note: the fake paces a stream with `sleep(interval)` after each event, so any "
+                  "loop lag it suffers adds up over the 40 events; on a machine with few CPUs the "
+                  "gateway's own CPU use slows the fake, and the stream-time ratio then measures "
+                  "CPU contention as much as relay delay.", ""]
         if "d" in self.results:
             dd = self.results["d"]
             L += [f"## (d) real llama-server, demo model, max_tokens {dd['max_tokens']}, "
@@ -987,7 +991,8 @@ class Bench:
                for name, c in self.outcomes.items()}
         odd = {name: c for name, c in odd.items() if c}
         if odd:
-            L += ["## Gateway access log: requests not `200 ok`", ""]
+            L += ["## Gateway access log: requests not `200 ok`", "",
+                  "wrk stops with requests in flight: those show as `0 client_closed`.", ""]
             L += [f"- {name}: " + ", ".join(f"{k} × {v}" for k, v in c.items())
                   for name, c in odd.items()] + [""]
         if self.results.get("errors"):
