@@ -308,9 +308,10 @@ class ClientConnection(asyncio.Protocol):
                 self.respond(ctx, req, *gw.cors.preflight(req))
                 ctx.outcome = "ok"
                 return
+            # Ollama clients get Ollama-shaped errors, unknown /api/* paths (404/405) included.
+            ctx.ollama = req.path == "/" or req.path.startswith("/api/")
             route = routes.match(req.method, req.path)
             ctx.route = route.name
-            ctx.ollama = route.kind == "ollama"
             ticket = gw.admit(req, route, ctx)       # auth, rate and key concurrency; raises
             try:
                 body = await self._read_body(req, ctx)

@@ -21,6 +21,9 @@ import os
 import socket
 import time
 
+import pytest
+from pathlib import Path
+
 # Per read / connect deadline in the raw client; the gateway timeouts below are shorter.
 IO_TIMEOUT = 3.0
 # Whole-test deadline (a hang fails the test instead of the suite).
@@ -326,3 +329,11 @@ async def eventually(predicate, timeout: float = 2.0, step: float = 0.01) -> Non
         if time.monotonic() > deadline:
             raise AssertionError("condition not met within %.2f s" % timeout)
         await asyncio.sleep(step)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/e2e/ is in the e2e tier (`make test-e2e`), marked or not."""
+    e2e_dir = Path(__file__).parent / "e2e"
+    for item in items:
+        if e2e_dir in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)

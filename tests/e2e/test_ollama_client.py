@@ -12,6 +12,7 @@ import os
 
 import ollama
 import pytest
+from e2e_stack import stack  # noqa: F401 (fixtures)
 
 # Short answers keep the module fast; the model generates up to this many tokens.
 OPTIONS = {"num_predict": 8, "temperature": 0}

@@ -12,6 +12,7 @@ import time
 
 import openai
 import pytest
+from e2e_stack import stack  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

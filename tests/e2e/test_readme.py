@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, free_port, processes_mentioning, request, server_bin
+from e2e_stack import REPO, free_port, processes_mentioning, request, server_bin
 
 README = REPO / "README.md"
 MARKER = "<!-- readme-curl"

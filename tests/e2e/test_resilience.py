@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import processes_mentioning, request, server_bin
+from e2e_stack import processes_mentioning, request, server_bin
+from e2e_stack import make_stack  # noqa: F401 (fixtures)
 
 HERE = Path(__file__).parent
 # The bound: a slot must be free within 2 s of the client going away.

@@ -1,4 +1,4 @@
-"""The real stack for end-to-end tests: entrypoint.sh + the real llama-server on the demo model +
+"""The real stack for end-to-end tests (helpers and fixtures; e2e test modules import them): entrypoint.sh + the real llama-server on the demo model +
 health server + gateway, in a temp DATA_DIR, on free loopback ports, with a real key.
 
 `make test-e2e` sets LLAMA_SERVER_BIN and DEMO_MODEL; without them the cached llama-server and
@@ -203,10 +203,3 @@ def stack(tmp_path_factory):
     finally:
         s.kill_all()
 
-
-def pytest_collection_modifyitems(config, items):
-    """Every test under tests/e2e/ is in the e2e tier (`make test-e2e`)."""
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.e2e)
