@@ -413,18 +413,20 @@ class Bench:
             t.start()
         deadline = time.monotonic() + timeout + 30
         pending = list(procs)
-        while pending and time.monotonic() < deadline:
-            if on_tick is not None:
-                on_tick()
-            for p in list(pending):
-                pid, status, _ru = os.wait4(p.pid, os.WNOHANG)
-                if pid:
-                    p.returncode = os.waitstatus_to_exitcode(status)
-                    pending.remove(p)
-            time.sleep(0.02 if on_tick is None else RSS_SAMPLE_PERIOD)
-        for p in pending:
-            p.kill()
-            p.wait()
+        try:
+            while pending and time.monotonic() < deadline:
+                if on_tick is not None:
+                    on_tick()
+                for p in list(pending):
+                    pid, status, _ru = os.wait4(p.pid, os.WNOHANG)
+                    if pid:
+                        p.returncode = os.waitstatus_to_exitcode(status)
+                        pending.remove(p)
+                time.sleep(0.02 if on_tick is None else RSS_SAMPLE_PERIOD)
+        finally:
+            for p in pending:   # past the deadline, or interrupted: no client outlives the run
+                p.kill()
+                p.wait()
         wall, cpu_pct = meter.stop("loadclient")
         for t in threads:
             t.join(5)
@@ -454,9 +456,11 @@ class Bench:
         try:
             out, err = p.communicate(timeout=duration + 30)
         except subprocess.TimeoutExpired:
-            p.kill()
-            out, err = p.communicate()
-            raise RuntimeError("wrk did not finish in time")
+            raise RuntimeError("wrk did not finish in time") from None
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         wall, cpu_pct = meter.stop("wrk")   # communicate() reaped wrk: RUSAGE_CHILDREN has it
         line = next((ln for ln in out.decode().splitlines() if ln.startswith("BENCHJSON ")), None)
         if line is None:
