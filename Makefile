@@ -40,8 +40,10 @@ test-e2e: $(VENV)/.stamp llama-server model ## the real stack: entrypoint.sh, ll
 	LLAMA_SERVER_BIN="$$($(PYTHON) scripts/llama_bin.py --cache-dir "$(LLAMA_CACHE)")" \
 	DEMO_MODEL="$(abspath $(DEMO_MODEL))" $(VPY) -m pytest -q -m e2e tests
 
-bench: $(VENV)/.stamp llama-server model ## gateway vs llama-server direct, as ratios
-	$(VPY) tests/bench/run_bench.py --out bench-results
+bench: $(VENV)/.stamp llama-server model ## gateway vs llama-server direct, as ratios (bench-results/bench.md)
+	@command -v wrk >/dev/null || apt-get install -y wrk || echo "wrk unavailable: case a will fail"
+	LLAMA_SERVER_BIN="$$($(PYTHON) scripts/llama_bin.py --cache-dir "$(LLAMA_CACHE)")" \
+	DEMO_MODEL="$(abspath $(DEMO_MODEL))" $(VPY) tests/bench/run_bench.py --out bench-results $(ARGS)
 
 lint: $(VENV)/.stamp ## byte-compile, shellcheck when present
 	$(VPY) -m compileall -q scripts tests
