@@ -10,7 +10,7 @@ DEMO_MODEL := data/models/demo-tiny-llama.gguf
 .PHONY: help run test test-unit test-e2e bench lint keys docker clean llama-server model venv
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(VENV)/.stamp: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,8 +49,8 @@ lint: $(VENV)/.stamp ## byte-compile, shellcheck when present
 	$(VPY) -m compileall -q scripts tests
 	@if command -v shellcheck >/dev/null; then shellcheck entrypoint.sh; else echo "shellcheck not installed"; fi
 
-keys: ## manage API keys: make keys ARGS="add alice"
-	$(PYTHON) scripts/keys.py $(ARGS)
+keys: ## manage API keys of `make run` (data/api_keys.txt): make keys ARGS="add alice"
+	DATA_DIR="$${DATA_DIR:-$(CURDIR)/data}" $(PYTHON) scripts/keys.py $(ARGS)
 
 docker: ## build the GPU and CPU images
 	docker build -t llama-gguf-inference:cuda .
