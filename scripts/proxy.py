@@ -5,8 +5,10 @@ only UPSTREAM_HEADERS from the client, our own Host / Content-Length / X-Forward
 X-Request-Id. The response is rebuilt the same way: RESPONSE_HEADERS from llama-server (its CORS
 reflection and server banner stay behind), our framing and request id.
 
-Relay: Exchange is the sink of an upstream connection. Each body piece llama-server sends is written
-to the client transport at once (SSE: one event per chunk, never buffered whole). When the client's
+Relay: Exchange is the sink of an upstream connection. The body pieces of one upstream read are
+collected and written to the client transport in one write when the read has been handled
+(flush): SSE events go out in the read they arrived in, never buffered across reads, and a small
+non-streamed answer leaves as one write, head and body together. When the client's
 transport buffer passes its high-water mark the upstream socket stops being read, so a slow reader
 slows llama-server's sends instead of growing memory; a client that reads nothing for
 CLIENT_WRITE_TIMEOUT is dropped. A client that goes away closes the upstream socket at once (never
@@ -63,7 +65,8 @@ class Exchange:
     __slots__ = ("client", "ctx", "conn", "head_only", "http10", "loop", "done", "head_written",
                  "swallow", "chunked_out", "sse", "keep_body", "body_parts", "body_size", "tail",
                  "last_activity", "idle_timeout", "write_timeout", "first_byte_timeout",
-                 "_timer", "_stall_timer", "upstream_keep_alive", "status", "transform")
+                 "_timer", "_stall_timer", "upstream_keep_alive", "status", "transform",
+                 "_head", "_pending")
 
     def __init__(self, client, ctx, *, head_only: bool, http10: bool, first_byte_timeout: float,
                  idle_timeout: float, write_timeout: float, account: bool, transform=None):
@@ -95,6 +98,10 @@ class Exchange:
         self._stall_timer = None
         self.upstream_keep_alive = False
         self.status = 0
+        # Output of the upstream read being handled, written by flush(): the response head
+        # (once) and the body pieces, each already framed as its own chunk when chunked.
+        self._head: bytes | None = None
+        self._pending: list[bytes] = []
 
     # ---- upstream events (Sink) ----
     def on_head(self, resp: http11.Response) -> None:
@@ -146,7 +153,7 @@ class Exchange:
         status = resp.status if transform is None else transform.status
         self.ctx.status = status
         self.head_written = True
-        client.write(http11.response_head(status, headers))
+        self._head = http11.response_head(status, headers)   # written by flush()
 
     def on_data(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -172,7 +179,28 @@ class Exchange:
             if not data or not self.head_written:
                 return
         self.ctx.bytes_out += len(data)
-        self.client.write(http11.chunk(data) if self.chunked_out else data)
+        self._pending.append(http11.chunk(data) if self.chunked_out else data)
+
+    def _take_output(self) -> bytes:
+        """The head (if not yet written) and the pending body pieces; clears both."""
+        pending = self._pending
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+        else:
+            data = b""
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        return data
+
+    def flush(self) -> None:
+        """End of one upstream read: write what it produced in one write."""
+        if self._head is not None or self._pending:
+            data = self._take_output()
+            if data:
+                self.client.write(data)
 
     def on_end(self) -> None:
         if self.swallow:
@@ -188,9 +216,12 @@ class Exchange:
                 self._write_whole(transform.status, transform.content_type, tail)
             elif tail:
                 self.ctx.bytes_out += len(tail)
-                self.client.write(http11.chunk(tail) if self.chunked_out else tail)
+                self._pending.append(http11.chunk(tail) if self.chunked_out else tail)
+        out = self._take_output()
         if self.chunked_out and not self.head_only:
-            self.client.write(http11.LAST_CHUNK)
+            out += http11.LAST_CHUNK
+        if out:
+            self.client.write(out)
         if self.keep_body:
             self._account()
         self.ctx.outcome = "ok"
@@ -208,7 +239,8 @@ class Exchange:
             else:
                 event = _UPSTREAM_CLOSED_EVENT if self.sse and not self.head_only else b""
             if event and not self.client.gone:
-                self.client.write(http11.chunk(event) if self.chunked_out else event)
+                self._pending.append(http11.chunk(event) if self.chunked_out else event)
+            self.flush()
             self.client.close_after_write(abort_chunked=True)
             self._finish(pool=False)
             return
@@ -277,7 +309,8 @@ class Exchange:
             # A translated stream (Ollama NDJSON) ends with an in-band error line.
             event = self.transform.cut(f"llama-server sent nothing for {self.idle_timeout:g} s")
             if event:
-                self.client.write(http11.chunk(event) if self.chunked_out else event)
+                self._pending.append(http11.chunk(event) if self.chunked_out else event)
+        self.flush()
         self.client.close_after_write(abort_chunked=True)
         self._finish(pool=False)
 

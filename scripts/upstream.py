@@ -41,6 +41,7 @@ class Sink:
     def on_data(self, data: bytes) -> None: ...
     def on_end(self) -> None: ...
     def on_error(self, exc: BaseException) -> None: ...
+    def flush(self) -> None: ...   # end of one read: write out what its events produced
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -70,6 +71,12 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         parser.feed(data)
+        try:
+            self._relay(sink, parser)
+        finally:
+            sink.flush()
+
+    def _relay(self, sink: Sink, parser: http11.ResponseParser) -> None:
         try:
             while True:
                 event = parser.next_event()
@@ -112,6 +119,8 @@ class UpstreamConnection(asyncio.Protocol):
                     event = parser.next_event()
             except http11.ProtocolError:
                 pass
+            finally:
+                sink.flush()
         return False  # close the transport
 
     def connection_lost(self, exc):

@@ -1,0 +1,129 @@
+"""The relay writes once per upstream read: head and body of a small answer together, every SSE
+event of one read in one write (each still its own chunk), and a cut stream's error event with
+what came before it."""
+
+from __future__ import annotations
+
+import upstream
+from conftest import aio
+from connection import RequestContext
+from proxy import Exchange
+
+
+class FakeClient:
+    def __init__(self):
+        self.writes: list[bytes] = []
+        self.gone = False
+        self.keep_alive = True
+        self.exchange = None
+        self.closed_after_write = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close_after_write(self, abort_chunked: bool = False) -> None:
+        self.keep_alive = False
+        self.closed_after_write = True
+
+    def abort(self) -> None:
+        self.gone = True
+
+
+class FakeTransport:
+    def __init__(self):
+        self.sent: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data):
+        self.sent.append(data)
+
+    def abort(self):
+        self.aborted = True
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+
+def setup(method: str = "POST"):
+    pool = upstream.UpstreamPool("127.0.0.1", 9, 1.0)
+    conn = upstream.UpstreamConnection(pool)
+    conn.connection_made(FakeTransport())
+    client = FakeClient()
+    ctx = RequestContext("127.0.0.1", method, "/v1/chat/completions", "rid1")
+    ex = Exchange(client, ctx, head_only=method == "HEAD", http10=False, first_byte_timeout=5.0,
+                  idle_timeout=5.0, write_timeout=5.0, account=True)
+    ex.conn = conn
+    conn.start(ex, method, b"POST / HTTP/1.1\r\n\r\n")
+    return conn, client, ctx, ex
+
+
+def dechunk(data: bytes) -> list[bytes]:
+    out = []
+    while data:
+        line, _, rest = data.partition(b"\r\n")
+        size = int(line, 16)
+        if size == 0:
+            break
+        out.append(rest[:size])
+        data = rest[size + 2:]
+    return out
+
+
+@aio
+async def test_small_answer_is_one_write_head_and_body():
+    conn, client, ctx, ex = setup()
+    body = b'{"usage":{"prompt_tokens":3,"completion_tokens":5}}'
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+    assert len(client.writes) == 1
+    head, _, got = client.writes[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: %d" % len(body) in head
+    assert got == body
+    assert ex.done.done() and ctx.outcome == "ok"
+    assert (ctx.prompt_tokens, ctx.completion_tokens) == (3, 5)
+    assert ctx.bytes_out == len(body)
+
+
+@aio
+async def test_events_of_one_read_leave_in_one_write_each_its_own_chunk():
+    conn, client, ctx, ex = setup()
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n")
+    assert len(client.writes) == 1 and b"transfer-encoding: chunked" in client.writes[0]
+    events = [b"data: {\"n\":%d}\n\n" % i for i in range(50)]
+    conn.data_received(b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events))
+    assert len(client.writes) == 2
+    assert dechunk(client.writes[1]) == events        # one chunk per event, as before
+    # the next read is written at once, not held for more
+    conn.data_received(b"%x\r\n%b\r\n" % (len(events[0]), events[0]))
+    assert len(client.writes) == 3 and dechunk(client.writes[2]) == [events[0]]
+    conn.data_received(b"0\r\n\r\n")
+    assert client.writes[-1] == b"0\r\n\r\n" and ctx.outcome == "ok"
+
+
+@aio
+async def test_cut_mid_read_writes_pieces_then_error_event_without_terminator():
+    conn, client, ctx, ex = setup()
+    ev = b"data: {\"n\":1}\n\n"
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\nzz\r\n" % (len(ev), ev))
+    out = b"".join(client.writes)
+    assert len(client.writes) == 1
+    body = out.partition(b"\r\n\r\n")[2]
+    pieces = dechunk(body)
+    assert pieces[0] == ev and b"upstream_closed" in pieces[1]
+    assert not body.endswith(b"0\r\n\r\n")
+    assert client.closed_after_write and ctx.outcome == "upstream_error"
+    assert conn.transport.aborted
+
+
+@aio
+async def test_head_request_writes_only_the_head():
+    conn, client, ctx, ex = setup("HEAD")
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 10\r\n\r\n")
+    assert len(client.writes) == 1 and client.writes[0].endswith(b"\r\n\r\n")
+    assert ex.done.done()
