@@ -22,6 +22,7 @@ Deadlines (config):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import secrets
@@ -40,6 +41,17 @@ log = logging.getLogger("gateway")
 MAX_PIPELINED_BYTES = 256 * 1024
 # A client-provided X-Request-Id is kept only if it looks like an id (no log injection).
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Our request ids: a random per-process prefix (8 bytes from secrets, drawn once: not guessable,
+# distinct across processes and restarts) and a counter (unique within the process). A
+# secrets call per request cost ~9% of the gateway's CPU on small requests (bench case a).
+REQUEST_ID_PREFIX_BYTES = 8
+_RID_PREFIX = secrets.token_hex(REQUEST_ID_PREFIX_BYTES)
+_rid_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """24+ hex digits: the process prefix, then the request counter (at least 8 digits)."""
+    return f"{_RID_PREFIX}{next(_rid_counter):08x}"
 
 
 class RequestContext:
@@ -289,7 +301,7 @@ class ClientConnection(asyncio.Protocol):
         gw = self.gw
         rid = req.get("x-request-id")
         if rid is None or not REQUEST_ID_RE.fullmatch(rid):
-            rid = secrets.token_hex(12)
+            rid = new_request_id()
         ctx = RequestContext(self.peer_host, req.method, req.path, rid)
         ctx.response_headers.append(("x-request-id", rid))
         if not req.keep_alive or gw.shutting_down:
