@@ -161,3 +161,35 @@ def test_disk_error_is_counted_and_logged_not_raised(tmp_path, caplog):
 def test_invalid_arguments():
     with pytest.raises(ValueError):
         AccessLog("/tmp/x.log", max_bytes=0, backups=1)
+
+
+def test_records_are_cleaned_in_the_writer_thread_not_the_caller(tmp_path, monkeypatch):
+    threads = []
+    real = accesslog.clean_record
+
+    def spy(record):
+        threads.append(threading.current_thread().name)
+        return real(record)
+
+    monkeypatch.setattr(accesslog, "clean_record", spy)
+    path = tmp_path / "a.log"
+    alog = AccessLog(str(path), max_bytes=1_000_000, backups=1)
+    for i in range(3):
+        alog.write(full_record(i))
+    assert threads == []              # nothing done on the caller's side
+    alog.close()
+    assert threads == ["access-log"] * 3
+    assert read_lines(path) == [full_record(i) for i in range(3)]
+
+
+def test_lines_reach_the_file_without_close_within_the_flush_interval(tmp_path):
+    path = tmp_path / "a.log"
+    alog = AccessLog(str(path), max_bytes=1_000_000, backups=1)
+    try:
+        alog.write(full_record(0))
+        deadline = time.monotonic() + accesslog.FLUSH_INTERVAL_S * 20
+        while time.monotonic() < deadline and not (path.exists() and path.read_text()):
+            time.sleep(0.01)
+        assert read_lines(path) == [full_record(0)]
+    finally:
+        alog.close()
