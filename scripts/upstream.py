@@ -8,6 +8,9 @@ connection's reading (slow client), and the pool never hands out a connection th
 Stale connections: llama-server closes keep-alive connections idle for about 5 s. A pooled
 connection idle longer than IDLE_TTL is closed instead of reused, and the proxy retries once on a
 fresh connection when a reused one dies before any response byte arrived.
+
+Connect storms: at most MAX_CONNECTING connects are in flight per pool; further ones wait in FIFO
+order, and the connect deadline covers the wait and the connect together.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ IDLE_TTL = 3.0
 # more would only hold sockets that go stale.
 MAX_IDLE = 64
 # Bytes read from llama-server per data_received are the transport's choice (64 KiB chunks).
+# Connects in flight per pool. Thousands of streams starting at once (bench case c: 10,000)
+# overflowed llama-server's listen backlog and the SYN retries ran past the connect deadline
+# (504s). llama-server sets CPPHTTPLIB_LISTEN_BACKLOG to 512 (cpp-httplib's default is 5); 64
+# in flight stays well inside it while a burst still connects in a few round trips.
+MAX_CONNECTING = 64
 
 
 class UpstreamClosed(Exception):
@@ -160,7 +168,8 @@ class UpstreamConnection(asyncio.Protocol):
 
 class UpstreamPool:
     def __init__(self, host: str, port: int, connect_timeout: float, *,
-                 idle_ttl: float = IDLE_TTL, max_idle: int = MAX_IDLE, clock=time.monotonic):
+                 idle_ttl: float = IDLE_TTL, max_idle: int = MAX_IDLE,
+                 max_connecting: int = MAX_CONNECTING, clock=time.monotonic):
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
@@ -169,6 +178,9 @@ class UpstreamPool:
         self.clock = clock
         self._idle: collections.deque[UpstreamConnection] = collections.deque()
         self._all: set[UpstreamConnection] = set()
+        self.max_connecting = max_connecting
+        self._connecting = 0
+        self._connect_waiters: collections.deque[asyncio.Future] = collections.deque()
 
     async def acquire(self, fresh: bool = False) -> UpstreamConnection:
         """A usable connection: the most recently used idle one, or a new one.
@@ -184,12 +196,57 @@ class UpstreamPool:
                     continue
                 conn.reused = True
                 return conn
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self.connect_timeout):
-            _, conn = await loop.create_connection(lambda: UpstreamConnection(self),
-                                                   self.host, self.port)
+        async with asyncio.timeout(self.connect_timeout):   # the queue wait included
+            await self._connect_slot()
+            try:
+                conn = await self._open()
+            finally:
+                self._connect_done()
         self._all.add(conn)
         return conn
+
+    async def _open(self) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(lambda: UpstreamConnection(self),
+                                               self.host, self.port)
+        return conn
+
+    async def _connect_slot(self) -> None:
+        """One of max_connecting places; FIFO after those already waiting."""
+        if self._connecting < self.max_connecting and not self._connect_waiters:
+            self._connecting += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._connect_waiters.append(waiter)
+        try:
+            await waiter          # _connect_done hands its place over (counted for us)
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._connect_done()          # handed over, then cancelled: pass it on
+            else:
+                try:
+                    self._connect_waiters.remove(waiter)
+                except ValueError:
+                    pass
+            raise
+
+    def _connect_done(self) -> None:
+        waiters = self._connect_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)       # the place goes to the next waiter
+                return
+        self._connecting -= 1
+
+    @property
+    def connecting(self) -> int:
+        """Connects in flight (places taken)."""
+        return self._connecting
+
+    @property
+    def connect_waiting(self) -> int:
+        return len(self._connect_waiters)
 
     def release(self, conn: UpstreamConnection, keep_alive: bool) -> None:
         """The response is complete: pool the connection if it can serve another request."""

@@ -81,6 +81,9 @@ MAX_PAYLOAD_SIZE = 1024 * 1024
 EMBEDDING_DIM = 8
 # Deadline for FakeLlamaThread to start or stop its loop.
 THREAD_START_TIMEOUT = 5.0
+# Listen backlog: the benchmark opens ~10,000 streams at once (case c); asyncio's default of
+# 100 overflowed and the gateway's connects timed out. The gateway's own listener uses 2048.
+LISTEN_BACKLOG = 2048
 
 DEFAULT_KNOBS: dict = {
     "events": 5,
@@ -564,6 +567,8 @@ class _Conn(asyncio.Protocol):
         created = int(time.time())
         rid = srv._next_id(kind)
         self._write(self._head(200, "text/event-stream", None, close, self.origin))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         for i in range(events + 1):
             if stall_after is not None and i >= stall_after:
                 return await self._stall()
@@ -572,7 +577,11 @@ class _Conn(asyncio.Protocol):
             if i == events:
                 break
             if i and interval:
-                await asyncio.sleep(interval)
+                # An absolute schedule (start + i * interval): loop lag under load delays one
+                # event, never every later one, so the stream's length measures the relay.
+                delay = start + i * interval - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             text = _token(i, size)
             if kind == "chat":
                 delta = {"role": "assistant", "content": text} if i == 0 else {"content": text}
@@ -776,7 +785,8 @@ class FakeLlama:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         self._server = await self._loop.create_server(
-            lambda: _Conn(self), self.host, self.port, reuse_address=True)
+            lambda: _Conn(self), self.host, self.port, reuse_address=True,
+            backlog=LISTEN_BACKLOG)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
