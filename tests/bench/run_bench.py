@@ -960,10 +960,10 @@ class Bench:
                 L.append(f"| {n} | CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
             L.append("")
             L += [f"Note: {note}" for note in c.get("notes", ())] + ([""] if c.get("notes") else [])
-            L += ["Note: the fake paces a stream with `sleep(interval)` after each event, so any "
-                  "loop lag it suffers adds up over the 40 events; on a machine with few CPUs the "
-                  "gateway's own CPU use slows the fake, and the stream-time ratio then measures "
-                  "CPU contention as much as relay delay.", ""]
+            L += ["Note: the fake paces a stream on an absolute schedule (start + i × interval), "
+                  "so its own loop lag does not add up over the 40 events; on a machine with few "
+                  "CPUs the gateway, the fake and the load client still share the cores, and the "
+                  "stream-time ratio then measures CPU contention as well as relay delay.", ""]
         if "d" in self.results:
             dd = self.results["d"]
             L += [f"## (d) real llama-server, demo model, max_tokens {dd['max_tokens']}, "
