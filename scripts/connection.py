@@ -163,7 +163,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.gone:
             self.transport.write(data)
 
-    def close_after_write(self, abort_chunked: bool = False) -> None:
+    def close_after_write(self) -> None:
         """No more responses on this connection; the run loop closes it (buffered data is sent)."""
         self.keep_alive = False
 

@@ -204,7 +204,7 @@ class Exchange:
 
     def on_end(self) -> None:
         if self.swallow:
-            self._finish_error(GatewayError(
+            self._finish(exc=GatewayError(
                 503, "The model is still loading; retry shortly", "model_loading",
                 headers=[("retry-after", str(LOADING_RETRY_AFTER))]), pool=True)
             return
@@ -241,7 +241,7 @@ class Exchange:
             if event and not self.client.gone:
                 self._pending.append(http11.chunk(event) if self.chunked_out else event)
             self.flush()
-            self.client.close_after_write(abort_chunked=True)
+            self.client.close_after_write()
             self._finish(pool=False)
             return
         if isinstance(exc, UpstreamClosed):
@@ -311,27 +311,21 @@ class Exchange:
             if event:
                 self._pending.append(http11.chunk(event) if self.chunked_out else event)
         self.flush()
-        self.client.close_after_write(abort_chunked=True)
+        self.client.close_after_write()
         self._finish(pool=False)
 
     def _fail(self, exc: BaseException) -> None:
-        if self.conn is not None:
-            self.conn.abort()
-        self._cleanup()
-        if not self.done.done():
-            self.done.set_exception(exc)
+        """Before a head was written: drop the upstream socket, the caller raises exc."""
+        self._finish(pool=False, exc=exc)
 
-    def _finish_error(self, err: GatewayError, pool: bool) -> None:
+    def _finish(self, pool: bool, exc: BaseException | None = None) -> None:
         self._release_conn(pool)
         self._cleanup()
         if not self.done.done():
-            self.done.set_exception(err)
-
-    def _finish(self, pool: bool) -> None:
-        self._release_conn(pool)
-        self._cleanup()
-        if not self.done.done():
-            self.done.set_result(None)
+            if exc is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(exc)
 
     def _release_conn(self, pool: bool) -> None:
         conn = self.conn

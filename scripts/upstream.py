@@ -54,7 +54,7 @@ class Sink:
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "sink", "closed", "last_used", "got_bytes",
-                 "reused", "_lost_waiter")
+                 "reused")
 
     def __init__(self, pool: UpstreamPool):
         self.pool = pool
@@ -84,7 +84,10 @@ class UpstreamConnection(asyncio.Protocol):
         finally:
             sink.flush()
 
-    def _relay(self, sink: Sink, parser: http11.ResponseParser) -> None:
+    def _relay(self, sink: Sink, parser: http11.ResponseParser, at_eof: bool = False) -> None:
+        """Hand the parser's events to the sink until it needs more bytes or the response ends.
+        At EOF a protocol error (an unfinished response) is left to connection_lost, which tells
+        the sink whether any byte had arrived (a stale pooled connection is then retried)."""
         try:
             while True:
                 event = parser.next_event()
@@ -102,6 +105,8 @@ class UpstreamConnection(asyncio.Protocol):
                 if self.sink is not sink:   # the sink detached (abort) while handling the event
                     return
         except http11.ProtocolError as exc:
+            if at_eof:
+                return
             self.sink = None
             self.abort()
             sink.on_error(exc)
@@ -111,22 +116,9 @@ class UpstreamConnection(asyncio.Protocol):
         parser = self.parser
         if sink is not None and parser is not None:
             # Close-delimited body ends at EOF; anything else is an unfinished response.
+            parser.feed_eof()
             try:
-                parser.feed_eof()
-                event = parser.next_event()
-                while event is not http11.NEED_DATA:
-                    if type(event) is http11.Data:
-                        sink.on_data(event.data)
-                    elif type(event) is http11.Response:
-                        sink.on_head(event)
-                    else:
-                        self.sink = None
-                        self.parser = None
-                        sink.on_end()
-                        break
-                    event = parser.next_event()
-            except http11.ProtocolError:
-                pass
+                self._relay(sink, parser, at_eof=True)
             finally:
                 sink.flush()
         return False  # close the transport
