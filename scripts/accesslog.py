@@ -1,7 +1,10 @@
 """Access log: one JSON line per request, written off the event loop, rotated by size.
 
 write() never blocks and does almost nothing on the event loop: it appends the record (a dict the
-caller no longer touches) to a bounded deque without waking anyone. A daemon thread wakes every
+caller no longer touches) to a bounded deque without waking anyone. write_request() is the
+gateway's per-request path: a tuple of the ACCESS_FIELDS values, formatted by the writer with one
+template (format_request, ~2 us) instead of a cleaned dict through json (~8 us); both hold the
+GIL the event loop needs, so the writer's cost is the loop's cost. A daemon thread wakes every
 FLUSH_INTERVAL_S, keeps only the fields in ACCESS_FIELDS of each record (anything else, such as a
 body, is dropped), serializes, appends and rotates (api_access.log -> .1 -> ... -> .N). When the
 deque is full (the disk is slower than the traffic) the record is dropped and counted in
@@ -14,12 +17,13 @@ What is never logged: secrets and prompts (no such field exists), and the query 
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
-import collections
 import threading
 import time
+from json.encoder import encode_basestring_ascii as _quote
 
 ACCESS_FIELDS = (
     "time", "request_id", "key_id", "client", "method", "path", "status", "bytes_in",
@@ -41,6 +45,14 @@ BATCH_LINES = 512
 FLUSH_INTERVAL_S = 0.1
 
 _SCALARS = (str, int, float, bool, type(None))
+# One encoder for every dict record: json.dumps() with arguments builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+# write_request(): the line of one request, ACCESS_FIELDS in order. Strings go through json's C
+# quoting (escapes, ASCII only), numbers through %-formatting checked for type and finiteness.
+_REQUEST_TEMPLATE = "{" + ",".join(
+    f'"{name}":%s' for name in ACCESS_FIELDS) + "}\n"
+# A finite float's magnitude is below this; NaN fails every comparison.
+_FINITE = 1e300
 
 log = logging.getLogger("gateway.accesslog")
 
@@ -62,6 +74,53 @@ def clean_record(record: dict) -> dict:
             value = value[:MAX_VALUE_CHARS]
         out[name] = value
     return out
+
+
+def _ms(value) -> str:
+    """Milliseconds (rounded to the microsecond) or null."""
+    if value is None:
+        return "null"
+    if type(value) not in (int, float) or not -_FINITE < value < _FINITE:
+        raise ValueError("not a finite number")
+    return "%.3f" % value
+
+
+def _count(value) -> str:
+    if value is None:
+        return "null"
+    if type(value) is not int:
+        raise ValueError("not an int")
+    return "%d" % value
+
+
+def format_request(values: tuple) -> str:
+    """One JSON line from the ACCESS_FIELDS values in order; ValueError/TypeError when a value
+    has an unexpected type (the caller then takes the general path, clean_record)."""
+    (when, request_id, key_id, client, method, path, status, bytes_in, bytes_out, duration_ms,
+     ttfb_ms, stream, prompt_tokens, completion_tokens, outcome) = values
+    if type(when) is not float or not 0.0 <= when < _FINITE:
+        raise ValueError("time")
+    if type(status) is not int or type(bytes_in) is not int or type(bytes_out) is not int:
+        raise ValueError("status/bytes")
+    if type(stream) is not bool:
+        raise ValueError("stream")
+    cap = MAX_VALUE_CHARS
+    return _REQUEST_TEMPLATE % (
+        "%.6f" % when, _quote(request_id[:cap]), _quote(key_id[:cap]), _quote(client[:cap]),
+        _quote(method[:cap]), _quote(path.split("?", 1)[0][:cap]), "%d" % status,
+        "%d" % bytes_in, "%d" % bytes_out, _ms(duration_ms), _ms(ttfb_ms),
+        "true" if stream else "false", _count(prompt_tokens), _count(completion_tokens),
+        _quote(outcome[:cap]))
+
+
+def _line(record) -> str:
+    """A queued record as one line: tuples (write_request) by the template, dicts cleaned."""
+    if type(record) is tuple:
+        try:
+            return format_request(record)
+        except (ValueError, TypeError, AttributeError):
+            record = dict(zip(ACCESS_FIELDS, record))
+    return _ENCODER.encode(clean_record(record)) + "\n"
 
 
 class AccessLog:
@@ -95,6 +154,14 @@ class AccessLog:
             return
         self._pending.append(record)
 
+    def write_request(self, values: tuple) -> None:
+        """Queue one request's line: the values of ACCESS_FIELDS, in that order (the gateway's
+        hot path; formatted by the writer thread, like write())."""
+        if self._closed or len(self._pending) >= self._queue_size:
+            self.dropped += 1
+            return
+        self._pending.append(values)
+
     def close(self, timeout: float = 2.0) -> None:
         """Flush what is queued and stop, waiting at most `timeout` seconds."""
         if self._closed:
@@ -116,7 +183,7 @@ class AccessLog:
                 while pending and len(batch) < BATCH_LINES:
                     record = pending.popleft()
                     try:
-                        batch.append(clean_record(record))
+                        batch.append(_line(record))
                     except Exception:      # not a dict: a caller's bug; never kill the writer
                         self.write_errors += 1
                 self._write_batch(batch)
@@ -126,8 +193,8 @@ class AccessLog:
                 break
         self._close_file()
 
-    def _write_batch(self, batch: list[dict]) -> None:
-        lines = [json.dumps(r, separators=(",", ":"), ensure_ascii=True) + "\n" for r in batch]
+    def _write_batch(self, lines: list[str]) -> None:
+        """Append formatted lines (and a dropped-records line when records were dropped)."""
         dropped = self.dropped
         if dropped != self._reported_dropped:
             lines.append(json.dumps({"time": time.time(), "outcome": "access_log_dropped",

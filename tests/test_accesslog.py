@@ -4,6 +4,7 @@ close() with a deadline, disk errors."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 
@@ -193,3 +194,68 @@ def test_lines_reach_the_file_without_close_within_the_flush_interval(tmp_path):
         assert read_lines(path) == [full_record(0)]
     finally:
         alog.close()
+
+
+# ---- write_request: the gateway's per-request tuple, formatted by one template ----------------
+def request_values(**changes) -> tuple:
+    record = full_record(0)
+    record.update(changes)
+    return tuple(record[name] for name in ACCESS_FIELDS)
+
+
+def test_write_request_lines_equal_the_dict_path(tmp_path):
+    path = tmp_path / "a.log"
+    alog = AccessLog(str(path), max_bytes=1_000_000, backups=1)
+    alog.write_request(request_values())
+    alog.write_request(request_values(ttfb_ms=None, prompt_tokens=None, completion_tokens=None,
+                                      stream=False, duration_ms=0.0004))
+    alog.close()
+    lines = read_lines(path)
+    assert lines[0] == full_record(0)
+    assert list(lines[0]) == list(ACCESS_FIELDS)
+    assert lines[1]["ttfb_ms"] is None and lines[1]["prompt_tokens"] is None
+    assert lines[1]["stream"] is False and lines[1]["duration_ms"] == 0.0   # ms to the us
+    assert alog.written == 2
+
+
+def test_format_request_escapes_strings_and_strips_the_query():
+    line = accesslog.format_request(request_values(
+        client='1.2.3.4\n{"forged":1}', path="/v1/models?api_key=sk-secret-value-123",
+        key_id="k\u00e9y", method="G" * 10_000))
+    assert line.endswith("}\n") and line.count("\n") == 1 and line.isascii()
+    record = json.loads(line)
+    assert record["client"] == '1.2.3.4\n{"forged":1}'
+    assert record["path"] == "/v1/models" and "sk-secret" not in line
+    assert record["key_id"] == "k\u00e9y"
+    assert record["method"] == "G" * accesslog.MAX_VALUE_CHARS
+
+
+@pytest.mark.parametrize("changes", [
+    {"duration_ms": float("nan")}, {"ttfb_ms": float("inf")}, {"status": "200"},
+    {"prompt_tokens": 1.5}, {"stream": 1}, {"time": None}, {"path": None},
+])
+def test_write_request_with_a_bad_value_falls_back_to_the_cleaned_dict(tmp_path, changes):
+    with pytest.raises((ValueError, TypeError, AttributeError)):
+        accesslog.format_request(request_values(**changes))
+    path = tmp_path / "a.log"
+    alog = AccessLog(str(path), max_bytes=1_000_000, backups=1)
+    alog.write_request(request_values(**changes))
+    alog.close()
+    (record,) = read_lines(path)          # still one valid JSON line
+    assert record["request_id"] == "req-0" and alog.write_errors == 0
+    for name, value in changes.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            assert record[name] is None   # non-finite floats become null
+        elif value is None:
+            assert record.get(name) is None
+        else:
+            assert record[name] == value  # kept as given, by json
+
+
+def test_write_request_is_bounded_like_write(tmp_path):
+    alog = StalledLog(str(tmp_path / "a.log"), max_bytes=1_000_000, backups=1, queue_size=2)
+    for _ in range(5):
+        alog.write_request(request_values())
+    assert alog.dropped == 3
+    alog.gate.set()
+    alog.close()
