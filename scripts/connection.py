@@ -47,6 +47,9 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 REQUEST_ID_PREFIX_BYTES = 8
 _RID_PREFIX = secrets.token_hex(REQUEST_ID_PREFIX_BYTES)
 _rid_counter = itertools.count(1)
+# A wait's timer may fire this early (the loop runs timers due within its clock resolution);
+# closer than this to the deadline counts as expired.
+DEADLINE_SLACK = 0.001
 
 
 def new_request_id() -> str:
@@ -94,6 +97,7 @@ class ClientConnection(asyncio.Protocol):
         self.gw = gw
         self.parser = http11.RequestParser(gw.config.max_request_body_size)
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None   # set by connection_made
         self.peer_host = ""
         self.keep_alive = True
         self.gone = False
@@ -103,6 +107,12 @@ class ClientConnection(asyncio.Protocol):
         self.exchange: proxy.Exchange | None = None
         self.task: asyncio.Task | None = None
         self._waiter: asyncio.Future | None = None
+        # One timer per connection for every wait (keep-alive, head, body): it is re-armed only
+        # when a wait's deadline is earlier than the armed time, and on firing it re-checks
+        # _deadline (a keep-alive connection pushes its deadline forward at every request; a
+        # timer per wait cost a heap push and a cancel per request).
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._pipelined = 0
         self._reading_paused = False
         # The current request's body is in: bytes arriving now are pipelined requests, bounded
@@ -113,10 +123,11 @@ class ClientConnection(asyncio.Protocol):
     # ---------------- asyncio.Protocol ----------------
     def connection_made(self, transport):
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         self.peer_host = peer[0] if peer else ""
         self.gw.connections.add(self)
-        self.task = asyncio.get_running_loop().create_task(self.run())
+        self.task = self._loop.create_task(self.run())
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed(data)
@@ -182,15 +193,34 @@ class ClientConnection(asyncio.Protocol):
         """Wait for more bytes (True) until the loop-time deadline (False)."""
         if self.gone or self.eof:
             return False
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         waiter = loop.create_future()
         self._waiter = waiter
-        handle = loop.call_at(deadline, self._wake, False)
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_deadline)
         try:
             return await waiter
         finally:
-            handle.cancel()
             self._waiter = None
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        if self._waiter is None:
+            return                       # not waiting now: the next wait arms a timer
+        loop = self._loop
+        if self._deadline - loop.time() > DEADLINE_SLACK:
+            self._timer = loop.call_at(self._deadline, self._on_deadline)   # pushed forward
+            return
+        self._wake(False)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def wake_if_idle(self) -> None:
         """Shutdown: an idle keep-alive connection stops waiting and closes."""
@@ -219,6 +249,7 @@ class ClientConnection(asyncio.Protocol):
         except Exception:   # a bug: never leave the socket open
             log.exception("connection handler failed")
         finally:
+            self._stop_timer()
             if self.exchange is not None:
                 self.exchange.abort()
             if not self.gone and self.transport is not None:

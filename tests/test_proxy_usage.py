@@ -21,3 +21,22 @@ def test_timings_when_the_client_did_not_ask_for_usage():
 def test_nothing_to_count():
     assert _usage_from_sse_tail(b'data: {"choices":[]}\n\ndata: [DONE]\n\n') is None
     assert _usage_from_sse_tail(b'data: {"usage": broken\n\n') is None
+
+
+def test_usage_of_a_json_answer_is_parsed_alone():
+    from proxy import _usage_from_body
+    body = (b'{"choices":[{"message":{"content":"a \\"usage\\":{\\"prompt_tokens\\":99}"}}],'
+            b'"timings":{"prompt_n":3},"usage" : {"prompt_tokens":3,"completion_tokens":4,'
+            b'"prompt_tokens_details":{"cached_tokens":0}}}')
+    assert _usage_from_body(body) == {"prompt_tokens": 3, "completion_tokens": 4,
+                                      "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def test_usage_inside_a_string_only_is_not_usage():
+    from proxy import _usage_from_body
+    assert _usage_from_body(b'{"c":"\\"usage\\":{\\"prompt_tokens\\":9}"}') is None
+    assert _usage_from_body(b'{"c":"x\\"usage":1}') is None
+    assert _usage_from_body(b'{"usage":{broken') is None
+    assert _usage_from_body(b'{"usage":[1]}') is None
+    assert _usage_from_body(b'{"usage":{"prompt_tokens":"\xff"}}') is None   # not UTF-8
+    assert _usage_from_body(b'') is None
