@@ -105,6 +105,15 @@ class Admission:
             self.metrics.inc_auth_failed()
             raise _unauthorized("Invalid or missing metrics key", "invalid_metrics_key")
 
+    def try_backend_slot(self) -> ratelimit.Slot | None:
+        """A free slot without waiting, or None (then await backend_slot). 503 at shutdown."""
+        try:
+            return self.slots.try_acquire()
+        except ratelimit.QueueFull:
+            raise GatewayError(503, "The server is busy (queue full); retry shortly",
+                               "queue_full",
+                               headers=[("retry-after", str(QUEUE_RETRY_AFTER))]) from None
+
     async def backend_slot(self, ctx) -> ratelimit.Slot:
         try:
             return await self.slots.acquire(self.config.queue_timeout)

@@ -295,8 +295,35 @@ class ClientConnection(asyncio.Protocol):
             raise ProtocolError("Unexpected body framing", 400)
         self._body_read = True
 
-    async def _read_body(self, req: http11.Request, ctx: RequestContext) -> bytes:
+    def _drain_body(self, parts: list[bytes], ctx: RequestContext) -> bool:
+        """Take the body pieces already parsed into parts; True once END_OF_MESSAGE is taken."""
         parser = self.parser
+        while True:
+            event = parser.next_event()
+            if type(event) is http11.Data:
+                parts.append(event.data)
+                ctx.bytes_in += len(event.data)
+            elif type(event) is http11.EndOfMessage:
+                self._body_read = True
+                return True
+            else:
+                return False
+
+    def _buffered_body(self, req: http11.Request, ctx: RequestContext,
+                       parts: list[bytes]) -> bytes | None:
+        """The body if it has all arrived already (the usual small POST): no await, no
+        coroutine. None when the caller must wait for it (_read_body, which goes on from parts)."""
+        if not req.chunked and not req.content_length:
+            self._body_read = True
+            return b""          # END_OF_MESSAGE already taken by _handle (_end_bodiless)
+        if req.expect_continue and not ctx.continued:
+            return None         # 100 Continue first (_read_body)
+        if not self._drain_body(parts, ctx):
+            return None
+        return b"".join(parts) if len(parts) != 1 else parts[0]
+
+    async def _read_body(self, req: http11.Request, ctx: RequestContext,
+                         parts: list[bytes] | None = None) -> bytes:
         if not req.chunked and not req.content_length:
             self._body_read = True
             return b""          # END_OF_MESSAGE already taken by _handle (_end_bodiless)
@@ -308,15 +335,9 @@ class ClientConnection(asyncio.Protocol):
         cfg = self.gw.config
         loop = asyncio.get_running_loop()
         total_deadline = loop.time() + cfg.client_body_timeout
-        parts: list[bytes] = []
-        while True:
-            event = parser.next_event()
-            if type(event) is http11.Data:
-                parts.append(event.data)
-                ctx.bytes_in += len(event.data)
-                continue
-            if type(event) is http11.EndOfMessage:
-                break
+        if parts is None:
+            parts = []
+        while not self._drain_body(parts, ctx):
             if self.gone:
                 raise ClientGone()
             if self.eof:
@@ -325,7 +346,6 @@ class ClientConnection(asyncio.Protocol):
             deadline = min(loop.time() + cfg.client_body_idle_timeout, total_deadline)
             if not await self._wait_data(deadline) and loop.time() >= deadline:
                 raise ProtocolError("Request body not received in time", 408, "body_timeout")
-        self._body_read = True
         return b"".join(parts) if len(parts) != 1 else parts[0]
 
     async def _handle(self, req: http11.Request) -> None:
@@ -357,13 +377,18 @@ class ClientConnection(asyncio.Protocol):
             ctx.route = route.name
             ticket = gw.admit(req, route, ctx)       # auth, rate and key concurrency; raises
             try:
-                body = await self._read_body(req, ctx)
+                parts: list[bytes] = []
+                body = self._buffered_body(req, ctx, parts)
+                if body is None:
+                    body = await self._read_body(req, ctx, parts)
                 body_done = True
                 if gw.is_local(route):               # answered here, no backend slot
                     self.respond(ctx, req, *gw.local(route, req, ctx, body))
                     ctx.outcome = "ok"
                     return
-                slot = await self._backend_slot(ctx)  # global limit, bounded queue; raises
+                slot = gw.try_backend_slot()          # global limit; raises
+                if slot is None:
+                    slot = await self._backend_slot(ctx)  # bounded queue; raises
                 try:
                     if self.gone or self.eof:
                         raise ClientGone()

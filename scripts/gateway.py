@@ -116,7 +116,18 @@ class Gateway:
     def admit(self, req, route, ctx) -> admission.Ticket:
         return self.admission.admit(req, route, ctx)
 
+    def try_backend_slot(self):
+        """The backend check and a free slot without waiting; None when the caller must wait in
+        the queue (backend_slot). Raises GatewayError (503) like backend_slot."""
+        self._check_backend()
+        return self.admission.try_backend_slot()
+
     async def backend_slot(self, ctx):
+        self._check_backend()
+        self.metrics.in_flight = self.in_flight
+        return await self.admission.backend_slot(ctx)
+
+    def _check_backend(self) -> None:
         state = self.backend.get()
         if state in ("starting", "stopping"):
             raise GatewayError(503, f"The model backend is {state}; retry shortly",
@@ -125,8 +136,6 @@ class Gateway:
         if state == "failed":
             raise GatewayError(503, "The model backend has failed", "backend_failed",
                                headers=[("retry-after", str(FAILED_RETRY_AFTER))])
-        self.metrics.in_flight = self.in_flight
-        return await self.admission.backend_slot(ctx)
 
     def is_local(self, route) -> bool:
         """Answered by the gateway itself, without a llama-server slot."""

@@ -445,7 +445,9 @@ async def forward(gw, client, ctx, req: http11.Request, route, body: bytes, *,
                                      gw.backend_hostport, client.peer_host, ctx.request_id)
     for attempt in (0, 1):
         try:
-            conn = await gw.pool.acquire(fresh=attempt > 0)
+            conn = gw.pool.take_idle() if attempt == 0 else None
+            if conn is None:
+                conn = await gw.pool.acquire(fresh=attempt > 0)
         except TimeoutError:
             raise GatewayError(504, "llama-server did not accept the connection in time",
                                "upstream_connect_timeout") from None

@@ -233,14 +233,22 @@ class BackendSlots:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self, timeout: float) -> Slot:
-        """A slot now, or after waiting in line at most `timeout` seconds.
-        Raises QueueFull (queue full, or SlotsClosed at shutdown) or QueueTimeout."""
+    def try_acquire(self) -> Slot | None:
+        """A slot now if one is free and nobody waits (no await: the common case costs no
+        coroutine); None otherwise. Raises SlotsClosed at shutdown."""
         if self._closed:
             raise SlotsClosed("shutting down")
         if self._active < self.max_concurrent and not self._waiters:
             self._active += 1
             return Slot(self)
+        return None
+
+    async def acquire(self, timeout: float) -> Slot:
+        """A slot now, or after waiting in line at most `timeout` seconds.
+        Raises QueueFull (queue full, or SlotsClosed at shutdown) or QueueTimeout."""
+        slot = self.try_acquire()
+        if slot is not None:
+            return slot
         if len(self._waiters) >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests already waiting")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()

@@ -179,14 +179,8 @@ class UpstreamPool:
 
         Raises ConnectionRefusedError/OSError (502) or TimeoutError (504)."""
         if not fresh:
-            now = self.clock()
-            idle = self._idle
-            while idle:
-                conn = idle.pop()                      # LIFO: the warmest connection
-                if conn.closed or now - conn.last_used > self.idle_ttl:
-                    conn.abort()
-                    continue
-                conn.reused = True
+            conn = self.take_idle()
+            if conn is not None:
                 return conn
         async with asyncio.timeout(self.connect_timeout):   # the queue wait included
             await self._connect_slot()
@@ -196,6 +190,22 @@ class UpstreamPool:
                 self._connect_done()
         self._all.add(conn)
         return conn
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """The most recently used idle connection still fresh (LIFO: the warmest), or None.
+        No await: reusing a pooled connection costs no coroutine."""
+        idle = self._idle
+        if not idle:
+            return None
+        now = self.clock()
+        while idle:
+            conn = idle.pop()
+            if conn.closed or now - conn.last_used > self.idle_ttl:
+                conn.abort()
+                continue
+            conn.reused = True
+            return conn
+        return None
 
     async def _open(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()

@@ -372,3 +372,24 @@ def test_close_turns_away_waiters_and_new_acquires():
         s.release()
         assert slots.active == 0
     run(main())
+
+
+def test_try_acquire_takes_a_free_slot_but_never_overtakes_the_queue():
+    async def main():
+        slots = BackendSlots(1, 2)
+        first = slots.try_acquire()
+        assert first is not None and slots.active == 1
+        assert slots.try_acquire() is None            # full: the caller must queue
+        waiter = asyncio.create_task(slots.acquire(5))
+        await asyncio.sleep(0)
+        assert slots.waiting == 1
+        first.release()                               # the slot passes to the waiter ...
+        assert slots.try_acquire() is None            # ... not to a newcomer
+        second = await waiter
+        assert slots.active == 1 and slots.waiting == 0
+        second.release()
+        assert slots.active == 0
+        slots.close()
+        with pytest.raises(SlotsClosed):
+            slots.try_acquire()
+    run(main())
