@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import math
 from collections.abc import Iterable
 
@@ -29,13 +28,27 @@ SECONDS_PER_MINUTE = 60.0
 TOKEN_EPSILON = 1e-9
 
 
-@dataclasses.dataclass(frozen=True)
 class RateDecision:
-    allowed: bool
-    limit: int
-    remaining: int
-    reset_s: int
-    retry_after_s: int   # 0 when allowed
+    """One check's outcome (made once per request: a plain slotted class, ~4x cheaper to build
+    than a frozen dataclass)."""
+
+    __slots__ = ("allowed", "limit", "remaining", "reset_s", "retry_after_s")
+
+    def __init__(self, allowed: bool, limit: int, remaining: int, reset_s: int,
+                 retry_after_s: int):
+        self.allowed = allowed
+        self.limit = limit
+        self.remaining = remaining
+        self.reset_s = reset_s
+        self.retry_after_s = retry_after_s   # 0 when allowed
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, RateDecision):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    def __repr__(self) -> str:
+        return "RateDecision(%s)" % ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
 
     def headers(self) -> list[tuple[str, str]]:
         """X-RateLimit-* headers, plus Retry-After on refusal."""
@@ -72,20 +85,24 @@ class RateLimiter:
         bucket = self._buckets.get(key_id)
         if bucket is None:
             bucket = self._buckets[key_id] = _Bucket(float(limit), now)
-        elapsed = max(0.0, now - bucket.stamp)   # a clock step backwards refills nothing
-        # min(): a bucket also shrinks at once when a reload lowers the key's rpm.
-        bucket.tokens = min(float(limit), bucket.tokens + elapsed * rate)
+        elapsed = now - bucket.stamp
+        tokens = bucket.tokens
+        if elapsed > 0.0:                      # a clock step backwards refills nothing
+            tokens += elapsed * rate
+        if tokens > limit:                     # also shrinks at once when a reload lowers rpm
+            tokens = float(limit)
         bucket.stamp = now
-        if bucket.tokens + TOKEN_EPSILON >= 1.0:
-            bucket.tokens = max(0.0, bucket.tokens - 1.0)
+        if tokens + TOKEN_EPSILON >= 1.0:
+            tokens = tokens - 1.0 if tokens > 1.0 else 0.0
             allowed, retry_after = True, 0
         else:
             allowed = False
-            retry_after = max(1, math.ceil((1.0 - bucket.tokens) / rate - TOKEN_EPSILON))
-        missing = limit - bucket.tokens
+            retry_after = max(1, math.ceil((1.0 - tokens) / rate - TOKEN_EPSILON))
+        bucket.tokens = tokens
+        missing = limit - tokens
         reset = 0 if missing <= TOKEN_EPSILON else max(1, math.ceil(missing / rate
                                                                      - TOKEN_EPSILON))
-        remaining = max(0, math.floor(bucket.tokens + TOKEN_EPSILON))
+        remaining = int(tokens + TOKEN_EPSILON)    # floor of a non-negative number
         return RateDecision(allowed, limit, remaining, reset, retry_after)
 
     def retain(self, key_ids: Iterable[str]) -> None:
