@@ -87,6 +87,7 @@ _VERSIONS = {"HTTP/1.1": (1, 1), "HTTP/1.0": (1, 0)}
 _NO_TOKENS: frozenset[str] = frozenset()
 _REQUEST_FRAMING_NAMES = frozenset({"host", "content-length", "transfer-encoding", "connection",
                                     "expect"})
+_RESPONSE_FRAMING_NAMES = frozenset({"content-length", "transfer-encoding", "connection"})
 
 
 # --- events ---------------------------------------------------------------------------------
@@ -715,8 +716,18 @@ class ResponseParser(_Parser):
                 raise self._err("unexpected protocol switch (101)")
             return None
 
-        cl_values = [v for n, v in headers if n == "content-length"]
-        te_values = [v for n, v in headers if n == "transfer-encoding"]
+        cl_values: list[str] = []
+        te_values: list[str] = []
+        connection: list[str] = []
+        for name, value in headers:
+            if name not in _RESPONSE_FRAMING_NAMES:   # one set lookup for the common header
+                continue
+            if name == "content-length":
+                cl_values.append(value)
+            elif name == "transfer-encoding":
+                te_values.append(value)
+            else:
+                connection.append(value)
         content_length = None
         chunked = False
         if te_values:
@@ -732,7 +743,7 @@ class ResponseParser(_Parser):
             content_length = int(cl_values[0])
         has_body = not (self._method == "HEAD" or status == 204 or status == 304)
 
-        tokens = _connection_tokens([v for n, v in headers if n == "connection"])
+        tokens = _connection_tokens(connection)
         if version == (1, 1):
             keep_alive = "close" not in tokens
         else:
@@ -776,7 +787,7 @@ _GOOD_NAMES_MAX = 1024   # memo of validated header names; real traffic uses a f
 
 
 def _fields(headers: list[tuple[str, str]]) -> str:
-    text = "".join([f"{n}: {v}\r\n" for n, v in headers])
+    text = "".join([n + ": " + v + "\r\n" for n, v in headers])
     # Each field adds exactly one CR and one LF: any other CR, LF or NUL is response splitting.
     k = len(headers)
     if text.count("\r") != k or text.count("\n") != k or "\x00" in text:
@@ -803,13 +814,22 @@ def response_head(status: int, headers: list[tuple[str, str]], version: bytes = 
     return (line + _fields(headers) + "\r\n").encode("latin-1")
 
 
+_REQUEST_LINES: dict[tuple[str, str], str] = {}
+_REQUEST_LINES_MAX = 256   # memo of validated request lines; the route table has a few dozen
+
+
 def request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
     """Request line (HTTP/1.1) + fields + CRLF. Raises ValueError on anything malformed."""
-    if not _TOKEN_RE.fullmatch(method):
-        raise ValueError(f"invalid method {method!r}")
-    if not _TARGET_RE.fullmatch(target):
-        raise ValueError("invalid request target")
-    return (f"{method} {target} HTTP/1.1\r\n" + _fields(headers) + "\r\n").encode("latin-1")
+    line = _REQUEST_LINES.get((method, target))
+    if line is None:
+        if not _TOKEN_RE.fullmatch(method):
+            raise ValueError(f"invalid method {method!r}")
+        if not _TARGET_RE.fullmatch(target):
+            raise ValueError("invalid request target")
+        line = f"{method} {target} HTTP/1.1\r\n"
+        if len(_REQUEST_LINES) < _REQUEST_LINES_MAX:
+            _REQUEST_LINES[(method, target)] = line
+    return (line + _fields(headers) + "\r\n").encode("latin-1")
 
 
 def chunk(data: bytes) -> bytes:

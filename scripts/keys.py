@@ -368,8 +368,13 @@ def extract_key(headers: list[tuple[str, str]]) -> str | None:
     neither is present. headers are (lower-case name, value) pairs. Query strings are never
     consulted. Raises GatewayError(400) for a duplicate or malformed header, or for both headers
     with different keys. Error messages never contain the header value."""
-    auth = [v for n, v in headers if n == "authorization"]
-    api = [v for n, v in headers if n == "x-api-key"]
+    auth: list[str] = []
+    api: list[str] = []
+    for n, v in headers:          # one pass (this runs for every request)
+        if n == "authorization":
+            auth.append(v)
+        elif n == "x-api-key":
+            api.append(v)
     if len(auth) > 1:
         raise _bad_credentials("more than one Authorization header", "duplicate_authorization")
     if len(api) > 1:
@@ -381,12 +386,12 @@ def extract_key(headers: list[tuple[str, str]]) -> str | None:
             raise _bad_credentials("Authorization must be 'Bearer <key>'",
                                    "invalid_authorization")
         key = parts[1].strip(" \t")
-        if not key or any(c in key for c in " \t"):
+        if not key or " " in key or "\t" in key:
             raise _bad_credentials("Authorization must be 'Bearer <key>'",
                                    "invalid_authorization")
     if api:
         other = api[0].strip(" \t")
-        if not other or any(c in other for c in " \t"):
+        if not other or " " in other or "\t" in other:
             raise _bad_credentials("x-api-key must hold one key", "invalid_authorization")
         if key is not None and not hmac.compare_digest(key.encode("utf-8", "surrogateescape"),
                                                        other.encode("utf-8", "surrogateescape")):
