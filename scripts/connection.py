@@ -123,6 +123,7 @@ class ClientConnection(asyncio.Protocol):
     # ---------------- asyncio.Protocol ----------------
     def connection_made(self, transport):
         self.transport = transport
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
         self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         self.peer_host = peer[0] if peer else ""
@@ -259,7 +260,7 @@ class ClientConnection(asyncio.Protocol):
     async def _next_request(self, first: bool) -> http11.Request | None:
         parser = self.parser
         cfg = self.gw.config
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()
@@ -333,7 +334,7 @@ class ClientConnection(asyncio.Protocol):
             ctx.continued = True
             self.write(http11.CONTINUE_100)
         cfg = self.gw.config
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         total_deadline = loop.time() + cfg.client_body_timeout
         if parts is None:
             parts = []

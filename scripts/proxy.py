@@ -70,7 +70,8 @@ class Exchange:
                  "_head", "_pending")
 
     def __init__(self, client, ctx, *, head_only: bool, http10: bool, first_byte_timeout: float,
-                 idle_timeout: float, write_timeout: float, account: bool, transform=None):
+                 idle_timeout: float, write_timeout: float, account: bool, transform=None,
+                 loop: asyncio.AbstractEventLoop | None = None):
         self.client = client
         # Optional response transform (API translators, e.g. Ollama): .head(status),
         # .streaming, .status, .content_type, .feed(bytes) -> bytes, .finish() -> bytes,
@@ -81,7 +82,9 @@ class Exchange:
         self.conn = None
         self.head_only = head_only
         self.http10 = http10
-        self.loop = asyncio.get_running_loop()
+        # The caller passes its loop: on Python 3.11 asyncio.get_running_loop() makes a getpid()
+        # system call each time (fork detection), twice per request on the hot path.
+        self.loop = loop if loop is not None else asyncio.get_running_loop()
         self.done = self.loop.create_future()
         self.head_written = False
         self.swallow = False
@@ -461,7 +464,7 @@ async def forward(gw, client, ctx, req: http11.Request, route, body: bytes, *,
         ex = Exchange(client, ctx, head_only=req.method == "HEAD", http10=req.version == (1, 0),
                       first_byte_timeout=cfg.request_timeout, idle_timeout=cfg.stream_idle_timeout,
                       write_timeout=cfg.client_write_timeout, account=route.name != "models",
-                      transform=transform)
+                      transform=transform, loop=client._loop)
         ex.conn = conn
         client.exchange = ex
         if client.write_paused:
