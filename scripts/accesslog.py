@@ -200,6 +200,17 @@ class AccessLog:
             lines.append(json.dumps({"time": time.time(), "outcome": "access_log_dropped",
                                      "dropped": dropped}, separators=(",", ":")) + "\n")
             self._reported_dropped = dropped
+        if lines and self._fh is not None:
+            # The whole batch in one write when it fits before the rotation size.
+            data = "".join(lines).encode("ascii")
+            if self._size + len(data) <= self.max_bytes:
+                try:
+                    self._fh.write(data)
+                    self._size += len(data)
+                    self.written += len(lines)
+                    lines = []
+                except OSError:
+                    self._close_file()      # the lines are retried one by one below
         for line in lines:
             data = line.encode("ascii")
             try:

@@ -107,10 +107,12 @@ class ClientConnection(asyncio.Protocol):
         self.exchange: proxy.Exchange | None = None
         self.task: asyncio.Task | None = None
         self._waiter: asyncio.Future | None = None
-        # One timer per connection for every wait (keep-alive, head, body): it is re-armed only
-        # when a wait's deadline is earlier than the armed time, and on firing it re-checks
-        # _deadline (a keep-alive connection pushes its deadline forward at every request; a
-        # timer per wait cost a heap push and a cancel per request).
+        # One timer per connection for every deadline: the waits (keep-alive, head, body) and
+        # the proxy exchange in flight (first byte, stream idle). arm() moves it only to an
+        # earlier time; on firing it checks what is due (_deadline while waiting, else the
+        # exchange's own deadlines) and re-arms for the rest. A keep-alive connection pushes
+        # its deadline forward at every request; a timer per wait and per exchange cost a heap
+        # push and a cancel each, per request.
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._pipelined = 0
@@ -208,10 +210,22 @@ class ClientConnection(asyncio.Protocol):
         finally:
             self._waiter = None
 
+    def arm(self, when: float) -> None:
+        """Make the connection's timer fire no later than loop time `when` (the exchange's
+        deadlines; its on_deadline re-arms when it is woken early)."""
+        timer = self._timer
+        if timer is None or timer.when() > when:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(when, self._on_deadline)
+
     def _on_deadline(self) -> None:
         self._timer = None
         if self._waiter is None:
-            return                       # not waiting now: the next wait arms a timer
+            exchange = self.exchange
+            if exchange is not None:
+                exchange.on_deadline()
+            return                       # else not waiting now: the next wait arms a timer
         loop = self._loop
         if self._deadline - loop.time() > DEADLINE_SLACK:
             self._timer = loop.call_at(self._deadline, self._on_deadline)   # pushed forward

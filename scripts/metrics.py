@@ -44,6 +44,9 @@ MAX_ERROR_KINDS = 32
 # Without set_known_keys, at most this many key_id label values (the rest are "unknown").
 MAX_KEY_LABELS = 10_000
 
+# Status label of every valid status code, made once (not str() per request).
+_STATUS_LABELS = {code: str(code) for code in range(100, 600)}
+
 UNKNOWN_KEY = "unknown"
 NO_KEY = "-"
 OTHER = "other"
@@ -189,19 +192,32 @@ class Metrics:
     # -- hot path ------------------------------------------------------------------------------
     def observe_request(self, route: str, status: int, key_id: str, duration_s: float,
                         ttfb_s: float | None) -> None:
-        route = self._route(route)
-        status_label = str(status) if isinstance(status, int) and 100 <= status <= 599 else OTHER
-        labels = (route, status_label, self._key(key_id))
-        self._requests[labels] = self._requests.get(labels, 0) + 1
+        # Once per request: the label guards and histogram updates are inlined (same rules as
+        # _route, _key, _seconds and _Histogram.observe).
+        if route not in self._routes:
+            route = self._route(route)
+        status_label = _STATUS_LABELS.get(status, OTHER) if type(status) is int else OTHER
+        known = self._known_keys
+        if known is None or key_id not in known:
+            key_id = self._key(key_id)
+        labels = (route, status_label, key_id)
+        requests = self._requests
+        requests[labels] = requests.get(labels, 0) + 1
         hist = self._duration.get(route)
         if hist is None:
             hist = self._duration[route] = _Histogram(LATENCY_BUCKETS)
-        hist.observe(_seconds(duration_s))
+        value = duration_s if 0.0 <= duration_s < 1e9 else 0.0
+        hist.counts[bisect.bisect_left(hist.bounds, value)] += 1
+        hist.sum += value
+        hist.count += 1
         if ttfb_s is not None:
             hist = self._ttfb.get(route)
             if hist is None:
                 hist = self._ttfb[route] = _Histogram(TTFB_BUCKETS)
-            hist.observe(_seconds(ttfb_s))
+            value = ttfb_s if 0.0 <= ttfb_s < 1e9 else 0.0
+            hist.counts[bisect.bisect_left(hist.bounds, value)] += 1
+            hist.sum += value
+            hist.count += 1
 
     def inc_rate_limited(self, key_id: str) -> None:
         k = self._key(key_id)
@@ -216,7 +232,8 @@ class Metrics:
         self._upstream_errors[kind] = self._upstream_errors.get(kind, 0) + 1
 
     def add_tokens(self, key_id: str, prompt: int, completion: int) -> None:
-        k = self._key(key_id)
+        known = self._known_keys
+        k = key_id if known is not None and key_id in known else self._key(key_id)
         if prompt and prompt > 0:
             self._tokens[(k, "prompt")] = self._tokens.get((k, "prompt"), 0) + int(prompt)
         if completion and completion > 0:

@@ -66,7 +66,7 @@ class Exchange:
     __slots__ = ("client", "ctx", "conn", "head_only", "http10", "loop", "done", "head_written",
                  "swallow", "chunked_out", "sse", "keep_body", "body_parts", "body_size", "tail",
                  "last_activity", "idle_timeout", "write_timeout", "first_byte_timeout",
-                 "_timer", "_stall_timer", "upstream_keep_alive", "status", "transform",
+                 "_stall_timer", "upstream_keep_alive", "status", "transform",
                  "_head", "_pending")
 
     def __init__(self, client, ctx, *, head_only: bool, http10: bool, first_byte_timeout: float,
@@ -98,7 +98,7 @@ class Exchange:
         self.idle_timeout = idle_timeout
         self.write_timeout = write_timeout
         self.last_activity = self.loop.time()
-        self._timer = self.loop.call_at(self.last_activity + first_byte_timeout, self._on_timer)
+        client.arm(self.last_activity + first_byte_timeout)   # on_deadline when due
         self._stall_timer = None
         self.upstream_keep_alive = False
         self.status = 0
@@ -110,13 +110,10 @@ class Exchange:
     # ---- upstream events (Sink) ----
     def on_head(self, resp: http11.Response) -> None:
         self.last_activity = now = self.loop.time()
-        timer = self._timer
-        if timer is not None and timer.when() > now + self.idle_timeout:
-            # From now on the stream idle deadline applies, which is shorter than what is left
-            # of the first-byte one the timer was armed with. (Otherwise the armed timer stays:
-            # _on_timer re-arms it for the idle deadline when it fires early.)
-            timer.cancel()
-            self._timer = self.loop.call_at(now + self.idle_timeout, self._on_timer)
+        if self.idle_timeout < self.first_byte_timeout:
+            # From now on the stream idle deadline applies; it may come before what is left of
+            # the first-byte one. (A later one needs nothing: on_deadline re-arms when due.)
+            self.client.arm(now + self.idle_timeout)
         self.ctx.ttfb = time.monotonic() - self.ctx.started
         self.status = resp.status
         self.upstream_keep_alive = resp.keep_alive
@@ -296,14 +293,15 @@ class Exchange:
         self.client.abort()
         self._finish(pool=False)
 
-    def _on_timer(self) -> None:
+    def on_deadline(self) -> None:
+        """The client connection's timer fired (it holds this exchange's deadlines)."""
         if self.done.done():
             return
         now = self.loop.time()
         limit = self.first_byte_timeout if self.status == 0 else self.idle_timeout
         due = self.last_activity + limit
         if now < due:
-            self._timer = self.loop.call_at(due, self._on_timer)
+            self.client.arm(due)
             return
         if not self.head_written:
             self._fail(GatewayError(504, "llama-server did not answer in time", "upstream_timeout"))
@@ -344,9 +342,6 @@ class Exchange:
             conn.abort()
 
     def _cleanup(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None

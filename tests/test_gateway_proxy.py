@@ -388,3 +388,32 @@ async def test_stream_idle_timeout_cuts_a_stalled_stream(tmp_path):
         assert 0.25 <= time.monotonic() - started < 1.0
         assert await c.closed(1.0)
         await s.fake.wait_for(lambda: s.fake.disconnects == 1, 1.0)
+
+
+@aio
+async def test_exchange_deadlines_share_the_connection_timer_with_keepalive(tmp_path):
+    # The keep-alive timer (0.2 s) fires during each stream; the exchange's deadlines (first
+    # byte 0.6 s, idle 0.4 s) must neither fire early nor be lost, on a reused connection too.
+    env = {"KEEPALIVE_TIMEOUT": "0.2", "REQUEST_TIMEOUT": "0.6", "STREAM_IDLE_TIMEOUT": "0.4"}
+    async with Stack(tmp_path, env) as s:
+        c = await s.client()
+        # 8 events 0.1 s apart: 0.8 s in all, longer than every timeout, never idle 0.4 s
+        r = await c.request(post("/v1/chat/completions", chat(stream=True, events=8,
+                                                              interval=0.1)))
+        assert r.status == 200 and r.complete
+        # first byte after 0.45 s: inside REQUEST_TIMEOUT although past the idle timeout
+        r = await c.request(post("/v1/chat/completions", chat(delay_first_byte=0.45)))
+        assert r.status == 200 and r.complete
+        # same connection: a stall after 2 events is cut by the idle deadline (0.4 s)
+        started = time.monotonic()
+        r = await c.request(post("/v1/chat/completions", chat(stream=True, events=10,
+                                                              stall_after=2)))
+        assert r.status == 200 and not r.complete
+        assert 0.35 <= time.monotonic() - started < 1.5
+        assert await c.closed(1.0)
+        # a new connection: no first byte within 0.6 s is a 504
+        c = await s.client()
+        started = time.monotonic()
+        r = await c.request(post("/v1/chat/completions", chat(delay_first_byte=2)))
+        assert r.status == 504
+        assert 0.55 <= time.monotonic() - started < 1.5

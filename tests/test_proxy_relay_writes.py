@@ -28,6 +28,9 @@ class FakeClient:
     def abort(self) -> None:
         self.gone = True
 
+    def arm(self, when: float) -> None:
+        self.armed = when
+
 
 class FakeTransport:
     def __init__(self):
