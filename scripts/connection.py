@@ -333,6 +333,12 @@ class ClientConnection(asyncio.Protocol):
             return b""          # END_OF_MESSAGE already taken by _handle (_end_bodiless)
         if req.expect_continue and not ctx.continued:
             return None         # 100 Continue first (_read_body)
+        if not parts:
+            body = self.parser.take_whole_body()
+            if body is not None:
+                ctx.bytes_in += len(body)
+                self._body_read = True
+                return body
         if not self._drain_body(parts, ctx):
             return None
         return b"".join(parts) if len(parts) != 1 else parts[0]

@@ -97,10 +97,18 @@ class UpstreamConnection(asyncio.Protocol):
                     sink.on_data(event.data)
                 elif type(event) is http11.Response:
                     sink.on_head(event)
+                    if self.sink is not sink:
+                        return
+                    body = parser.take_whole_body()    # a small answer, all in this read
+                    if body is not None:
+                        if body:
+                            sink.on_data(body)
+                            if self.sink is not sink:
+                                return
+                        self._end(sink, parser)
+                        return
                 else:  # EndOfMessage
-                    self.sink = None
-                    self.parser = None
-                    sink.on_end()
+                    self._end(sink, parser)
                     return
                 if self.sink is not sink:   # the sink detached (abort) while handling the event
                     return
@@ -110,6 +118,15 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink = None
             self.abort()
             sink.on_error(exc)
+
+    def _end(self, sink: Sink, parser: http11.ResponseParser) -> None:
+        self.sink = None
+        self.parser = None
+        if parser.has_buffered:
+            # Bytes past the end of the response: llama-server never sends them; the stream
+            # is out of step, so the connection is closed instead of pooled.
+            self.abort()
+        sink.on_end()
 
     def eof_received(self):
         sink = self.sink

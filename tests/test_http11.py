@@ -791,3 +791,38 @@ def test_response_round_trip():
     raw = response_head(200, [("transfer-encoding", "chunked")]) + chunk(b"ab") + LAST_CHUNK
     _, events = feed_response(raw, "bytewise")
     assert summary(events) == [("resp", 200), ("data", b"ab"), ("end",)]
+
+
+# ---- take_whole_body: a buffered Content-Length body and its end in one call ------------------
+def test_take_whole_body_returns_the_body_and_ends_the_message():
+    p = RequestParser(1 << 20)
+    p.feed(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\n"
+           b"Host: x\r\n\r\n")
+    assert isinstance(p.next_event(), http11.Request)
+    assert p.take_whole_body() == b"hello"
+    nxt = p.next_event()                      # the pipelined request is next, untouched
+    assert isinstance(nxt, http11.Request) and nxt.path == "/b"
+    assert p.take_whole_body() is None        # no body: END_OF_MESSAGE via next_event
+    assert p.next_event() is http11.END_OF_MESSAGE
+
+
+def test_take_whole_body_waits_for_a_partial_body_and_ignores_chunked():
+    p = RequestParser(1 << 20)
+    p.feed(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhel")
+    p.next_event()
+    assert p.take_whole_body() is None
+    assert p.next_event().data == b"hel"      # the event path goes on as before
+    p.feed(b"lo")
+    assert p.take_whole_body() == b"lo"
+    q = RequestParser(1 << 20)
+    q.feed(b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    q.next_event()
+    assert q.take_whole_body() is None
+
+
+def test_take_whole_body_of_a_response_then_nothing_more():
+    p = ResponseParser("POST")
+    p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert isinstance(p.next_event(), http11.Response)
+    assert p.take_whole_body() == b""
+    assert p.done and p.next_event() is NEED_DATA and not p.has_buffered

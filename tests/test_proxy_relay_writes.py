@@ -130,3 +130,26 @@ async def test_head_request_writes_only_the_head():
                        b"Content-Length: 10\r\n\r\n")
     assert len(client.writes) == 1 and client.writes[0].endswith(b"\r\n\r\n")
     assert ex.done.done()
+
+
+@aio
+async def test_a_whole_small_answer_is_pooled_but_bytes_past_it_close_the_connection():
+    for extra, pooled in ((b"", True), (b"HTTP/1.1 200 OK\r\n", False)):
+        conn, client, ctx, ex = setup()
+        body = b'{"ok":true}'
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%b%b" % (len(body), body, extra))
+        assert client.writes[0].endswith(b"\r\n\r\n" + body) and ctx.outcome == "ok"
+        assert conn.pool.idle_count == (1 if pooled else 0)
+        assert conn.transport.aborted is (not pooled)
+
+
+@aio
+async def test_a_body_split_over_reads_still_relays_in_order():
+    conn, client, ctx, ex = setup()
+    body = b'{"usage":{"prompt_tokens":2,"completion_tokens":7}}'
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%b" % (len(body), body[:10]))
+    conn.data_received(body[10:])
+    assert b"".join(client.writes).endswith(b"\r\n\r\n" + body)
+    assert ctx.outcome == "ok" and (ctx.prompt_tokens, ctx.completion_tokens) == (2, 7)
