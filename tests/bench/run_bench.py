@@ -21,6 +21,7 @@ and the upstream's CPU are reported so a saturated generator or fake is visible.
 Writes OUT/bench.md (the tables) and OUT/bench.json (all figures, per round), plus the logs of the
 processes it started. With --profile the gateway of cases a and b runs under cProfile and
 OUT/profile-<case>.txt holds the top functions. Every child is killed at the end, even on error.
+For the gateway's Python cost alone (no sockets, steady on a noisy machine), see hotpath.py.
 All traffic goes to 127.0.0.1.
 """
 

@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""The gateway's per-request CPU cost without sockets: a profiling aid for the hot path.
+
+    python3 tests/bench/hotpath.py [--requests N] [--repeat R] [--sse] [--profile K]
+
+A real Gateway (auth on, key file, access log, metrics) is driven in-process: one client
+connection and one pooled upstream connection with in-memory transports. Each request is fed to
+the client protocol, the upstream request is answered with a fixed llama-server-shaped response,
+and the answer is awaited on the client transport. No kernel, no other process: the CPU time per
+request (process time, the access-log thread included) is the Python cost alone, steady enough to
+compare two commits on a shared machine where `make bench` ratios drift by 10 %. --sse relays
+stream events instead (cost per event, one event per upstream read). --profile K prints the top K
+functions under cProfile. The figure is the best of R runs (noise only ever adds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import os
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+
+import accesslog  # noqa: E402
+import config  # noqa: E402
+import gateway  # noqa: E402
+import keys  # noqa: E402
+import upstream  # noqa: E402
+
+KEY = "sk-hotpath-0123456789abcdef"
+BODY = b'{"model":"demo","messages":[{"role":"user","content":"hi"}]}'
+STREAM_BODY = b'{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true}'
+
+
+def request(body: bytes) -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+            b"Content-Length: %d\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer %s\r\n\r\n%s" % (len(body), KEY.encode(), body))
+
+
+_ANSWER = json.dumps({
+    "choices": [{"finish_reason": "stop", "index": 0,
+                 "message": {"role": "assistant", "content": "tok0 tok1 tok2 tok3 tok4 "}}],
+    "created": 1, "model": "demo", "object": "chat.completion",
+    "usage": {"completion_tokens": 5, "prompt_tokens": 3, "total_tokens": 8},
+    "id": "chatcmpl-1"}).encode()
+RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nKeep-Alive: timeout=5, max=100\r\n\r\n" % len(_ANSWER)
+            + _ANSWER)
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\nKeep-Alive: timeout=5, max=100\r\n\r\n")
+_EVENT = (b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"tok "}}],'
+          b'"created":1,"id":"chatcmpl-1","model":"demo","object":"chat.completion.chunk"}\n\n')
+SSE_CHUNK = b"%x\r\n%s\r\n" % (len(_EVENT), _EVENT)
+
+
+class MemoryTransport(asyncio.Transport):
+    """Collects writes; resolves `written` (a future) on the next write."""
+
+    def __init__(self):
+        super().__init__()
+        self.written: asyncio.Future | None = None
+
+    def write(self, data) -> None:
+        if self.written is not None and not self.written.done():
+            self.written.set_result(bytes(data))
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def run(tmp: str, n: int, sse: bool) -> float:
+    """Microseconds of process CPU time per request (or per event with sse)."""
+    loop = asyncio.get_running_loop()
+    cfg = config.load_config({
+        "AUTH_KEYS_FILE": f"{tmp}/keys", "DATA_DIR": tmp, "RUN_DIR": tmp,
+        "MAX_REQUESTS_PER_MINUTE": "10000000", "MAX_CONCURRENT_REQUESTS_PER_KEY": "100000",
+        "MAX_CONCURRENT_REQUESTS": "100000", "MAX_QUEUE_SIZE": "100000"})
+    store = keys.KeyStore(cfg.auth_keys_file)
+    store.load()
+    alog = accesslog.AccessLog(f"{tmp}/access.log", max_bytes=1 << 30, backups=1)
+    gw = gateway.Gateway(cfg, store=store, access_log=alog)
+    gw.pool.idle_ttl = 1e9
+    up_t = MemoryTransport()
+    up = upstream.UpstreamConnection(gw.pool)
+    up.connection_made(up_t)
+    gw.pool._all.add(up)
+    gw.pool.release(up, True)
+    cl_t = MemoryTransport()
+    client = gw.new_connection()
+    client.connection_made(cl_t)
+    await asyncio.sleep(0)
+    try:
+        if sse:
+            up_t.written = loop.create_future()
+            client.data_received(request(STREAM_BODY))
+            await up_t.written
+            up.data_received(SSE_HEAD)
+            started = time.process_time()
+            for _ in range(n):
+                up.data_received(SSE_CHUNK)
+            spent = time.process_time() - started
+            cl_t.written = loop.create_future()
+            up.data_received(b"0\r\n\r\n")
+            if not (await cl_t.written).endswith(b"0\r\n\r\n"):
+                raise RuntimeError("the stream did not end")
+            return spent / n * 1e6
+        req = request(BODY)
+        started = time.process_time()
+        answer = b""
+        for _ in range(n):
+            up_t.written = loop.create_future()
+            client.data_received(req)
+            await up_t.written
+            cl_t.written = loop.create_future()
+            up.data_received(RESPONSE)
+            answer = await cl_t.written
+        spent = time.process_time() - started
+        for _ in range(3):
+            await asyncio.sleep(0)     # the last request's epilogue (metrics, access log)
+        if not answer.startswith(b"HTTP/1.1 200 "):
+            raise RuntimeError(f"unexpected answer {answer[:80]!r}")
+        return spent / n * 1e6
+    finally:
+        alog.close()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=20000)
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--sse", action="store_true", help="cost per relayed SSE event")
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="print the top K functions of one run under cProfile")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(f"{tmp}/keys", "w") as f:
+            f.write(f"hotpath:{KEY} rpm=10000000 concurrency=100000\n")
+        os.chmod(f"{tmp}/keys", 0o600)
+        figures = [asyncio.run(run(tmp, args.requests, args.sse)) for _ in range(args.repeat)]
+        unit = "event" if args.sse else "request"
+        print(f"CPU us per {unit}: best {min(figures):.1f}  runs "
+              + " ".join(f"{x:.1f}" for x in figures))
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            asyncio.run(run(tmp, args.requests, args.sse))
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

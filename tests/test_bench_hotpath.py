@@ -1,0 +1,31 @@
+"""tests/bench/hotpath.py drives the real request path in memory: it must keep working (it
+raises when the answer is not a 200 or a stream does not end)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+
+import hotpath  # noqa: E402
+
+
+def _keys(tmp_path) -> str:
+    path = tmp_path / "keys"
+    path.write_text(f"hotpath:{hotpath.KEY} rpm=10000000 concurrency=100000\n")
+    os.chmod(path, 0o600)
+    return str(tmp_path)
+
+
+def test_hotpath_measures_requests_through_the_whole_gateway(tmp_path):
+    tmp = _keys(tmp_path)
+    assert asyncio.run(hotpath.run(tmp, 50, sse=False)) > 0
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    assert len(lines) == 50 and all('"status":200' in line for line in lines)
+
+
+def test_hotpath_measures_relayed_events(tmp_path):
+    assert asyncio.run(hotpath.run(_keys(tmp_path), 50, sse=True)) > 0
