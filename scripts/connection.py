@@ -196,23 +196,18 @@ class ClientConnection(asyncio.Protocol):
         """Wait for more bytes (True) until the loop-time deadline (False)."""
         if self.gone or self.eof:
             return False
-        loop = self._loop
-        waiter = loop.create_future()
+        waiter = self._loop.create_future()
         self._waiter = waiter
         self._deadline = deadline
-        timer = self._timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = loop.call_at(deadline, self._on_deadline)
+        self.arm(deadline)
         try:
             return await waiter
         finally:
             self._waiter = None
 
     def arm(self, when: float) -> None:
-        """Make the connection's timer fire no later than loop time `when` (the exchange's
-        deadlines; its on_deadline re-arms when it is woken early)."""
+        """Make the connection's timer fire no later than loop time `when` (the waits, and the
+        exchange's deadlines: its on_deadline re-arms when it is woken early)."""
         timer = self._timer
         if timer is None or timer.when() > when:
             if timer is not None:
