@@ -192,8 +192,8 @@ class Metrics:
     # -- hot path ------------------------------------------------------------------------------
     def observe_request(self, route: str, status: int, key_id: str, duration_s: float,
                         ttfb_s: float | None) -> None:
-        # Once per request: the label guards and histogram updates are inlined (same rules as
-        # _route, _key, _seconds and _Histogram.observe).
+        # Once per request: the label guards are short-cut for the usual values (same rules as
+        # _route and _key).
         if route not in self._routes:
             route = self._route(route)
         status_label = _STATUS_LABELS.get(status, OTHER) if type(status) is int else OTHER
@@ -206,18 +206,12 @@ class Metrics:
         hist = self._duration.get(route)
         if hist is None:
             hist = self._duration[route] = _Histogram(LATENCY_BUCKETS)
-        value = duration_s if 0.0 <= duration_s < 1e9 else 0.0
-        hist.counts[bisect.bisect_left(hist.bounds, value)] += 1
-        hist.sum += value
-        hist.count += 1
+        hist.observe(_seconds(duration_s))
         if ttfb_s is not None:
             hist = self._ttfb.get(route)
             if hist is None:
                 hist = self._ttfb[route] = _Histogram(TTFB_BUCKETS)
-            value = ttfb_s if 0.0 <= ttfb_s < 1e9 else 0.0
-            hist.counts[bisect.bisect_left(hist.bounds, value)] += 1
-            hist.sum += value
-            hist.count += 1
+            hist.observe(_seconds(ttfb_s))
 
     def inc_rate_limited(self, key_id: str) -> None:
         k = self._key(key_id)
