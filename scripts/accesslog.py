@@ -1,10 +1,10 @@
 """Access log: one JSON line per request, written off the event loop, rotated by size.
 
 write() never blocks and does almost nothing on the event loop: it appends the record (a dict the
-caller no longer touches) to a bounded deque without waking anyone. write_request() is the
-gateway's per-request path: a tuple of the ACCESS_FIELDS values, formatted by the writer with one
-template (format_request, ~2 us) instead of a cleaned dict through json (~8 us); both hold the
-GIL the event loop needs, so the writer's cost is the loop's cost. A daemon thread wakes every
+caller no longer touches) to a bounded deque without waking anyone. The gateway's per-request
+record is a tuple of the ACCESS_FIELDS values, formatted by the writer with one template
+(format_request, ~2 us) instead of a cleaned dict through json (~8 us); both hold the GIL the
+event loop needs, so the writer's cost is the loop's cost. A daemon thread wakes every
 FLUSH_INTERVAL_S, keeps only the fields in ACCESS_FIELDS of each record (anything else, such as a
 body, is dropped), serializes, appends and rotates (api_access.log -> .1 -> ... -> .N). When the
 deque is full (the disk is slower than the traffic) the record is dropped and counted in
@@ -47,7 +47,7 @@ FLUSH_INTERVAL_S = 0.1
 _SCALARS = (str, int, float, bool, type(None))
 # One encoder for every dict record: json.dumps() with arguments builds a new one per call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
-# write_request(): the line of one request, ACCESS_FIELDS in order. Strings go through json's C
+# A tuple record: the line of one request, ACCESS_FIELDS in order. Strings go through json's C
 # quoting (escapes, ASCII only), numbers through %-formatting checked for type and finiteness.
 _REQUEST_TEMPLATE = "{" + ",".join(
     f'"{name}":%s' for name in ACCESS_FIELDS) + "}\n"
@@ -114,7 +114,7 @@ def format_request(values: tuple) -> str:
 
 
 def _line(record) -> str:
-    """A queued record as one line: tuples (write_request) by the template, dicts cleaned."""
+    """A queued record as one line: tuples (the gateway's per-request line) by the template, dicts cleaned."""
     if type(record) is tuple:
         try:
             return format_request(record)
@@ -146,21 +146,14 @@ class AccessLog:
         self._thread.start()
 
     # -- caller side (event loop) --------------------------------------------------------------
-    def write(self, record: dict) -> None:
-        """Queue one record; never blocks, wakes no thread. Unknown fields are dropped (by the
-        writer). The caller must not change the dict afterwards."""
+    def write(self, record: dict | tuple) -> None:
+        """Queue one record; never blocks, wakes no thread. A dict's unknown fields are dropped
+        (by the writer); a tuple holds the ACCESS_FIELDS values in order (the gateway's line per
+        request, formatted by one template). The caller must not change it afterwards."""
         if self._closed or len(self._pending) >= self._queue_size:
             self.dropped += 1
             return
         self._pending.append(record)
-
-    def write_request(self, values: tuple) -> None:
-        """Queue one request's line: the values of ACCESS_FIELDS, in that order (the gateway's
-        hot path; formatted by the writer thread, like write())."""
-        if self._closed or len(self._pending) >= self._queue_size:
-            self.dropped += 1
-            return
-        self._pending.append(values)
 
     def close(self, timeout: float = 2.0) -> None:
         """Flush what is queued and stop, waiting at most `timeout` seconds."""

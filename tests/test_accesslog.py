@@ -196,18 +196,18 @@ def test_lines_reach_the_file_without_close_within_the_flush_interval(tmp_path):
         alog.close()
 
 
-# ---- write_request: the gateway's per-request tuple, formatted by one template ----------------
+# ---- write(tuple): the gateway's per-request tuple, formatted by one template ----------------
 def request_values(**changes) -> tuple:
     record = full_record(0)
     record.update(changes)
     return tuple(record[name] for name in ACCESS_FIELDS)
 
 
-def test_write_request_lines_equal_the_dict_path(tmp_path):
+def test_write_tuple_lines_equal_the_dict_path(tmp_path):
     path = tmp_path / "a.log"
     alog = AccessLog(str(path), max_bytes=1_000_000, backups=1)
-    alog.write_request(request_values())
-    alog.write_request(request_values(ttfb_ms=None, prompt_tokens=None, completion_tokens=None,
+    alog.write(request_values())
+    alog.write(request_values(ttfb_ms=None, prompt_tokens=None, completion_tokens=None,
                                       stream=False, duration_ms=0.0004))
     alog.close()
     lines = read_lines(path)
@@ -234,12 +234,12 @@ def test_format_request_escapes_strings_and_strips_the_query():
     {"duration_ms": float("nan")}, {"ttfb_ms": float("inf")}, {"status": "200"},
     {"prompt_tokens": 1.5}, {"stream": 1}, {"time": None}, {"path": None},
 ])
-def test_write_request_with_a_bad_value_falls_back_to_the_cleaned_dict(tmp_path, changes):
+def test_write_tuple_with_a_bad_value_falls_back_to_the_cleaned_dict(tmp_path, changes):
     with pytest.raises((ValueError, TypeError, AttributeError)):
         accesslog.format_request(request_values(**changes))
     path = tmp_path / "a.log"
     alog = AccessLog(str(path), max_bytes=1_000_000, backups=1)
-    alog.write_request(request_values(**changes))
+    alog.write(request_values(**changes))
     alog.close()
     (record,) = read_lines(path)          # still one valid JSON line
     assert record["request_id"] == "req-0" and alog.write_errors == 0
@@ -252,10 +252,10 @@ def test_write_request_with_a_bad_value_falls_back_to_the_cleaned_dict(tmp_path,
             assert record[name] == value  # kept as given, by json
 
 
-def test_write_request_is_bounded_like_write(tmp_path):
+def test_write_tuple_is_bounded_like_write(tmp_path):
     alog = StalledLog(str(tmp_path / "a.log"), max_bytes=1_000_000, backups=1, queue_size=2)
     for _ in range(5):
-        alog.write_request(request_values())
+        alog.write(request_values())
     assert alog.dropped == 3
     alog.gate.set()
     alog.close()
