@@ -110,15 +110,17 @@ class Admission:
         try:
             return self.slots.try_acquire()
         except ratelimit.QueueFull:
-            raise GatewayError(503, "The server is busy (queue full); retry shortly",
-                               "queue_full",
-                               headers=[("retry-after", str(QUEUE_RETRY_AFTER))]) from None
+            raise _busy("queue_full", "queue full") from None
 
     async def backend_slot(self, ctx) -> ratelimit.Slot:
         try:
             return await self.slots.acquire(self.config.queue_timeout)
         except ratelimit.QueueFull:
-            code, message = "queue_full", "The server is busy (queue full); retry shortly"
+            raise _busy("queue_full", "queue full") from None
         except ratelimit.QueueTimeout:
-            code, message = "queue_timeout", "The server is busy (timed out in queue); retry shortly"
-        raise GatewayError(503, message, code, headers=[("retry-after", str(QUEUE_RETRY_AFTER))])
+            raise _busy("queue_timeout", "timed out in queue") from None
+
+
+def _busy(code: str, why: str) -> GatewayError:
+    return GatewayError(503, f"The server is busy ({why}); retry shortly", code,
+                        headers=[("retry-after", str(QUEUE_RETRY_AFTER))])

@@ -221,9 +221,8 @@ class ClientConnection(asyncio.Protocol):
             if exchange is not None:
                 exchange.on_deadline()
             return                       # else not waiting now: the next wait arms a timer
-        loop = self._loop
-        if self._deadline - loop.time() > DEADLINE_SLACK:
-            self._timer = loop.call_at(self._deadline, self._on_deadline)   # pushed forward
+        if self._deadline - self._loop.time() > DEADLINE_SLACK:
+            self.arm(self._deadline)     # the deadline was pushed forward meanwhile
             return
         self._wake(False)
 

@@ -443,9 +443,9 @@ async def forward(gw, client, ctx, req: http11.Request, route, body: bytes, *,
                                      gw.backend_hostport, client.peer_host, ctx.request_id)
     for attempt in (0, 1):
         try:
-            conn = gw.pool.take_idle() if attempt == 0 else None
+            conn = None if attempt else gw.pool.take_idle()   # no await when one is idle
             if conn is None:
-                conn = await gw.pool.acquire(fresh=attempt > 0)
+                conn = await gw.pool.acquire(fresh=True)
         except TimeoutError:
             raise GatewayError(504, "llama-server did not accept the connection in time",
                                "upstream_connect_timeout") from None
