@@ -1,10 +1,22 @@
 """One client connection: deadlines, keep-alive, pipelining, dispatch, close.
 
-ClientConnection is an asyncio Protocol that feeds every received byte to a sans-IO RequestParser;
-one coroutine per connection (run) takes requests off the parser in order, so pipelined requests
-are answered in order. The transport's flow-control callbacks (pause_writing / resume_writing) and
-connection_lost are forwarded to the proxy exchange in flight, which is how a slow reader slows
-llama-server and a vanished client closes the upstream socket at once.
+ClientConnection is an asyncio Protocol that feeds every received byte to a sans-IO RequestParser.
+Requests are taken off the parser in order, so pipelined requests are answered in order. The
+transport's flow-control callbacks (pause_writing / resume_writing) and connection_lost are
+forwarded to the proxy exchange in flight, which is how a slow reader slows llama-server and a
+vanished client closes the upstream socket at once.
+
+Two ways to serve, one request at a time:
+- callbacks (the common request, no task): the bytes of a whole API request arrive, data_received
+  parses it, authenticates it, takes a free backend slot and a pooled llama-server connection and
+  sends it; the exchange's end (_exchange_done) answers errors, releases everything and takes the
+  next request. No coroutine, no task wake-up, no future per request.
+- the connection's task (run): anything that must wait (a head or body still arriving, 100
+  Continue, the backend queue, a connect, the retry after a stale pooled connection) and the
+  routes that are not plain proxying (Ollama, OPTIONS, local answers). The task serves until the
+  connection is idle again, then ends; the next request starts on the callback path again.
+_serve_fast only takes a request when nothing can make it wait; everything else goes to the task,
+which is the reference behaviour.
 
 A client that closes or half-closes (EOF) while its API request waits in the queue or is being
 answered is treated as gone (as nginx does): the request never reaches llama-server, or its
@@ -28,10 +40,12 @@ import re
 import secrets
 import time
 
+import admission
 import http11
 import proxy
 import routes
 from errors import GatewayError, ProtocolError
+from upstream import UpstreamClosed
 from ollama_api import error_body as ollama_error_body
 
 log = logging.getLogger("gateway")
@@ -50,6 +64,13 @@ _rid_counter = itertools.count(1)
 # A wait's timer may fire this early (the loop runs timers due within its clock resolution);
 # closer than this to the deadline counts as expired.
 DEADLINE_SLACK = 0.001
+
+# The connection's states (what data_received does with new bytes):
+_IDLE = "idle"        # no request: the bytes start one (_serve)
+_BUSY = "busy"        # a request served on the callback path: the bytes wait in the parser
+_TASK = "task"        # the task serves: the bytes wake it if it waits for them
+_CLOSED = "closed"
+_GO_IDLE = object()   # _next_request: nothing buffered, the task may end
 
 
 def new_request_id() -> str:
@@ -102,17 +123,18 @@ class ClientConnection(asyncio.Protocol):
         self.keep_alive = True
         self.gone = False
         self.eof = False
-        self.idle = True
         self.write_paused = False
         self.exchange: proxy.Exchange | None = None
         self.task: asyncio.Task | None = None
+        self._state = _IDLE
+        self._served = False      # a request was taken: idle waits are keep-alive waits
         self._waiter: asyncio.Future | None = None
-        # One timer per connection for every deadline: the waits (keep-alive, head, body) and
-        # the proxy exchange in flight (first byte, stream idle). arm() moves it only to an
-        # earlier time; on firing it checks what is due (_deadline while waiting, else the
-        # exchange's own deadlines) and re-arms for the rest. A keep-alive connection pushes
-        # its deadline forward at every request; a timer per wait and per exchange cost a heap
-        # push and a cancel each, per request.
+        # One timer per connection for every deadline: the idle and task waits (keep-alive,
+        # head, body) and the proxy exchange in flight (first byte, stream idle). arm() moves it
+        # only to an earlier time; on firing it checks what is due (_deadline while waiting,
+        # else the exchange's own deadlines) and re-arms for the rest. A keep-alive connection
+        # pushes its deadline forward at every request; a timer per wait and per exchange cost
+        # a heap push and a cancel each, per request.
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._pipelined = 0
@@ -121,6 +143,10 @@ class ClientConnection(asyncio.Protocol):
         # by MAX_PIPELINED_BYTES while it is answered (queue wait included).
         self._body_read = False
         self._queued = False      # waiting for a backend slot
+        # The request served on the callback path: (ctx, req, route, ticket, slot, body) until
+        # its exchange ends; or handed to a task that has not started yet (_resume).
+        self._fast: tuple | None = None
+        self._resume: tuple | None = None
 
     # ---------------- asyncio.Protocol ----------------
     def connection_made(self, transport):
@@ -130,7 +156,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_host = peer[0] if peer else ""
         self.gw.connections.add(self)
-        self.task = self._loop.create_task(self.run())
+        self._go_idle(self.gw.config.client_header_timeout)
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed(data)
@@ -139,7 +165,11 @@ class ClientConnection(asyncio.Protocol):
             if self._pipelined > MAX_PIPELINED_BYTES and not self._reading_paused:
                 self._reading_paused = True
                 self.transport.pause_reading()
-        self._wake(True)
+        state = self._state
+        if state is _IDLE:
+            self._serve()
+        elif state is _TASK:
+            self._wake(True)
 
     def eof_received(self):
         self.eof = True
@@ -150,7 +180,10 @@ class ClientConnection(asyncio.Protocol):
             self.exchange.on_client_gone()
         if self._queued and self.task is not None:
             self.task.cancel()       # the same for a request still waiting in the queue
-        self._wake(True)
+        if self._state is _IDLE:
+            self._serve()            # requests already buffered are answered, then close
+        else:
+            self._wake(True)
         return True   # keep the write side open to answer requests already received
 
     def connection_lost(self, exc):
@@ -160,7 +193,10 @@ class ClientConnection(asyncio.Protocol):
             self.exchange.on_client_gone()
         if self._queued and self.task is not None:
             self.task.cancel()
-        self._wake(True)
+        if self._state is _IDLE:
+            self._close()
+        else:
+            self._wake(True)
 
     def pause_writing(self):
         self.write_paused = True
@@ -178,13 +214,22 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def close_after_write(self) -> None:
-        """No more responses on this connection; the run loop closes it (buffered data is sent)."""
+        """No more responses on this connection; it closes once this one is out."""
         self.keep_alive = False
 
     def abort(self) -> None:
         self.gone = True
         if self.transport is not None:
             self.transport.abort()
+
+    def cancel(self) -> None:
+        """Shutdown's last resort: drop the client and end what it was doing now (the slots
+        and the llama-server connection are freed before this returns or the task ends)."""
+        self.abort()
+        if self.exchange is not None:
+            self.exchange.abort()
+        if self.task is not None:
+            self.task.cancel()
 
     # ---------------- waiting ----------------
     def _wake(self, value: bool) -> None:
@@ -193,7 +238,7 @@ class ClientConnection(asyncio.Protocol):
             waiter.set_result(value)
 
     async def _wait_data(self, deadline: float) -> bool:
-        """Wait for more bytes (True) until the loop-time deadline (False)."""
+        """The task waits for more bytes (True) until the loop-time deadline (False)."""
         if self.gone or self.eof:
             return False
         waiter = self._loop.create_future()
@@ -204,6 +249,13 @@ class ClientConnection(asyncio.Protocol):
             return await waiter
         finally:
             self._waiter = None
+
+    def _go_idle(self, timeout: float) -> None:
+        """Wait for the next request on the callback path: its first byte within `timeout`
+        (keep-alive, or the header timeout of a new connection), else close silently."""
+        self._state = _IDLE
+        self._deadline = self._loop.time() + timeout
+        self.arm(self._deadline)
 
     def arm(self, when: float) -> None:
         """Make the connection's timer fire no later than loop time `when` (the waits, and the
@@ -216,7 +268,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_deadline(self) -> None:
         self._timer = None
-        if self._waiter is None:
+        if self._waiter is None and self._state is not _IDLE:
             exchange = self.exchange
             if exchange is not None:
                 exchange.on_deadline()
@@ -224,7 +276,10 @@ class ClientConnection(asyncio.Protocol):
         if self._deadline - self._loop.time() > DEADLINE_SLACK:
             self.arm(self._deadline)     # the deadline was pushed forward meanwhile
             return
-        self._wake(False)
+        if self._state is _IDLE:
+            self._close()                # keep-alive or first-byte timeout: close silently
+        else:
+            self._wake(False)
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -232,23 +287,196 @@ class ClientConnection(asyncio.Protocol):
             self._timer = None
 
     def wake_if_idle(self) -> None:
-        """Shutdown: an idle keep-alive connection stops waiting and closes."""
-        if self.idle:
-            self._wake(False)
+        """Shutdown: an idle keep-alive connection closes now."""
+        if self._state is _IDLE:
+            self._close()
 
-    # ---------------- the connection's life ----------------
-    async def run(self) -> None:
-        gw = self.gw
+    def _close(self) -> None:
+        """The end of the connection (the data already written still goes out)."""
+        self._state = _CLOSED
+        self._stop_timer()
+        if self.exchange is not None:
+            self.exchange.abort()
+        if not self.gone and self.transport is not None:
+            self.transport.close()
+        self.gw.connections.discard(self)
+
+    # ---------------- the callback path ----------------
+    def _serve(self) -> None:
+        """Take the requests already buffered, each on the callback path when nothing can make
+        it wait, else hand over to the task; then wait idle for more (or close)."""
         try:
-            first = True
+            self._state = _BUSY
+            parser = self.parser
+            while True:
+                if self.gone or not self.keep_alive:
+                    self._close()
+                    return
+                self._next_begins()
+                try:
+                    event = parser.next_event()
+                    if event is not http11.NEED_DATA and type(event) is not http11.Request:
+                        raise ProtocolError("Unexpected data before a request", 400)
+                except ProtocolError as err:
+                    self._send_error_simple(err)
+                    self._close()
+                    return
+                if event is http11.NEED_DATA:
+                    if parser.has_buffered:       # a head in pieces: the task waits for it
+                        self._start_task()
+                    elif self.eof or self.gw.shutting_down:
+                        self._close()
+                    else:
+                        cfg = self.gw.config
+                        self._go_idle(cfg.keepalive_timeout if self._served
+                                      else cfg.client_header_timeout)
+                    return
+                if not self._serve_fast(event):
+                    self._start_task(event)
+                    return
+                if self._state is not _BUSY or self.exchange is not None:
+                    return      # in flight (_exchange_done goes on), or handed to the task
+        except Exception:   # a bug: never leave the socket open
+            log.exception("connection handler failed")
+            self._close()
+
+    def _next_begins(self) -> None:
+        """Before the next request is taken: its own pipelining budget, reading resumed."""
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        self._pipelined = 0
+        self._body_read = False
+
+    def _serve_fast(self, req: http11.Request) -> bool:
+        """Serve `req` without waiting: answered here, or sent to llama-server on a pooled
+        connection with _exchange_done to finish. False, having done nothing, for a request that
+        may have to wait or is not plain proxying: the task serves it."""
+        gw = self.gw
+        if (req.chunked or req.expect_continue or self.gone or self.eof or gw.shutting_down):
+            return False
+        route = routes.ROUTES.get((req.method, req.path))
+        if route is None or route.kind != "proxy":
+            return False
+        bodiless = not req.content_length
+        if not bodiless and not self.parser.has_whole_body:
+            return False
+        ctx = self._begin(req)
+        ticket = admission.NO_TICKET
+        slot = None
+        try:
+            if bodiless:
+                self._end_bodiless()
+                body = b""
+            else:
+                body = self.parser.take_whole_body()
+                ctx.bytes_in += len(body)
+                self._body_read = True
+            origin = req.get("origin")
+            if origin is not None:
+                ctx.response_headers.extend(gw.cors.headers_for(origin))
+            ctx.route = route.name
+            ticket = gw.admit(req, route, ctx)       # auth, rate and key concurrency; raises
+            slot = gw.try_backend_slot()            # global limit; raises
+            conn = gw.pool.take_idle() if slot is not None else None
+            if conn is None:                         # the queue, or a connect: the task waits
+                self._start_task(resume=(ctx, req, route, ticket, slot, body, False))
+                return True
+            self._fast = (ctx, req, route, ticket, slot, body)
+            proxy.start(gw, self, ctx, req, route, body, conn, self._exchange_done)
+            return True
+        except GatewayError as err:
+            if slot is not None:
+                slot.release()
+            ticket.release()
+            self._failed(err, ctx, req, True)
+            self._end(ctx)
+            return True
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            ticket.release()
+            self._end(ctx)
+            raise
+
+    def _exchange_done(self, ex: proxy.Exchange, exc: BaseException | None) -> None:
+        """The end of a request served on the callback path (Exchange on_done)."""
+        ctx, req, route, ticket, slot, body = self._fast
+        self._fast = None
+        if isinstance(exc, UpstreamClosed) and not exc.got_bytes:
+            # A stale pooled connection answered nothing: once more on a fresh one (a connect:
+            # the task does it), as proxy.forward does.
+            self._start_task(resume=(ctx, req, route, ticket, slot, body, True))
+            return
+        try:
+            slot.release()
+            ticket.release()
+            if exc is not None:
+                if not isinstance(exc, GatewayError):
+                    exc = proxy.closed_without_answer()
+                self.gw.upstream_failed(exc, ctx)
+                self._failed(exc, ctx, req, True)
+        finally:
+            self._end(ctx)
+        try:
+            if self.gone or not self.keep_alive:
+                self._close()
+            elif self.parser.has_buffered:
+                # Pipelined requests: taken from the loop, not from inside the callback of
+                # llama-server's connection that called us.
+                self._loop.call_soon(self._serve)
+            else:
+                self._serve()      # nothing to take: idle (or close at EOF)
+        except Exception:   # a bug: never leave the socket open
+            log.exception("connection handler failed")
+            self._close()
+
+    # ---------------- the task ----------------
+    def _start_task(self, req: http11.Request | None = None, resume: tuple | None = None) -> None:
+        self._state = _TASK
+        self._resume = resume
+        task = self._loop.create_task(self.run(req))
+        self.task = task
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if self.task is not task:
+            return                  # a newer task serves the connection already
+        self.task = None
+        resume = self._resume
+        if resume is not None:
+            # Cancelled before it started: what was handed over to it is released here.
+            self._resume = None
+            ctx, _req, _route, ticket, slot, _body, _fresh = resume
+            if slot is not None:
+                slot.release()
+            ticket.release()
+            ctx.outcome = ctx.outcome or "cancelled"
+            self._end(ctx)
+        if self._state is _TASK:
+            self._close()
+
+    async def run(self, req: http11.Request | None = None) -> None:
+        """Serve until the connection is idle (then back to the callback path) or closes."""
+        idle = False
+        try:
+            resume, self._resume = self._resume, None
+            if resume is not None:
+                await self._proxy(*resume)
+                if not self.keep_alive:
+                    return
             while not self.gone:
-                req = await self._next_request(first)
-                first = False
                 if req is None:
-                    break
-                await self._handle(req)
+                    req = await self._next_request()
+                    if req is None:
+                        return
+                    if req is _GO_IDLE:
+                        idle = True
+                        return
+                this, req = req, None
+                await self._handle(this)
                 if not self.keep_alive or self.gone:
-                    break
+                    return
         except ProtocolError as err:
             self._send_error_simple(err)
         except ClientGone:
@@ -258,41 +486,29 @@ class ClientConnection(asyncio.Protocol):
         except Exception:   # a bug: never leave the socket open
             log.exception("connection handler failed")
         finally:
-            self._stop_timer()
-            if self.exchange is not None:
-                self.exchange.abort()
-            if not self.gone and self.transport is not None:
-                self.transport.close()
-            gw.connections.discard(self)
+            if idle:
+                self._go_idle(self.gw.config.keepalive_timeout)
+            else:
+                self._close()
 
-    async def _next_request(self, first: bool) -> http11.Request | None:
+    async def _next_request(self):
+        """The next request: a Request, None to close, or _GO_IDLE when nothing is buffered."""
         parser = self.parser
-        cfg = self.gw.config
         loop = self._loop
-        if self._reading_paused:
-            self._reading_paused = False
-            self.transport.resume_reading()
-        self._pipelined = 0
-        self._body_read = False
+        self._next_begins()
         event = parser.next_event()
         if event is http11.NEED_DATA:
             if not parser.has_buffered:
-                if self.gw.shutting_down:
+                if self.gone or self.eof or self.gw.shutting_down:
                     return None
-                self.idle = True
-                wait = cfg.client_header_timeout if first else cfg.keepalive_timeout
-                got = await self._wait_data(loop.time() + wait)
-                self.idle = False
-                if not got and not parser.has_buffered:
-                    return None      # idle timeout, EOF between requests, or shutdown
-            deadline = loop.time() + cfg.client_header_timeout
+                return _GO_IDLE
+            deadline = loop.time() + self.gw.config.client_header_timeout
             while (event := parser.next_event()) is http11.NEED_DATA:
                 if self.gone or self.eof:
                     return None
                 if not await self._wait_data(deadline) and loop.time() >= deadline:
                     raise ProtocolError("Request header not received in time", 408,
                                         "header_timeout")
-        self.idle = False
         if type(event) is not http11.Request:   # parser contract: a head comes first
             raise ProtocolError("Unexpected data before a request", 400)
         return event
@@ -318,27 +534,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 return False
 
-    def _buffered_body(self, req: http11.Request, ctx: RequestContext,
-                       parts: list[bytes]) -> bytes | None:
-        """The body if it has all arrived already (the usual small POST): no await, no
-        coroutine. None when the caller must wait for it (_read_body, which goes on from parts)."""
-        if not req.chunked and not req.content_length:
-            self._body_read = True
-            return b""          # END_OF_MESSAGE already taken by _handle (_end_bodiless)
-        if req.expect_continue and not ctx.continued:
-            return None         # 100 Continue first (_read_body)
-        if not parts:
-            body = self.parser.take_whole_body()
-            if body is not None:
-                ctx.bytes_in += len(body)
-                self._body_read = True
-                return body
-        if not self._drain_body(parts, ctx):
-            return None
-        return b"".join(parts) if len(parts) != 1 else parts[0]
-
-    async def _read_body(self, req: http11.Request, ctx: RequestContext,
-                         parts: list[bytes] | None = None) -> bytes:
+    async def _read_body(self, req: http11.Request, ctx: RequestContext) -> bytes:
         if not req.chunked and not req.content_length:
             self._body_read = True
             return b""          # END_OF_MESSAGE already taken by _handle (_end_bodiless)
@@ -350,8 +546,7 @@ class ClientConnection(asyncio.Protocol):
         cfg = self.gw.config
         loop = self._loop
         total_deadline = loop.time() + cfg.client_body_timeout
-        if parts is None:
-            parts = []
+        parts: list[bytes] = []
         while not self._drain_body(parts, ctx):
             if self.gone:
                 raise ClientGone()
@@ -363,17 +558,46 @@ class ClientConnection(asyncio.Protocol):
                 raise ProtocolError("Request body not received in time", 408, "body_timeout")
         return b"".join(parts) if len(parts) != 1 else parts[0]
 
-    async def _handle(self, req: http11.Request) -> None:
-        gw = self.gw
+    # ---------------- one request, either path ----------------
+    def _begin(self, req: http11.Request) -> RequestContext:
         rid = req.get("x-request-id")
         if rid is None or not REQUEST_ID_RE.fullmatch(rid):
             rid = new_request_id()
         ctx = RequestContext(self.peer_host, req.method, req.path, rid)
         ctx.response_headers.append(("x-request-id", rid))
+        gw = self.gw
         if not req.keep_alive or gw.shutting_down:
             self.keep_alive = False
-        body_done = not (req.chunked or req.content_length)
+        self._served = True
         gw.in_flight += 1
+        return ctx
+
+    def _failed(self, err: GatewayError, ctx: RequestContext, req: http11.Request,
+                body_done: bool) -> None:
+        """Answer a request's error, unless its head is already out; close where needed."""
+        if not body_done or err.close:
+            self.keep_alive = False
+        if ctx.status:                     # a head was already sent: nothing more to say
+            self.keep_alive = False
+        elif not self.gone:
+            self._send_error(err, ctx, req)
+
+    def _end(self, ctx: RequestContext) -> None:
+        gw = self.gw
+        gw.in_flight -= 1
+        ctx.duration = time.monotonic() - ctx.started
+        if not ctx.outcome:
+            ctx.outcome = "client_closed" if self.gone or self.eof else "error"
+        if self.gone and ctx.outcome == "ok" and ctx.status == 0:
+            ctx.outcome = "client_closed"
+        gw.observe(ctx)
+
+    async def _handle(self, req: http11.Request) -> None:
+        gw = self.gw
+        ctx = self._begin(req)
+        body_done = not (req.chunked or req.content_length)
+        ticket = admission.NO_TICKET
+        handed = False       # to _proxy, which ends the request
         try:
             if body_done:
                 self._end_bodiless()
@@ -391,45 +615,51 @@ class ClientConnection(asyncio.Protocol):
             route = routes.match(req.method, req.path)
             ctx.route = route.name
             ticket = gw.admit(req, route, ctx)       # auth, rate and key concurrency; raises
+            body = await self._read_body(req, ctx)
+            body_done = True
+            if gw.is_local(route):                   # answered here, no backend slot
+                self.respond(ctx, req, *gw.local(route, req, ctx, body))
+                ctx.outcome = "ok"
+                return
+            handed = True
+        except GatewayError as err:
+            self._failed(err, ctx, req, body_done)
+        except ClientGone:
+            ctx.outcome = "client_closed"
+            raise
+        finally:
+            if not handed:
+                ticket.release()
+                self._end(ctx)
+        if handed:
+            await self._proxy(ctx, req, route, ticket, None, body, False)
+
+    async def _proxy(self, ctx: RequestContext, req: http11.Request, route, ticket, slot,
+                     body: bytes, fresh: bool) -> None:
+        """A request with its body, admitted (ticket): a backend slot (waiting in the queue
+        unless `slot` is given), then llama-server. Ends the request: releases both, observes."""
+        gw = self.gw
+        try:
             try:
-                parts: list[bytes] = []
-                body = self._buffered_body(req, ctx, parts)
-                if body is None:
-                    body = await self._read_body(req, ctx, parts)
-                body_done = True
-                if gw.is_local(route):               # answered here, no backend slot
-                    self.respond(ctx, req, *gw.local(route, req, ctx, body))
-                    ctx.outcome = "ok"
-                    return
-                slot = gw.try_backend_slot()          # global limit; raises
                 if slot is None:
-                    slot = await self._backend_slot(ctx)  # bounded queue; raises
+                    slot = gw.try_backend_slot()          # global limit; raises
+                    if slot is None:
+                        slot = await self._backend_slot(ctx)  # bounded queue; raises
                 try:
                     if self.gone or self.eof:
                         raise ClientGone()
-                    await gw.dispatch(self, ctx, req, route, body)
+                    await gw.dispatch(self, ctx, req, route, body, fresh=fresh)
                 finally:
                     slot.release()
             finally:
                 ticket.release()
         except GatewayError as err:
-            if not body_done or err.close:
-                self.keep_alive = False
-            if ctx.status:                     # a head was already sent: nothing more to say
-                self.keep_alive = False
-            elif not self.gone:
-                self._send_error(err, ctx, req)
+            self._failed(err, ctx, req, True)
         except ClientGone:
             ctx.outcome = "client_closed"
             raise
         finally:
-            gw.in_flight -= 1
-            ctx.duration = time.monotonic() - ctx.started
-            if not ctx.outcome:
-                ctx.outcome = "client_closed" if self.gone or self.eof else "error"
-            if self.gone and ctx.outcome == "ok" and ctx.status == 0:
-                ctx.outcome = "client_closed"
-            gw.observe(ctx)
+            self._end(ctx)
 
     async def _backend_slot(self, ctx: RequestContext):
         """Wait in the global queue. A client that disconnects (or half-closes) meanwhile cancels

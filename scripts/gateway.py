@@ -141,20 +141,24 @@ class Gateway:
         """Answered by the gateway itself, without a llama-server slot."""
         return route.kind == "local" or (route.kind == "ollama" and self.ollama.is_local(route))
 
-    async def dispatch(self, client, ctx, req, route, body: bytes) -> None:
+    async def dispatch(self, client, ctx, req, route, body: bytes, fresh: bool = False) -> None:
         try:
             if route.kind == "proxy":
-                await proxy.forward(self, client, ctx, req, route, body)
+                await proxy.forward(self, client, ctx, req, route, body, fresh=fresh)
             else:
                 try:
                     await self.ollama.handle(self, client, ctx, req, route, body)
                 except ollama_api.OllamaError as err:
                     raise GatewayError(err.status, err.message, "ollama_error") from None
         except GatewayError as err:
-            if err.status in (502, 504):
-                self.metrics.inc_upstream_error(err.code)
-                ctx.upstream_error = err.code
+            self.upstream_failed(err, ctx)
             raise
+
+    def upstream_failed(self, err: GatewayError, ctx) -> None:
+        """Count a request that llama-server failed (502 / 504), before the error is answered."""
+        if err.status in (502, 504):
+            self.metrics.inc_upstream_error(err.code)
+            ctx.upstream_error = err.code
 
     def local(self, route, req, ctx, body: bytes = b"") -> tuple[int, list[tuple[str, str]], bytes]:
         if route.kind == "ollama":
@@ -243,9 +247,7 @@ class Gateway:
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
-            conn.abort()
-            if conn.task is not None:
-                conn.task.cancel()
+            conn.cancel()
         tasks = [c.task for c in list(self.connections) if c.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)

@@ -67,11 +67,11 @@ class Exchange:
                  "swallow", "chunked_out", "sse", "keep_body", "body_parts", "body_size", "tail",
                  "last_activity", "idle_timeout", "write_timeout", "first_byte_timeout",
                  "_stall_timer", "upstream_keep_alive", "status", "transform",
-                 "_head", "_pending")
+                 "_head", "_pending", "finished", "_on_done")
 
     def __init__(self, client, ctx, *, head_only: bool, http10: bool, first_byte_timeout: float,
                  idle_timeout: float, write_timeout: float, account: bool, transform=None,
-                 loop: asyncio.AbstractEventLoop | None = None):
+                 loop: asyncio.AbstractEventLoop | None = None, on_done=None):
         self.client = client
         # Optional response transform (API translators, e.g. Ollama): .head(status),
         # .streaming, .status, .content_type, .feed(bytes) -> bytes, .finish() -> bytes,
@@ -85,7 +85,11 @@ class Exchange:
         # The caller passes its loop: on Python 3.11 asyncio.get_running_loop() makes a getpid()
         # system call each time (fork detection), twice per request on the hot path.
         self.loop = loop if loop is not None else asyncio.get_running_loop()
-        self.done = self.loop.create_future()
+        # How the end is told: on_done(exchange, exc or None), called once and synchronously
+        # (the client connection's callback path: no task waits), else the `done` future.
+        self.finished = False
+        self._on_done = on_done
+        self.done = self.loop.create_future() if on_done is None else None
         self.head_written = False
         self.swallow = False
         self.chunked_out = False
@@ -279,7 +283,7 @@ class Exchange:
             self.conn.resume_reading()
 
     def on_client_gone(self) -> None:
-        if self.done.done():
+        if self.finished:
             return
         self.ctx.outcome = "client_closed"
         self._finish(pool=False)
@@ -287,7 +291,7 @@ class Exchange:
     # ---- internals ----
     def _on_stall(self) -> None:
         self._stall_timer = None
-        if self.done.done():
+        if self.finished:
             return
         self.ctx.outcome = "client_write_timeout"
         self.client.abort()
@@ -295,7 +299,7 @@ class Exchange:
 
     def on_deadline(self) -> None:
         """The client connection's timer fired (it holds this exchange's deadlines)."""
-        if self.done.done():
+        if self.finished:
             return
         now = self.loop.time()
         limit = self.first_byte_timeout if self.status == 0 else self.idle_timeout
@@ -324,11 +328,18 @@ class Exchange:
     def _finish(self, pool: bool, exc: BaseException | None = None) -> None:
         self._release_conn(pool)
         self._cleanup()
-        if not self.done.done():
+        if self.finished:
+            return
+        self.finished = True
+        if self._on_done is not None:
+            self._on_done(self, exc)
+            return
+        done = self.done
+        if not done.done():          # cancelled with the task that awaited it: nobody to tell
             if exc is None:
-                self.done.set_result(None)
+                done.set_result(None)
             else:
-                self.done.set_exception(exc)
+                done.set_exception(exc)
 
     def _release_conn(self, pool: bool) -> None:
         conn = self.conn
@@ -350,7 +361,7 @@ class Exchange:
 
     def abort(self) -> None:
         """Cancelled from outside (shutdown, task cancellation): drop the upstream socket."""
-        if not self.done.done():
+        if not self.finished:
             if self.ctx.outcome == "ok" or not self.ctx.outcome:
                 self.ctx.outcome = "cancelled"
             self._finish(pool=False)
@@ -427,21 +438,53 @@ def _usage_from_sse_tail(tail: bytes) -> dict | None:
     return None
 
 
+def closed_without_answer() -> GatewayError:
+    return GatewayError(502, "llama-server closed the connection without answering",
+                        "upstream_closed")
+
+
+def _launch(gw, client, ctx, req, route, conn, method: str, payload: bytes, transform=None,
+            on_done=None) -> Exchange:
+    """Bind a new Exchange to the client and to `conn`, and send the request."""
+    cfg = gw.config
+    ex = Exchange(client, ctx, head_only=req.method == "HEAD", http10=req.version == (1, 0),
+                  first_byte_timeout=cfg.request_timeout, idle_timeout=cfg.stream_idle_timeout,
+                  write_timeout=cfg.client_write_timeout, account=route.name != "models",
+                  transform=transform, loop=client._loop, on_done=on_done)
+    ex.conn = conn
+    client.exchange = ex
+    if client.write_paused:
+        ex.on_client_paused()
+    conn.start(ex, method, payload)
+    return ex
+
+
+def start(gw, client, ctx, req, route, body: bytes, conn, on_done) -> Exchange:
+    """forward() without a coroutine, for a connection already at hand (a pooled one): the end,
+    failures before the head included, is told to on_done(exchange, exc), which also decides on
+    the retry of a stale connection (UpstreamClosed without bytes)."""
+    method = "GET" if req.method == "HEAD" else req.method
+    payload = build_upstream_request(method, route.upstream, req.headers, body,
+                                     gw.backend_hostport, client.peer_host, ctx.request_id)
+    return _launch(gw, client, ctx, req, route, conn, method, payload, on_done=on_done)
+
+
 async def forward(gw, client, ctx, req: http11.Request, route, body: bytes, *,
                   upstream_path: str | None = None, method: str | None = None,
-                  headers: list[tuple[str, str]] | None = None, transform=None) -> None:
+                  headers: list[tuple[str, str]] | None = None, transform=None,
+                  fresh: bool = False) -> None:
     """Send the rebuilt request to llama-server and relay the response to `client`.
 
     API translators pass their own upstream path, method, headers and a response transform.
+    fresh: the retry after a stale pooled connection (start()): one attempt, on a new connection.
     Raises GatewayError before the response head is written (the caller renders it); after that,
     failures are handled in-band by the Exchange and recorded in ctx.outcome."""
-    cfg = gw.config
     if method is None:
         method = "GET" if req.method == "HEAD" else req.method
     payload = build_upstream_request(method, upstream_path or route.upstream,
                                      req.headers if headers is None else headers, body,
                                      gw.backend_hostport, client.peer_host, ctx.request_id)
-    for attempt in (0, 1):
+    for attempt in ((1,) if fresh else (0, 1)):
         try:
             conn = None if attempt else gw.pool.take_idle()   # no await when one is idle
             if conn is None:
@@ -456,23 +499,14 @@ async def forward(gw, client, ctx, req: http11.Request, route, body: bytes, *,
             gw.pool.release(conn, True)
             ctx.outcome = "client_closed"
             return
-        ex = Exchange(client, ctx, head_only=req.method == "HEAD", http10=req.version == (1, 0),
-                      first_byte_timeout=cfg.request_timeout, idle_timeout=cfg.stream_idle_timeout,
-                      write_timeout=cfg.client_write_timeout, account=route.name != "models",
-                      transform=transform, loop=client._loop)
-        ex.conn = conn
-        client.exchange = ex
-        if client.write_paused:
-            ex.on_client_paused()
-        conn.start(ex, method, payload)
+        ex = _launch(gw, client, ctx, req, route, conn, method, payload, transform)
         try:
             await ex.done
             return
         except UpstreamClosed as exc:
             if attempt == 0 and conn.reused and not exc.got_bytes:
                 continue    # a stale pooled connection: nothing was answered, try a fresh one
-            raise GatewayError(502, "llama-server closed the connection without answering",
-                               "upstream_closed") from None
+            raise closed_without_answer() from None
         except asyncio.CancelledError:
             ex.abort()
             raise

@@ -118,12 +118,19 @@ async def test_shutdown_lets_a_stream_finish_then_closes(tmp_path):
         assert s.fake.disconnects == 0
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["task", "callbacks"])
 @aio
-async def test_shutdown_cuts_a_stream_longer_than_the_grace(tmp_path):
-    async with Stack(tmp_path, {"GRACEFUL_TIMEOUT": "0.4"}) as s:
+async def test_shutdown_cuts_a_stream_longer_than_the_grace(tmp_path, pooled):
+    """Both ways a request is served: by the connection's task (no pooled llama-server
+    connection yet: it connects) and on the callback path (a pooled one, no task)."""
+    async with Stack(tmp_path, {"GRACEFUL_TIMEOUT": "0.4"}, access_log=True) as s:
+        if pooled:
+            assert (await s.one(post("/v1/chat/completions", chat()))).status == 200
         c = await s.client()
         await c.send(post("/v1/chat/completions", chat(stream=True, events=100, interval=0.05)))
         await c.head()
+        (conn,) = s.gw.connections
+        assert (conn.task is None) == pooled
         started = time.monotonic()
         await asyncio.wait_for(s.gw.shutdown(), 3.0)
         elapsed = time.monotonic() - started
@@ -138,9 +145,12 @@ async def test_shutdown_cuts_a_stream_longer_than_the_grace(tmp_path):
         except ConnectionResetError:
             pass
         assert not data.endswith(b"0\r\n\r\n")
-        await s.fake.wait_for(lambda: s.fake.disconnects == 1, 1.0)
+        # everything is released by the time shutdown returns, whichever path served it
         assert s.gw.connections == set()
-        assert s.gw.admission.slots.active == 0
+        assert s.gw.admission.slots.active == 0 and s.gw.in_flight == 0
+        assert s.gw.admission.concurrency.in_flight("alice") == 0
+        await s.fake.wait_for(lambda: s.fake.disconnects == 1, 1.0)
+        assert s.access_records()[-1]["outcome"] == "cancelled"
 
 
 # ---------------- the real process ----------------
