@@ -118,19 +118,24 @@ async def test_shutdown_lets_a_stream_finish_then_closes(tmp_path):
         assert s.fake.disconnects == 0
 
 
-@pytest.mark.parametrize("pooled", [False, True], ids=["task", "callbacks"])
+@pytest.mark.parametrize("split", [True, False], ids=["task", "callbacks"])
 @aio
-async def test_shutdown_cuts_a_stream_longer_than_the_grace(tmp_path, pooled):
-    """Both ways a request is served: by the connection's task (no pooled llama-server
-    connection yet: it connects) and on the callback path (a pooled one, no task)."""
+async def test_shutdown_cuts_a_stream_longer_than_the_grace(tmp_path, split):
+    """Both ways a request is served: by the connection's task (its body arrives after its
+    head) and on the callback path (the whole request at once and a pooled llama-server
+    connection: no task)."""
     async with Stack(tmp_path, {"GRACEFUL_TIMEOUT": "0.4"}, access_log=True) as s:
-        if pooled:
-            assert (await s.one(post("/v1/chat/completions", chat()))).status == 200
+        assert (await s.one(post("/v1/chat/completions", chat()))).status == 200   # pool warm
         c = await s.client()
-        await c.send(post("/v1/chat/completions", chat(stream=True, events=100, interval=0.05)))
+        raw = post("/v1/chat/completions", chat(stream=True, events=100, interval=0.05))
+        if split:
+            await c.send(raw[:-3])
+            await asyncio.sleep(0.05)
+            raw = raw[-3:]
+        await c.send(raw)
         await c.head()
         (conn,) = s.gw.connections
-        assert (conn.task is None) == pooled
+        assert (conn.task is None) == (not split)
         started = time.monotonic()
         await asyncio.wait_for(s.gw.shutdown(), 3.0)
         elapsed = time.monotonic() - started
