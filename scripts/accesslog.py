@@ -53,6 +53,11 @@ _REQUEST_TEMPLATE = "{" + ",".join(
     f'"{name}":%s' for name in ACCESS_FIELDS) + "}\n"
 # A finite float's magnitude is below this; NaN fails every comparison.
 _FINITE = 1e300
+# Memos of quoted string fields (_quoted), paths apart (their query string is cut). Bounded:
+# past it, values are quoted each time (many distinct client addresses).
+_QUOTED: dict[str, str] = {}
+_QUOTED_PATHS: dict[str, str] = {}
+_QUOTED_MAX = 4096
 
 log = logging.getLogger("gateway.accesslog")
 
@@ -93,6 +98,18 @@ def _count(value) -> str:
     return "%d" % value
 
 
+def _quoted(value: str, memo: dict[str, str]) -> str:
+    """A string field as JSON (capped), memoized: key ids, client addresses, methods, paths and
+    outcomes repeat from line to line."""
+    quoted = memo.get(value)
+    if quoted is None:
+        cut = value.split("?", 1)[0] if memo is _QUOTED_PATHS else value
+        quoted = _quote(cut[:MAX_VALUE_CHARS])
+        if len(memo) < _QUOTED_MAX:
+            memo[value] = quoted
+    return quoted
+
+
 def format_request(values: tuple) -> str:
     """One JSON line from the ACCESS_FIELDS values in order; ValueError/TypeError when a value
     has an unexpected type (the caller then takes the general path, clean_record)."""
@@ -104,13 +121,18 @@ def format_request(values: tuple) -> str:
         raise ValueError("status/bytes")
     if type(stream) is not bool:
         raise ValueError("stream")
-    cap = MAX_VALUE_CHARS
+    if type(key_id) is not str or type(client) is not str or type(method) is not str \
+            or type(path) is not str or type(outcome) is not str:
+        raise TypeError("string fields")
+    q = _QUOTED.get          # a quoted string is never empty: `or` means "not memoized yet"
     return _REQUEST_TEMPLATE % (
-        "%.6f" % when, _quote(request_id[:cap]), _quote(key_id[:cap]), _quote(client[:cap]),
-        _quote(method[:cap]), _quote(path.split("?", 1)[0][:cap]), "%d" % status,
-        "%d" % bytes_in, "%d" % bytes_out, _ms(duration_ms), _ms(ttfb_ms),
+        "%.6f" % when, _quote(request_id[:MAX_VALUE_CHARS]),
+        q(key_id) or _quoted(key_id, _QUOTED), q(client) or _quoted(client, _QUOTED),
+        q(method) or _quoted(method, _QUOTED),
+        _QUOTED_PATHS.get(path) or _quoted(path, _QUOTED_PATHS),
+        "%d" % status, "%d" % bytes_in, "%d" % bytes_out, _ms(duration_ms), _ms(ttfb_ms),
         "true" if stream else "false", _count(prompt_tokens), _count(completion_tokens),
-        _quote(outcome[:cap]))
+        q(outcome) or _quoted(outcome, _QUOTED))
 
 
 def _line(record) -> str:

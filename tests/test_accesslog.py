@@ -230,6 +230,21 @@ def test_format_request_escapes_strings_and_strips_the_query():
     assert record["method"] == "G" * accesslog.MAX_VALUE_CHARS
 
 
+def test_format_request_memo_keeps_each_field_its_own_rules(monkeypatch):
+    """Repeated strings come from a memo: the same text stays whole as a key id and loses its
+    query string as a path, however often it repeats; past the memo's bound, still right."""
+    for _ in range(3):
+        record = json.loads(accesslog.format_request(request_values(
+            key_id="a?b", client="a?b", outcome="a?b", path="a?b")))
+        assert (record["key_id"], record["client"], record["outcome"], record["path"]) == \
+            ("a?b", "a?b", "a?b", "a")
+    monkeypatch.setattr(accesslog, "_QUOTED_MAX", len(accesslog._QUOTED))
+    for i in range(3):
+        record = json.loads(accesslog.format_request(request_values(client=f"10.0.0.{i}\n")))
+        assert record["client"] == f"10.0.0.{i}\n"
+    assert "10.0.0.0\n" not in accesslog._QUOTED
+
+
 @pytest.mark.parametrize("changes", [
     {"duration_ms": float("nan")}, {"ttfb_ms": float("inf")}, {"status": "200"},
     {"prompt_tokens": 1.5}, {"stream": 1}, {"time": None}, {"path": None},
