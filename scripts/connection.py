@@ -376,7 +376,7 @@ class ClientConnection(asyncio.Protocol):
             if origin is not None:
                 ctx.response_headers.extend(gw.cors.headers_for(origin))
             ctx.route = route.name
-            ticket = gw.admit(req, route, ctx)       # auth, rate and key concurrency; raises
+            ticket = gw.admission.admit(req, route, ctx)   # auth, rate, key concurrency; raises
             slot = gw.try_backend_slot()            # global limit; raises
             conn = gw.pool.take_idle() if slot is not None else None
             if conn is None:                         # the queue, or a connect: the task waits
@@ -425,8 +425,11 @@ class ClientConnection(asyncio.Protocol):
                 # Pipelined requests: taken from the loop, not from inside the callback of
                 # llama-server's connection that called us.
                 self._loop.call_soon(self._serve)
-            else:
-                self._serve()      # nothing to take: idle (or close at EOF)
+            elif self.eof or self.gw.shutting_down:
+                self._close()
+            else:                  # nothing to take: wait idle for the next request
+                self._next_begins()
+                self._go_idle(self.gw.config.keepalive_timeout)
         except Exception:   # a bug: never leave the socket open
             log.exception("connection handler failed")
             self._close()
