@@ -359,8 +359,10 @@ class ClientConnection(asyncio.Protocol):
         if route is None or route.kind != "proxy":
             return False
         bodiless = not req.content_length
-        if not bodiless and not self.parser.has_whole_body:
-            return False
+        if not bodiless:
+            body = self.parser.take_whole_body()    # None, and nothing taken, while arriving
+            if body is None:
+                return False
         ctx = self._begin(req)
         ticket = admission.NO_TICKET
         slot = None
@@ -369,7 +371,6 @@ class ClientConnection(asyncio.Protocol):
                 self._end_bodiless()
                 body = b""
             else:
-                body = self.parser.take_whole_body()
                 ctx.bytes_in += len(body)
                 self._body_read = True
             origin = req.get("origin")
@@ -617,7 +618,7 @@ class ClientConnection(asyncio.Protocol):
             ctx.ollama = req.path == "/" or req.path.startswith("/api/")
             route = routes.match(req.method, req.path)
             ctx.route = route.name
-            ticket = gw.admit(req, route, ctx)       # auth, rate and key concurrency; raises
+            ticket = gw.admission.admit(req, route, ctx)   # auth, rate, key concurrency; raises
             body = await self._read_body(req, ctx)
             body_done = True
             if gw.is_local(route):                   # answered here, no backend slot

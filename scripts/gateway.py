@@ -113,9 +113,6 @@ class Gateway:
         return changed
 
     # ---------------- the request path (called by ClientConnection) ----------------
-    def admit(self, req, route, ctx) -> admission.Ticket:
-        return self.admission.admit(req, route, ctx)
-
     def try_backend_slot(self):
         """The backend check and a free slot without waiting; None when the caller must wait in
         the queue (backend_slot). Raises GatewayError (503) like backend_slot."""

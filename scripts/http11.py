@@ -403,12 +403,6 @@ class _Parser:
         self._remaining -= len(data)
         return Data(data)
 
-    @property
-    def has_whole_body(self) -> bool:
-        """Right after a head: its Content-Length body is buffered in full (take_whole_body)."""
-        return (self._state is _LENGTH and self._error is None
-                and len(self._buf) >= self._remaining)
-
     def take_whole_body(self) -> bytes | None:
         """Right after a head: a Content-Length body that is already buffered in full, and its
         END_OF_MESSAGE, in one call (the usual small message: no Data event, three fewer
