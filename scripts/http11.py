@@ -63,9 +63,16 @@ _VCHAR_OBS = r"\x21-\x7e\x80-\xff"
 # name ":" OWS value OWS; value = field-vchars separated by SP/HTAB runs (linear, no ReDoS).
 _FIELD = rf"({_TOKEN}):[ \t]*((?:[{_VCHAR_OBS}]+(?:[ \t]+[{_VCHAR_OBS}]+)*)?)[ \t]*"
 _FIELD_RE = re.compile(_FIELD)
-# All field lines of a block in one C-level pass: a match must span a whole line, so the number
-# of matches equals the number of lines exactly when every line is valid.
-_FIELDS_RE = re.compile(rf"(?:^|(?<=\n)){_FIELD}(?=\r\n|\Z)")
+# Control characters a field line may not hold (HTAB may; CR and LF only as the line ends,
+# which _take_block checked).
+_CTL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Field names already checked as tokens -> their lower-case form; real traffic uses a few dozen,
+# and once full, new names are still checked, just not remembered.
+_NAMES: dict[str, str] = {}
+_NAMES_MAX = 1024
+# Host header values already checked (a client sends the same one on every request); bounded.
+_GOOD_HOSTS: set[str] = set()
+_GOOD_HOSTS_MAX = 256
 _TOKEN_RE = re.compile(_TOKEN)
 _TOKEN_B_RE = re.compile(_TOKEN.encode())
 # origin-form or "*": visible ASCII, no fragment ("#" is not part of a request-target).
@@ -209,21 +216,37 @@ def _field_error(line: str, err) -> ProtocolError:
 def _parse_fields(block: str, max_headers: int, err) -> list[tuple[str, str]]:
     """CRLF-separated field lines -> [(lower-case name, value)].
 
-    The block has no bare CR/LF (_take_block checked it): otherwise the line after a bare LF
-    could match on its own and pass the count below.
+    The block has no bare CR/LF (_take_block checked it), so splitting at CRLF gives the lines.
+    One C-level search over the block refuses the control characters a field may not hold; each
+    line is then `token ":" OWS value OWS`, its name checked once and remembered (lower-cased).
     """
     if not block:
         return []
-    count = block.count("\r\n") + 1
-    if count > max_headers:
+    lines = block.split("\r\n")
+    if len(lines) > max_headers:
         raise ProtocolError(f"more than {max_headers} header fields", 431, "header_too_large")
-    found = _FIELDS_RE.findall(block)
-    if len(found) != count:
-        for line in block.split("\r\n"):   # slow path: name the first bad line
-            if _FIELD_RE.fullmatch(line) is None:
+    if _CTL_RE.search(block) is not None:
+        raise _first_bad_field(lines, err)
+    names = _NAMES
+    out = []
+    for line in lines:
+        name, sep, value = line.partition(":")
+        low = names.get(name) if sep else None
+        if low is None:
+            if not sep or not _TOKEN_RE.fullmatch(name):
                 raise _field_error(line, err)
-        raise err("malformed header section")
-    return [(name.lower(), value) for name, value in found]
+            low = name.lower()
+            if len(names) < _NAMES_MAX:
+                names[name] = low
+        out.append((low, value.strip(" \t")))
+    return out
+
+
+def _first_bad_field(lines: list[str], err) -> ProtocolError:
+    for line in lines:   # slow path: name the first bad line
+        if _FIELD_RE.fullmatch(line) is None:
+            return _field_error(line, err)
+    return err("malformed header section")
 
 
 def _connection_tokens(values: list[str]) -> frozenset[str]:
@@ -570,7 +593,7 @@ class RequestParser(_Parser):
         if len(parts) != 3:
             raise _bad("malformed request line (expected METHOD SP target SP HTTP/1.1)")
         method, target, version_s = parts
-        if not _TOKEN_RE.fullmatch(method):
+        if method not in KNOWN_METHODS and not _TOKEN_RE.fullmatch(method):
             raise _bad("invalid request method")
         if len(target) > self._max_target:
             raise self._too_long()
@@ -617,8 +640,11 @@ class RequestParser(_Parser):
         if host is None:
             if version == (1, 1):
                 raise _bad("missing Host header")
-        elif not _HOST_RE.fullmatch(host):
-            raise _bad("invalid Host header")
+        elif host not in _GOOD_HOSTS:
+            if not _HOST_RE.fullmatch(host):
+                raise _bad("invalid Host header")
+            if len(_GOOD_HOSTS) < _GOOD_HOSTS_MAX:
+                _GOOD_HOSTS.add(host)
 
         content_length = None
         chunked = False
@@ -801,7 +827,9 @@ _GOOD_NAMES_MAX = 1024   # memo of validated header names; real traffic uses a f
 
 
 def _fields(headers: list[tuple[str, str]]) -> str:
-    text = "".join([n + ": " + v + "\r\n" for n, v in headers])
+    if not headers:
+        return ""
+    text = "\r\n".join(map(": ".join, headers)) + "\r\n"
     # Each field adds exactly one CR and one LF: any other CR, LF or NUL is response splitting.
     k = len(headers)
     if text.count("\r") != k or text.count("\n") != k or "\x00" in text:

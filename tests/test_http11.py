@@ -326,6 +326,37 @@ def test_invalid_request(raw, status, code, how):
         assert info.value.code == code, info.value.message
 
 
+def test_remembered_name_still_needs_its_colon():
+    """A field name checked once is remembered; a later line holding only that name (no colon)
+    is still refused."""
+    assert parse_one(req(b"Content-Type: text/plain\r\n")).get("content-type") == "text/plain"
+    with pytest.raises(ProtocolError) as info:
+        feed_request(req(b"Content-Type\r\n"), "whole")
+    assert info.value.code == BAD and "colon" in info.value.message
+
+
+def test_name_and_host_memos_are_bounded(monkeypatch):
+    """Past their bound the memos stop growing; names and hosts are still checked, and
+    still parsed, one by one."""
+    monkeypatch.setattr(http11, "_NAMES", {})
+    monkeypatch.setattr(http11, "_GOOD_HOSTS", set())
+    for i in range(http11._NAMES_MAX + 50):
+        r = parse_one(b"GET / HTTP/1.1\r\nHost: h%d\r\nX-N%d: v\r\n\r\n" % (i, i))
+        assert r.get("x-n%d" % i) == "v" and r.host == "h%d" % i
+    assert len(http11._NAMES) == http11._NAMES_MAX
+    assert len(http11._GOOD_HOSTS) == http11._GOOD_HOSTS_MAX
+    for bad in (b"X(Y): v\r\n", b"X-New\r\n", b"X-New : v\r\n"):
+        with pytest.raises(ProtocolError):
+            feed_request(req(bad), "whole")
+    with pytest.raises(ProtocolError):
+        feed_request(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", "whole")
+
+
+def test_field_values_keep_inner_whitespace_and_obs_text():
+    r = parse_one(req(b"X-A:\t a \t b\xe9 \t\r\nX-B:\r\nX-C:   \r\n"))
+    assert r.get("x-a") == "a \t b\xe9" and r.get("x-b") == "" and r.get("x-c") == ""
+
+
 LIMITS = dict(max_target_length=64, max_header_bytes=256, max_headers=4)
 LIMIT_CASES = [
     pytest.param(b"GET /" + b"a" * 64 + b" HTTP/1.1\r\n" + H + b"\r\n", 414, "uri_too_long",
