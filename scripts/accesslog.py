@@ -53,11 +53,13 @@ _REQUEST_TEMPLATE = "{" + ",".join(
     f'"{name}":%s' for name in ACCESS_FIELDS) + "}\n"
 # A finite float's magnitude is below this; NaN fails every comparison.
 _FINITE = 1e300
-# Memos of quoted string fields (_quoted), paths apart (their query string is cut). Bounded:
-# past it, values are quoted each time (many distinct client addresses).
+# Memos of quoted string fields (_quoted), paths apart (their query string is cut). Bounded in
+# count and in the length of what they keep (a path may be 8 KiB): past either, values are
+# quoted each time (many distinct client addresses, long or random paths).
 _QUOTED: dict[str, str] = {}
 _QUOTED_PATHS: dict[str, str] = {}
 _QUOTED_MAX = 4096
+_QUOTED_MEMO_LEN = 256
 
 log = logging.getLogger("gateway.accesslog")
 
@@ -105,7 +107,7 @@ def _quoted(value: str, memo: dict[str, str]) -> str:
     if quoted is None:
         cut = value.split("?", 1)[0] if memo is _QUOTED_PATHS else value
         quoted = _quote(cut[:MAX_VALUE_CHARS])
-        if len(memo) < _QUOTED_MAX:
+        if len(memo) < _QUOTED_MAX and len(value) <= _QUOTED_MEMO_LEN:
             memo[value] = quoted
     return quoted
 

@@ -67,12 +67,16 @@ _FIELD_RE = re.compile(_FIELD)
 # which _take_block checked).
 _CTL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # Field names already checked as tokens -> their lower-case form; real traffic uses a few dozen,
-# and once full, new names are still checked, just not remembered.
+# and once full, new names are still checked, just not remembered. Only short names are kept, so
+# the memo stays small whatever clients send (a name may be as long as a whole head).
 _NAMES: dict[str, str] = {}
 _NAMES_MAX = 1024
-# Host header values already checked (a client sends the same one on every request); bounded.
+_NAME_MEMO_LEN = 64
+# Host header values already checked (a client sends the same one on every request); bounded in
+# count and length like _NAMES.
 _GOOD_HOSTS: set[str] = set()
 _GOOD_HOSTS_MAX = 256
+_HOST_MEMO_LEN = 255
 _TOKEN_RE = re.compile(_TOKEN)
 _TOKEN_B_RE = re.compile(_TOKEN.encode())
 # origin-form or "*": visible ASCII, no fragment ("#" is not part of a request-target).
@@ -236,7 +240,7 @@ def _parse_fields(block: str, max_headers: int, err) -> list[tuple[str, str]]:
             if not sep or not _TOKEN_RE.fullmatch(name):
                 raise _field_error(line, err)
             low = name.lower()
-            if len(names) < _NAMES_MAX:
+            if len(names) < _NAMES_MAX and len(name) <= _NAME_MEMO_LEN:
                 names[name] = low
         out.append((low, value.strip(" \t")))
     return out
@@ -643,7 +647,7 @@ class RequestParser(_Parser):
         elif host not in _GOOD_HOSTS:
             if not _HOST_RE.fullmatch(host):
                 raise _bad("invalid Host header")
-            if len(_GOOD_HOSTS) < _GOOD_HOSTS_MAX:
+            if len(_GOOD_HOSTS) < _GOOD_HOSTS_MAX and len(host) <= _HOST_MEMO_LEN:
                 _GOOD_HOSTS.add(host)
 
         content_length = None

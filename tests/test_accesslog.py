@@ -245,6 +245,18 @@ def test_format_request_memo_keeps_each_field_its_own_rules(monkeypatch):
     assert "10.0.0.0\n" not in accesslog._QUOTED
 
 
+def test_format_request_memo_keeps_no_long_strings():
+    """A long path (up to the 8 KiB target limit) is quoted each time, not remembered: random
+    long paths cannot grow the memo to megabytes."""
+    long_path = "/" + "x" * 8000
+    for _ in range(2):
+        record = json.loads(accesslog.format_request(request_values(path=long_path)))
+        assert record["path"] == long_path[:accesslog.MAX_VALUE_CHARS]
+    assert long_path not in accesslog._QUOTED_PATHS
+    assert all(len(k) <= accesslog._QUOTED_MEMO_LEN
+               for memo in (accesslog._QUOTED, accesslog._QUOTED_PATHS) for k in memo)
+
+
 @pytest.mark.parametrize("changes", [
     {"duration_ms": float("nan")}, {"ttfb_ms": float("inf")}, {"status": "200"},
     {"prompt_tokens": 1.5}, {"stream": 1}, {"time": None}, {"path": None},

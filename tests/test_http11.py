@@ -352,6 +352,19 @@ def test_name_and_host_memos_are_bounded(monkeypatch):
         feed_request(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", "whole")
 
 
+def test_name_and_host_memos_keep_no_long_values(monkeypatch):
+    """A long (valid) name or Host is checked and parsed but not remembered, so clients cannot
+    fill the memos with kilobytes per entry."""
+    monkeypatch.setattr(http11, "_NAMES", {})
+    monkeypatch.setattr(http11, "_GOOD_HOSTS", set())
+    name, host = "X" * 5000, "h" * 3000
+    r = parse_one(b"GET / HTTP/1.1\r\nHost: %s\r\n%s: v\r\n\r\n" % (host.encode(), name.encode()),
+                  max_header_bytes=16384)
+    assert r.get(name.lower()) == "v" and r.host == host
+    assert name not in http11._NAMES and host not in http11._GOOD_HOSTS
+    assert "Host" in http11._NAMES
+
+
 def test_field_values_keep_inner_whitespace_and_obs_text():
     r = parse_one(req(b"X-A:\t a \t b\xe9 \t\r\nX-B:\r\nX-C:   \r\n"))
     assert r.get("x-a") == "a \t b\xe9" and r.get("x-b") == "" and r.get("x-c") == ""
