@@ -285,7 +285,14 @@ class Exchange:
     def on_client_gone(self) -> None:
         if self.finished:
             return
-        self.ctx.outcome = "client_closed"
+        if self.sse and self.keep_body and _sse_finished(self.tail):
+            # Everything up to the stream's `data: [DONE]` was relayed: a client (the OpenAI
+            # SDK) may hang up there, before llama-server's closing chunk. The answer was
+            # delivered: count it and its tokens as such.
+            self._account()
+            self.ctx.outcome = "ok"
+        else:
+            self.ctx.outcome = "client_closed"
         self._finish(pool=False)
 
     # ---- internals ----
@@ -405,6 +412,16 @@ def _usage_from_body(body: bytes) -> dict | None:
             return value if isinstance(value, dict) else None
         pos = body.rfind(b'"usage"', 0, pos)
     return None
+
+
+def _sse_finished(tail: bytearray) -> bool:
+    """The last SSE event relayed is the OpenAI stream terminator `data: [DONE]`."""
+    end = len(tail)
+    while end and tail[end - 1] in b"\r\n":
+        end -= 1
+    start = max(tail.rfind(b"\n", 0, end), tail.rfind(b"\r", 0, end)) + 1
+    line = bytes(tail[start:end])
+    return line.startswith(b"data:") and line[5:].strip(b" ") == b"[DONE]"
 
 
 def _usage_from_sse_tail(tail: bytes) -> dict | None:

@@ -361,6 +361,46 @@ async def test_client_disconnect_mid_stream_closes_upstream(tmp_path):
         assert s.fake.connections_opened == 2       # the cut connection was not pooled
 
 
+async def _events_until(c, last: bytes) -> list[bytes]:
+    """Read chunked SSE events until one equals `last`; the chunk after it is not read."""
+    events = []
+    while not events or events[-1] != last:
+        size = int((await c.line()).strip(), 16)
+        assert size, "the stream ended before the awaited event"
+        events.append((await c.exactly(size + 2))[:-2])
+    return events
+
+
+@aio
+async def test_client_hanging_up_after_done_counts_as_delivered(tmp_path):
+    """The OpenAI SDK stops at `data: [DONE]` and may close before llama-server's closing chunk:
+    that stream was delivered (outcome ok, tokens counted). A hang-up before [DONE] is still
+    client_closed. Either way the upstream connection is closed at once."""
+    async with Stack(tmp_path, access_log=True) as s:
+        c = await s.client()
+        await c.send(post("/v1/chat/completions", chat(stream=True, events=4, end_delay=2.0),
+                          extra=b"X-Request-Id: after-done\r\n"))
+        assert (await c.head())[0] == 200
+        events = await _events_until(c, b"data: [DONE]\n\n")
+        assert len(events) == 6                   # 4 tokens, the final chunk, [DONE]
+        c.abort()
+        await s.fake.wait_for(lambda: s.fake.disconnects == 1, 1.0)
+
+        c = await s.client()
+        await c.send(post("/v1/chat/completions", chat(stream=True, events=4, interval=0.2),
+                          extra=b"X-Request-Id: before-done\r\n"))
+        assert (await c.head())[0] == 200
+        await c.line()
+        c.abort()
+        await s.fake.wait_for(lambda: s.fake.disconnects == 2, 1.0)
+        await eventually(lambda: s.gw.in_flight == 0)
+        records = {r["request_id"]: r for r in s.access_records()}
+    done, cut = records["after-done"], records["before-done"]
+    assert done["outcome"] == "ok" and done["status"] == 200 and done["stream"] is True
+    assert done["completion_tokens"] == 4 and done["prompt_tokens"] >= 1
+    assert cut["outcome"] == "client_closed"
+
+
 @aio
 async def test_upstream_drop_mid_stream_sends_error_event_without_terminator(tmp_path):
     async with Stack(tmp_path) as s:

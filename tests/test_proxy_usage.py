@@ -1,6 +1,9 @@
-"""Token accounting reads the end of a relayed SSE stream (pure part of proxy.py)."""
+"""Token accounting and the end of a stream, read from the end of a relayed SSE stream (pure
+parts of proxy.py)."""
 
-from proxy import _usage_from_sse_tail
+import pytest
+
+from proxy import _sse_finished, _usage_from_sse_tail
 
 
 def test_usage_chunk_wins():
@@ -40,3 +43,16 @@ def test_usage_inside_a_string_only_is_not_usage():
     assert _usage_from_body(b'{"usage":[1]}') is None
     assert _usage_from_body(b'{"usage":{"prompt_tokens":"\xff"}}') is None   # not UTF-8
     assert _usage_from_body(b'') is None
+
+
+@pytest.mark.parametrize("tail,finished", [
+    (b'data: {"x":1}\n\ndata: [DONE]\n\n', True),
+    (b"data:[DONE]\r\n\r\n", True),
+    (b"data: [DONE]", True),
+    (b'data: [DONE]\n\ndata: {"x":1}\n\n', False),       # more came after it
+    (b'data: {"content":"data: [DONE]"}\n\n', False),   # only quoted inside an event
+    (b"data: [DONE]x\n\n", False),
+    (b"", False),
+])
+def test_sse_finished_sees_only_a_final_done_event(tail, finished):
+    assert _sse_finished(bytearray(tail)) is finished

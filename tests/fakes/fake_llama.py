@@ -96,6 +96,7 @@ DEFAULT_KNOBS: dict = {
     "delay_first_byte": 0.0,
     "status": None,
     "close_after_response": False,
+    "end_delay": 0.0,       # seconds between a stream's `data: [DONE]` and its closing chunk
 }
 
 # llama-server's error types (server-common / utils: error_type -> status).
@@ -610,7 +611,12 @@ class _Conn(asyncio.Protocol):
                 "system_fingerprint": "b0-fake", "object": obj_name,
                 "usage": _usage(prompt_n, events), "timings": _timings(prompt_n, events, interval)}
         self._write(_chunk(b"data: " + json.dumps(last).encode() + b"\n\n")
-                    + _chunk(DONE_EVENT) + CHUNK_END)
+                    + _chunk(DONE_EVENT) + (b"" if kn["end_delay"] else CHUNK_END))
+        if kn["end_delay"]:
+            await asyncio.sleep(kn["end_delay"])
+            if self.closed:
+                return
+            self._write(CHUNK_END)
         self._done(close)
 
     def _drop(self):
@@ -663,6 +669,7 @@ def _normalize_knobs(kn: dict) -> dict:
         "delay_first_byte": max(0.0, float(kn["delay_first_byte"] or 0)),
         "status": int(kn["status"]) if kn["status"] else None,
         "close_after_response": bool(kn["close_after_response"]),
+        "end_delay": max(0.0, float(kn["end_delay"] or 0)),
     }
 
 
