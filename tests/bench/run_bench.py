@@ -991,9 +991,8 @@ class Bench:
                 for key, name, fmt in (("tokens_per_s", "tokens/s", "{:.0f}"),
                                        ("ttft_p50_ms", "TTFT p50 ms", "{:.2f}"),
                                        ("ttft_p99_ms", "TTFT p99 ms", "{:.2f}")):
-                    rr = p["summary"]["paired"][key] if key == "tokens_per_s" else ratio(g[key], d[key])
                     L.append(f"| {par} | {name} | {f2(g[key], fmt)} | {f2(d[key], fmt)} | "
-                             f"{f2(rr)} |")
+                             f"{f2(p['summary']['paired'].get(key, ratio(g[key], d[key])))} |")
                 L.append(f"| {par} | CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
             L.append("")
         if "e" in self.results:

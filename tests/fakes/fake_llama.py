@@ -613,9 +613,7 @@ class _Conn(asyncio.Protocol):
         self._write(_chunk(b"data: " + json.dumps(last).encode() + b"\n\n")
                     + _chunk(DONE_EVENT) + (b"" if kn["end_delay"] else CHUNK_END))
         if kn["end_delay"]:
-            await asyncio.sleep(kn["end_delay"])
-            if self.closed:
-                return
+            await asyncio.sleep(kn["end_delay"])   # a hang-up meanwhile cancels this task
             self._write(CHUNK_END)
         self._done(close)
 
