@@ -43,7 +43,8 @@ RUN python3 -m compileall -q /app/scripts
 # Defaults equal the code's (scripts/config.py, entrypoint.sh); tests/test_docker.py checks.
 # DATA_DIR is deliberately unset: the code picks /runpod-volume or /workspace when mounted (RunPod
 # network volumes), else /data. LLAMA_ARG_HOST: the base image sets 0.0.0.0; entrypoint.sh passes
-# --host 127.0.0.1, and this keeps llama-server on loopback even when started by hand.
+# --host (its Unix socket, or 127.0.0.1), and this keeps llama-server on loopback even when
+# started by hand.
 ENV PORT=8000 \
     PORT_HEALTH=8001 \
     PORT_BACKEND=8080 \

@@ -3,8 +3,9 @@
 #
 # Order: check env, model and llama-server (nothing is started when one is wrong); write state
 # `starting`; start the health server (answers 204 at once); start the gateway (answers API calls
-# with 503 JSON until the state is `ready`); start llama-server on 127.0.0.1:PORT_BACKEND and poll
-# its /health until 200; once the gateway port accepts too, write `ready` (health 200).
+# with 503 JSON until the state is `ready`); start llama-server on its Unix socket (or
+# 127.0.0.1:PORT_BACKEND) and poll its /health until 200; once the gateway port accepts too, write
+# `ready` (health 200).
 #
 # State file $RUN_DIR/health (one word, replaced atomically; read by health_server.py and the
 # gateway): starting -> ready -> (starting while restarting) -> failed | stopping.
@@ -30,8 +31,12 @@
 #   MODEL_PATH      a .gguf file; else MODEL_NAME, a file under $DATA_DIR/models
 #   LLAMA_SERVER_BIN  [llama-server on PATH, else next to this script, else /app/llama-server
 #                   (the llama.cpp image keeps it in /app)]
-#   PORT [8000] gateway, PORT_HEALTH [8001] health server, PORT_BACKEND [8080] llama-server,
-#   HOST [0.0.0.0] where the gateway and the health server listen.
+#   PORT [8000] gateway, PORT_HEALTH [8001] health server, PORT_BACKEND [8080] llama-server
+#   (BACKEND_TRANSPORT=tcp only), HOST [0.0.0.0] where the gateway and the health server listen.
+#   BACKEND_TRANSPORT [unix] how the gateway reaches llama-server: `unix`, a Unix socket at
+#                   BACKEND_SOCKET [$RUN_DIR/llama-server.sock], mode 0600 (only this user can
+#                   reach llama-server, bypassing the gateway's keys; half the kernel work of
+#                   loopback TCP per send); `tcp`, 127.0.0.1:PORT_BACKEND.
 #   CTX [16384] context size, NGL [99] layers on the GPU (llama-server runs on the CPU when there is
 #   no GPU), PARALLEL [1] llama-server slots: the context is split between slots, so 1 gives every
 #   request the whole CTX; raise PARALLEL together with CTX for throughput.
@@ -141,18 +146,24 @@ port_open() {  # port_open HOST PORT: a TCP connect succeeds (nothing sent)
   timeout "$PORT_CHECK_TIMEOUT" bash -c 'exec 9<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
 }
 
-http_code() {  # http_code URL TIMEOUT -> status code, 000 when no answer
+http_code() {  # http_code URL TIMEOUT [UNIX_SOCKET] -> status code, 000 when no answer
   if command -v curl >/dev/null 2>&1; then
-    curl -s -o /dev/null -w '%{http_code}' --noproxy '*' --max-time "$2" "$1" || true
+    local via=()
+    if [[ -n ${3:-} ]]; then via=(--unix-socket "$3"); fi
+    curl -s -o /dev/null -w '%{http_code}' --noproxy '*' --max-time "$2" "${via[@]}" "$1" || true
   else
-    "$PYTHON" - "$1" "$2" <<'PY' || echo 000
-import sys, urllib.error, urllib.request
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    "$PYTHON" - "$1" "$2" "${3:-}" <<'PY' || echo 000
+import http.client, socket, sys, urllib.parse
+url, timeout, unix_path = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+u = urllib.parse.urlsplit(url)
 try:
-    with opener.open(sys.argv[1], timeout=float(sys.argv[2])) as r:
-        print(r.status)
-except urllib.error.HTTPError as e:
-    print(e.code)
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    if unix_path:
+        conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.sock.settimeout(timeout)
+        conn.sock.connect(unix_path)
+    conn.request("GET", u.path or "/")
+    print(conn.getresponse().status)
 except Exception:
     print("000")
 PY
@@ -194,6 +205,7 @@ finish() {  # finish CODE: last words, then exit with no child left behind
   GATEWAY_PID=""
   stop_pid "$LLAMA_PID" llama-server "${LLAMA_STOP_TIMEOUT_MS:-10000}"
   LLAMA_PID=""
+  if [[ -n ${BACKEND_SOCKET:-} && -S ${BACKEND_SOCKET:-} ]]; then rm -f "$BACKEND_SOCKET"; fi
   stop_pid "$HEALTH_PID" "health server" "$HELPER_STOP_TIMEOUT_MS"
   HEALTH_PID=""
   if [[ -n ${RUN_DIR:-} && -d ${RUN_DIR:-} ]]; then
@@ -281,6 +293,28 @@ secs_var RESTART_BACKOFF_INITIAL 1 1
 secs_var RESTART_BACKOFF_MAX 30 1
 secs_var RESTART_WINDOW 600 1
 export PORT PORT_HEALTH PORT_BACKEND GRACEFUL_TIMEOUT
+BACKEND_TRANSPORT=${BACKEND_TRANSPORT:-unix}
+case $BACKEND_TRANSPORT in
+  unix)
+    BACKEND_SOCKET=${BACKEND_SOCKET:-$RUN_DIR/llama-server.sock}
+    # llama-server reads --host as a socket path only when it ends in .sock; sun_path holds 107
+    # bytes plus NUL.
+    if [[ $BACKEND_SOCKET != /*.sock ]]; then
+      fatal 2 "BACKEND_SOCKET must be an absolute path ending in .sock, got '$BACKEND_SOCKET'"
+    fi
+    if (( $(LC_ALL=C; printf '%s' "${#BACKEND_SOCKET}") > 107 )); then
+      fatal 2 "BACKEND_SOCKET is longer than 107 bytes (a Unix socket path): $BACKEND_SOCKET"
+    fi
+    if [[ -e $BACKEND_SOCKET && ! -S $BACKEND_SOCKET ]]; then
+      fatal 2 "BACKEND_SOCKET=$BACKEND_SOCKET exists and is not a socket"
+    fi
+    BACKEND_ADDR="unix:$BACKEND_SOCKET" ;;
+  tcp)
+    BACKEND_SOCKET=""
+    BACKEND_ADDR="127.0.0.1:$PORT_BACKEND" ;;
+  *) fatal 2 "BACKEND_TRANSPORT must be unix or tcp, got '$BACKEND_TRANSPORT'" ;;
+esac
+export BACKEND_TRANSPORT BACKEND_SOCKET
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 
 case $HOST in  # where to reach our own listeners
@@ -324,7 +358,7 @@ else
   fatal 1 "llama-server not found: looked at LLAMA_SERVER_BIN (unset), PATH, $HERE/llama-server, /app/llama-server"
 fi
 
-log INFO "model $MODEL; llama-server $LLAMA_BIN; ports gateway $PORT, health $PORT_HEALTH, backend 127.0.0.1:$PORT_BACKEND"
+log INFO "model $MODEL; llama-server $LLAMA_BIN; ports gateway $PORT, health $PORT_HEALTH, backend $BACKEND_ADDR"
 printf '%s\n' "$$" > "$RUN_DIR/entrypoint.pid"
 
 # ---- the three processes ------------------------------------------------------------------------
@@ -343,7 +377,13 @@ start_gateway() {
 
 LLAMA_STARTS=0
 start_llama() {
-  local args=(-m "$MODEL" --host 127.0.0.1 --port "$PORT_BACKEND" -c "$CTX" -ngl "$NGL"
+  local listen=(--host 127.0.0.1 --port "$PORT_BACKEND")
+  if [[ -n $BACKEND_SOCKET ]]; then
+    listen=(--host "$BACKEND_SOCKET")
+    # A socket left by a killed llama-server would make its bind fail (EADDRINUSE).
+    if [[ -S $BACKEND_SOCKET ]]; then rm -f "$BACKEND_SOCKET"; fi
+  fi
+  local args=(-m "$MODEL" "${listen[@]}" -c "$CTX" -ngl "$NGL"
     -np "$PARALLEL" --metrics --alias "$MODEL_ALIAS" "${EXTRA[@]}")
   local marker
   LLAMA_STARTS=$(( LLAMA_STARTS + 1 ))
@@ -352,7 +392,8 @@ start_llama() {
     "$LLAMA_STARTS"
   printf '%s\n' "$marker" >> "$SERVER_LOG"
   # Output to the server log and to the container's stdout (fd 3); $! stays llama-server's pid.
-  "$LLAMA_BIN" "${args[@]}" > >(tee -a "$SERVER_LOG" >&3) 2>&1 3>&- &
+  # umask 077: the socket file is created 0600, so only this user may connect to it.
+  (umask 077 && exec "$LLAMA_BIN" "${args[@]}") > >(tee -a "$SERVER_LOG" >&3) 2>&1 3>&- &
   LLAMA_PID=$!
   printf '%s\n' "$LLAMA_PID" > "$RUN_DIR/llama-server.pid"
 }
@@ -458,7 +499,11 @@ wait_llama_ready() {  # 0 ready; 1 failed (LOAD_FAILURE says why)
       LOAD_FAILURE="llama-server exited while loading ($(describe_exit "$LAST_EXIT"))"
       return 1
     fi
-    code=$(http_code "http://127.0.0.1:$PORT_BACKEND/health" "$LOAD_POLL_TIMEOUT")
+    if [[ -n $BACKEND_SOCKET ]]; then
+      code=$(http_code "http://localhost/health" "$LOAD_POLL_TIMEOUT" "$BACKEND_SOCKET")
+    else
+      code=$(http_code "http://127.0.0.1:$PORT_BACKEND/health" "$LOAD_POLL_TIMEOUT")
+    fi
     if [[ $code == 200 ]]; then return 0; fi
     now_ms
     if (( NOW_MS >= deadline )); then

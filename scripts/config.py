@@ -6,6 +6,9 @@ ConfigError naming the variable; the entry points turn that into exit code 2.
 Defaults, and where the numbers come from:
 - PORT 8000 / PORT_HEALTH 8001: RunPod load-balancing endpoint conventions.
 - PORT_BACKEND 8080: llama-server's historical default port, always passed explicitly.
+- BACKEND_SOCKET (empty: TCP to BACKEND_HOST:PORT_BACKEND): llama-server's Unix socket, which
+  entrypoint.sh sets by default (BACKEND_TRANSPORT=unix, $RUN_DIR/llama-server.sock). At most
+  UNIX_PATH_MAX bytes: the kernel's sun_path holds 108 with the terminating NUL.
 - MAX_REQUEST_BODY_SIZE 30 MB: RunPod's payload limit; nothing larger can reach a worker anyway.
 - CLIENT_HEADER_TIMEOUT 10 s: a real client sends its head in one packet; slowloris does not.
 - CLIENT_BODY_TIMEOUT 30 s: total time for the request body (30 MB at ~1 MB/s).
@@ -26,6 +29,7 @@ import os
 from collections.abc import Mapping
 
 DEFAULT_RUN_DIR = "/tmp/llama-gguf-inference"
+UNIX_PATH_MAX = 107
 
 # Where DATA_DIR lands when unset: RunPod serverless mounts its network volume at /runpod-volume,
 # RunPod pods at /workspace; elsewhere /data (the image's VOLUME).
@@ -56,6 +60,7 @@ class Config:
     host: str = "0.0.0.0"
     backend_host: str = "127.0.0.1"
     port_backend: int = 8080
+    backend_socket: str = ""
     # places
     data_dir: str = DATA_DIR_FALLBACK
     run_dir: str = DEFAULT_RUN_DIR
@@ -165,6 +170,18 @@ def _origins(env: Mapping[str, str], var: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _unix_path(env: Mapping[str, str], var: str) -> str:
+    raw = env.get(var, "").strip()
+    if not raw:
+        return ""
+    if not os.path.isabs(raw) or "\0" in raw:
+        raise ConfigError(var, f"must be an absolute path, got {raw!r}")
+    if len(os.fsencode(raw)) > UNIX_PATH_MAX:
+        raise ConfigError(var, f"a Unix socket path holds at most {UNIX_PATH_MAX} bytes, "
+                               f"got {len(os.fsencode(raw))}")
+    return raw
+
+
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Build the Config from env (default os.environ). Raises ConfigError."""
     if env is None:
@@ -178,6 +195,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         host=env.get("HOST", "").strip() or "0.0.0.0",
         backend_host=env.get("BACKEND_HOST", "").strip() or "127.0.0.1",
         port_backend=_port(env, "PORT_BACKEND", 8080),
+        backend_socket=_unix_path(env, "BACKEND_SOCKET"),
         data_dir=data_dir,
         run_dir=run_dir,
         max_request_body_size=_int(env, "MAX_REQUEST_BODY_SIZE", 30_000_000, 1, 1 << 34),

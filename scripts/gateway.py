@@ -85,8 +85,11 @@ class Gateway:
         self.cors = cors.Cors(config.cors_origins)
         self.backend = BackendState(config.health_file)
         self.pool = upstream.UpstreamPool(config.backend_host, config.port_backend,
-                                          config.backend_connect_timeout)
-        self.backend_hostport = f"{config.backend_host}:{config.port_backend}"
+                                          config.backend_connect_timeout,
+                                          unix_path=config.backend_socket)
+        # The Host header of upstream requests (llama-server ignores it; HTTP/1.1 requires one).
+        self.backend_hostport = ("localhost" if config.backend_socket
+                                 else f"{config.backend_host}:{config.port_backend}")
         self.server: asyncio.base_events.Server | None = None
         self.ollama = ollama_routes.OllamaAPI(
             self, ollama_routes.ModelCatalog(config.model_path, config.model_name))
@@ -301,7 +304,7 @@ async def amain(cfg: config_mod.Config) -> int:
         log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc)
         access.close()
         return 1
-    log.info("gateway listening on %s:%d, backend %s", cfg.host, cfg.port, gw.backend_hostport)
+    log.info("gateway listening on %s:%d, backend %s", cfg.host, cfg.port, gw.pool.address)
     # The model's GGUF header (and digest) for the Ollama API, read off the event loop.
     catalog_task = asyncio.create_task(gw.ollama.catalog.load())
     loop = asyncio.get_running_loop()

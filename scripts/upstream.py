@@ -11,12 +11,20 @@ fresh connection when a reused one dies before any response byte arrived.
 
 Connect storms: at most MAX_CONNECTING connects are in flight per pool; further ones wait in FIFO
 order, and the connect deadline covers the wait and the connect together.
+
+Transport: TCP to host:port, or a Unix stream socket (unix_path; what entrypoint.sh wires by
+default). On loopback a Unix socket costs the gateway and llama-server about half the kernel work
+of TCP per send (no TCP/IP stack, no ACKs, no handshake, no TIME_WAIT), and only processes allowed
+by the socket file's permissions can reach llama-server. A full listen backlog answers a Unix
+connect with EAGAIN at once (TCP would drop the SYN and retry after 1 s): the connect is retried
+after UNIX_RETRY_FIRST s, doubling up to UNIX_RETRY_MAX s, until the connect deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import time
 
 import http11
@@ -32,6 +40,11 @@ MAX_IDLE = 64
 # (504s). llama-server sets CPPHTTPLIB_LISTEN_BACKLOG to 512 (cpp-httplib's default is 5); 64
 # in flight stays well inside it while a burst still connects in a few round trips.
 MAX_CONNECTING = 64
+# Unix socket, full backlog (EAGAIN): first retry after 1 ms (llama-server's accept thread drains
+# its backlog in microseconds), doubling to 50 ms so a stalled server costs few wake-ups; the
+# connect deadline (BACKEND_CONNECT_TIMEOUT) bounds the whole.
+UNIX_RETRY_FIRST = 0.001
+UNIX_RETRY_MAX = 0.05
 
 
 class UpstreamClosed(Exception):
@@ -177,10 +190,11 @@ class UpstreamConnection(asyncio.Protocol):
 
 class UpstreamPool:
     def __init__(self, host: str, port: int, connect_timeout: float, *,
-                 idle_ttl: float = IDLE_TTL, max_idle: int = MAX_IDLE,
+                 unix_path: str = "", idle_ttl: float = IDLE_TTL, max_idle: int = MAX_IDLE,
                  max_connecting: int = MAX_CONNECTING, clock=time.monotonic):
         self.host = host
         self.port = port
+        self.unix_path = unix_path     # non-empty: connect there instead of host:port
         self.connect_timeout = connect_timeout
         self.idle_ttl = idle_ttl
         self.max_idle = max_idle
@@ -224,11 +238,45 @@ class UpstreamPool:
             return conn
         return None
 
+    @property
+    def address(self) -> str:
+        """Where llama-server is, for logs and errors."""
+        return f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
+
     async def _open(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(lambda: UpstreamConnection(self),
-                                               self.host, self.port)
+        if self.unix_path:
+            sock = await self._connect_unix()
+            try:
+                _, conn = await loop.create_unix_connection(lambda: UpstreamConnection(self),
+                                                            sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            _, conn = await loop.create_connection(lambda: UpstreamConnection(self),
+                                                   self.host, self.port)
         return conn
+
+    async def _connect_unix(self) -> socket.socket:
+        """A connected Unix stream socket. A Unix connect never waits (no EINPROGRESS): it
+        succeeds, fails (no socket file: FileNotFoundError; nobody listening:
+        ConnectionRefusedError), or finds the backlog full (EAGAIN), which is retried with
+        backoff; the caller's deadline bounds the retries."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            delay = UNIX_RETRY_FIRST
+            while True:
+                try:
+                    sock.connect(self.unix_path)
+                    return sock
+                except BlockingIOError:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, UNIX_RETRY_MAX)
+        except BaseException:
+            sock.close()
+            raise
 
     async def _connect_slot(self) -> None:
         """One of max_connecting places; FIFO after those already waiting."""

@@ -247,15 +247,19 @@ class Stack:
 
     def __init__(self, tmp_path, env: dict | None = None, *, fake_kw: dict | None = None,
                  with_keys: bool = True, access_log: bool = False, backend_port: int | None = None,
-                 start_fake: bool = True):
+                 start_fake: bool = True, backend_unix: bool = False):
         import config as config_mod
         from fakes.fake_llama import FakeLlama
         self.tmp = str(tmp_path)
-        self.fake = FakeLlama(**(fake_kw or {})) if start_fake else None
+        fake_kw = dict(fake_kw or {})
         self.env = dict(FAST_ENV)
         self.env.update({"DATA_DIR": os.path.join(self.tmp, "data"),
                          "RUN_DIR": os.path.join(self.tmp, "run"),
                          "AUTH_KEYS_FILE": os.path.join(self.tmp, "keys.txt")})
+        if backend_unix:   # as entrypoint.sh wires it: llama-server on a Unix socket only
+            self.env["BACKEND_SOCKET"] = os.path.join(self.tmp, "llama-server.sock")
+            fake_kw["host"] = self.env["BACKEND_SOCKET"]
+        self.fake = FakeLlama(**fake_kw) if start_fake else None
         self.env.update(env or {})
         self.with_keys = with_keys
         self.want_access_log = access_log
@@ -275,7 +279,8 @@ class Stack:
         if self.fake is not None:
             await self.fake.start()
         port = self.backend_port if self.backend_port is not None else self.fake.port
-        self.env.setdefault("PORT_BACKEND", str(port))
+        if port:   # 0: the fake listens on a Unix socket only (BACKEND_SOCKET)
+            self.env.setdefault("PORT_BACKEND", str(port))
         self.config = self._config_mod.load_config(self.env)
         if self.with_keys:
             write_key_file(self.config.auth_keys_file)

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -324,16 +325,96 @@ def test_sigterm_while_loading_exits_0_quickly(stack):
     assert processes_mentioning(s.tmp) == []
 
 
+def llama_args(s: Stack) -> list[str]:
+    line = next(ln for ln in s.output().splitlines() if "starting llama-server" in ln)
+    return line.split(": ", 2)[2].split()[1:]
+
+
+def api_status(s: Stack, path: str = "/v1/models") -> int:
+    """An API call through the gateway (AUTH_ENABLED=false here): it reaches llama-server."""
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
 def test_llama_flags_are_explicit_and_extra_args_split(stack):
     s = stack(CTX="1024", NGL="0", PARALLEL="2", EXTRA_ARGS="--pooling  mean   --threads 2").start()
     s.wait_health(200)
-    out = s.output()
-    line = next(ln for ln in out.splitlines() if "starting llama-server" in ln)
-    args = line.split(": ", 2)[2].split()
-    assert args[1:] == ["-m", str(s.data / "models" / "tiny.gguf"), "--host", "127.0.0.1",
-                        "--port", str(s.backend), "-c", "1024", "-ngl", "0", "-np", "2",
-                        "--metrics", "--alias", "tiny", "--pooling", "mean", "--threads", "2"]
+    assert llama_args(s) == ["-m", str(s.data / "models" / "tiny.gguf"),
+                             "--host", str(s.run_dir / "llama-server.sock"),
+                             "-c", "1024", "-ngl", "0", "-np", "2", "--metrics", "--alias", "tiny",
+                             "--pooling", "mean", "--threads", "2"]
     assert s.stop() == 0
+
+
+# ---- how the gateway reaches llama-server: Unix socket (default) or TCP --------------------------
+
+def test_unix_socket_is_private_replaces_a_stale_one_and_is_removed_at_exit(stack):
+    s = stack()
+    sock_path = s.run_dir / "llama-server.sock"
+    s.run_dir.mkdir(parents=True)
+    stale = socket.socket(socket.AF_UNIX)   # a socket file left by a killed llama-server
+    stale.bind(str(sock_path))
+    stale.close()
+    s.start()
+    s.wait_health(200)
+    assert "backend unix:" + str(sock_path) in s.output()
+    mode = os.stat(sock_path).st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) & 0o077 == 0   # only this user connects
+    assert api_status(s) == 200
+    # a crash leaves the socket file behind: the restart must still bind
+    os.kill(s.pid_of("llama-server"), signal.SIGKILL)
+    s.wait_health(204, deadline=3)
+    s.wait_health(200)
+    assert api_status(s) == 200
+    assert s.stop() == 0
+    assert not sock_path.exists()
+
+
+def test_tcp_transport_listens_on_port_backend(stack):
+    s = stack(BACKEND_TRANSPORT="tcp").start()
+    s.wait_health(200)
+    assert llama_args(s)[2:6] == ["--host", "127.0.0.1", "--port", str(s.backend)]
+    assert "backend 127.0.0.1:" + str(s.backend) in s.output()
+    assert api_status(s) == 200
+    assert not (s.run_dir / "llama-server.sock").exists()
+    assert s.stop() == 0
+
+
+def test_backend_socket_path_is_honoured(stack, tmp_path):
+    path = tmp_path / "elsewhere" / "llama.sock"
+    path.parent.mkdir()
+    s = stack(BACKEND_SOCKET=str(path)).start()
+    s.wait_health(200)
+    assert llama_args(s)[2:4] == ["--host", str(path)]
+    assert api_status(s) == 200
+    assert s.stop() == 0
+
+
+@pytest.mark.parametrize("env,names", [
+    ({"BACKEND_TRANSPORT": "udp"}, "BACKEND_TRANSPORT"),
+    ({"BACKEND_SOCKET": "relative/llama.sock"}, "BACKEND_SOCKET"),
+    ({"BACKEND_SOCKET": "/tmp/llama-server.socket"}, "BACKEND_SOCKET"),   # llama-server: *.sock
+    ({"BACKEND_SOCKET": "/" + "d" * 110 + "/x.sock"}, "BACKEND_SOCKET"),   # over sun_path
+])
+def test_bad_backend_transport_exits_2(stack, env, names):
+    rc, out = stack(**env).run()
+    assert rc == 2
+    fatal = [line for line in out.splitlines() if "FATAL" in line]
+    assert fatal and names in fatal[0]
+
+
+def test_backend_socket_on_a_regular_file_is_refused_and_kept(stack, tmp_path):
+    victim = tmp_path / "notes.sock"
+    victim.write_text("not a socket")
+    rc, out = stack(BACKEND_SOCKET=str(victim)).run()
+    assert rc == 2 and "not a socket" in out
+    assert victim.read_text() == "not a socket"
 
 
 # ---- make run: scripts/run_local.py --dry-run ---------------------------------------------------

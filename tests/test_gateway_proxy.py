@@ -110,9 +110,10 @@ async def test_upstream_request_is_rebuilt(tmp_path):
         assert s.fake.requests[-1].header("x-request-id") == rid
 
 
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
 @aio
-async def test_pool_reuses_one_upstream_connection(tmp_path):
-    async with Stack(tmp_path) as s:
+async def test_pool_reuses_one_upstream_connection(tmp_path, unix):
+    async with Stack(tmp_path, backend_unix=unix) as s:
         for i in range(5):
             c = await s.client()     # several client connections, one upstream connection
             assert (await c.request(post("/v1/chat/completions", chat()))).status == 200
@@ -279,9 +280,10 @@ async def test_upstream_error_status_relayed(tmp_path):
 
 # ---------------- streaming ----------------
 
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
 @aio
-async def test_sse_events_relayed_as_they_come(tmp_path):
-    async with Stack(tmp_path) as s:
+async def test_sse_events_relayed_as_they_come(tmp_path, unix):
+    async with Stack(tmp_path, backend_unix=unix) as s:
         c = await s.client()
         await c.send(post("/v1/chat/completions", chat(stream=True, events=5, interval=0.1,
                                                       ping_every=2)))
@@ -311,9 +313,11 @@ async def test_sse_events_relayed_as_they_come(tmp_path):
         assert r.status == 200
 
 
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
 @aio
-async def test_slow_reader_backpressure_bounds_memory(tmp_path):
-    async with Stack(tmp_path, {"CLIENT_WRITE_TIMEOUT": "3", "STREAM_IDLE_TIMEOUT": "5"}) as s:
+async def test_slow_reader_backpressure_bounds_memory(tmp_path, unix):
+    async with Stack(tmp_path, {"CLIENT_WRITE_TIMEOUT": "3", "STREAM_IDLE_TIMEOUT": "5"},
+                     backend_unix=unix) as s:
         c = await s.client(rcvbuf=8192)
         c.reader._limit = 8192
         await c.send(post("/v1/chat/completions",
@@ -344,9 +348,10 @@ async def test_slow_reader_backpressure_bounds_memory(tmp_path):
         assert max_buf < 512 * 1024, max_buf
 
 
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
 @aio
-async def test_client_disconnect_mid_stream_closes_upstream(tmp_path):
-    async with Stack(tmp_path) as s:
+async def test_client_disconnect_mid_stream_closes_upstream(tmp_path, unix):
+    async with Stack(tmp_path, backend_unix=unix) as s:
         c = await s.client()
         await c.send(post("/v1/chat/completions", chat(stream=True, events=50, interval=0.05)))
         await c.head()

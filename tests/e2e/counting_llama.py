@@ -2,8 +2,9 @@
 
 Used as LLAMA_SERVER_BIN: `counting_llama.py <llama-server args>`. It waits LOAD_DELAY seconds
 (a stand-in for loading a big model, so the test can see health 204), starts the real llama-server
-(REAL_LLAMA_SERVER) on a private port, and relays the `--port` it was given to it, appending one
-line to COUNT_FILE per accepted connection. A test reads that file to prove who talks to
+(REAL_LLAMA_SERVER) on a private port, and relays the address it was given (`--port`, or a Unix
+socket `--host *.sock` as entrypoint.sh passes by default) to it, appending one line to COUNT_FILE
+per accepted connection. A test reads that file to prove who talks to
 llama-server. SIGTERM is passed on; the relay exits with llama-server.
 """
 
@@ -18,11 +19,17 @@ import time
 
 def main() -> int:
     args = sys.argv[1:]
-    port = int(args[args.index("--port") + 1])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         inner = s.getsockname()[1]
-    args[args.index("--port") + 1] = str(inner)
+    host_at = args.index("--host") + 1
+    unix_path = args[host_at] if args[host_at].endswith(".sock") else ""
+    if unix_path:
+        args[host_at:host_at + 1] = ["127.0.0.1", "--port", str(inner)]
+        port = 0
+    else:
+        port = int(args[args.index("--port") + 1])
+        args[args.index("--port") + 1] = str(inner)
     time.sleep(float(os.environ.get("LOAD_DELAY", "0")))
     child = subprocess.Popen([os.environ["REAL_LLAMA_SERVER"], *args])
     count_file = os.environ["COUNT_FILE"]
@@ -49,7 +56,10 @@ def main() -> int:
 
     async def run():
         loop = asyncio.get_running_loop()
-        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        if unix_path:
+            server = await asyncio.start_unix_server(handle, unix_path)
+        else:
+            server = await asyncio.start_server(handle, "127.0.0.1", port)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

@@ -50,10 +50,16 @@ def free_port() -> int:
 
 
 def request(port: int, path: str, method: str = "GET", body: bytes | None = None,
-            headers: dict[str, str] | None = None,
-            timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+            headers: dict[str, str] | None = None, timeout: float = REQUEST_TIMEOUT_S,
+            unix_path: str = "") -> tuple[int, dict[str, str], bytes]:
+    """One request to 127.0.0.1:port, or to the Unix socket unix_path (llama-server's default)."""
+    conn = http.client.HTTPConnection("127.0.0.1" if not unix_path else "localhost", port or None,
+                                      timeout=timeout)
     try:
+        if unix_path:
+            conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.sock.settimeout(timeout)
+            conn.sock.connect(unix_path)
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
@@ -147,8 +153,17 @@ class Stack:
         return request(self.port, "/v1/chat/completions", "POST", json.dumps(body).encode(),
                        self.auth())
 
+    @property
+    def backend_socket(self) -> str:
+        """llama-server's Unix socket as entrypoint.sh wires it; "" with BACKEND_TRANSPORT=tcp."""
+        if self.env.get("BACKEND_TRANSPORT", "unix") == "tcp":
+            return ""
+        return self.env.get("BACKEND_SOCKET") or str(self.run_dir / "llama-server.sock")
+
     def slots_busy(self) -> list[bool]:
-        _, _, body = request(self.backend_port, "/slots", timeout=5)
+        """llama-server's own /slots, asked directly (the gateway does not expose it)."""
+        _, _, body = request(self.backend_port, "/slots", timeout=5,
+                             unix_path=self.backend_socket)
         return [bool(s.get("is_processing")) for s in json.loads(body)]
 
     def stop(self, sig: int = signal.SIGTERM) -> int:

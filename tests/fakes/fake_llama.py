@@ -49,9 +49,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -750,9 +752,15 @@ class FakeLlama:
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
                  keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT, n_slots: int = 4,
                  model_id: str = "demo", n_ctx: int = 4096, metrics: bool = True,
-                 record: bool = True):
+                 record: bool = True, unix_path: str = ""):
+        # A host ending in ".sock" is a Unix socket path, as llama-server reads --host: then only
+        # that is listened on. unix_path (fake only, for the benchmarks) adds a Unix listener
+        # beside the TCP one, so one fake serves direct clients (TCP) and the gateway (Unix).
+        if host.endswith(".sock"):
+            unix_path, host = host, ""
         self.host = host
         self.port = port
+        self.unix_path = unix_path
         self.keepalive_timeout = keepalive_timeout
         self.model_id = model_id
         self.n_ctx = n_ctx
@@ -771,6 +779,7 @@ class FakeLlama:
         self.tokens_predicted = 0
         self._conns: set[_Conn] = set()
         self._server = None
+        self._unix_server = None
         self._loop = None
         self._stopping = False
         self._ids = 0
@@ -789,17 +798,37 @@ class FakeLlama:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
-        self._server = await self._loop.create_server(
-            lambda: _Conn(self), self.host, self.port, reuse_address=True,
-            backlog=LISTEN_BACKLOG)
-        self.port = self._server.sockets[0].getsockname()[1]
+        if self.host:
+            self._server = await self._loop.create_server(
+                lambda: _Conn(self), self.host, self.port, reuse_address=True,
+                backlog=LISTEN_BACKLOG)
+            self.port = self._server.sockets[0].getsockname()[1]
+        if self.unix_path:
+            # Bound here, not by asyncio (which would replace a stale socket file): like
+            # llama-server, a path that exists fails the bind (EADDRINUSE).
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(self.unix_path)
+            except OSError:
+                sock.close()
+                if self._server is not None:
+                    self._server.close()
+                    self._server = None
+                raise
+            self._unix_server = await self._loop.create_unix_server(
+                lambda: _Conn(self), sock=sock, backlog=LISTEN_BACKLOG)
 
     async def stop(self) -> None:
         """Stop accepting, abort every connection (not counted as disconnects)."""
-        if self._server is None:
+        servers = [srv for srv in (self._server, self._unix_server) if srv is not None]
+        if not servers:
             return
         self._stopping = True
-        self._server.close()
+        for srv in servers:
+            srv.close()
+        if self._unix_server is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.unix_path)
         for c in list(self._conns):
             if c.transport is not None:
                 c.transport.abort()
@@ -807,11 +836,12 @@ class FakeLlama:
         for t in tasks:
             t.cancel()
         await asyncio.sleep(0)
-        try:
-            await asyncio.wait_for(self._server.wait_closed(), THREAD_START_TIMEOUT)
-        except TimeoutError:
-            pass
-        self._server = None
+        for srv in servers:
+            try:
+                await asyncio.wait_for(srv.wait_closed(), THREAD_START_TIMEOUT)
+            except TimeoutError:
+                pass
+        self._server = self._unix_server = None
         self._changed()
 
     async def __aenter__(self) -> "FakeLlama":
@@ -953,6 +983,7 @@ def _parse_args(argv):
     p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", default="0")
     p.add_argument("-np", "--parallel", type=int, default=4)
     p.add_argument("--metrics", action="store_true")
+    p.add_argument("--unix", default="", help="fake only: also listen on this Unix socket")
     args, _ignored = p.parse_known_args(argv)
     return args
 
@@ -962,7 +993,7 @@ async def _cli_main(args) -> int:
     # llama-server reports the alias, else the model path, as the model id.
     srv = FakeLlama(host=args.host, port=args.port, n_slots=max(1, args.parallel),
                     model_id=args.alias or args.model or "demo", n_ctx=args.ctx_size,
-                    metrics=args.metrics, record=False)
+                    metrics=args.metrics, record=False, unix_path=args.unix)
     load_s = float(os.environ.get("FAKE_LOAD_SECONDS", "0") or 0)
     exit_after = float(os.environ.get("FAKE_EXIT_AFTER", "0") or 0)
     done = loop.create_future()
@@ -974,9 +1005,16 @@ async def _cli_main(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, finish, 0)
     srv.loading = load_s > 0
-    await srv.start()
-    print("main: server is listening on http://%s:%d - starting the main loop"
-          % (args.host, srv.port), flush=True)
+    try:
+        await srv.start()
+    except OSError as exc:
+        print("srv start: couldn't bind HTTP server socket, hostname: %s: %s"
+              % (args.host, exc), file=sys.stderr, flush=True)
+        return 1
+    where = ["http://%s:%d" % (srv.host, srv.port)] if srv.host else []
+    where += ["unix://" + srv.unix_path] if srv.unix_path else []
+    print("main: server is listening on %s - starting the main loop" % ", ".join(where),
+          flush=True)
     if load_s > 0:
         def loaded():
             srv.loading = False
