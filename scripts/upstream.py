@@ -13,9 +13,9 @@ Connect storms: at most MAX_CONNECTING connects are in flight per pool; further 
 order, and the connect deadline covers the wait and the connect together.
 
 Transport: TCP to host:port, or a Unix stream socket (unix_path; what entrypoint.sh wires by
-default). On loopback a Unix socket costs the gateway and llama-server about half the kernel work
-of TCP per send (no TCP/IP stack, no ACKs, no handshake, no TIME_WAIT), and only processes allowed
-by the socket file's permissions can reach llama-server. A full listen backlog answers a Unix
+default). A send and its receive on a Unix socket cost about a third of loopback TCP's CPU (no
+TCP/IP stack, no ACKs, no handshake, no TIME_WAIT; 2.6 vs 7.7 us measured for 300 bytes), and only
+processes the socket file's permissions allow can reach llama-server. A full listen backlog answers a Unix
 connect with EAGAIN at once (TCP would drop the SYN and retry after 1 s): the connect is retried
 after UNIX_RETRY_FIRST s, doubling up to UNIX_RETRY_MAX s, until the connect deadline.
 """

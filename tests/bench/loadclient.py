@@ -9,7 +9,7 @@ event (or, mode "tokens", first event carrying content), end. It is built on asy
 and does the least work per read (a bytes.count per chunk in mode "count") so that it is not the
 bottleneck; it reports its own CPU time so the harness can show that.
 
-Spec fields: host, port, request (the raw request bytes, latin-1 text), connections,
+Spec fields: host, port (or unix, a Unix socket path), request (the raw request bytes, latin-1 text), connections,
 requests_per_conn (0 = unbounded), duration (s, 0 = unbounded; one of the two must bound it),
 start_at (time.time() at which to start, so several workers start together), mode ("count" |
 "tokens"), connect_parallel, timeout (s, a hard deadline for the whole run).
@@ -232,6 +232,7 @@ class Runner:
     def __init__(self, spec: dict):
         self.host = spec["host"]
         self.port = int(spec["port"])
+        self.unix = spec.get("unix", "")     # non-empty: connect to this Unix socket instead
         self.request = spec["request"].encode("latin-1")
         self.connections = int(spec["connections"])
         self.requests_per_conn = int(spec.get("requests_per_conn", 1))
@@ -265,8 +266,12 @@ class Runner:
             async with sem:
                 t = time.perf_counter()
                 try:
-                    await loop.create_connection(lambda: Conn(self, done, state), self.host,
-                                                 self.port)
+                    if self.unix:
+                        await loop.create_unix_connection(lambda: Conn(self, done, state),
+                                                          self.unix)
+                    else:
+                        await loop.create_connection(lambda: Conn(self, done, state),
+                                                     self.host, self.port)
                 except OSError as exc:
                     self.error("connect: %s" % exc)
                     self.failed += 1

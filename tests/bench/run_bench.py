@@ -14,7 +14,11 @@ Cases (every one runs gateway, direct, gateway, direct, ... in short rounds so d
      gateway; beside it llama-server alone: start -> /health 200 -> first token.
 
 The gateway runs as in production (python3 scripts/gateway.py) with auth on (a key file of mode
-600 holding one key with huge limits) and global limits raised so that nothing is refused. The
+600 holding one key with huge limits) and global limits raised so that nothing is refused. It
+reaches its upstream as entrypoint.sh wires it, over a Unix socket: the fake listens on TCP (for
+the direct clients, as a client outside the container calls llama-server) and on a Unix socket
+(for the gateway); case a also runs the gateway over TCP at 16 connections, for reference. The
+real llama-server of case d has one listener, its Unix socket, so direct clients use it too. The
 load generators are wrk (case a) and tests/bench/loadclient.py (asyncio, raw sockets); their CPU
 and the upstream's CPU are reported so a saturated generator or fake is visible.
 
@@ -80,6 +84,8 @@ RSS_SAMPLE_PERIOD = 0.05
 # llama-server's CPU threads: half the CPUs, so the gateway and the load generator keep the
 # rest (its default, all CPUs, stalls its thread barrier whenever another process runs).
 LLAMA_THREADS = max(1, len(os.sched_getaffinity(0)) // 2)
+# Case a: the connection count at which the gateway also runs over TCP to the fake, for reference.
+TCP_REFERENCE_CONNS = 16
 # Cold start (case e): health poll period and overall bound.
 HEALTH_POLL_PERIOD = 0.005
 COLD_START_TIMEOUT = 60.0
@@ -176,15 +182,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_request(port: int, method: str, path: str, body: bytes = b"", headers=(),
+def connect(port: int | str, timeout: float) -> socket.socket:
+    """A blocking socket to 127.0.0.1:port, or to the Unix socket at path `port` (a str)."""
+    if isinstance(port, str):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(timeout)
+            s.connect(port)
+        except BaseException:
+            s.close()
+            raise
+        return s
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+def http_request(port: int | str, method: str, path: str, body: bytes = b"", headers=(),
                  timeout: float = HTTP_TIMEOUT) -> tuple[int, bytes]:
-    """One blocking request with `Connection: close`; (status, raw body) or raises OSError."""
+    """One blocking request with `Connection: close`; (status, raw body) or raises OSError.
+    port: a TCP port on 127.0.0.1, or a Unix socket path."""
     head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
     head += [f"{k}: {v}" for k, v in headers]
     if body or method == "POST":
         head += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     data = ("\r\n".join(head) + "\r\n\r\n").encode() + body
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    with connect(port, timeout) as s:
         s.settimeout(timeout)
         s.sendall(data)
         chunks = []
@@ -290,11 +311,11 @@ def ratio(a, b):
     return a / b
 
 
-def paired_ratio(runs: dict, key: str):
+def paired_ratio(runs: dict, key: str, side: str = "gateway"):
     """Median over rounds of gateway / direct within a round (a gateway run and the direct run
-    right after it): drift of the machine between rounds cancels out, which a ratio of the two
+    next to it): drift of the machine between rounds cancels out, which a ratio of the two
     sides' medians does not do when the rounds drift apart."""
-    return median([ratio(g[key], d[key]) for g, d in zip(runs["gateway"], runs["direct"])])
+    return median([ratio(g[key], d[key]) for g, d in zip(runs[side], runs["direct"])])
 
 
 def raise_nofile() -> int:
@@ -330,6 +351,7 @@ class Bench:
         self.targets: list[dict] = []
         self.fake: Child | None = None
         self.fake_port = 0
+        self.fake_socket = str(self.tmp / "fake-llama.sock")
         self.n_gateways = 0
         self.loadavg_start = os.getloadavg()
         self.outcomes: dict[str, dict] = {}   # gateway name -> {"status outcome": count}
@@ -345,13 +367,22 @@ class Bench:
         if self.fake is not None and self.fake.alive():
             return
         self.fake_port = free_port()
+        if os.path.exists(self.fake_socket):   # left by a fake that died: it binds anew
+            os.unlink(self.fake_socket)
+        # TCP for the direct clients (wrk speaks nothing else; a client outside the container
+        # calls llama-server that way), the Unix socket for the gateway, as entrypoint.sh wires it.
         self.fake = Child("fake-llama", [sys.executable, str(FAKE), "-m", "demo", "--host",
-                                         "127.0.0.1", "--port", str(self.fake_port), "-np", "64"],
+                                         "127.0.0.1", "--port", str(self.fake_port), "-np", "64",
+                                         "--unix", self.fake_socket],
                           self.env(), self.logs / "fake_llama.log")
-        wait_until(lambda: http_request(self.fake_port, "GET", "/health", timeout=2)[0] == 200,
-                   START_TIMEOUT, "the fake llama-server", self.fake)
+        for where in (self.fake_port, self.fake_socket):
+            wait_until(lambda w=where: http_request(w, "GET", "/health", timeout=2)[0] == 200,
+                       START_TIMEOUT, "the fake llama-server", self.fake)
 
-    def start_gateway(self, backend_port: int, label: str, profile: Path | None = None) -> tuple[Child, int]:
+    def start_gateway(self, backend: int | str, label: str,
+                      profile: Path | None = None) -> tuple[Child, int]:
+        """A gateway on a free port; backend: llama-server's Unix socket path (str, the product's
+        default wiring) or TCP port on 127.0.0.1 (int, BACKEND_TRANSPORT=tcp)."""
         self.n_gateways += 1
         port = free_port()
         data = self.tmp / f"gw{self.n_gateways}-data"
@@ -363,7 +394,9 @@ class Bench:
             argv += ["-m", "cProfile", "-o", str(profile)]
         argv.append(str(GATEWAY))
         env = self.env(PORT=port, HOST="127.0.0.1", PORT_HEALTH=free_port(),
-                       BACKEND_HOST="127.0.0.1", PORT_BACKEND=backend_port, DATA_DIR=data,
+                       BACKEND_HOST="127.0.0.1", DATA_DIR=data,
+                       PORT_BACKEND=backend if isinstance(backend, int) else free_port(),
+                       BACKEND_SOCKET=backend if isinstance(backend, str) else "",
                        RUN_DIR=run, AUTH_ENABLED="true", AUTH_KEYS_FILE=self.keys_file,
                        MAX_CONCURRENT_REQUESTS=BENCH_CONCURRENCY, MAX_QUEUE_SIZE=BENCH_CONCURRENCY,
                        MAX_CONCURRENT_REQUESTS_PER_KEY=BENCH_CONCURRENCY,
@@ -396,7 +429,9 @@ class Bench:
                for i in range(processes)]
         procs = []
         for n in per:
-            spec = {"host": "127.0.0.1", "port": port, "request": self.request_bytes(body),
+            spec = {"host": "127.0.0.1", "port": 0 if isinstance(port, str) else port,
+                    "unix": port if isinstance(port, str) else "",
+                    "request": self.request_bytes(body),
                     "connections": n, "requests_per_conn": requests_per_conn,
                     "duration": duration, "start_at": start_at, "mode": mode,
                     "timeout": timeout}
@@ -491,7 +526,10 @@ class Bench:
             raise RuntimeError("case a needs wrk on PATH (Debian/Ubuntu: apt-get install -y wrk)")
         self.start_fake()
         prof = self.out / "profile-a.prof" if self.args.profile else None
-        gw, gport = self.start_gateway(self.fake_port, "a", prof)
+        gw, gport = self.start_gateway(self.fake_socket, "a", prof)
+        # For reference, at TCP_REFERENCE_CONNS only: the same gateway reaching the fake over
+        # loopback TCP (BACKEND_TRANSPORT=tcp), to show what the Unix socket is worth.
+        gwt, tport = self.start_gateway(self.fake_port, "a-tcp")
         # Five short rounds rather than three long ones: round-to-round swings of +-10 % on a
         # shared machine weigh less in a median of five paired ratios.
         rounds = 1 if self.quick else 5
@@ -500,13 +538,16 @@ class Bench:
         res: dict = {"rounds": rounds, "duration_s": dur, "runs": {}}
         watch = [gw, self.fake]
         # warm-up: imports, code paths, the upstream pool
-        for port in (gport, self.fake_port):
+        for port in (gport, self.fake_port, tport):
             self.run_wrk(port, 16, 1, watch)
         for c in conns:
-            runs = {"gateway": [], "direct": []}
+            order = [("gateway", gport, watch), ("direct", self.fake_port, watch)]
+            if c == TCP_REFERENCE_CONNS:
+                order.append(("gateway_tcp", tport, [gwt, self.fake]))
+            runs = {tgt: [] for tgt, _, _ in order}
             for _ in range(rounds):
-                for tgt, port in (("gateway", gport), ("direct", self.fake_port)):
-                    r = self.run_wrk(port, c, dur if c > 1 else max(2, dur - 2), watch)
+                for tgt, port, seen in order:
+                    r = self.run_wrk(port, c, dur if c > 1 else max(2, dur - 2), seen)
                     runs[tgt].append(r)
                     log(f"  a c={c:<3} {tgt:8s} {r['rps']:9.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
                         f"p99 {r['p99_ms']:.3f} ms  errors {r['errors']}  cpu "
@@ -515,7 +556,7 @@ class Bench:
         res["summary"] = {}
         for c, runs in res["runs"].items():
             s = {}
-            for tgt in ("gateway", "direct"):
+            for tgt in runs:
                 rr = runs[tgt]
                 s[tgt] = {"rps": median([r["rps"] for r in rr]),
                           "p50_ms": median([r["p50_ms"] for r in rr]),
@@ -524,8 +565,11 @@ class Bench:
                           "cpu_pct": {k: median([r["cpu_pct"][k] for r in rr])
                                       for k in rr[0]["cpu_pct"]}}
             s["paired"] = {"rps": paired_ratio(runs, "rps")}
+            if "gateway_tcp" in runs:
+                s["paired"]["rps_tcp"] = paired_ratio(runs, "rps", "gateway_tcp")
             res["summary"][c] = s
         self.stop_gateway(gw, prof, "a")
+        self.stop_gateway(gwt, None, "a-tcp")
         self.results["a"] = res
         s16 = res["summary"][16]
         rr = s16["paired"]["rps"]
@@ -540,7 +584,7 @@ class Bench:
     def case_b(self) -> None:
         self.start_fake()
         prof = self.out / "profile-b.prof" if self.args.profile else None
-        gw, gport = self.start_gateway(self.fake_port, "b", prof)
+        gw, gport = self.start_gateway(self.fake_socket, "b", prof)
         rounds = 1 if self.quick else 3
         dur = 2 if self.quick else 4
         n_streams, n_events = 64, 200
@@ -612,7 +656,7 @@ class Bench:
                 for tgt in ("gateway", "direct"):
                     gw = None
                     if tgt == "gateway":
-                        gw, port = self.start_gateway(self.fake_port, f"c{n}")
+                        gw, port = self.start_gateway(self.fake_socket, f"c{n}")
                         rss0 = gw.status_kb("VmRSS")
                         peak = [rss0]
 
@@ -693,16 +737,21 @@ class Bench:
             raise RuntimeError(f"no model at {model}: run `make model`")
         return model
 
-    def start_llama(self, label: str, port: int | None = None, parallel: int = 8) -> tuple[Child, int]:
-        port = port or free_port()
-        argv = [self.llama_server_bin(), "-m", str(self.model_path()), "--host", "127.0.0.1",
-                "--port", str(port), "-c", "2048", "-ngl", "0", "-np", str(parallel), "--metrics",
-                "--threads", str(LLAMA_THREADS)]
+    def start_llama(self, label: str, port: int | None = None, parallel: int = 8,
+                    unix: bool = False) -> tuple[Child, int | str]:
+        """llama-server on 127.0.0.1:port, or (unix) on a Unix socket as entrypoint.sh starts
+        it; returns the child and where it listens (a port, or the socket path)."""
+        where: int | str = str(self.tmp / f"llama-{label}.sock") if unix else (port or free_port())
+        listen = ["--host", where] if unix else ["--host", "127.0.0.1", "--port", str(where)]
+        argv = [self.llama_server_bin(), "-m", str(self.model_path()), *listen, "-c", "2048",
+                "-ngl", "0", "-np", str(parallel), "--metrics", "--threads", str(LLAMA_THREADS)]
         child = Child(f"llama-server-{label}", argv, self.env(), self.logs / f"llama-server-{label}.log")
-        return child, port
+        return child, where
 
     def case_d(self) -> None:
-        llama, lport = self.start_llama("d")
+        # llama-server as entrypoint.sh starts it, on a Unix socket; having one listener, it is
+        # called directly over that socket too (cheaper than the TCP a client elsewhere uses).
+        llama, lport = self.start_llama("d", unix=True)
         wait_until(lambda: http_request(lport, "GET", "/health", timeout=2)[0] == 200,
                    LLAMA_LOAD_TIMEOUT, "llama-server /health 200", llama, period=0.1)
         gw, gport = self.start_gateway(lport, "d")
@@ -943,6 +992,13 @@ class Bench:
                 L.append(f"| {c} | p99 latency ms | {g['p99_ms']:.3f} | {d['p99_ms']:.3f} | "
                          f"{f2(ratio(g['p99_ms'], d['p99_ms']))} |")
                 L.append(f"| {c} | CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
+                if "gateway_tcp" in s:
+                    t = s["gateway_tcp"]
+                    L.append(f"| {c} | req/s, gateway over TCP | {t['rps']:.0f} | {d['rps']:.0f} | "
+                             f"{f2(s['paired']['rps_tcp'])} |")
+                    L.append(f"| {c} | p50 latency ms, gateway over TCP | {t['p50_ms']:.3f} | "
+                             f"{d['p50_ms']:.3f} | {f2(ratio(t['p50_ms'], d['p50_ms']))} |")
+                    L.append(f"| {c} | CPU, gateway over TCP | {cpu_cell(t['cpu_pct'])} | | |")
             L.append("")
         if "b" in self.results:
             b = self.results["b"]
