@@ -34,9 +34,9 @@
 #   PORT [8000] gateway, PORT_HEALTH [8001] health server, PORT_BACKEND [8080] llama-server
 #   (BACKEND_TRANSPORT=tcp only), HOST [0.0.0.0] where the gateway and the health server listen.
 #   BACKEND_TRANSPORT [unix] how the gateway reaches llama-server: `unix`, a Unix socket at
-#                   BACKEND_SOCKET [$RUN_DIR/llama-server.sock], mode 0600 (only this user can
-#                   reach llama-server, bypassing the gateway's keys; half the kernel work of
-#                   loopback TCP per send); `tcp`, 127.0.0.1:PORT_BACKEND.
+#                   BACKEND_SOCKET [$RUN_DIR/llama-server.sock], created 0600: no other user can
+#                   reach llama-server around the gateway's keys, and a send and its receive cost
+#                   a third of loopback TCP's CPU; `tcp`, 127.0.0.1:PORT_BACKEND.
 #   CTX [16384] context size, NGL [99] layers on the GPU (llama-server runs on the CPU when there is
 #   no GPU), PARALLEL [1] llama-server slots: the context is split between slots, so 1 gives every
 #   request the whole CTX; raise PARALLEL together with CTX for throughput.
