@@ -706,7 +706,7 @@ class Bench:
                         f"(direct {d['complete']}/{d['streams']})", all_ok)
             r = summary["paired"]["stream_p99_s"]
             self.target("c", f"p99 stream time <= 1.1x direct ({n:,})",
-                        "n/a" if r is None else f"{r:.2f}x", None if r is None else r <= 1.1)
+                        "n/a" if r is None else f"{r:.3f}x", None if r is None else r <= 1.1)
             lim = rss_lim
             self.target("c", f"gateway peak RSS <= {lim} MB ({n:,})", f"{g['rss_hwm_mb']:.1f} MB",
                         g["rss_hwm_mb"] <= lim)
