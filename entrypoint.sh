@@ -74,6 +74,8 @@ GATEWAY_KILL_MARGIN_MS=2000     # the gateway gets GRACEFUL_TIMEOUT plus this be
 
 # ---- small helpers ----------------------------------------------------------------------------
 BOOT_LOG=""
+SOCKET_OURS=""      # set once llama-server is started on BACKEND_SOCKET (finish removes it)
+BACKEND_SOCKET=${BACKEND_SOCKET:-}
 log() {
   local level=$1; shift
   local line
@@ -205,7 +207,8 @@ finish() {  # finish CODE: last words, then exit with no child left behind
   GATEWAY_PID=""
   stop_pid "$LLAMA_PID" llama-server "${LLAMA_STOP_TIMEOUT_MS:-10000}"
   LLAMA_PID=""
-  if [[ -n ${BACKEND_SOCKET:-} && -S ${BACKEND_SOCKET:-} ]]; then rm -f "$BACKEND_SOCKET"; fi
+  # Only a socket our llama-server made: a path we never used may be someone else's.
+  if [[ -n $SOCKET_OURS && -S $BACKEND_SOCKET ]]; then rm -f "$BACKEND_SOCKET"; fi
   stop_pid "$HEALTH_PID" "health server" "$HELPER_STOP_TIMEOUT_MS"
   HEALTH_PID=""
   if [[ -n ${RUN_DIR:-} && -d ${RUN_DIR:-} ]]; then
@@ -375,13 +378,27 @@ start_gateway() {
   log INFO "gateway started (pid $GATEWAY_PID)"
 }
 
+socket_answers() {  # socket_answers PATH: a process accepts connections on that Unix socket
+  "$PYTHON" -c 'import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(1)
+s.connect(sys.argv[1])' "$1" 2>/dev/null
+}
+
 LLAMA_STARTS=0
 start_llama() {
   local listen=(--host 127.0.0.1 --port "$PORT_BACKEND")
   if [[ -n $BACKEND_SOCKET ]]; then
     listen=(--host "$BACKEND_SOCKET")
-    # A socket left by a killed llama-server would make its bind fail (EADDRINUSE).
-    if [[ -S $BACKEND_SOCKET ]]; then rm -f "$BACKEND_SOCKET"; fi
+    # A socket file left by a killed llama-server would make its bind fail (EADDRINUSE): it goes.
+    # One that a live process answers on is not ours to take.
+    if [[ -S $BACKEND_SOCKET ]]; then
+      if socket_answers "$BACKEND_SOCKET"; then
+        fatal 2 "BACKEND_SOCKET=$BACKEND_SOCKET is in use by another process"
+      fi
+      rm -f "$BACKEND_SOCKET"
+    fi
+    SOCKET_OURS=1
   fi
   local args=(-m "$MODEL" "${listen[@]}" -c "$CTX" -ngl "$NGL"
     -np "$PARALLEL" --metrics --alias "$MODEL_ALIAS" "${EXTRA[@]}")

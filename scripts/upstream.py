@@ -14,10 +14,11 @@ order, and the connect deadline covers the wait and the connect together.
 
 Transport: TCP to host:port, or a Unix stream socket (unix_path; what entrypoint.sh wires by
 default). A send and its receive on a Unix socket cost about a third of loopback TCP's CPU (no
-TCP/IP stack, no ACKs, no handshake, no TIME_WAIT; 2.6 vs 7.7 us measured for 300 bytes), and only
-processes the socket file's permissions allow can reach llama-server. A full listen backlog answers a Unix
-connect with EAGAIN at once (TCP would drop the SYN and retry after 1 s): the connect is retried
-after UNIX_RETRY_FIRST s, doubling up to UNIX_RETRY_MAX s, until the connect deadline.
+TCP/IP stack, no ACKs, no handshake, no TIME_WAIT; 2.6 vs 7.7 us measured for 300 bytes), and
+only processes the socket file's permissions allow can reach llama-server. A full listen backlog
+answers a Unix connect with EAGAIN at once (TCP would drop the SYN and retry after 1 s): the
+connect is retried after UNIX_RETRY_FIRST s, doubling up to UNIX_RETRY_MAX s, until the connect
+deadline.
 """
 
 from __future__ import annotations

@@ -409,6 +409,29 @@ def test_bad_backend_transport_exits_2(stack, env, names):
     assert fatal and names in fatal[0]
 
 
+def test_a_live_socket_is_not_taken_over(stack, tmp_path):
+    path = tmp_path / "busy.sock"
+    other = socket.socket(socket.AF_UNIX)     # another process serves on that path
+    other.bind(str(path))
+    other.listen(1)
+    try:
+        rc, out = stack(BACKEND_SOCKET=str(path)).run()
+        assert rc == 2 and "in use by another process" in out
+        assert stat.S_ISSOCK(os.stat(path).st_mode)     # still there, still theirs
+    finally:
+        other.close()
+
+
+def test_an_early_exit_leaves_a_socket_it_never_used(stack, tmp_path):
+    path = tmp_path / "theirs.sock"
+    foreign = socket.socket(socket.AF_UNIX)
+    foreign.bind(str(path))
+    foreign.close()
+    rc, _ = stack(BACKEND_SOCKET=str(path), PORT="80a").run()    # fatal before any start
+    assert rc == 2
+    assert path.exists()
+
+
 def test_backend_socket_on_a_regular_file_is_refused_and_kept(stack, tmp_path):
     victim = tmp_path / "notes.sock"
     victim.write_text("not a socket")

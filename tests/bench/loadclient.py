@@ -9,10 +9,11 @@ event (or, mode "tokens", first event carrying content), end. It is built on asy
 and does the least work per read (a bytes.count per chunk in mode "count") so that it is not the
 bottleneck; it reports its own CPU time so the harness can show that.
 
-Spec fields: host, port (or unix, a Unix socket path), request (the raw request bytes, latin-1 text), connections,
-requests_per_conn (0 = unbounded), duration (s, 0 = unbounded; one of the two must bound it),
-start_at (time.time() at which to start, so several workers start together), mode ("count" |
-"tokens"), connect_parallel, timeout (s, a hard deadline for the whole run).
+Spec fields: host, port (or unix, a Unix socket path to connect to instead), request (the raw
+request bytes, latin-1 text), connections, requests_per_conn (0 = unbounded), duration (s, 0 =
+unbounded; one of the two must bound it), start_at (time.time() at which to start, so several
+workers start together), mode ("count" | "tokens"), connect_parallel, timeout (s, a hard deadline
+for the whole run).
 
 Standard library only; no import from scripts/ (it measures the gateway from outside).
 """
