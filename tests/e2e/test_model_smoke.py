@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import llama_bin
+from e2e_stack import demo_model, server_bin
 
 pytestmark = pytest.mark.e2e
 
@@ -29,19 +29,6 @@ REQUEST_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 MAX_MODEL_BYTES = 20 * 1024 * 1024  # the demo model must stay small enough to generate anywhere
 LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
-
-
-def server_bin() -> str:
-    env = os.environ.get("LLAMA_SERVER_BIN")
-    found = Path(env) if env else llama_bin.find_server(llama_bin.default_cache_dir())
-    assert found and os.access(found, os.X_OK), "no llama-server: run `make test-e2e`"
-    return str(found)
-
-
-def demo_model() -> Path:
-    path = Path(os.environ.get("DEMO_MODEL") or REPO / "data/models/demo-tiny-llama.gguf")
-    assert path.is_file(), f"{path}: missing; run `make model`"
-    return path
 
 
 @pytest.fixture(scope="module")
