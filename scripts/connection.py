@@ -47,6 +47,7 @@ import routes
 from errors import GatewayError, ProtocolError
 from upstream import UpstreamClosed
 from ollama_api import error_body as ollama_error_body
+from recvbuf import RecvBufferProtocol
 
 log = logging.getLogger("gateway")
 
@@ -113,7 +114,7 @@ class ClientGone(Exception):
     pass
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(RecvBufferProtocol):
     def __init__(self, gw):
         self.gw = gw
         self.parser = http11.RequestParser(gw.config.max_request_body_size)

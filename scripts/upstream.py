@@ -29,13 +29,13 @@ import socket
 import time
 
 import http11
+from recvbuf import RecvBufferProtocol
 
 # llama-server (cpp-httplib) closes idle keep-alive connections after ~5 s; stay well below.
 IDLE_TTL = 3.0
 # Idle connections kept per pool: enough for the concurrency llama-server serves (-np slots);
 # more would only hold sockets that go stale.
 MAX_IDLE = 64
-# Bytes read from llama-server per data_received are the transport's choice (64 KiB chunks).
 # Connects in flight per pool. Thousands of streams starting at once (bench case c: 10,000)
 # overflowed llama-server's listen backlog and the SYN retries ran past the connect deadline
 # (504s). llama-server sets CPPHTTPLIB_LISTEN_BACKLOG to 512 (cpp-httplib's default is 5); 64
@@ -66,7 +66,7 @@ class Sink:
     def flush(self) -> None: ...   # end of one read: write out what its events produced
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(RecvBufferProtocol):
     __slots__ = ("pool", "transport", "parser", "sink", "closed", "last_used", "got_bytes",
                  "reused")
 
