@@ -9,6 +9,7 @@ names the variable), 1 if it cannot listen.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -41,6 +42,14 @@ STARTING_RETRY_AFTER = 5
 FAILED_RETRY_AFTER = 30
 # Listen backlog: bursts of new connections (load tests, many clients at once) queue here.
 LISTEN_BACKLOG = 2048
+# The cyclic garbage collector. Every asyncio socket transport is a reference cycle (it keeps a
+# bound method of itself), so each connection leaves garbage only the collector frees, and with
+# CPython's default gen-0 threshold of 700 allocations it ran about every 3 connections: 290
+# collections per 1,000 streams of bench case (c), 50 us of CPU per stream. At 10,000, with the
+# start-up objects frozen, they are 15x rarer and take 40 % of the time in all (159 -> 67 ms
+# per 3,000 streams, measured); the garbage of a few hundred connections between collections is
+# well under a MB.
+GC_GEN0_THRESHOLD = 10_000
 # Key file poll period; keys.KeyStore itself stats at most every 2 s.
 KEY_POLL_INTERVAL = 1.0
 
@@ -266,6 +275,15 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
+def tune_gc() -> None:
+    """Once started: what exists now (modules, config, keys) lives as long as the process, so
+    it is frozen out of every later collection, and gen-0 collections run less often."""
+    gc.collect()
+    gc.freeze()
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def setup_logging() -> None:
     logging.basicConfig(stream=sys.stderr, level=os.environ.get("LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -305,6 +323,7 @@ async def amain(cfg: config_mod.Config) -> int:
         access.close()
         return 1
     log.info("gateway listening on %s:%d, backend %s", cfg.host, cfg.port, gw.pool.address)
+    tune_gc()
     # The model's GGUF header (and digest) for the Ollama API, read off the event loop.
     catalog_task = asyncio.create_task(gw.ollama.catalog.load())
     loop = asyncio.get_running_loop()

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+import gateway
 from conftest import Stack, aio, chat, get, post
 
 GATEWAY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -218,3 +219,36 @@ def test_process_unsafe_key_file_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, GATEWAY], env=env, capture_output=True, timeout=10)
     assert proc.returncode == 2, proc.stderr
     assert b"sk-alice" not in proc.stderr
+
+
+GC_PROBE = """
+import gc, os, signal, socket, sys, threading, time
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import gateway
+before = (gc.get_threshold()[0], gc.get_freeze_count())
+def probe():
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", int(os.environ["PORT"])), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    time.sleep(0.2)
+    print(*before, gc.get_threshold()[0], gc.get_freeze_count(), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=probe, daemon=True).start()
+sys.exit(gateway.main())
+"""
+
+
+def test_process_freezes_startup_objects_and_collects_less_often(tmp_path):
+    # Per-connection reference cycles (asyncio transports) made the default gen-0 threshold
+    # collect every few connections; the running gateway raises it and freezes what start-up made.
+    proc = subprocess.run([sys.executable, "-c", GC_PROBE, GATEWAY], env=_env(tmp_path),
+                          capture_output=True, timeout=15)
+    assert proc.returncode == 0, proc.stderr
+    gen0_before, frozen_before, gen0_after, frozen_after = map(int, proc.stdout.split())
+    assert (gen0_before, frozen_before) == (700, 0)
+    assert gen0_after == gateway.GC_GEN0_THRESHOLD
+    assert frozen_after > 10_000       # modules, config, keys: every object start-up left
