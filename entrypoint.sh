@@ -202,6 +202,12 @@ stop_pid() {  # stop_pid PID NAME TIMEOUT_MS: TERM, wait up to TIMEOUT_MS, then 
 }
 
 finish() {  # finish CODE: last words, then exit with no child left behind
+  # Only the entrypoint itself stops the stack. A child forked for a background command (nap's
+  # `sleep &`) runs bash's code and holds our traps until it execs; a SIGTERM in that window
+  # (nap kills its sleep when a signal cuts the nap short) made the child run on_exit, stop
+  # every process, kill the log mirror and leave the entrypoint to die of SIGPIPE at its next
+  # log line (1 stop in ~40 under load).
+  if [[ $BASHPID != "$$" ]]; then exit "$1"; fi
   trap - EXIT
   stop_pid "$GATEWAY_PID" gateway "$(( ${GRACEFUL_TIMEOUT_MS:-30000} + GATEWAY_KILL_MARGIN_MS ))"
   GATEWAY_PID=""
@@ -230,6 +236,7 @@ finish() {  # finish CODE: last words, then exit with no child left behind
 
 on_exit() {  # an unexpected error (set -e): don't leave children running
   local rc=$?
+  if [[ $BASHPID != "$$" ]]; then exit "$rc"; fi   # a forked child: see finish
   log ERROR "entrypoint aborted ($(describe_exit "$rc"))"
   if [[ -n ${RUN_DIR:-} && -d ${RUN_DIR:-} ]]; then set_state failed || true; fi
   finish "$(( rc == 0 ? 1 : rc ))"
