@@ -44,11 +44,11 @@ FAILED_RETRY_AFTER = 30
 LISTEN_BACKLOG = 2048
 # The cyclic garbage collector. Every asyncio socket transport is a reference cycle (it keeps a
 # bound method of itself), so each connection leaves garbage only the collector frees, and with
-# CPython's default gen-0 threshold of 700 allocations it ran about every 3 connections: 290
-# collections per 1,000 streams of bench case (c), 50 us of CPU per stream. At 10,000, with the
-# start-up objects frozen, they are 15x rarer and take 40 % of the time in all (159 -> 67 ms
-# per 3,000 streams, measured); the garbage of a few hundred connections between collections is
-# well under a MB.
+# CPython's default gen-0 threshold of 700 allocations it ran about every 20 connections: 290
+# collections per 3,000 streams of bench case (c), about 50 us of CPU per stream. At 10,000,
+# with the start-up objects frozen, they are 15x rarer and take 40 % of the time in all (159 ->
+# 67 ms per 3,000 streams, measured); the garbage of a few hundred connections between
+# collections is well under a MB.
 GC_GEN0_THRESHOLD = 10_000
 # Key file poll period; keys.KeyStore itself stats at most every 2 s.
 KEY_POLL_INTERVAL = 1.0
