@@ -870,3 +870,81 @@ def test_take_whole_body_of_a_response_then_nothing_more():
     assert isinstance(p.next_event(), http11.Response)
     assert p.take_whole_body() == b""
     assert p.done and p.next_event() is NEED_DATA and not p.has_buffered
+
+
+# --- parsed heads reused (memo) -----------------------------------------------------------
+def test_identical_request_heads_on_a_connection_reuse_one_parse():
+    """A keep-alive client repeating its head gets the same (immutable) Request back, with the
+    framing of each request right; a head that differs at all is parsed afresh."""
+    one = req(b"Content-Length: 5\r\n", body=b"hello")
+    other = req(b"Content-Length: 3\r\n", body=b"abc")
+    parser = RequestParser(MAX_BODY)
+    events = run(parser, [one, one + one, other, one])
+    assert summary(events) == [("req", "POST", "/"), ("data", b"hello"), ("end",)] * 3 + [
+        ("req", "POST", "/"), ("data", b"abc"), ("end",),
+        ("req", "POST", "/"), ("data", b"hello"), ("end",)]
+    heads = [ev for ev in events if isinstance(ev, Request)]
+    assert heads[0] is heads[1] is heads[2]
+    assert heads[3] is not heads[0] and heads[3].content_length == 3
+    assert heads[4] is not heads[0] and heads[4].content_length == 5   # only the last is kept
+    # Another connection never gets this connection's object.
+    assert parse_one(one) is not heads[4]
+
+
+@pytest.mark.parametrize("variant", [
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\nX: y\r\n\r\nhello",          # bare LF
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n x\r\n\r\nhello",          # obs-fold
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST / HTTP/1.2\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+])
+def test_request_head_memo_never_skips_a_check(variant):
+    """After a good head is remembered, a near-identical bad one is still refused."""
+    good = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+    parser = RequestParser(MAX_BODY)
+    assert summary(run(parser, [good], eof=False))[0] == ("req", "POST", "/")
+    parser.feed(variant)
+    with pytest.raises(ProtocolError) as info:
+        drain(parser, [])
+    assert info.value.status in (400, 505)
+
+
+def test_long_request_heads_are_not_remembered():
+    filler = b"X-Pad: " + b"p" * http11.HEAD_MEMO_MAX_CHARS + b"\r\n"
+    long_head = req(filler + b"Content-Length: 1\r\n", body=b"z")
+    parser = RequestParser(MAX_BODY, max_header_bytes=4 * http11.HEAD_MEMO_MAX_CHARS)
+    heads = [ev for ev in run(parser, [long_head, long_head]) if isinstance(ev, Request)]
+    assert len(heads) == 2 and heads[0] is not heads[1]
+    assert heads[1].get("x-pad") == "p" * http11.HEAD_MEMO_MAX_CHARS
+
+
+def test_response_head_memo_keys_on_method_and_head(monkeypatch):
+    """llama-server's heads are shared across connections, per request method: the same head
+    answering HEAD has no body. Distinct heads keep their own framing."""
+    monkeypatch.setattr(http11, "_RESPONSE_MEMO", {})
+    raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n"
+    _, a = feed_response(raw + b"{}", "whole", "POST")
+    _, b = feed_response(raw + b"{}", "whole", "POST")
+    _, h = feed_response(raw, "whole", "HEAD")
+    assert a[0] is b[0] and a[0].has_body and summary(a)[1:] == [("data", b"{}"), ("end",)]
+    assert h[0] is not a[0] and not h[0].has_body and summary(h)[1:] == [("end",)]
+    _, c = feed_response(raw.replace(b": 2", b": 3") + b"abc", "whole", "POST")
+    assert c[0].content_length == 3 and summary(c)[1:] == [("data", b"abc"), ("end",)]
+    bad = raw.replace(b"Content-Type", b"Content-Type\n")    # near-identical, bare LF
+    with pytest.raises(ProtocolError):
+        feed_response(bad + b"{}", "whole", "POST")
+
+
+def test_response_head_memo_is_bounded(monkeypatch):
+    monkeypatch.setattr(http11, "_RESPONSE_MEMO", {})
+    for i in range(http11._RESPONSE_MEMO_MAX * 3):
+        body = b"x" * i
+        _, events = feed_response(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b"
+                                  % (i, body), "whole")
+        assert events[0].content_length == i and b"".join(
+            e.data for e in events if isinstance(e, Data)) == body
+        assert len(http11._RESPONSE_MEMO) <= http11._RESPONSE_MEMO_MAX
+    # Interim 1xx heads are never remembered (they parse to "skip").
+    _, events = feed_response(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+                              "whole")
+    assert events[0].status == 204
+    assert all(r is not None for r in http11._RESPONSE_MEMO.values())
