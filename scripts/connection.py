@@ -47,7 +47,6 @@ import routes
 from errors import GatewayError, ProtocolError
 from upstream import UpstreamClosed
 from ollama_api import error_body as ollama_error_body
-from recvbuf import RecvBufferProtocol
 
 log = logging.getLogger("gateway")
 
@@ -114,7 +113,7 @@ class ClientGone(Exception):
     pass
 
 
-class ClientConnection(RecvBufferProtocol):
+class ClientConnection(asyncio.Protocol):
     def __init__(self, gw):
         self.gw = gw
         self.parser = http11.RequestParser(gw.config.max_request_body_size)
@@ -144,8 +143,9 @@ class ClientConnection(RecvBufferProtocol):
         # by MAX_PIPELINED_BYTES while it is answered (queue wait included).
         self._body_read = False
         self._queued = False      # waiting for a backend slot
-        # The request served on the callback path: (ctx, req, route, ticket, slot, body) until
-        # its exchange ends; or handed to a task that has not started yet (_resume).
+        # The request served on the callback path: (ctx, req, route, ticket, slot, body, reused:
+        # its llama-server connection came from the pool) until its exchange ends; or handed to
+        # a task that has not started yet (_resume: ..., body, fresh).
         self._fast: tuple | None = None
         self._resume: tuple | None = None
 
@@ -380,11 +380,13 @@ class ClientConnection(RecvBufferProtocol):
             ctx.route = route.name
             ticket = gw.admission.admit(req, route, ctx)   # auth, rate, key concurrency; raises
             slot = gw.try_backend_slot()            # global limit; raises
-            conn = gw.pool.take_idle() if slot is not None else None
+            conn = None
+            if slot is not None:                     # a pooled connection, or a Unix connect
+                conn = gw.pool.take_idle() or gw.pool.connect_now(self._loop)
             if conn is None:                         # the queue, or a connect: the task waits
                 self._start_task(resume=(ctx, req, route, ticket, slot, body, False))
                 return True
-            self._fast = (ctx, req, route, ticket, slot, body)
+            self._fast = (ctx, req, route, ticket, slot, body, conn.reused)
             proxy.start(gw, self, ctx, req, route, body, conn, self._exchange_done)
             return True
         except GatewayError as err:
@@ -403,9 +405,9 @@ class ClientConnection(RecvBufferProtocol):
 
     def _exchange_done(self, ex: proxy.Exchange, exc: BaseException | None) -> None:
         """The end of a request served on the callback path (Exchange on_done)."""
-        ctx, req, route, ticket, slot, body = self._fast
+        ctx, req, route, ticket, slot, body, reused = self._fast
         self._fast = None
-        if isinstance(exc, UpstreamClosed) and not exc.got_bytes:
+        if isinstance(exc, UpstreamClosed) and not exc.got_bytes and reused:
             # A stale pooled connection answered nothing: once more on a fresh one (a connect:
             # the task does it), as proxy.forward does.
             self._start_task(resume=(ctx, req, route, ticket, slot, body, True))

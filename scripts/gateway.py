@@ -22,6 +22,7 @@ import accesslog
 import admission
 import config as config_mod
 import cors
+import fastio
 import keys
 import metrics as metrics_mod
 import ollama_api
@@ -99,7 +100,7 @@ class Gateway:
         # The Host header of upstream requests (llama-server ignores it; HTTP/1.1 requires one).
         self.backend_hostport = ("localhost" if config.backend_socket
                                  else f"{config.backend_host}:{config.port_backend}")
-        self.server: asyncio.base_events.Server | None = None
+        self.listeners: list[fastio.Listener] = []
         self.ollama = ollama_routes.OllamaAPI(
             self, ollama_routes.ModelCatalog(config.model_path, config.model_name))
         self.metrics.set_gauge_sources(
@@ -226,18 +227,16 @@ class Gateway:
         return ClientConnection(self)
 
     async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on `sock` (bound) or on HOST:PORT: every address HOST resolves to (as asyncio's
+        create_server binds), SO_REUSEADDR so a restart rebinds at once."""
         loop = asyncio.get_running_loop()
-        if sock is not None:
-            self.server = await loop.create_server(self.new_connection, sock=sock,
-                                                   backlog=LISTEN_BACKLOG)
-        else:
-            self.server = await loop.create_server(self.new_connection, self.config.host,
-                                                   self.config.port, backlog=LISTEN_BACKLOG,
-                                                   reuse_address=True)
+        socks = [sock] if sock is not None else _bind(self.config.host, self.config.port)
+        self.listeners = [fastio.Listener(loop, s, self.new_connection, LISTEN_BACKLOG)
+                          for s in socks]
 
     @property
     def port(self) -> int:
-        return self.server.sockets[0].getsockname()[1]
+        return self.listeners[0].sockets[0].getsockname()[1]
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting; close idle connections; let busy ones finish with keep-alive off, up to
@@ -246,8 +245,8 @@ class Gateway:
             timeout = self.config.graceful_timeout
         self.shutting_down = True
         self.admission.slots.close()      # queued requests are refused at once (503)
-        if self.server is not None:
-            self.server.close()
+        for listener in self.listeners:
+            listener.close()
         for conn in list(self.connections):
             conn.keep_alive = False
             conn.wake_if_idle()
@@ -273,6 +272,25 @@ class _Refuse(asyncio.Protocol):
                         b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
                         % len(body) + body)
         transport.close()
+
+
+def _bind(host: str, port: int) -> list[socket.socket]:
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _name, addr in dict.fromkeys(infos):
+            s = socket.socket(family, type_, proto)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)   # v4 binds apart
+            s.bind(addr)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
 
 
 def tune_gc() -> None:

@@ -9,16 +9,13 @@ against 2.5 us for recv_into a kept buffer plus the copy; a fresh gateway relayi
 of 40 events took 67,000 minor faults and 1.1 s of system CPU (0.6 s with this buffer), and the
 streams' time to first byte p99 was 340-400 ms against about 210 ms with it.
 
-RecvBufferProtocol is an asyncio.BufferedProtocol: the transport reads into this thread's
-buffer (get_buffer, then recv_into, then buffer_updated, synchronously, with nothing else run in
-between), and buffer_updated copies out exactly the bytes that arrived and hands them to the
-protocol's data_received, which stays the one place that handles input (and what unit tests
-feed). A buffer per thread, not per process: tests run event loops in several threads at once.
+fastio.SocketTransport reads into this thread's buffer (recv_into) and hands the protocol's
+data_received a bytes copy of exactly what arrived, before the next read reuses the buffer. A
+buffer per thread, not per process: tests run event loops in several threads at once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 # Bytes one read may take: asyncio's own read size for socket transports, so a large answer
@@ -34,19 +31,3 @@ def thread_buffer() -> memoryview:
     if view is None:
         view = _local.view = memoryview(bytearray(RECV_BUFFER_BYTES))
     return view
-
-
-class RecvBufferProtocol(asyncio.BufferedProtocol):
-    """Subclasses implement data_received(data: bytes) as with asyncio.Protocol."""
-
-    __slots__ = ()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return thread_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        # Copied out at once: the buffer is the next read's, on whichever connection.
-        self.data_received(thread_buffer()[:nbytes].tobytes())
-
-    def data_received(self, data: bytes) -> None:
-        raise NotImplementedError

@@ -28,8 +28,8 @@ import collections
 import socket
 import time
 
+import fastio
 import http11
-from recvbuf import RecvBufferProtocol
 
 # llama-server (cpp-httplib) closes idle keep-alive connections after ~5 s; stay well below.
 IDLE_TTL = 3.0
@@ -66,7 +66,7 @@ class Sink:
     def flush(self) -> None: ...   # end of one read: write out what its events produced
 
 
-class UpstreamConnection(RecvBufferProtocol):
+class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "sink", "closed", "last_used", "got_bytes",
                  "reused")
 
@@ -189,6 +189,17 @@ class UpstreamConnection(RecvBufferProtocol):
             self.transport.abort()
 
 
+def _ip_literal(host: str, port: int) -> list | None:
+    """getaddrinfo's answer for an IP address literal, or None for a name."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    return None
+
+
 class UpstreamPool:
     def __init__(self, host: str, port: int, connect_timeout: float, *,
                  unix_path: str = "", idle_ttl: float = IDLE_TTL, max_idle: int = MAX_IDLE,
@@ -239,6 +250,25 @@ class UpstreamPool:
             return conn
         return None
 
+    def connect_now(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection | None:
+        """A new connection to llama-server's Unix socket, made without waiting (a Unix connect
+        completes at once or fails), or None: TCP, connects already waiting for a place, a full
+        backlog, or any error. The caller then uses acquire(), which waits its turn, retries and
+        reports errors. Saves a task and its wake-ups per new connection (bench case c)."""
+        if not self.unix_path or self._connect_waiters or self._connecting >= self.max_connecting:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            return None
+        conn = UpstreamConnection(self)
+        fastio.start_connection(loop, sock, conn, self.address)
+        self._all.add(conn)
+        return conn
+
     @property
     def address(self) -> str:
         """Where llama-server is, for logs and errors."""
@@ -248,16 +278,33 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         if self.unix_path:
             sock = await self._connect_unix()
+        else:
+            sock = await self._connect_tcp(loop)
+        conn = UpstreamConnection(self)
+        fastio.start_connection(loop, sock, conn, self.address)
+        return conn
+
+    async def _connect_tcp(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
+        """A connected TCP socket to host:port (the first address that answers)."""
+        infos = _ip_literal(self.host, self.port)   # no resolver round trip for an address
+        if infos is None:
+            infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"no address for {self.host}")
+        last: OSError | None = None
+        for family, type_, proto, _name, addr in infos:
+            sock = socket.socket(family, type_, proto)
             try:
-                _, conn = await loop.create_unix_connection(lambda: UpstreamConnection(self),
-                                                            sock=sock)
+                sock.setblocking(False)
+                await loop.sock_connect(sock, addr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                last = exc
             except BaseException:
                 sock.close()
                 raise
-        else:
-            _, conn = await loop.create_connection(lambda: UpstreamConnection(self),
-                                                   self.host, self.port)
-        return conn
+        raise last
 
     async def _connect_unix(self) -> socket.socket:
         """A connected Unix stream socket. A Unix connect never waits (no EINPROGRESS): it
