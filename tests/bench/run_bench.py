@@ -776,8 +776,10 @@ class Bench:
                "parallel": {}}
         for par in (1, 8):
             runs = {tgt: [] for tgt, _port, _watch in targets}
-            for _ in range(rounds):
-                for tgt, port, watch in targets:
+            for rnd in range(rounds):
+                # The order turns round every other round: a machine speeding up or slowing down
+                # over the case favours no target (with 3 targets the last would always gain).
+                for tgt, port, watch in (targets if rnd % 2 == 0 else targets[::-1]):
                     m = self.run_clients(port, LLAMA_BODY, par, requests_per_conn=0,
                                          duration=dur, mode="tokens", watch=watch,
                                          timeout=dur + 120)
