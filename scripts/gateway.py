@@ -43,13 +43,15 @@ STARTING_RETRY_AFTER = 5
 FAILED_RETRY_AFTER = 30
 # Listen backlog: bursts of new connections (load tests, many clients at once) queue here.
 LISTEN_BACKLOG = 2048
-# The cyclic garbage collector. Every asyncio socket transport is a reference cycle (it keeps a
-# bound method of itself), so each connection leaves garbage only the collector frees, and with
+# The cyclic garbage collector. asyncio's socket transports were each a reference cycle (one keeps
+# a bound method of itself), so each connection left garbage only the collector frees, and with
 # CPython's default gen-0 threshold of 700 allocations it ran about every 20 connections: 290
 # collections per 3,000 streams of bench case (c), about 50 us of CPU per stream. At 10,000,
-# with the start-up objects frozen, they are 15x rarer and take 40 % of the time in all (159 ->
-# 67 ms per 3,000 streams, measured); the garbage of a few hundred connections between
-# collections is well under a MB.
+# with the start-up objects frozen, they were 15x rarer and took 40 % of the time in all (159 ->
+# 67 ms per 3,000 streams, measured). fastio's transports drop their protocol when the
+# connection is lost, so a connection is now freed by reference counting (200 streams left none
+# of the gateway's objects to the collector); the threshold still spaces out the collections
+# that every request's allocations would trigger.
 GC_GEN0_THRESHOLD = 10_000
 # Key file poll period; keys.KeyStore itself stats at most every 2 s.
 KEY_POLL_INTERVAL = 1.0
