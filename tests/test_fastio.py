@@ -82,21 +82,25 @@ def recv_all(sock: socket.socket) -> bytes:
     return b"".join(out)
 
 
-async def _serve_and_send(payloads: list[bytes], rounds: int = 1) -> list[bytes]:
-    """One fastio listener, a client per payload, each sending its payload `rounds` times,
-    interleaved (every client writes, then the server reads, again): what each side received."""
-    loop = asyncio.get_running_loop()
-    protos: list[Collect] = []
-
-    def factory():
-        p = Collect()
-        protos.append(p)
-        return p
+def listen(protos: list, *, failures: list[OSError] = (), factory=None):
+    """A fastio Listener on 127.0.0.1 whose protocols (Collect) are appended to protos; its
+    accept() fails with `failures` first. Returns the listener and the address."""
+    def collect():
+        protos.append(Collect())
+        return protos[-1]
 
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
-    listener = fastio.Listener(loop, lsock, factory, 16)
-    port = listener.sockets[0].getsockname()[1]
+    sock = _FlakyListenSocket(lsock, list(failures)) if failures else lsock
+    listener = fastio.Listener(asyncio.get_running_loop(), sock, factory or collect, 8)
+    return listener, lsock.getsockname()
+
+
+async def _serve_and_send(payloads: list[bytes], rounds: int = 1) -> list[bytes]:
+    """One fastio listener, a client per payload, each sending its payload `rounds` times,
+    interleaved (every client writes, then the server reads, again): what each side received."""
+    protos: list[Collect] = []
+    listener, (_host, port) = listen(protos)
     writers = []
     for _ in payloads:
         _r, w = await asyncio.open_connection("127.0.0.1", port)
@@ -300,17 +304,8 @@ async def test_a_failing_protocol_callback_is_logged_and_the_connection_dropped(
 # --- the listener ----------------------------------------------------------------------------
 @aio
 async def test_listener_sets_nodelay_and_peername_and_stops_on_close():
-    loop = asyncio.get_running_loop()
     protos: list[Collect] = []
-
-    def factory():
-        protos.append(Collect())
-        return protos[-1]
-
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    listener = fastio.Listener(loop, lsock, factory, 8)
-    addr = listener.sockets[0].getsockname()
+    listener, addr = listen(protos)
     _r, w = await asyncio.open_connection(*addr)
     await eventually(lambda: protos)
     t = protos[0].transport
@@ -345,17 +340,9 @@ async def test_out_of_descriptors_stops_accepting_for_a_while_then_resumes(monke
     monkeypatch.setattr(fastio, "ACCEPT_RETRY_DELAY", 0.1)
     loop = asyncio.get_running_loop()
     protos: list[Collect] = []
-
-    def factory():
-        protos.append(Collect())
-        return protos[-1]
-
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    flaky = _FlakyListenSocket(lsock, [OSError(errno.EMFILE, "Too many open files")])
-    listener = fastio.Listener(loop, flaky, factory, 8)
+    listener, addr = listen(protos, failures=[OSError(errno.EMFILE, "Too many open files")])
     started = loop.time()
-    _r, w = await asyncio.open_connection(*lsock.getsockname())
+    _r, w = await asyncio.open_connection(*addr)
     await eventually(lambda: protos, timeout=3)
     assert loop.time() - started >= 0.09           # waited, did not spin on the error
     listener.close()
@@ -365,7 +352,6 @@ async def test_out_of_descriptors_stops_accepting_for_a_while_then_resumes(monke
 
 @aio
 async def test_a_factory_that_fails_closes_that_connection_only(caplog):
-    loop = asyncio.get_running_loop()
     protos: list[Collect] = []
     fail = [True]
 
@@ -375,13 +361,11 @@ async def test_a_factory_that_fails_closes_that_connection_only(caplog):
         protos.append(Collect())
         return protos[-1]
 
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    listener = fastio.Listener(loop, lsock, factory, 8)
+    listener, addr = listen(protos, factory=factory)
     with caplog.at_level(logging.ERROR, "gateway.io"):
-        r1, w1 = await asyncio.open_connection(*lsock.getsockname())
+        r1, w1 = await asyncio.open_connection(*addr)
         assert await asyncio.wait_for(r1.read(), 5) == b""      # closed
-    _r2, w2 = await asyncio.open_connection(*lsock.getsockname())
+    _r2, w2 = await asyncio.open_connection(*addr)
     await eventually(lambda: protos)
     assert any("accepted connection" in r.getMessage() for r in caplog.records)
     listener.close()
