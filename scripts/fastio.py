@@ -48,7 +48,7 @@ _PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, Tim
 
 class SocketTransport(asyncio.Transport):
     __slots__ = ("_loop", "_sock", "_fd", "_protocol", "_buffer", "_closing", "_lost",
-                 "_paused", "_eof", "_protocol_paused", "_high", "_low", "_started", "_view")
+                 "_paused", "_eof", "_protocol_paused", "_view")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  protocol: asyncio.BaseProtocol, extra: dict | None = None):
@@ -64,14 +64,11 @@ class SocketTransport(asyncio.Transport):
         self._paused = False       # pause_reading
         self._eof = False          # the peer's EOF seen: no more reading
         self._protocol_paused = False
-        self._high = WRITE_HIGH_WATER
-        self._low = WRITE_LOW_WATER
-        self._started = False
         self._view = thread_buffer()   # this thread's receive buffer (recvbuf)
 
     def start(self) -> None:
-        """connection_made, then reading starts (unless the protocol closed or paused us)."""
-        self._started = True
+        """connection_made, then reading starts (unless the protocol closed or paused us). Called
+        once, right after construction: nothing else can reach the transport before."""
         try:
             self._protocol.connection_made(self)
         except (SystemExit, KeyboardInterrupt):
@@ -121,15 +118,15 @@ class SocketTransport(asyncio.Transport):
     def pause_reading(self) -> None:
         if self._closing or self._paused:
             return
-        self._paused = True
-        if not self._eof and self._started:
+        if not self._eof:
             self._loop.remove_reader(self._fd)
+        self._paused = True
 
     def resume_reading(self) -> None:
         if self._closing or not self._paused:
             return
         self._paused = False
-        if not self._eof and self._started:
+        if not self._eof:
             self._loop.add_reader(self._fd, self._read_ready)
 
     def is_reading(self) -> bool:
@@ -154,7 +151,7 @@ class SocketTransport(asyncio.Transport):
             data = memoryview(data)[n:]
             self._loop.add_writer(self._fd, self._write_ready)
         self._buffer += data
-        if not self._protocol_paused and len(self._buffer) > self._high:
+        if not self._protocol_paused and len(self._buffer) > WRITE_HIGH_WATER:
             self._protocol_paused = True
             self._call_protocol("pause_writing")
 
@@ -172,7 +169,7 @@ class SocketTransport(asyncio.Transport):
             self._fatal(exc, "send")
             return
         del buffer[:n]
-        if self._protocol_paused and len(buffer) <= self._low:
+        if self._protocol_paused and len(buffer) <= WRITE_LOW_WATER:
             self._protocol_paused = False
             self._call_protocol("resume_writing")
         if not buffer:
@@ -191,19 +188,6 @@ class SocketTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)
 
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._low, self._high
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        high = WRITE_HIGH_WATER if high is None else high
-        low = high // 4 if low is None else low
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high, self._low = high, low
-
-    def can_write_eof(self) -> bool:
-        return False
-
     # ---------------- closing ----------------
     def is_closing(self) -> bool:
         return self._closing
@@ -212,9 +196,7 @@ class SocketTransport(asyncio.Transport):
         """Stop reading; the queued data goes out, then the connection is lost."""
         if self._closing:
             return
-        self._closing = True
-        if self._started and not self._eof and not self._paused:
-            self._loop.remove_reader(self._fd)
+        self._stop_reading()
         if not self._buffer:
             self._schedule_lost(None)
 
@@ -236,10 +218,13 @@ class SocketTransport(asyncio.Transport):
             self._buffer.clear()
             self._loop.remove_writer(self._fd)
         if not self._closing:
-            self._closing = True
-            if self._started and not self._eof and not self._paused:
-                self._loop.remove_reader(self._fd)
+            self._stop_reading()
         self._schedule_lost(exc)
+
+    def _stop_reading(self) -> None:
+        self._closing = True
+        if not self._eof and not self._paused:
+            self._loop.remove_reader(self._fd)
 
     def _schedule_lost(self, exc: BaseException | None) -> None:
         self._lost = True
@@ -247,8 +232,7 @@ class SocketTransport(asyncio.Transport):
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         try:
-            if self._started:
-                self._protocol.connection_lost(exc)
+            self._protocol.connection_lost(exc)
         finally:
             self._sock.close()
             self._protocol = None
