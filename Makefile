@@ -42,6 +42,7 @@ test-e2e: $(VENV)/.stamp llama-server model ## the real stack: entrypoint.sh, ll
 
 bench: $(VENV)/.stamp llama-server model ## gateway vs llama-server direct, as ratios (bench-results/bench.md)
 	@command -v wrk >/dev/null || apt-get install -y wrk || echo "wrk unavailable: case a will fail"
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || echo "nginx not found: its reference rows are left out (apt-get install nginx-light adds them)"
 	LLAMA_SERVER_BIN="$$($(PYTHON) scripts/llama_bin.py --cache-dir "$(LLAMA_CACHE)")" \
 	DEMO_MODEL="$(abspath $(DEMO_MODEL))" $(VPY) tests/bench/run_bench.py --out bench-results $(ARGS)
 

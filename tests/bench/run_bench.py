@@ -88,6 +88,15 @@ RSS_SAMPLE_PERIOD = 0.05
 LLAMA_THREADS = max(1, len(os.sched_getaffinity(0)) // 2)
 # Case a: the connection count at which the gateway also runs over TCP to the fake, for reference.
 TCP_REFERENCE_CONNS = 16
+# The nginx reference (cases a, b, d): connections per process, above case a's 64 and b's 64
+# streams on both sides; idle upstream connections kept, as the gateway's pool keeps them.
+NGINX_WORKER_CONNECTIONS = 1024
+NGINX_UPSTREAM_KEEPALIVE = 128
+# Printed under case (a) when the nginx reference ran.
+NGINX_NOTE = ("Reference rows: {version} as a plain reverse proxy in the gateway's place (one "
+              "process, C, upstream keep-alive on the same Unix socket, no buffering, no access "
+              "log, no key check or limits). It is not a target; it shows what a proxy hop costs "
+              "on this machine when the proxy itself is cheap.")
 # Cold start (case e): health poll period and overall bound.
 HEALTH_POLL_PERIOD = 0.005
 COLD_START_TIMEOUT = 60.0
@@ -253,6 +262,12 @@ def machine_busy() -> float:
     return (sum(fields[:8]) - idle) / CLK_TCK
 
 
+def nginx_binary() -> str | None:
+    """nginx on PATH, or where Debian puts it (/usr/sbin is not on every user's PATH)."""
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+
+
 class Meter:
     """CPU of the watched children (/proc/<pid>/stat), of reaped children (the load generator,
     via RUSAGE_CHILDREN) and of the whole machine over one run; as % of one core."""
@@ -415,6 +430,51 @@ class Bench:
             raise RuntimeError(f"gateway check request answered {status}: {body[:300]!r}")
         return gw, port
 
+    def start_nginx(self, backend: int | str, label: str) -> tuple[Child, int] | None:
+        """nginx as a plain reverse proxy to backend (a Unix socket path or a TCP port), for
+        reference beside the gateway: one process (the gateway is one), upstream keep-alive,
+        no buffering (SSE is relayed as it comes), no access log. llama-server closes a
+        keep-alive connection after a stream, so a POST on a reused connection can meet a close
+        before any answer: proxy_next_upstream retries it, as the gateway's pool does (without
+        it nginx answered 502 to about 1 stream in 7). None when nginx is not installed: the
+        reference rows are then left out."""
+        binary = nginx_binary()
+        if binary is None:
+            return None
+        port = free_port()
+        prefix = self.tmp / f"nginx-{label}"
+        (prefix / "tmp").mkdir(parents=True)
+        upstream = f"unix:{backend}" if isinstance(backend, str) else f"127.0.0.1:{backend}"
+        temp = " ".join(f"{kind}_temp_path {prefix / 'tmp' / kind};"
+                        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (prefix / "nginx.conf").write_text(f"""daemon off;
+master_process off;
+worker_processes 1;
+pid {prefix / 'nginx.pid'};
+error_log stderr warn;
+events {{ worker_connections {NGINX_WORKER_CONNECTIONS}; }}
+http {{
+  access_log off;
+  {temp}
+  upstream llama {{ server {upstream}; keepalive {NGINX_UPSTREAM_KEEPALIVE}; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://llama;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_next_upstream error timeout non_idempotent;
+    }}
+  }}
+}}
+""")
+        ngx = Child(f"nginx-{label}", [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+                    self.env(), self.logs / f"nginx-{label}.log")
+        wait_until(lambda: http_request(port, "GET", "/health", timeout=2)[0] == 200,
+                   START_TIMEOUT, "nginx", ngx)
+        return ngx, port
+
     # ---- load generators ----
     def request_bytes(self, body: dict) -> str:
         data = json.dumps(body, separators=(",", ":"))
@@ -532,6 +592,8 @@ class Bench:
         # For reference, at TCP_REFERENCE_CONNS only: the same gateway reaching the fake over
         # loopback TCP (BACKEND_TRANSPORT=tcp), to show what the Unix socket is worth.
         gwt, tport = self.start_gateway(self.fake_port, "a-tcp")
+        # For reference: nginx (C, one process) in the gateway's place, on the same Unix socket.
+        ngx = self.start_nginx(self.fake_socket, "a")
         # Five short rounds rather than three long ones: round-to-round swings of +-10 % on a
         # shared machine weigh less in a median of five paired ratios.
         rounds = 1 if self.quick else 5
@@ -540,12 +602,14 @@ class Bench:
         res: dict = {"rounds": rounds, "duration_s": dur, "runs": {}}
         watch = [gw, self.fake]
         # warm-up: imports, code paths, the upstream pool
-        for port in (gport, self.fake_port, tport):
+        for port in (gport, self.fake_port, tport) + ((ngx[1],) if ngx else ()):
             self.run_wrk(port, 16, 1, watch)
         for c in conns:
             order = [("gateway", gport, watch), ("direct", self.fake_port, watch)]
             if c == TCP_REFERENCE_CONNS:
                 order.append(("gateway_tcp", tport, [gwt, self.fake]))
+            if ngx:
+                order.append(("nginx", ngx[1], [ngx[0], self.fake]))
             runs = {tgt: [] for tgt, _, _ in order}
             for _ in range(rounds):
                 for tgt, port, seen in order:
@@ -569,9 +633,13 @@ class Bench:
             s["paired"] = {"rps": paired_ratio(runs, "rps")}
             if "gateway_tcp" in runs:
                 s["paired"]["rps_tcp"] = paired_ratio(runs, "rps", "gateway_tcp")
+            if "nginx" in runs:
+                s["paired"]["rps_nginx"] = paired_ratio(runs, "rps", "nginx")
             res["summary"][c] = s
         self.stop_gateway(gw, prof, "a")
         self.stop_gateway(gwt, None, "a-tcp")
+        if ngx:
+            ngx[0].stop()
         self.results["a"] = res
         s16 = res["summary"][16]
         rr = s16["paired"]["rps"]
@@ -582,22 +650,31 @@ class Bench:
                         f"{added:.3f} ms", added <= 0.3)
         errs = sum(s["gateway"]["errors"] + s["direct"]["errors"] for s in res["summary"].values())
         self.target("a", "no errors (non-2xx, timeouts, resets)", str(errs), errs == 0)
+        if "nginx" in s16:   # reference only, no target: what a C proxy does on this machine
+            added = s16["nginx"]["p50_ms"] - s16["direct"]["p50_ms"]
+            self.target("a", "reference, not a target: nginx at 16 connections",
+                        f"{s16['paired']['rps_nginx']:.2f}x req/s, p50 added {added:.3f} ms", None)
 
     def case_b(self) -> None:
         self.start_fake()
         prof = self.out / "profile-b.prof" if self.args.profile else None
         gw, gport = self.start_gateway(self.fake_socket, "b", prof)
+        ngx = self.start_nginx(self.fake_socket, "b")
         rounds = 1 if self.quick else 3
         dur = 2 if self.quick else 4
         n_streams, n_events = 64, 200
         body = dict(SMALL_BODY, stream=True, fake={"events": n_events, "interval": 0})
         watch = [gw, self.fake]
         self.run_clients(gport, body, n_streams, requests_per_conn=1, watch=watch)  # warm-up
-        runs = {"gateway": [], "direct": []}
+        order = [("gateway", gport, watch), ("direct", self.fake_port, watch)]
+        if ngx:
+            self.run_clients(ngx[1], body, n_streams, requests_per_conn=1)   # warm-up
+            order.append(("nginx", ngx[1], [ngx[0], self.fake]))
+        runs = {tgt: [] for tgt, _port, _watch in order}
         for _ in range(rounds):
-            for tgt, port in (("gateway", gport), ("direct", self.fake_port)):
+            for tgt, port, seen in order:
                 m = self.run_clients(port, body, n_streams, requests_per_conn=0, duration=dur,
-                                     watch=watch, timeout=dur + 60)
+                                     watch=seen, timeout=dur + 60)
                 recs = m["records"]
                 events = sum(r[5] for r in recs)
                 ok = sum(1 for r in recs if r[4] == 200 and r[5] >= n_events)
@@ -625,6 +702,9 @@ class Bench:
                                 "p99": percentile(r["ttfb_ms"], 99)}
         self.stop_gateway(gw, prof, "b")
         summary["paired"] = {"events_per_s": paired_ratio(runs, "events_per_s")}
+        if ngx:
+            ngx[0].stop()
+            summary["paired"]["events_per_s_nginx"] = paired_ratio(runs, "events_per_s", "nginx")
         self.results["b"] = {"rounds": rounds, "duration_s": dur, "streams": n_streams,
                              "events": n_events, "runs": runs, "summary": summary}
         r = summary["paired"]["events_per_s"]
@@ -633,6 +713,12 @@ class Bench:
         self.target("b", "TTFB p99 <= 3x direct", f"{r:.2f}x", r <= 3)
         bad = summary["gateway"]["incomplete"] + summary["direct"]["incomplete"]
         self.target("b", "every stream complete", f"{bad} incomplete", bad == 0)
+        if ngx:
+            n = summary["nginx"]
+            self.target("b", "reference, not a target: nginx",
+                        f"{summary['paired']['events_per_s_nginx']:.2f}x events/s, TTFB p99 "
+                        f"{ratio(n['ttfb_p99_ms'], summary['direct']['ttfb_p99_ms']):.2f}x, "
+                        f"{n['incomplete']} incomplete", None)
 
     def case_c(self) -> None:
         self.start_fake()
@@ -763,11 +849,14 @@ class Bench:
             wait_until(lambda w=where: http_request(w, "GET", "/health", timeout=2)[0] == 200,
                        LLAMA_LOAD_TIMEOUT, "llama-server /health 200", child, period=0.1)
         gw, gport = self.start_gateway(sock, "d")
+        ngx = self.start_nginx(sock, "d")   # for reference: nginx in the gateway's place
         # 5 rounds: a 5 s run of 8 streams moved by ±10 % between rounds on the 2-CPU VM
         rounds = 1 if self.quick else 5
         dur = 2 if self.quick else 5
         targets = (("gateway", gport, [gw, llama]), ("direct", lport, [llama_tcp]),
                    ("direct_unix", sock, [llama]))
+        if ngx:
+            targets += (("nginx", ngx[1], [ngx[0], llama]),)
         for _tgt, port, _watch in targets:   # warm-up, and a check that streams carry tokens
             m = self.run_clients(port, LLAMA_BODY, 1, mode="tokens", timeout=60)
             if not m["records"] or m["records"][0][4] != 200 or not m["records"][0][5]:
@@ -787,7 +876,7 @@ class Bench:
                     tokens = sum(r[5] for r in recs if r[4] == 200)
                     ttft = [r[2] * 1000 for r in recs if r[2] is not None]
                     run = {"streams": len(recs), "failed": m["failed"], "errors": m["errors"],
-                           "tokens": tokens, "wall": m["wall"], "tokens_per_s": tokens / m["wall"],
+                           "non_200": sum(1 for r in recs if r[4] != 200), "tokens": tokens, "wall": m["wall"], "tokens_per_s": tokens / m["wall"],
                            "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
                            "ttft_ms": ttft,
                            "cpu_pct": m["cpu_pct"]}
@@ -801,7 +890,7 @@ class Bench:
                 summary[tgt] = {"tokens_per_s": median([r["tokens_per_s"] for r in rr]),
                                 "ttft_p50_ms": percentile(ttft, 50),
                                 "ttft_p99_ms": percentile(ttft, 99),
-                                "failed": sum(r["failed"] for r in rr),
+                                "failed": sum(r["failed"] + r["non_200"] for r in rr),
                                 "cpu_pct": {k: median([r["cpu_pct"][k] for r in rr])
                                             for k in rr[0]["cpu_pct"]}}
                 for r in rr:
@@ -809,12 +898,25 @@ class Bench:
             summary["paired"] = {"tokens_per_s": paired_ratio(runs, "tokens_per_s"),
                                  "tokens_per_s_unix": paired_ratio(runs, "tokens_per_s",
                                                                    base="direct_unix")}
+            if ngx:
+                summary["paired"]["tokens_per_s_nginx"] = paired_ratio(runs, "tokens_per_s",
+                                                                       "nginx")
             res["parallel"][par] = {"runs": runs, "summary": summary}
             r = summary["paired"]["tokens_per_s"]
             self.target("d", f">= 0.98x direct tokens/s ({par} stream{'s' if par > 1 else ''})",
                         f"{r:.3f}x (direct over the Unix socket: "
                         f"{summary['paired']['tokens_per_s_unix']:.3f}x)", r >= 0.98)
+            bad = sum(summary[t]["failed"] for t in ("gateway", "direct", "direct_unix"))
+            self.target("d", f"every stream answered 200 and complete ({par} stream"
+                        f"{'s' if par > 1 else ''})", f"{bad} failed", bad == 0)
+            if ngx:
+                self.target("d", f"reference, not a target: nginx ({par} stream"
+                            f"{'s' if par > 1 else ''})",
+                            f"{summary['paired']['tokens_per_s_nginx']:.3f}x tokens/s, "
+                            f"{summary['nginx']['failed']} failed", None)
         self.stop_gateway(gw, None, "d")
+        if ngx:
+            ngx[0].stop()
         llama.stop()
         llama_tcp.stop()
         self.results["d"] = res
@@ -969,7 +1071,10 @@ class Bench:
                 "cpu_model": cpu, "cpu_count": os.cpu_count(),
                 "cpus_usable": len(os.sched_getaffinity(0)), "memory_mb": mem,
                 "python": platform.python_version(), "platform": platform.platform(),
-                "wrk": cmd(["wrk", "-v"]), "git_commit": cmd(["git", "-C", str(REPO), "rev-parse",
+                "wrk": cmd(["wrk", "-v"]),
+                "nginx": (cmd([nginx_binary(), "-v"]).removeprefix("nginx version: ")
+                          if nginx_binary() else ""),
+                "git_commit": cmd(["git", "-C", str(REPO), "rev-parse",
                                                               "--short", "HEAD"]),
                 "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
                 "loadavg_start": self.loadavg_start, "loadavg_end": os.getloadavg(),
@@ -1015,7 +1120,17 @@ class Bench:
                     L.append(f"| {c} | p50 latency ms, gateway over TCP | {t['p50_ms']:.3f} | "
                              f"{d['p50_ms']:.3f} | {f2(ratio(t['p50_ms'], d['p50_ms']))} |")
                     L.append(f"| {c} | CPU, gateway over TCP | {cpu_cell(t['cpu_pct'])} | | |")
+                if "nginx" in s:
+                    n = s["nginx"]
+                    L.append(f"| {c} | req/s, nginx for reference | {n['rps']:.0f} | "
+                             f"{d['rps']:.0f} | {f2(s['paired']['rps_nginx'])} |")
+                    for key, name in (("p50_ms", "p50"), ("p99_ms", "p99")):
+                        L.append(f"| {c} | {name} latency ms, nginx for reference | "
+                                 f"{n[key]:.3f} | {d[key]:.3f} | {f2(ratio(n[key], d[key]))} |")
+                    L.append(f"| {c} | CPU, nginx for reference | {cpu_cell(n['cpu_pct'])} | | |")
             L.append("")
+            if any("nginx" in s for s in a["summary"].values()):
+                L += [NGINX_NOTE.format(version=machine.get("nginx") or "nginx"), ""]
         if "b" in self.results:
             b = self.results["b"]
             L += [f"## (b) SSE: {b['streams']} concurrent streams of {b['events']} events "
@@ -1031,6 +1146,15 @@ class Bench:
                 L.append(f"| {name} | {f2(g[key], fmt)} | {f2(d[key], fmt)} | "
                          f"{f2(paired.get(key, ratio(g[key], d[key])))} |")
             L.append(f"| CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
+            n = b["summary"].get("nginx")
+            if n is not None:
+                L.append(f"| events/s, nginx for reference | {n['events_per_s']:.0f} | "
+                         f"{d['events_per_s']:.0f} | {f2(paired['events_per_s_nginx'])} |")
+                L.append(f"| TTFB p99 ms, nginx for reference | {n['ttfb_p99_ms']:.3f} | "
+                         f"{d['ttfb_p99_ms']:.3f} | {f2(ratio(n['ttfb_p99_ms'], d['ttfb_p99_ms']))} |")
+                L.append(f"| incomplete, nginx for reference | {n['incomplete']} | "
+                         f"{d['incomplete']} | – |")
+                L.append(f"| CPU, nginx for reference | {cpu_cell(n['cpu_pct'])} | | |")
             L.append("")
         if "c" in self.results:
             c = self.results["c"]
@@ -1074,6 +1198,16 @@ class Bench:
                              f"{f2(p['summary']['paired']['tokens_per_s_unix'])} |")
                     L.append(f"| {par} | CPU, direct over the Unix socket | | "
                              f"{cpu_cell(u['cpu_pct'])} | |")
+                n = p["summary"].get("nginx")
+                if n is not None:
+                    L.append(f"| {par} | tokens/s, nginx for reference | "
+                             f"{f2(n['tokens_per_s'], '{:.0f}')} | "
+                             f"{f2(d['tokens_per_s'], '{:.0f}')} | "
+                             f"{f2(p['summary']['paired']['tokens_per_s_nginx'])} |")
+                    L.append(f"| {par} | TTFT p50 ms, nginx for reference | "
+                             f"{f2(n['ttft_p50_ms'])} | {f2(d['ttft_p50_ms'])} | "
+                             f"{f2(ratio(n['ttft_p50_ms'], d['ttft_p50_ms']))} |")
+                    L.append(f"| {par} | CPU, nginx for reference | {cpu_cell(n['cpu_pct'])} | | |")
             L.append("")
         if "e" in self.results:
             e = self.results["e"]
