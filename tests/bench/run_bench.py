@@ -92,6 +92,9 @@ TCP_REFERENCE_CONNS = 16
 # streams on both sides; idle upstream connections kept, as the gateway's pool keeps them.
 NGINX_WORKER_CONNECTIONS = 1024
 NGINX_UPSTREAM_KEEPALIVE = 128
+# Steal time (the host running other guests on our CPUs) is shown in a run's CPU cell from this
+# much up (% of one core): below it, it is rounding noise.
+STEAL_SHOWN_PCT = 1.0
 # Printed under case (a) when the nginx reference ran.
 NGINX_NOTE = ("Reference rows: {version} as a plain reverse proxy in the gateway's place (one "
               "process, C, upstream keep-alive on the same Unix socket, no buffering, no access "
@@ -251,15 +254,18 @@ def wait_until(pred, timeout: float, what: str, child: Child | None = None,
                        + (f":\n{child.tail()}" if child else ""))
 
 
-def machine_busy() -> float:
-    """CPU seconds spent busy by the whole machine so far (all CPUs, from /proc/stat)."""
+def machine_busy() -> tuple[float, float]:
+    """(busy, steal): CPU seconds the whole machine spent busy so far, all CPUs, interrupts
+    included (/proc/stat), and seconds the hypervisor gave our CPUs to other guests (steal: a
+    shared host at work; it slows every process of the run at once)."""
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
+            fields = [int(x) for x in f.readline().split()[1:]] + [0] * 8
     except (OSError, ValueError):
-        return 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)   # idle + iowait
-    return (sum(fields[:8]) - idle) / CLK_TCK
+        return 0.0, 0.0
+    # user nice system idle iowait irq softirq steal
+    busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
+    return busy / CLK_TCK, fields[7] / CLK_TCK
 
 
 def nginx_binary() -> str | None:
@@ -286,7 +292,11 @@ class Meter:
         out = {c.name.split("-")[0]: 100 * (c.cpu() - self.cpu0[c.name]) / wall
                for c in self.watch}
         out[generator] = 100 * (ru.ru_utime + ru.ru_stime - self.reaped0) / wall
-        out["machine"] = 100 * (machine_busy() - self.machine0) / wall
+        busy, steal = machine_busy()
+        out["machine"] = 100 * (busy - self.machine0[0]) / wall
+        steal_pct = 100 * (steal - self.machine0[1]) / wall
+        if steal_pct >= STEAL_SHOWN_PCT:
+            out["steal"] = steal_pct
         return wall, out
 
 
@@ -335,6 +345,13 @@ def paired_ratio(runs: dict, key: str, side: str = "gateway", base: str = "direc
     return median([ratio(g[key], d[key]) for g, d in zip(runs[side], runs[base])])
 
 
+def median_cpu(runs: list[dict]) -> dict:
+    """Per process, the median over runs of its CPU %; a figure some runs lack (steal, shown
+    only from STEAL_SHOWN_PCT up) counts as 0 there."""
+    keys = list(dict.fromkeys(k for r in runs for k in r["cpu_pct"]))
+    return {k: median([r["cpu_pct"].get(k, 0.0) for r in runs]) for k in keys}
+
+
 def raise_nofile() -> int:
     """Raise RLIMIT_NOFILE (inherited by every child) to NOFILE_WANTED, or at least to the hard
     limit when raising that is not permitted. Returns the soft limit in force."""
@@ -371,6 +388,7 @@ class Bench:
         self.fake_socket = str(self.tmp / "fake-llama.sock")
         self.n_gateways = 0
         self.loadavg_start = os.getloadavg()
+        self.started = (time.monotonic(), machine_busy()[1])   # for the whole run's steal
         self.outcomes: dict[str, dict] = {}   # gateway name -> {"status outcome": count}
 
     # ---- processes ----
@@ -628,8 +646,7 @@ http {{
                           "p50_ms": median([r["p50_ms"] for r in rr]),
                           "p99_ms": median([r["p99_ms"] for r in rr]),
                           "errors": sum(r["errors"] for r in rr),
-                          "cpu_pct": {k: median([r["cpu_pct"][k] for r in rr])
-                                      for k in rr[0]["cpu_pct"]}}
+                          "cpu_pct": median_cpu(rr)}
             s["paired"] = {"rps": paired_ratio(runs, "rps")}
             if "gateway_tcp" in runs:
                 s["paired"]["rps_tcp"] = paired_ratio(runs, "rps", "gateway_tcp")
@@ -695,8 +712,7 @@ http {{
                             "ttfb_p50_ms": percentile(ttfb, 50), "ttfb_p99_ms": percentile(ttfb, 99),
                             "streams": sum(r["streams"] for r in rr),
                             "incomplete": sum(r["streams"] - r["complete"] + r["failed"] for r in rr),
-                            "cpu_pct": {k: median([r["cpu_pct"][k] for r in rr])
-                                        for k in rr[0]["cpu_pct"]}}
+                            "cpu_pct": median_cpu(rr)}
             for r in rr:
                 r["ttfb_ms"] = {"p50": percentile(r["ttfb_ms"], 50),
                                 "p99": percentile(r["ttfb_ms"], 99)}
@@ -783,8 +799,7 @@ http {{
                                 "streams": sum(r["streams"] for r in rr),
                                 "stream_p99_s": median([r["stream_p99_s"] for r in rr]),
                                 "stream_p50_s": median([r["stream_p50_s"] for r in rr]),
-                                "cpu_pct": {k: median([r["cpu_pct"][k] for r in rr])
-                                            for k in rr[0]["cpu_pct"]}}
+                                "cpu_pct": median_cpu(rr)}
             summary["gateway"]["rss_hwm_mb"] = max(r["rss_hwm_mb"] for r in runs["gateway"])
             summary["paired"] = {k: paired_ratio(runs, k) for k in ("stream_p50_s", "stream_p99_s")}
             res["sizes"][n] = {"rounds": rounds, "runs": runs, "summary": summary}
@@ -891,8 +906,7 @@ http {{
                                 "ttft_p50_ms": percentile(ttft, 50),
                                 "ttft_p99_ms": percentile(ttft, 99),
                                 "failed": sum(r["failed"] + r["non_200"] for r in rr),
-                                "cpu_pct": {k: median([r["cpu_pct"][k] for r in rr])
-                                            for k in rr[0]["cpu_pct"]}}
+                                "cpu_pct": median_cpu(rr)}
                 for r in rr:
                     del r["ttft_ms"]
             summary["paired"] = {"tokens_per_s": paired_ratio(runs, "tokens_per_s"),
@@ -1078,6 +1092,8 @@ http {{
                                                               "--short", "HEAD"]),
                 "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
                 "loadavg_start": self.loadavg_start, "loadavg_end": os.getloadavg(),
+                "steal_pct": 100 * (machine_busy()[1] - self.started[1])
+                / max(1e-9, time.monotonic() - self.started[0]),
                 "llama_threads": LLAMA_THREADS, "niceness": os.getpriority(os.PRIO_PROCESS, 0),
                 "quick": self.quick}
 
@@ -1087,9 +1103,15 @@ http {{
              f"{machine['date']} · {machine['cpu_model']} · {machine['cpus_usable']} CPUs · "
              f"{machine['memory_mb']} MB · Python {machine['python']} · {machine['platform']} · "
              f"commit {machine['git_commit']}" + (" · **--quick**" if self.quick else ""), "",
-             "Load average at start {:.2f} / {:.2f} / {:.2f}, at end {:.2f} / {:.2f} / {:.2f} "
-             "(other work on the machine shows as `machine` CPU above the sum of ours).".format(
-                 *machine["loadavg_start"], *machine["loadavg_end"]), "",
+             "Load average at start {:.2f} / {:.2f} / {:.2f}, at end {:.2f} / {:.2f} / {:.2f}; "
+             "steal over the whole run {:.1f} % of one core.".format(
+                 *machine["loadavg_start"], *machine["loadavg_end"],
+                 machine.get("steal_pct", 0.0)), "",
+             "`machine` is the busy time of all CPUs, interrupts included: loopback networking "
+             "partly runs there, charged to no process, and other work on the machine shows "
+             "there too, so it exceeds the sum of ours. `steal` (shown from "
+             f"{STEAL_SHOWN_PCT:g} %) is time the host gave our CPUs to other guests: it slows "
+             "every process of that run.", "",
              "Figures are medians over interleaved rounds (gateway, direct, gateway, ...); "
              "percentiles pool every request of the rounds. Ratio = gateway / direct; for "
              "req/s, events/s, tokens/s and stream times it is the median over rounds of the "
