@@ -48,3 +48,46 @@ def test_machine_busy_grows_with_work_and_reports_steal_apart():
     busy1, steal1 = run_bench.machine_busy()
     assert busy1 - busy0 >= 0.2   # clock ticks: 0.3 s of work is at least 20 ticks
     assert steal1 >= steal0 >= 0.0
+
+
+def _interleave(order, rounds, steal_of, turn=False):
+    calls = []
+
+    def one(tgt, port, watch):
+        calls.append(tgt)
+        n = len(calls)
+        return {"n": n, "cpu_pct": {"steal": steal_of(n)}}
+
+    # interleave uses nothing of the Bench instance: no processes, no temp files needed here
+    runs, again = run_bench.Bench.interleave(None, order, rounds, one, turn)
+    return runs, again, calls
+
+
+ORDER = [("gateway", 1, []), ("direct", 2, [])]
+
+
+def test_interleave_runs_every_target_each_round_and_turns_the_order_round():
+    runs, again, calls = _interleave(ORDER, 3, lambda n: 0.0, turn=True)
+    assert calls == ["gateway", "direct", "direct", "gateway", "gateway", "direct"]
+    assert again == 0
+    assert [r["n"] for r in runs["gateway"]] == [1, 4, 5]
+    assert [r["n"] for r in runs["direct"]] == [2, 3, 6]
+
+
+def test_a_round_with_steal_runs_again_and_the_quieter_attempt_is_kept():
+    # run 2 (direct, round 1) lost 30 % of a core: round 1 runs again (runs 3 and 4), quiet
+    runs, again, calls = _interleave(ORDER, 2, lambda n: 30.0 if n == 2 else 0.0)
+    assert again == 1
+    assert len(calls) == 6
+    assert [r["n"] for r in runs["gateway"]] == [3, 5]   # a round's runs stay paired
+    assert [r["n"] for r in runs["direct"]] == [4, 6]
+
+
+def test_steal_every_time_is_bounded_and_keeps_the_least_bad_attempt():
+    # every attempt loses well over STEAL_RERUN_PCT, each a little less than the one before
+    runs, again, calls = _interleave(ORDER, 1, lambda n: 60.0 - n)
+    last = run_bench.STEAL_RERUNS
+    assert len(calls) == 2 * (1 + last)
+    assert again == last
+    assert [r["n"] for r in runs["gateway"]] == [2 * last + 1]
+    assert [r["n"] for r in runs["direct"]] == [2 * last + 2]
