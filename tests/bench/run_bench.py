@@ -1173,21 +1173,17 @@ http {{
                 L.append(f"| {c} | p99 latency ms | {g['p99_ms']:.3f} | {d['p99_ms']:.3f} | "
                          f"{f2(ratio(g['p99_ms'], d['p99_ms']))} |")
                 L.append(f"| {c} | CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
-                if "gateway_tcp" in s:
-                    t = s["gateway_tcp"]
-                    L.append(f"| {c} | req/s, gateway over TCP | {t['rps']:.0f} | {d['rps']:.0f} | "
-                             f"{f2(s['paired']['rps_tcp'])} |")
-                    L.append(f"| {c} | p50 latency ms, gateway over TCP | {t['p50_ms']:.3f} | "
-                             f"{d['p50_ms']:.3f} | {f2(ratio(t['p50_ms'], d['p50_ms']))} |")
-                    L.append(f"| {c} | CPU, gateway over TCP | {cpu_cell(t['cpu_pct'])} | | |")
-                if "nginx" in s:
-                    n = s["nginx"]
-                    L.append(f"| {c} | req/s, nginx for reference | {n['rps']:.0f} | "
-                             f"{d['rps']:.0f} | {f2(s['paired']['rps_nginx'])} |")
+                for side, label, paired in (("gateway_tcp", "gateway over TCP", "rps_tcp"),
+                                            ("nginx", "nginx for reference", "rps_nginx")):
+                    if side not in s:
+                        continue
+                    t = s[side]
+                    L.append(f"| {c} | req/s, {label} | {t['rps']:.0f} | {d['rps']:.0f} | "
+                             f"{f2(s['paired'][paired])} |")
                     for key, name in (("p50_ms", "p50"), ("p99_ms", "p99")):
-                        L.append(f"| {c} | {name} latency ms, nginx for reference | "
-                                 f"{n[key]:.3f} | {d[key]:.3f} | {f2(ratio(n[key], d[key]))} |")
-                    L.append(f"| {c} | CPU, nginx for reference | {cpu_cell(n['cpu_pct'])} | | |")
+                        L.append(f"| {c} | {name} latency ms, {label} | {t[key]:.3f} | "
+                                 f"{d[key]:.3f} | {f2(ratio(t[key], d[key]))} |")
+                    L.append(f"| {c} | CPU, {label} | {cpu_cell(t['cpu_pct'])} | | |")
             L.append("")
             if any("nginx" in s for s in a["summary"].values()):
                 L += [NGINX_NOTE.format(version=machine.get("nginx") or "nginx"), ""]
