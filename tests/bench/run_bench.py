@@ -664,7 +664,9 @@ http {{
                     + " ".join(f"{k} {v:.0f}%" for k, v in r["cpu_pct"].items()))
                 return r
 
-            runs, again = self.interleave(order, rounds, one)
+            # The order turns round every other round, as in cases c and d: a machine that
+            # speeds up or slows down over the point favours no target.
+            runs, again = self.interleave(order, rounds, one, turn=True)
             res["runs"][c] = runs
             res["steal_reruns"] = res.get("steal_reruns", 0) + again
         res["summary"] = {}
@@ -734,7 +736,7 @@ http {{
                 f" ms  cpu " + " ".join(f"{k} {v:.0f}%" for k, v in run["cpu_pct"].items()))
             return run
 
-        runs, again = self.interleave(order, rounds, one)
+        runs, again = self.interleave(order, rounds, one, turn=True)
         summary = {}
         for tgt, rr in runs.items():
             ttfb = [x for r in rr for x in r["ttfb_ms"]]
@@ -1156,11 +1158,12 @@ http {{
              "there too, so it exceeds the sum of ours. `steal` (shown from "
              f"{STEAL_SHOWN_PCT:g} %) is time the host gave our CPUs to other guests: it slows "
              "every process of that run.", "",
-             "Figures are medians over interleaved rounds (gateway, direct, gateway, ...); "
-             "percentiles pool every request of the rounds. Ratio = gateway / direct; for "
-             "req/s, events/s, tokens/s and stream times it is the median over rounds of the "
-             "ratio within a round (a gateway run and the direct run right after it), so drift "
-             "between rounds cancels out. CPU % is of one core, over the run's wall time.", ""]
+             "Figures are medians over interleaved rounds (gateway, direct, ..., then the "
+             "reverse order in the next round); percentiles pool every request of the rounds. "
+             "Ratio = gateway / direct; for req/s, events/s, tokens/s and stream times it is "
+             "the median over rounds of the ratio within a round (a gateway run and the direct "
+             "run beside it), so drift between rounds cancels out. CPU % is of one core, over "
+             "the run's wall time.", ""]
 
         def cpu_cell(d):
             return ", ".join(f"{k} {v:.0f}%" for k, v in d.items())
