@@ -56,6 +56,8 @@ REPO = HERE.parents[1]
 GATEWAY = REPO / "scripts" / "gateway.py"
 FAKE = REPO / "tests" / "fakes" / "fake_llama.py"
 LOADCLIENT = HERE / "loadclient.py"
+REPLAYFAKE_SRC = HERE / "replayfake.c"
+SSELOAD_SRC = HERE / "sseload.c"
 WRK_SCRIPT = HERE / "wrk_post.lua"
 ENTRYPOINT = REPO / "entrypoint.sh"
 DEMO_MODEL = REPO / "data" / "models" / "demo-tiny-llama.gguf"
@@ -74,6 +76,10 @@ BENCH_MAX_CONNECTIONS = 30_000  # above case c's 10,000 streams
 START_TIMEOUT = 15.0
 # The real llama-server loads the 5 MB demo model in about a second; 120 s bounds a slow disk.
 LLAMA_LOAD_TIMEOUT = 120.0
+# Largest answer record_answer() takes from the fake (case b's stream of 200 events is 46 KB).
+RECORD_MAX_BYTES = 4 * 1024 * 1024
+# Compiling one of the C bench tools (a second or two); more means a broken toolchain.
+CC_TIMEOUT = 120.0
 # SIGTERM, then SIGKILL after this (the gateway drains for GRACEFUL_TIMEOUT, set to 2 s here).
 STOP_TIMEOUT = 10.0
 BENCH_GRACEFUL_TIMEOUT = "2"
@@ -240,6 +246,72 @@ def http_request(port: int | str, method: str, path: str, body: bytes = b"", hea
     return status, raw[head_end + 4:]
 
 
+def record_answer(port: int | str, body: dict, timeout: float = HTTP_TIMEOUT) -> list[bytes]:
+    """The answer of the server at port (the Python fake) to one keep-alive POST of body, cut
+    into the writes llama-server makes: a Content-Length reply is one write (head and body); a
+    chunked stream is its head, then one write per chunk, the last-chunk marker the final one.
+    The replay fake sends these bytes as they are, so the gateway relays exactly what it would
+    from the Python fake."""
+    data = json.dumps(body, separators=(",", ":")).encode()
+    request = (f"POST {CHAT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+               ).encode() + data
+    raw = b""
+    with connect(port, timeout) as s:
+        s.settimeout(timeout)
+        s.sendall(request)
+        while True:
+            end = raw.find(b"\r\n\r\n")
+            if end >= 0:
+                head = raw[:end + 4].lower()
+                if b"\r\ntransfer-encoding: chunked" in head:
+                    if raw.endswith(b"\r\n0\r\n\r\n") or raw[end + 4:] == b"0\r\n\r\n":
+                        break
+                else:
+                    length = head.split(b"\r\ncontent-length:", 1)
+                    if len(length) != 2:
+                        raise RuntimeError(f"answer without framing: {raw[:200]!r}")
+                    if len(raw) >= end + 4 + int(length[1].split(b"\r\n", 1)[0]):
+                        break
+            if len(raw) > RECORD_MAX_BYTES:
+                raise RuntimeError("answer too large to record")
+            piece = s.recv(65536)
+            if not piece:
+                raise RuntimeError(f"connection closed mid-answer: {raw[:200]!r}")
+            raw += piece
+    end = raw.find(b"\r\n\r\n") + 4
+    if b"\r\ntransfer-encoding: chunked" not in raw[:end].lower():
+        return [raw]
+    pieces, rest = [raw[:end]], raw[end:]
+    while rest:
+        nl = rest.find(b"\r\n")
+        stop = nl + 2 + int(rest[:nl], 16) + 2
+        pieces.append(rest[:stop])
+        rest = rest[stop:]
+    return pieces
+
+
+def write_pieces(path: Path, pieces: list[bytes]) -> None:
+    """replayfake's input: [u32 little-endian length][bytes] per write."""
+    with open(path, "wb") as f:
+        for piece in pieces:
+            f.write(len(piece).to_bytes(4, "little") + piece)
+
+
+def build_c_tool(src: Path, out_dir: Path) -> Path:
+    """Compile one of the benchmark's C tools (one file, libc only) into out_dir; its path."""
+    cc = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if cc is None:
+        raise RuntimeError("cases a and b need a C compiler for their replay fake and SSE client "
+                           "(Debian/Ubuntu: apt-get install -y gcc)")
+    out = out_dir / src.stem
+    done = subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(src)], capture_output=True,
+                          text=True, timeout=CC_TIMEOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"compiling {src.name} failed: {done.stderr[-2000:]}")
+    return out
+
+
 def wait_until(pred, timeout: float, what: str, child: Child | None = None,
                period: float = 0.05):
     deadline = time.monotonic() + timeout
@@ -394,6 +466,7 @@ class Bench:
         self.loadavg_start = os.getloadavg()
         self.started = (time.monotonic(), machine_busy()[1])   # for the whole run's steal
         self.outcomes: dict[str, dict] = {}   # gateway name -> {"status outcome": count}
+        self.tools: dict[Path, Path] = {}     # C source -> compiled binary (c_tool)
 
     # ---- processes ----
     def env(self, **extra) -> dict:
@@ -417,6 +490,30 @@ class Bench:
         for where in (self.fake_port, self.fake_socket):
             wait_until(lambda w=where: http_request(w, "GET", "/health", timeout=2)[0] == 200,
                        START_TIMEOUT, "the fake llama-server", self.fake)
+
+    def c_tool(self, src: Path) -> Path:
+        """The compiled C tool for src (compiled once per run, into the run's temp dir)."""
+        if src not in self.tools:
+            self.tools[src] = build_c_tool(src, self.tmp)
+        return self.tools[src]
+
+    def start_replay(self, body: dict, label: str) -> tuple[Child, int, str]:
+        """The replay fake for cases a and b: the Python fake's answer to body, recorded once
+        and sent back for every POST by replayfake (C, about 9 us of CPU per request against
+        the Python fake's 55 us), so that the fake is not the bottleneck of the direct runs.
+        It listens on TCP (direct clients) and on a Unix socket (the gateway, nginx)."""
+        self.start_fake()
+        pieces = record_answer(self.fake_port, body)
+        data = self.tmp / f"replay-{label}.bin"
+        write_pieces(data, pieces)
+        port, sock = free_port(), str(self.tmp / f"replay-{label}.sock")
+        child = Child(f"replayfake-{label}", [str(self.c_tool(REPLAYFAKE_SRC)), "--pieces",
+                                              str(data), "--port", str(port), "--unix", sock],
+                      self.env(), self.logs / f"replayfake-{label}.log")
+        for where in (port, sock):
+            wait_until(lambda w=where: http_request(w, "GET", "/health", timeout=2)[0] == 200,
+                       START_TIMEOUT, "the replay fake", child)
+        return child, port, sock
 
     def start_gateway(self, backend: int | str, label: str,
                       profile: Path | None = None) -> tuple[Child, int]:
@@ -574,6 +671,39 @@ http {{
             merged["wall"] = max(merged["wall"], r["wall"])
         return merged
 
+    def run_sseload(self, port: int | str, body: dict, connections: int, *, duration: float,
+                    requests_per_conn: int = 0, timeout: float = 60.0,
+                    watch: list[Child] = ()) -> dict:
+        """Case b's load: sseload (C), the same records as run_clients in mode "count"."""
+        req = self.tmp / "sseload-request.bin"
+        req.write_bytes(self.request_bytes(body).encode("latin-1"))
+        start_at = time.time() + 0.3
+        where = ["--unix", port] if isinstance(port, str) else ["--port", str(port)]
+        argv = [str(self.c_tool(SSELOAD_SRC)), *where, "--request", str(req),
+                "--connections", str(connections), "--duration", f"{duration:g}",
+                "--requests-per-conn", str(requests_per_conn), "--start-at", f"{start_at:.6f}",
+                "--timeout", f"{timeout:g}"]
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        while time.time() < start_at and p.poll() is None:
+            time.sleep(0.005)
+        meter = Meter(watch)
+        try:
+            out, err = p.communicate(timeout=timeout + 30)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("sseload did not finish in time") from None
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        wall, cpu_pct = meter.stop("sseload")
+        if p.returncode != 0 or not out:
+            raise RuntimeError(f"sseload failed ({p.returncode}): {err.decode()[-2000:]}")
+        r = json.loads(out)
+        return {"records": r["records"], "connect_times": r["connect_times"],
+                "failed": r["failed"], "error_count": r["error_count"], "errors": r["errors"],
+                "wall": r["wall"], "wall_outer": wall, "cpu_pct": cpu_pct, "processes": 1}
+
     def run_wrk(self, port: int, connections: int, duration: float, watch: list[Child]) -> dict:
         env = self.env(BENCH_BODY=json.dumps(SMALL_BODY), BENCH_AUTH=self.key)
         argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s",
@@ -633,30 +763,30 @@ http {{
     def case_a(self) -> None:
         if shutil.which("wrk") is None:
             raise RuntimeError("case a needs wrk on PATH (Debian/Ubuntu: apt-get install -y wrk)")
-        self.start_fake()
+        fake, fport, fsock = self.start_replay(SMALL_BODY, "a")
         prof = self.out / "profile-a.prof" if self.args.profile else None
-        gw, gport = self.start_gateway(self.fake_socket, "a", prof)
+        gw, gport = self.start_gateway(fsock, "a", prof)
         # For reference, at TCP_REFERENCE_CONNS only: the same gateway reaching the fake over
         # loopback TCP (BACKEND_TRANSPORT=tcp), to show what the Unix socket is worth.
-        gwt, tport = self.start_gateway(self.fake_port, "a-tcp")
+        gwt, tport = self.start_gateway(fport, "a-tcp")
         # For reference: nginx (C, one process) in the gateway's place, on the same Unix socket.
-        ngx = self.start_nginx(self.fake_socket, "a")
+        ngx = self.start_nginx(fsock, "a")
         # Five short rounds rather than three long ones: round-to-round swings of +-10 % on a
         # shared machine weigh less in a median of five paired ratios.
         rounds = 1 if self.quick else 5
         dur = 2 if self.quick else 4
         conns = [1, 16, 64]
         res: dict = {"rounds": rounds, "duration_s": dur, "runs": {}}
-        watch = [gw, self.fake]
+        watch = [gw, fake]
         # warm-up: imports, code paths, the upstream pool
-        for port in (gport, self.fake_port, tport) + ((ngx[1],) if ngx else ()):
+        for port in (gport, fport, tport) + ((ngx[1],) if ngx else ()):
             self.run_wrk(port, 16, 1, watch)
         for c in conns:
-            order = [("gateway", gport, watch), ("direct", self.fake_port, watch)]
+            order = [("gateway", gport, watch), ("direct", fport, watch)]
             if c == TCP_REFERENCE_CONNS:
-                order.append(("gateway_tcp", tport, [gwt, self.fake]))
+                order.append(("gateway_tcp", tport, [gwt, fake]))
             if ngx:
-                order.append(("nginx", ngx[1], [ngx[0], self.fake]))
+                order.append(("nginx", ngx[1], [ngx[0], fake]))
             def one(tgt, port, seen, c=c):
                 r = self.run_wrk(port, c, dur if c > 1 else max(2, dur - 2), seen)
                 log(f"  a c={c:<3} {tgt:8s} {r['rps']:9.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
@@ -689,6 +819,7 @@ http {{
         self.stop_gateway(gwt, None, "a-tcp")
         if ngx:
             ngx[0].stop()
+        fake.stop()
         self.results["a"] = res
         s16 = res["summary"][16]
         rr = s16["paired"]["rps"]
@@ -705,23 +836,23 @@ http {{
                         f"{s16['paired']['rps_nginx']:.2f}x req/s, p50 added {added:.3f} ms", None)
 
     def case_b(self) -> None:
-        self.start_fake()
-        prof = self.out / "profile-b.prof" if self.args.profile else None
-        gw, gport = self.start_gateway(self.fake_socket, "b", prof)
-        ngx = self.start_nginx(self.fake_socket, "b")
-        rounds = 1 if self.quick else 3
-        dur = 2 if self.quick else 4
         n_streams, n_events = 64, 200
         body = dict(SMALL_BODY, stream=True, fake={"events": n_events, "interval": 0})
-        watch = [gw, self.fake]
-        self.run_clients(gport, body, n_streams, requests_per_conn=1, watch=watch)  # warm-up
-        order = [("gateway", gport, watch), ("direct", self.fake_port, watch)]
+        fake, fport, fsock = self.start_replay(body, "b")
+        prof = self.out / "profile-b.prof" if self.args.profile else None
+        gw, gport = self.start_gateway(fsock, "b", prof)
+        ngx = self.start_nginx(fsock, "b")
+        rounds = 1 if self.quick else 3
+        dur = 2 if self.quick else 4
+        watch = [gw, fake]
+        order = [("gateway", gport, watch), ("direct", fport, watch)]
         if ngx:
-            self.run_clients(ngx[1], body, n_streams, requests_per_conn=1)   # warm-up
-            order.append(("nginx", ngx[1], [ngx[0], self.fake]))
+            order.append(("nginx", ngx[1], [ngx[0], fake]))
+        for _tgt, port, seen in order:   # warm-up
+            self.run_sseload(port, body, n_streams, duration=0, requests_per_conn=1, watch=seen)
         def one(tgt, port, seen):
-            m = self.run_clients(port, body, n_streams, requests_per_conn=0, duration=dur,
-                                 watch=seen, timeout=dur + 60)
+            m = self.run_sseload(port, body, n_streams, duration=dur, watch=seen,
+                                 timeout=dur + 60)
             recs = m["records"]
             events = sum(r[5] for r in recs)
             ok = sum(1 for r in recs if r[4] == 200 and r[5] >= n_events)
@@ -749,6 +880,7 @@ http {{
                 r["ttfb_ms"] = {"p50": percentile(r["ttfb_ms"], 50),
                                 "p99": percentile(r["ttfb_ms"], 99)}
         self.stop_gateway(gw, prof, "b")
+        fake.stop()
         summary["paired"] = {"events_per_s": paired_ratio(runs, "events_per_s")}
         if ngx:
             ngx[0].stop()

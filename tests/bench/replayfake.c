@@ -1,0 +1,281 @@
+/* replayfake: an upstream for the benchmarks that costs next to nothing per request.
+ *
+ *   replayfake --pieces FILE [--port P] [--unix PATH]
+ *
+ * Cases (a) and (b) measure the gateway against a fast fake llama-server called directly, and
+ * the issue asks that the fake not be the bottleneck. The Python fake (tests/fakes/fake_llama.py)
+ * costs about 55 us of CPU per request, as much as a proxy hop, so the direct side measured the
+ * fake. This server answers from bytes recorded from that fake: the harness asks the Python fake
+ * once, splits the answer into the writes llama-server makes (the head and body of a JSON reply
+ * in one write; for a stream the head, then one write per chunk, then the terminating chunk) and
+ * stores them as [u32 little-endian length][bytes] records in FILE. Every POST (any target) is
+ * answered with those writes, in order, one send() each; every GET with {"status":"ok"} (the
+ * harness's /health checks). HTTP/1.1 keep-alive, Content-Length request bodies, pipelining;
+ * `Connection: close` closes after the answer. Anything it cannot parse closes the connection:
+ * it is a benchmark tool behind a trusted harness, not a server for the world.
+ *
+ * One thread, one epoll loop, level-triggered; listens on 127.0.0.1:P (TCP_NODELAY on accepted
+ * sockets, as cpp-httplib sets) and/or a Unix socket. Runs until SIGTERM or SIGINT.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+/* A request head and body must fit here (the benchmark's requests are under 1 KiB). */
+#define IN_CAP (64 * 1024)
+/* Listen backlog: case (b) opens 64 streams at once, nginx and the gateway pool more. */
+#define BACKLOG 4096
+/* Events taken per epoll_wait. */
+#define MAX_EVENTS 256
+/* Recorded writes at most (a stream of 200 events is about 205). */
+#define MAX_PIECES 100000
+
+struct piece { char *p; uint32_t n; };
+static struct piece *pieces;
+static int npieces;
+
+static const char HEALTH[] =
+    "HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
+    "Content-Length: 15\r\nKeep-Alive: timeout=5, max=100\r\n\r\n{\"status\":\"ok\"}";
+
+struct conn {
+    int fd;
+    int listener;          /* 1 for a listening socket (then only fd is used) */
+    int sending;           /* an answer is being written */
+    int health;            /* the answer is HEALTH, not the pieces */
+    int close_after;       /* the request asked Connection: close */
+    int want_out;          /* registered for EPOLLOUT (a write met a full socket) */
+    int piece;
+    size_t off;
+    size_t inlen;
+    char in[IN_CAP];
+};
+
+static int ep;
+static volatile sig_atomic_t stop;
+
+static void on_signal(int sig) { (void)sig; stop = 1; }
+
+static void die(const char *what) { perror(what); exit(1); }
+
+static void load_pieces(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die(path);
+    pieces = calloc(MAX_PIECES, sizeof *pieces);
+    if (!pieces) die("calloc");
+    unsigned char len[4];
+    while (fread(len, 1, 4, f) == 4) {
+        if (npieces == MAX_PIECES) { fprintf(stderr, "too many pieces\n"); exit(1); }
+        uint32_t n = len[0] | len[1] << 8 | len[2] << 16 | (uint32_t)len[3] << 24;
+        char *p = malloc(n ? n : 1);
+        if (!p || fread(p, 1, n, f) != n) { fprintf(stderr, "%s: short piece\n", path); exit(1); }
+        pieces[npieces].p = p;
+        pieces[npieces].n = n;
+        npieces++;
+    }
+    fclose(f);
+    if (npieces == 0) { fprintf(stderr, "%s: no pieces\n", path); exit(1); }
+}
+
+static void watch(struct conn *c, int op, uint32_t events) {
+    struct epoll_event ev = {.events = events, .data.ptr = c};
+    if (epoll_ctl(ep, op, c->fd, &ev) < 0) die("epoll_ctl");
+}
+
+static void drop(struct conn *c) {
+    close(c->fd);   /* closing removes it from the epoll set */
+    free(c);
+}
+
+/* Write what is left of the answer; 0 when done or waiting for room, -1 when the peer is gone. */
+static int send_more(struct conn *c) {
+    for (;;) {
+        const char *p;
+        size_t n;
+        if (c->health) { p = HEALTH; n = sizeof HEALTH - 1; }
+        else { p = pieces[c->piece].p; n = pieces[c->piece].n; }
+        while (c->off < n) {
+            ssize_t w = send(c->fd, p + c->off, n - c->off, MSG_NOSIGNAL);
+            if (w < 0) {
+                if (errno == EINTR) continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    if (!c->want_out) { watch(c, EPOLL_CTL_MOD, EPOLLOUT); c->want_out = 1; }
+                    return 0;
+                }
+                return -1;
+            }
+            c->off += (size_t)w;
+        }
+        c->off = 0;
+        if (c->health || ++c->piece == npieces) break;
+    }
+    c->sending = 0;
+    if (c->want_out) { watch(c, EPOLL_CTL_MOD, EPOLLIN); c->want_out = 0; }
+    return c->close_after ? -1 : 0;
+}
+
+/* Content-Length of a head (NUL-terminated copy not needed: bounded search), -1 if malformed. */
+static long content_length(const char *head, size_t n) {
+    static const char name[] = "\r\ncontent-length:";
+    size_t k = sizeof name - 1;
+    for (size_t i = 0; i + k <= n; i++) {
+        if (strncasecmp(head + i, name, k) == 0) {
+            size_t j = i + k;
+            while (j < n && head[j] == ' ') j++;
+            long v = 0;
+            size_t digits = 0;
+            while (j < n && head[j] >= '0' && head[j] <= '9' && digits < 10) {
+                v = v * 10 + (head[j] - '0');
+                j++;
+                digits++;
+            }
+            return digits ? v : -1;
+        }
+    }
+    return 0;
+}
+
+static int has_header(const char *head, size_t n, const char *needle) {
+    size_t k = strlen(needle);
+    for (size_t i = 0; i + k <= n; i++)
+        if (strncasecmp(head + i, needle, k) == 0) return 1;
+    return 0;
+}
+
+/* Answer every complete request in the buffer; -1 to close the connection. */
+static int serve(struct conn *c) {
+    while (!c->sending) {
+        char *end = memmem(c->in, c->inlen, "\r\n\r\n", 4);
+        if (!end) return c->inlen == IN_CAP ? -1 : 0;
+        size_t head = (size_t)(end - c->in) + 4;
+        if (has_header(c->in, head, "\r\ntransfer-encoding:")) return -1;
+        long cl = content_length(c->in, head);
+        if (cl < 0 || head + (size_t)cl > IN_CAP) return -1;
+        if (c->inlen < head + (size_t)cl) return 0;
+        c->health = c->inlen >= 4 && memcmp(c->in, "GET ", 4) == 0;
+        c->close_after = has_header(c->in, head, "\r\nconnection: close");
+        size_t used = head + (size_t)cl;
+        memmove(c->in, c->in + used, c->inlen - used);
+        c->inlen -= used;
+        c->sending = 1;
+        c->piece = 0;
+        c->off = 0;
+        if (send_more(c) < 0) return -1;
+    }
+    return 0;
+}
+
+static void on_readable(struct conn *c) {
+    if (c->inlen == IN_CAP) { drop(c); return; }
+    ssize_t r = recv(c->fd, c->in + c->inlen, IN_CAP - c->inlen, 0);
+    if (r < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+        drop(c);
+        return;
+    }
+    if (r == 0) { drop(c); return; }
+    c->inlen += (size_t)r;
+    if (serve(c) < 0) drop(c);
+}
+
+static void on_accept(struct conn *l) {
+    for (int i = 0; i < 64; i++) {
+        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED)
+                perror("accept4");
+            return;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);   /* fails on Unix: fine */
+        struct conn *c = calloc(1, sizeof *c);
+        if (!c) { close(fd); return; }
+        c->fd = fd;
+        watch(c, EPOLL_CTL_ADD, EPOLLIN);
+    }
+}
+
+static void add_listener(int fd) {
+    if (listen(fd, BACKLOG) < 0) die("listen");
+    struct conn *l = calloc(1, sizeof *l);
+    if (!l) die("calloc");
+    l->fd = fd;
+    l->listener = 1;
+    watch(l, EPOLL_CTL_ADD, EPOLLIN);
+}
+
+int main(int argc, char **argv) {
+    const char *path = NULL, *unix_path = NULL;
+    int port = 0;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (strcmp(argv[i], "--pieces") == 0) path = argv[i + 1];
+        else if (strcmp(argv[i], "--port") == 0) port = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--unix") == 0) unix_path = argv[i + 1];
+        else { fprintf(stderr, "unknown argument %s\n", argv[i]); return 2; }
+    }
+    if (!path || (!port && !unix_path)) {
+        fprintf(stderr, "usage: replayfake --pieces FILE [--port P] [--unix PATH]\n");
+        return 2;
+    }
+    load_pieces(path);
+    signal(SIGPIPE, SIG_IGN);
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0) die("epoll_create1");
+    if (port) {
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0) die("bind tcp");
+        add_listener(fd);
+    }
+    if (unix_path) {
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        struct sockaddr_un a = {.sun_family = AF_UNIX};
+        if (strlen(unix_path) >= sizeof a.sun_path) { fprintf(stderr, "socket path too long\n"); return 2; }
+        strcpy(a.sun_path, unix_path);
+        unlink(unix_path);
+        if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0) die("bind unix");
+        add_listener(fd);
+    }
+    printf("replayfake: %d pieces, listening\n", npieces);
+    fflush(stdout);
+    struct epoll_event evs[MAX_EVENTS];
+    while (!stop) {
+        int n = epoll_wait(ep, evs, MAX_EVENTS, -1);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            die("epoll_wait");
+        }
+        for (int i = 0; i < n; i++) {
+            struct conn *c = evs[i].data.ptr;
+            if (c->listener) { on_accept(c); continue; }
+            if (c->sending) {
+                if (evs[i].events & (EPOLLERR | EPOLLHUP)) { drop(c); continue; }
+                if (send_more(c) < 0) { drop(c); continue; }
+                if (!c->sending && serve(c) < 0) drop(c);
+            } else {
+                on_readable(c);
+            }
+        }
+    }
+    if (unix_path) unlink(unix_path);
+    return 0;
+}
