@@ -20,9 +20,16 @@ the direct clients, as a client outside the container calls llama-server) and on
 (for the gateway); case a also runs the gateway over TCP at 16 connections, for reference. In case
 d the gateway's llama-server listens on its Unix socket and an identical second one on TCP for
 the direct clients (one listener each); direct clients also call the first over its socket, the
-cheapest path there is, shown as "direct, Unix socket" for reference. The
-load generators are wrk (case a) and tests/bench/loadclient.py (asyncio, raw sockets); their CPU
-and the upstream's CPU are reported so a saturated generator or fake is visible.
+cheapest path there is, shown as "direct, Unix socket" for reference.
+
+The fake and the load generators must not be the bottleneck. In cases a and b the upstream is
+tests/bench/replayfake.c (C): the Python fake's answer to the case's request, recorded once and
+cut into llama-server's writes, sent back for every POST at about 9 us of CPU per request (the
+Python fake costs about 55 us, as much as a proxy hop). The load generators are wrk (case a),
+tests/bench/sseload.c (case b, C) and tests/bench/loadclient.py (cases c and d, asyncio, raw
+sockets; case c keeps the Python fake for its paced streams). Both C tools are compiled with the
+system C compiler at the start of the run. The CPU of every generator and upstream is reported
+so a saturated one is visible.
 
 Writes OUT/bench.md (the tables) and OUT/bench.json (all figures, per round), plus the logs of the
 processes it started. With --profile the gateway of cases a and b runs under cProfile and

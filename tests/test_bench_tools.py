@@ -1,0 +1,179 @@
+"""The benchmark's C tools (tests/bench/replayfake.c, sseload.c) and the recording between them:
+cases (a) and (b) are measured with these, so what they send and count is pinned here against
+the Python fake."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "bench"))
+sys.path.insert(0, str(HERE / "fakes"))
+
+import run_bench  # noqa: E402
+from fake_llama import FakeLlamaThread  # noqa: E402
+
+STREAM_BODY = dict(run_bench.SMALL_BODY, stream=True, fake={"events": 7, "interval": 0})
+# Deadline for one tool run or one socket read in these tests.
+TIMEOUT = 10.0
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-tools")
+    return {"replayfake": run_bench.build_c_tool(run_bench.REPLAYFAKE_SRC, out),
+            "sseload": run_bench.build_c_tool(run_bench.SSELOAD_SRC, out)}
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeLlamaThread() as srv:
+        yield srv
+
+
+def _replay(tools, tmp_path, pieces):
+    data = tmp_path / "pieces.bin"
+    run_bench.write_pieces(data, pieces)
+    port, sock = run_bench.free_port(), str(tmp_path / "replay.sock")
+    proc = subprocess.Popen([str(tools["replayfake"]), "--pieces", str(data), "--port", str(port),
+                             "--unix", sock], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    line = proc.stdout.readline()   # printed once both listeners are up
+    assert b"listening" in line, line
+    return proc, port, sock
+
+
+def _stop(proc):
+    proc.terminate()
+    assert proc.wait(TIMEOUT) == 0   # SIGTERM ends its loop cleanly
+
+
+def _read_exactly(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        piece = s.recv(n - len(buf))
+        assert piece, f"closed after {len(buf)} of {n} bytes"
+        buf += piece
+    return buf
+
+
+def _sseload(tools, tmp_path, where, body, **kw):
+    req = tmp_path / "req.bin"
+    data = json.dumps(body).encode()
+    req.write_bytes(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(data), data))
+    argv = [str(tools["sseload"]), *(["--unix", where] if isinstance(where, str)
+                                      else ["--port", str(where)]), "--request", str(req)]
+    for k, v in kw.items():
+        argv += ["--" + k.replace("_", "-"), str(v)]
+    done = subprocess.run(argv, capture_output=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_record_cuts_a_stream_into_head_chunks_and_the_last_chunk_marker(fake):
+    pieces = run_bench.record_answer(fake.port, STREAM_BODY)
+    assert pieces[0].startswith(b"HTTP/1.1 200 OK\r\n") and pieces[0].endswith(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in pieces[0].lower()
+    assert pieces[-1] == b"0\r\n\r\n"
+    for chunk in pieces[1:-1]:   # each one chunk: "<hex size>\r\n<size bytes>\r\n"
+        size, _, rest = chunk.partition(b"\r\n")
+        assert len(rest) == int(size, 16) + 2 and rest.endswith(b"\r\n")
+    body = b"".join(c.partition(b"\r\n")[2][:-2] for c in pieces[1:-1])
+    events = body.split(b"\n\n")
+    assert len(events) == 7 + 2 + 1 and events[-1] == b""   # 7 content events, usage, [DONE]
+    assert all(e.startswith(b"data: ") for e in events[:-1])
+    assert b'"usage"' in events[-3] and events[-2] == b"data: [DONE]"
+    assert body.endswith(b"data: [DONE]\n\n")
+
+
+def test_record_keeps_a_json_reply_whole(fake):
+    pieces = run_bench.record_answer(fake.port, run_bench.SMALL_BODY)
+    assert len(pieces) == 1
+    head, _, body = pieces[0].partition(b"\r\n\r\n")
+    assert b"content-length: %d" % len(body) in head.lower()
+    assert json.loads(body)["object"] == "chat.completion"
+
+
+def test_replayfake_answers_every_post_with_the_recorded_bytes_keep_alive_and_pipelined(
+        tools, tmp_path, fake):
+    pieces = run_bench.record_answer(fake.port, run_bench.SMALL_BODY)
+    proc, port, sock = _replay(tools, tmp_path, pieces)
+    try:
+        body = b'{"x": 1}'
+        post = b"POST /anything HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(body), body)
+        for where in (port, sock):
+            with run_bench.connect(where, TIMEOUT) as s:
+                s.sendall(post)
+                assert _read_exactly(s, len(pieces[0])) == pieces[0]
+                s.sendall(post * 3)   # pipelined: three answers, in order, same connection
+                assert _read_exactly(s, 3 * len(pieces[0])) == pieces[0] * 3
+        status, health = run_bench.http_request(port, "GET", "/health")
+        assert (status, json.loads(health)) == (200, {"status": "ok"})
+        with run_bench.connect(port, TIMEOUT) as s:   # Connection: close is honoured
+            s.sendall(post.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
+            assert _read_exactly(s, len(pieces[0])) == pieces[0]
+            assert s.recv(1) == b""
+    finally:
+        _stop(proc)
+
+
+def test_replayfake_closes_on_what_it_cannot_frame(tools, tmp_path, fake):
+    proc, port, _sock = _replay(tools, tmp_path, [b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
+    try:
+        with run_bench.connect(port, TIMEOUT) as s:
+            s.sendall(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+            assert s.recv(100) == b""
+    finally:
+        _stop(proc)
+
+
+def test_sseload_counts_every_event_of_every_stream_through_replayfake(tools, tmp_path, fake):
+    pieces = run_bench.record_answer(fake.port, STREAM_BODY)
+    events = b"".join(pieces).count(b"data: ")
+    proc, port, sock = _replay(tools, tmp_path, pieces)
+    try:
+        for where in (port, sock):
+            r = _sseload(tools, tmp_path, where, STREAM_BODY, connections=4,
+                         requests_per_conn=3)
+            assert (r["failed"], r["error_count"], r["errors"]) == (0, 0, {})
+            assert len(r["records"]) == 12 and len(r["connect_times"]) == 4
+            for sent, ttfb, first_event, end, status, n in r["records"]:
+                assert (status, n) == (200, events)
+                assert 0 <= sent and 0 < ttfb <= first_event <= end < TIMEOUT
+            assert r["wall"] > 0 and r["cpu_s"] >= 0
+    finally:
+        _stop(proc)
+
+
+def test_sseload_runs_for_its_duration_on_keep_alive(tools, tmp_path, fake):
+    proc, port, _sock = _replay(tools, tmp_path, run_bench.record_answer(fake.port, STREAM_BODY))
+    try:
+        t = time.monotonic()
+        r = _sseload(tools, tmp_path, port, STREAM_BODY, connections=2, duration=0.3)
+        assert 0.3 <= time.monotonic() - t < TIMEOUT
+        assert r["failed"] == 0 and len(r["records"]) > 2 and len(r["connect_times"]) == 2
+        assert max(rec[0] for rec in r["records"]) < 0.3 <= r["wall"]   # none started late
+    finally:
+        _stop(proc)
+
+
+def test_sseload_ends_a_content_length_reply_and_reports_a_non_200(tools, tmp_path, fake):
+    r = _sseload(tools, tmp_path, fake.port, dict(run_bench.SMALL_BODY, fake={"status": 503}),
+                 connections=1, requests_per_conn=2)
+    assert [rec[4] for rec in r["records"]] == [503, 503]
+    assert r["errors"] == {"HTTP 503": 2} and r["failed"] == 0
+
+
+def test_sseload_counts_a_stream_cut_short_as_failed(tools, tmp_path, fake):
+    body = dict(run_bench.SMALL_BODY, stream=True, fake={"events": 5, "drop_after": 2})
+    r = _sseload(tools, tmp_path, fake.port, body, connections=1, requests_per_conn=1)
+    assert r["failed"] == 1 and r["records"] == []
+    assert r["errors"] == {"connection lost mid-response": 1}
