@@ -117,6 +117,16 @@ NGINX_NOTE = ("Reference rows: {version} as a plain reverse proxy in the gateway
               "process, C, upstream keep-alive on the same Unix socket, no buffering, no access "
               "log, no key check or limits). It is not a target; it shows what a proxy hop costs "
               "on this machine when the proxy itself is cheap.")
+# Printed under cases (a) and (b): what their upstream is and what its CPU figure means.
+REPLAY_NOTE_A = ("The upstream is replayfake (C): the Python fake's answer, recorded once and sent "
+                 "back for every POST in llama-server's writes, at about 9 us of CPU per request "
+                 "(the Python fake costs about 55 us, and was the bottleneck of the direct runs "
+                 "before it). Direct, wrk and replayfake together fill both CPUs: that is as fast "
+                 "as a client gets answers from this upstream on this machine.")
+REPLAY_NOTE_B = ("Direct, replayfake's CPU is the kernel's: one TCP send per event, as llama-server "
+                 "writes a stream (about 5 us each, nearly all system time). Through a proxy it "
+                 "writes the same events to a Unix socket, and the proxy sends them on to the "
+                 "client in fewer, larger writes when it falls behind.")
 # Cold start (case e): health poll period and overall bound.
 HEALTH_POLL_PERIOD = 0.005
 COLD_START_TIMEOUT = 60.0
@@ -1314,7 +1324,7 @@ http {{
 
         if "a" in self.results:
             a = self.results["a"]
-            L += [f"## (a) non-streaming POST, fake llama-server, wrk ({a['rounds']} × "
+            L += [f"## (a) non-streaming POST, replay fake (C), wrk ({a['rounds']} × "
                   f"{a['duration_s']} s per point{again(a)})", "",
                   "| conns | metric | gateway | direct | ratio |", "|---|---|---|---|---|"]
             for c, s in a["summary"].items():
@@ -1338,12 +1348,14 @@ http {{
                                  f"{d[key]:.3f} | {f2(ratio(t[key], d[key]))} |")
                     L.append(f"| {c} | CPU, {label} | {cpu_cell(t['cpu_pct'])} | | |")
             L.append("")
+            L += [REPLAY_NOTE_A, ""]
             if any("nginx" in s for s in a["summary"].values()):
                 L += [NGINX_NOTE.format(version=machine.get("nginx") or "nginx"), ""]
         if "b" in self.results:
             b = self.results["b"]
-            L += [f"## (b) SSE: {b['streams']} concurrent streams of {b['events']} events "
-                  f"({b['rounds']} × {b['duration_s']} s{again(b)})", "",
+            L += [f"## (b) SSE: {b['streams']} concurrent streams of {b['events']} events, "
+                  f"replay fake and sseload (both C) ({b['rounds']} × {b['duration_s']} s"
+                  f"{again(b)})", "", REPLAY_NOTE_B, "",
                   "| metric | gateway | direct | ratio |", "|---|---|---|---|"]
             g, d = b["summary"]["gateway"], b["summary"]["direct"]
             paired = b["summary"].get("paired", {})
