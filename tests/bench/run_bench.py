@@ -315,6 +315,28 @@ def write_pieces(path: Path, pieces: list[bytes]) -> None:
             f.write(len(piece).to_bytes(4, "little") + piece)
 
 
+def run_generator(name: str, argv: list[str], env: dict, watch, timeout: float,
+                  start_at: float = 0.0) -> tuple[int, bytes, bytes, float, dict]:
+    """Run a load generator to its end (killed past timeout) and meter the watched processes
+    meanwhile, from start_at (time.time()) if the generator waits for it; the generator's own
+    CPU comes from RUSAGE_CHILDREN once reaped. (returncode, stdout, stderr, wall, cpu_pct)."""
+    p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    while time.time() < start_at and p.poll() is None:
+        time.sleep(0.005)
+    meter = Meter(watch)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{name} did not finish in time") from None
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    wall, cpu_pct = meter.stop(name)
+    return p.returncode, out, err, wall, cpu_pct
+
+
 def build_c_tool(src: Path, out_dir: Path) -> Path:
     """Compile one of the benchmark's C tools (one file, libc only) into out_dir; its path."""
     cc = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
@@ -700,22 +722,10 @@ http {{
                 "--connections", str(connections), "--duration", f"{duration:g}",
                 "--requests-per-conn", str(requests_per_conn), "--start-at", f"{start_at:.6f}",
                 "--timeout", f"{timeout:g}"]
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
-        while time.time() < start_at and p.poll() is None:
-            time.sleep(0.005)
-        meter = Meter(watch)
-        try:
-            out, err = p.communicate(timeout=timeout + 30)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError("sseload did not finish in time") from None
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        wall, cpu_pct = meter.stop("sseload")
-        if p.returncode != 0 or not out:
-            raise RuntimeError(f"sseload failed ({p.returncode}): {err.decode()[-2000:]}")
+        rc, out, err, wall, cpu_pct = run_generator("sseload", argv, self.env(), watch,
+                                                    timeout + 30, start_at)
+        if rc != 0 or not out:
+            raise RuntimeError(f"sseload failed ({rc}): {err.decode()[-2000:]}")
         r = json.loads(out)
         return {"records": r["records"], "connect_times": r["connect_times"],
                 "failed": r["failed"], "error_count": r["error_count"], "errors": r["errors"],
@@ -725,17 +735,7 @@ http {{
         env = self.env(BENCH_BODY=json.dumps(SMALL_BODY), BENCH_AUTH=self.key)
         argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s",
                 "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}{CHAT_PATH}"]
-        meter = Meter(watch)
-        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            out, err = p.communicate(timeout=duration + 30)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError("wrk did not finish in time") from None
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        wall, cpu_pct = meter.stop("wrk")   # communicate() reaped wrk: RUSAGE_CHILDREN has it
+        _rc, out, err, wall, cpu_pct = run_generator("wrk", argv, env, watch, duration + 30)
         line = next((ln for ln in out.decode().splitlines() if ln.startswith("BENCHJSON ")), None)
         if line is None:
             raise RuntimeError(f"wrk printed no result: {out.decode()[-500:]} {err.decode()[-500:]}")
