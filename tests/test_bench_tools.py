@@ -38,12 +38,13 @@ def fake():
         yield srv
 
 
-def _replay(tools, tmp_path, pieces):
+def _replay(tools, tmp_path, pieces, *pace):
     data = tmp_path / "pieces.bin"
     run_bench.write_pieces(data, pieces)
     port, sock = run_bench.free_port(), str(tmp_path / "replay.sock")
     proc = subprocess.Popen([str(tools["replayfake"]), "--pieces", str(data), "--port", str(port),
-                             "--unix", sock], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--unix", sock, *pace], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     line = proc.stdout.readline()   # printed once both listeners are up
     assert b"listening" in line, line
     return proc, port, sock
@@ -177,3 +178,32 @@ def test_sseload_counts_a_stream_cut_short_as_failed(tools, tmp_path, fake):
     r = _sseload(tools, tmp_path, fake.port, body, connections=1, requests_per_conn=1)
     assert r["failed"] == 1 and r["records"] == []
     assert r["errors"] == {"connection lost mid-response": 1}
+
+
+def test_replayfake_paces_a_stream_on_the_python_fakes_schedule(tools, tmp_path, fake):
+    # 4 content events 0.1 s apart: head and event 0 at once, event i at start + i * 0.1, the
+    # usage event, [DONE] and the last-chunk marker right after event 3 (as the Python fake)
+    body = dict(run_bench.SMALL_BODY, stream=True, fake={"events": 4, "interval": 0.1})
+    pieces = run_bench.record_answer(fake.port, body)
+    assert len(pieces) == 1 + 4 + 3
+    proc, port, _sock = _replay(tools, tmp_path, pieces, "--interval", "0.1", "--events", "4")
+    try:
+        with run_bench.connect(port, TIMEOUT) as s:
+            data = json.dumps(body).encode()
+            t0 = time.monotonic()
+            s.sendall(b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            arrived = []
+            for piece in pieces:
+                assert _read_exactly(s, len(piece)) == piece
+                arrived.append(time.monotonic() - t0)
+        # never early; late by less than an interval (the next event's due time)
+        assert arrived[1] < 0.1                        # the first event at once
+        for i in (2, 3, 4):                            # event i - 1, due at (i - 1) * 0.1 s
+            assert (i - 1) * 0.1 <= arrived[i] < (i - 1) * 0.1 + 0.1
+        assert arrived[-1] - arrived[4] < 0.1          # the end follows the last event
+        # many streams at once keep the schedule; sseload sees the whole stream each time
+        r = _sseload(tools, tmp_path, port, body, connections=50, requests_per_conn=2)
+        assert r["failed"] == 0 and len(r["records"]) == 100
+        assert all(0.3 <= rec[3] < 0.6 and rec[5] == 4 + 2 for rec in r["records"])
+    finally:
+        _stop(proc)

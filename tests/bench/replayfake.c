@@ -1,6 +1,6 @@
 /* replayfake: an upstream for the benchmarks that costs next to nothing per request.
  *
- *   replayfake --pieces FILE [--port P] [--unix PATH]
+ *   replayfake --pieces FILE [--port P] [--unix PATH] [--interval S --events N]
  *
  * Cases (a) and (b) measure the gateway against a fast fake llama-server called directly, and
  * the issue asks that the fake not be the bottleneck. The Python fake (tests/fakes/fake_llama.py)
@@ -13,6 +13,12 @@
  * harness's /health checks). HTTP/1.1 keep-alive, Content-Length request bodies, pipelining;
  * `Connection: close` closes after the answer. Anything it cannot parse closes the connection:
  * it is a benchmark tool behind a trusted harness, not a server for the world.
+ *
+ * Paced streams (case c): with --interval S --events N the writes follow the Python fake's
+ * schedule for a stream of N content events S seconds apart: the head and the first event at
+ * once, event i (write i + 1) at start + i * S, everything after the last event right after it.
+ * The schedule is absolute, so a late wake-up delays one event, never every later one. Waiting
+ * streams sit in a min-heap by due time; epoll_wait sleeps until the first is due.
  *
  * One thread, one epoll loop, level-triggered; listens on 127.0.0.1:P (TCP_NODELAY on accepted
  * sockets, as cpp-httplib sets) and/or a Unix socket. Runs until SIGTERM or SIGINT.
@@ -32,6 +38,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 /* A request head and body must fit here (the benchmark's requests are under 1 KiB). */
@@ -42,6 +49,8 @@
 #define MAX_EVENTS 256
 /* Recorded writes at most (a stream of 200 events is about 205). */
 #define MAX_PIECES 100000
+/* Paced streams waiting at once at most (case c opens 10,000). */
+#define MAX_WAITING 65536
 
 struct piece { char *p; uint32_t n; };
 static struct piece *pieces;
@@ -57,7 +66,11 @@ struct conn {
     int sending;           /* an answer is being written */
     int health;            /* the answer is HEALTH, not the pieces */
     int close_after;       /* the request asked Connection: close */
-    int want_out;          /* registered for EPOLLOUT (a write met a full socket) */
+    uint32_t interest;     /* epoll events registered: EPOLLIN, EPOLLOUT (a write met a full
+                              socket) or none (waiting for a paced write's time) */
+    int waiting;           /* in the heap until its next write is due (paced streams) */
+    int dead;              /* dropped while waiting: freed when the heap lets it go */
+    double start;          /* when the answer began (paced streams) */
     int piece;
     size_t off;
     size_t inlen;
@@ -66,6 +79,49 @@ struct conn {
 
 static int ep;
 static volatile sig_atomic_t stop;
+static double interval;    /* --interval: seconds between paced events, 0 = no pacing */
+static int paced_events;   /* --events: content events of a paced stream */
+static struct conn **heap; /* waiting streams, a min-heap by due() */
+static int nheap;
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* When write number `piece` of c's answer is due: the head (0) and the first event (1) at the
+ * start, event i (piece i + 1) i intervals after it, what follows the last event with it. */
+static double due(const struct conn *c) {
+    int p = c->piece < paced_events ? c->piece : paced_events;
+    return c->start + (p > 1 ? (p - 1) * interval : 0);
+}
+
+static void heap_push(struct conn *c) {
+    int i = nheap++;
+    while (i > 0 && due(heap[(i - 1) / 2]) > due(c)) {
+        heap[i] = heap[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    heap[i] = c;
+    c->waiting = 1;
+}
+
+static struct conn *heap_pop(void) {
+    struct conn *top = heap[0], *last = heap[--nheap];
+    int i = 0;
+    for (;;) {
+        int k = 2 * i + 1;
+        if (k >= nheap) break;
+        if (k + 1 < nheap && due(heap[k + 1]) < due(heap[k])) k++;
+        if (due(last) <= due(heap[k])) break;
+        heap[i] = heap[k];
+        i = k;
+    }
+    if (nheap) heap[i] = last;
+    top->waiting = 0;
+    return top;
+}
 
 static void on_signal(int sig) { (void)sig; stop = 1; }
 
@@ -93,18 +149,32 @@ static void load_pieces(const char *path) {
 static void watch(struct conn *c, int op, uint32_t events) {
     struct epoll_event ev = {.events = events, .data.ptr = c};
     if (epoll_ctl(ep, op, c->fd, &ev) < 0) die("epoll_ctl");
+    c->interest = events;
+}
+
+static void want(struct conn *c, uint32_t events) {
+    if (c->interest != events) watch(c, EPOLL_CTL_MOD, events);
 }
 
 static void drop(struct conn *c) {
+    if (c->dead) return;
     close(c->fd);   /* closing removes it from the epoll set */
-    free(c);
+    if (c->waiting) c->dead = 1;   /* the heap still points at it */
+    else free(c);
 }
 
-/* Write what is left of the answer; 0 when done or waiting for room, -1 when the peer is gone. */
+/* Write what is left of the answer that is due; 0 when done or waiting for room or for the
+ * next write's time, -1 when the peer is gone. */
 static int send_more(struct conn *c) {
     for (;;) {
         const char *p;
         size_t n;
+        if (!c->health && interval > 0 && c->off == 0 && due(c) > now()) {
+            if (nheap == MAX_WAITING) return -1;
+            want(c, 0);   /* nothing to read or write until then (errors still wake it) */
+            heap_push(c);
+            return 0;
+        }
         if (c->health) { p = HEALTH; n = sizeof HEALTH - 1; }
         else { p = pieces[c->piece].p; n = pieces[c->piece].n; }
         while (c->off < n) {
@@ -112,7 +182,7 @@ static int send_more(struct conn *c) {
             if (w < 0) {
                 if (errno == EINTR) continue;
                 if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                    if (!c->want_out) { watch(c, EPOLL_CTL_MOD, EPOLLOUT); c->want_out = 1; }
+                    want(c, EPOLLOUT);
                     return 0;
                 }
                 return -1;
@@ -123,7 +193,7 @@ static int send_more(struct conn *c) {
         if (c->health || ++c->piece == npieces) break;
     }
     c->sending = 0;
-    if (c->want_out) { watch(c, EPOLL_CTL_MOD, EPOLLIN); c->want_out = 0; }
+    want(c, EPOLLIN);
     return c->close_after ? -1 : 0;
 }
 
@@ -173,6 +243,7 @@ static int serve(struct conn *c) {
         c->sending = 1;
         c->piece = 0;
         c->off = 0;
+        if (interval > 0) c->start = now();
         if (send_more(c) < 0) return -1;
     }
     return 0;
@@ -224,13 +295,18 @@ int main(int argc, char **argv) {
         if (strcmp(argv[i], "--pieces") == 0) path = argv[i + 1];
         else if (strcmp(argv[i], "--port") == 0) port = atoi(argv[i + 1]);
         else if (strcmp(argv[i], "--unix") == 0) unix_path = argv[i + 1];
+        else if (strcmp(argv[i], "--interval") == 0) interval = atof(argv[i + 1]);
+        else if (strcmp(argv[i], "--events") == 0) paced_events = atoi(argv[i + 1]);
         else { fprintf(stderr, "unknown argument %s\n", argv[i]); return 2; }
     }
-    if (!path || (!port && !unix_path)) {
-        fprintf(stderr, "usage: replayfake --pieces FILE [--port P] [--unix PATH]\n");
+    if (!path || (!port && !unix_path) || interval < 0 || (interval > 0 && paced_events < 1)) {
+        fprintf(stderr, "usage: replayfake --pieces FILE [--port P] [--unix PATH] "
+                        "[--interval S --events N]\n");
         return 2;
     }
     load_pieces(path);
+    heap = calloc(MAX_WAITING, sizeof *heap);
+    if (!heap) die("calloc");
     signal(SIGPIPE, SIG_IGN);
     struct sigaction sa = {.sa_handler = on_signal};
     sigaction(SIGTERM, &sa, NULL);
@@ -259,10 +335,21 @@ int main(int argc, char **argv) {
     fflush(stdout);
     struct epoll_event evs[MAX_EVENTS];
     while (!stop) {
-        int n = epoll_wait(ep, evs, MAX_EVENTS, -1);
+        int wait_ms = -1;
+        if (nheap) {
+            double left = due(heap[0]) - now();
+            wait_ms = left <= 0 ? 0 : (int)(left * 1000) + 1;   /* never wake before it is due */
+        }
+        int n = epoll_wait(ep, evs, MAX_EVENTS, wait_ms);
         if (n < 0) {
             if (errno == EINTR) continue;
             die("epoll_wait");
+        }
+        while (nheap && due(heap[0]) <= now()) {   /* paced writes that are due */
+            struct conn *c = heap_pop();
+            if (c->dead) { free(c); continue; }
+            if (send_more(c) < 0) { drop(c); continue; }
+            if (!c->sending && serve(c) < 0) drop(c);
         }
         for (int i = 0; i < n; i++) {
             struct conn *c = evs[i].data.ptr;

@@ -537,17 +537,22 @@ class Bench:
         return self.tools[src]
 
     def start_replay(self, body: dict, label: str) -> tuple[Child, int, str]:
-        """The replay fake for cases a and b: the Python fake's answer to body, recorded once
+        """The replay fake of cases a, b and c: the Python fake's answer to body, recorded once
         and sent back for every POST by replayfake (C, about 9 us of CPU per request against
         the Python fake's 55 us), so that the fake is not the bottleneck of the direct runs.
-        It listens on TCP (direct clients) and on a Unix socket (the gateway, nginx)."""
+        A body whose fake knobs pace the stream (interval) is paced the same way. It listens
+        on TCP (direct clients) and on a Unix socket (the gateway, nginx)."""
         self.start_fake()
         pieces = record_answer(self.fake_port, body)
         data = self.tmp / f"replay-{label}.bin"
         write_pieces(data, pieces)
         port, sock = free_port(), str(self.tmp / f"replay-{label}.sock")
+        knobs = body.get("fake", {})
+        pace = (["--interval", f"{knobs['interval']:g}", "--events", str(knobs["events"])]
+                if knobs.get("interval") else [])
         child = Child(f"replayfake-{label}", [str(self.c_tool(REPLAYFAKE_SRC)), "--pieces",
-                                              str(data), "--port", str(port), "--unix", sock],
+                                              str(data), "--port", str(port), "--unix", sock,
+                                              *pace],
                       self.env(), self.logs / f"replayfake-{label}.log")
         for where in (port, sock):
             wait_until(lambda w=where: http_request(w, "GET", "/health", timeout=2)[0] == 200,
@@ -919,12 +924,12 @@ http {{
                         f"{n['incomplete']} incomplete", None)
 
     def case_c(self) -> None:
-        self.start_fake()
         # 3 rounds at 1,000 (a median of three pairs, not the mean of two); 10,000 takes a
         # minute a round, so one.
         sizes = [(500, 1)] if self.quick else [(1000, 3), (10000, 1)]
         n_events, interval = 40, 0.05
         body = dict(SMALL_BODY, stream=True, fake={"events": n_events, "interval": interval})
+        fake, fport, fsock = self.start_replay(body, "c")
         res = {"events": n_events, "interval_s": interval, "sizes": {}}
         # The gateway holds two sockets per stream (client, upstream): past the open-file limit
         # (when it cannot be raised) the case is scaled down and says so.
@@ -946,15 +951,15 @@ http {{
                 if tgt == "gateway":
                     # A fresh gateway each run: its peak RSS is this run's, and its first burst
                     # is the one a newly started container meets.
-                    gw, port = self.start_gateway(self.fake_socket, f"c{n}")
+                    gw, port = self.start_gateway(fsock, f"c{n}")
                     rss0 = gw.status_kb("VmRSS")
                     peak = [rss0]
 
                     def tick(gw=gw, peak=peak):
                         peak[0] = max(peak[0], gw.status_kb("VmRSS"))
                 else:
-                    port, tick = self.fake_port, None
-                watch = [self.fake] + ([gw] if gw else [])
+                    port, tick = fport, None
+                watch = [fake] + ([gw] if gw else [])
                 m = self.run_clients(port, body, n, requests_per_conn=1, processes=procs,
                                      watch=watch, timeout=90, on_tick=tick)
                 recs = m["records"]
@@ -1006,6 +1011,7 @@ http {{
             lim = rss_lim
             self.target("c", f"gateway peak RSS <= {lim} MB ({n:,})", f"{g['rss_hwm_mb']:.1f} MB",
                         g["rss_hwm_mb"] <= lim)
+        fake.stop()
         self.results["c"] = res
 
     def llama_server_bin(self) -> str:
