@@ -249,6 +249,12 @@ static int serve(struct conn *c) {
     return 0;
 }
 
+/* Go on with an answer (room to write, or its next write is due); once it is done, answer the
+ * next request already read. */
+static void resume(struct conn *c) {
+    if (send_more(c) < 0 || (!c->sending && serve(c) < 0)) drop(c);
+}
+
 static void on_readable(struct conn *c) {
     if (c->inlen == IN_CAP) { drop(c); return; }
     ssize_t r = recv(c->fd, c->in + c->inlen, IN_CAP - c->inlen, 0);
@@ -345,22 +351,20 @@ int main(int argc, char **argv) {
             if (errno == EINTR) continue;
             die("epoll_wait");
         }
-        while (nheap && due(heap[0]) <= now()) {   /* paced writes that are due */
-            struct conn *c = heap_pop();
-            if (c->dead) { free(c); continue; }
-            if (send_more(c) < 0) { drop(c); continue; }
-            if (!c->sending && serve(c) < 0) drop(c);
-        }
+        /* The events first: a connection dropped here while it waits in the heap is only
+         * marked dead, and the heap frees it below; the other way round, the heap could free
+         * a connection that this batch of events still points at. */
         for (int i = 0; i < n; i++) {
             struct conn *c = evs[i].data.ptr;
-            if (c->listener) { on_accept(c); continue; }
-            if (c->sending) {
-                if (evs[i].events & (EPOLLERR | EPOLLHUP)) { drop(c); continue; }
-                if (send_more(c) < 0) { drop(c); continue; }
-                if (!c->sending && serve(c) < 0) drop(c);
-            } else {
-                on_readable(c);
-            }
+            if (c->listener) on_accept(c);
+            else if (!c->sending) on_readable(c);
+            else if (evs[i].events & (EPOLLERR | EPOLLHUP)) drop(c);
+            else resume(c);
+        }
+        while (nheap && due(heap[0]) <= now()) {   /* paced writes that are due */
+            struct conn *c = heap_pop();
+            if (c->dead) free(c);
+            else resume(c);
         }
     }
     if (unix_path) unlink(unix_path);

@@ -47,7 +47,6 @@ struct rec { double sent, first, event, end; int status, events; };
 
 struct conn {
     int fd;
-    int idx;
     int done_reqs;
     int reconnects;
     int head_done, status, chunked;
@@ -123,8 +122,7 @@ static int open_conn(struct conn *c) {
     }
     /* connected while blocking (loopback: at once); non-blocking from here on */
     int fl = 1;
-    ioctl_nb:
-    if (ioctl(fd, FIONBIO, &fl) < 0) { if (errno == EINTR) goto ioctl_nb; goto fail; }
+    if (ioctl(fd, FIONBIO, &fl) < 0) goto fail;
     connect_times = grow(connect_times, &capconnect, nconnect + 1, sizeof *connect_times);
     connect_times[nconnect++] = now() - t;
     c->fd = fd;
@@ -348,7 +346,6 @@ int main(int argc, char **argv) {
     if (duration > 0) deadline = t0 + duration;
     double hard = t0 + timeout_s;
     for (int i = 0; i < nconns; i++) {
-        conns[i].idx = i;
         if (open_conn(&conns[i]) < 0) { failed++; conns[i].fd = -1; continue; }
         active++;
         if (send_request(&conns[i]) < 0) fail_conn(&conns[i], "send failed");
