@@ -207,3 +207,29 @@ def test_replayfake_paces_a_stream_on_the_python_fakes_schedule(tools, tmp_path,
         assert all(0.3 <= rec[3] < 0.6 and rec[5] == 4 + 2 for rec in r["records"])
     finally:
         _stop(proc)
+
+
+def test_sseload_opens_many_connections_a_few_at_a_time_and_reads_meanwhile(tools, tmp_path,
+                                                                           fake):
+    # 300 streams of 3 events 0.1 s apart, at most 8 connects in progress: every stream is
+    # whole, each connection timed once, and the last ones start while the first still run
+    body = dict(run_bench.SMALL_BODY, stream=True, fake={"events": 3, "interval": 0.1})
+    proc, port, _sock = _replay(tools, tmp_path, run_bench.record_answer(fake.port, body),
+                                "--interval", "0.1", "--events", "3")
+    try:
+        r = _sseload(tools, tmp_path, port, body, connections=300, requests_per_conn=1,
+                     connect_parallel=8)
+        assert (r["failed"], r["error_count"]) == (0, 0)
+        assert len(r["records"]) == 300 and len(r["connect_times"]) == 300
+        assert all(rec[4] == 200 and rec[5] == 3 + 2 and 0.2 <= rec[3] < 1.0
+                   for rec in r["records"])
+        assert max(rec[0] for rec in r["records"]) < min(rec[0] + rec[3] for rec in r["records"])
+    finally:
+        _stop(proc)
+
+
+def test_sseload_counts_a_refused_connect_as_failed(tools, tmp_path):
+    r = _sseload(tools, tmp_path, run_bench.free_port(), STREAM_BODY, connections=3,
+                 requests_per_conn=1)
+    assert (r["failed"], r["records"], r["connect_times"]) == (3, [], [])
+    assert r["errors"] == {"connect: Connection refused": 3}

@@ -22,14 +22,14 @@ d the gateway's llama-server listens on its Unix socket and an identical second 
 the direct clients (one listener each); direct clients also call the first over its socket, the
 cheapest path there is, shown as "direct, Unix socket" for reference.
 
-The fake and the load generators must not be the bottleneck. In cases a and b the upstream is
+The fake and the load generators must not be the bottleneck. In cases a, b and c the upstream is
 tests/bench/replayfake.c (C): the Python fake's answer to the case's request, recorded once and
 cut into llama-server's writes, sent back for every POST at about 9 us of CPU per request (the
-Python fake costs about 55 us, as much as a proxy hop). The load generators are wrk (case a),
-tests/bench/sseload.c (case b, C) and tests/bench/loadclient.py (cases c and d, asyncio, raw
-sockets; case c keeps the Python fake for its paced streams). Both C tools are compiled with the
-system C compiler at the start of the run. The CPU of every generator and upstream is reported
-so a saturated one is visible.
+Python fake costs about 55 us, as much as a proxy hop); in case c it paces each stream on the
+Python fake's schedule. The load generators are wrk (case a), tests/bench/sseload.c (cases b and
+c, C) and tests/bench/loadclient.py (case d, asyncio, raw sockets, which reads the token counts).
+Both C tools are compiled with the system C compiler at the start of the run. The CPU of every
+generator and upstream is reported so a saturated one is visible.
 
 Writes OUT/bench.md (the tables) and OUT/bench.json (all figures, per round), plus the logs of the
 processes it started. With --profile the gateway of cases a and b runs under cProfile and
@@ -92,8 +92,9 @@ STOP_TIMEOUT = 10.0
 BENCH_GRACEFUL_TIMEOUT = "2"
 # Open files the gateway needs besides its sockets (listener, logs, epoll, stdio, pipes).
 FD_RESERVE = 128
-# Streams per loadclient process in case c (one event loop handles a few thousand sockets).
-STREAMS_PER_CLIENT = 2500
+# Case c: TCP connects sseload keeps in progress at once. Four loadclient workers kept 64 each;
+# well under the gateway's listen backlog (2048), so a burst never costs a 1 s SYN retry.
+C_CONNECT_PARALLEL = 256
 # RSS sampling period in case c (VmHWM is the figure; samples give the curve's maximum too).
 RSS_SAMPLE_PERIOD = 0.05
 # llama-server's CPU threads: half the CPUs, so the gateway and the load generator keep the
@@ -316,19 +317,28 @@ def write_pieces(path: Path, pieces: list[bytes]) -> None:
 
 
 def run_generator(name: str, argv: list[str], env: dict, watch, timeout: float,
-                  start_at: float = 0.0) -> tuple[int, bytes, bytes, float, dict]:
+                  start_at: float = 0.0, on_tick=None) -> tuple[int, bytes, bytes, float, dict]:
     """Run a load generator to its end (killed past timeout) and meter the watched processes
     meanwhile, from start_at (time.time()) if the generator waits for it; the generator's own
-    CPU comes from RUSAGE_CHILDREN once reaped. (returncode, stdout, stderr, wall, cpu_pct)."""
+    CPU comes from RUSAGE_CHILDREN once reaped. on_tick() is called every RSS_SAMPLE_PERIOD
+    while it runs. (returncode, stdout, stderr, wall, cpu_pct)."""
     p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     while time.time() < start_at and p.poll() is None:
         time.sleep(0.005)
     meter = Meter(watch)
+    end = time.monotonic() + timeout
     try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{name} did not finish in time") from None
+        while True:
+            try:
+                # communicate() may be called again after a timeout without losing output
+                out, err = p.communicate(timeout=(min(RSS_SAMPLE_PERIOD, end - time.monotonic())
+                                                  if on_tick else timeout))
+                break
+            except subprocess.TimeoutExpired:
+                if on_tick is None or time.monotonic() >= end:
+                    raise RuntimeError(f"{name} did not finish in time") from None
+                on_tick()
     finally:
         if p.poll() is None:
             p.kill()
@@ -593,14 +603,16 @@ class Bench:
             raise RuntimeError(f"gateway check request answered {status}: {body[:300]!r}")
         return gw, port
 
-    def start_nginx(self, backend: int | str, label: str) -> tuple[Child, int] | None:
+    def start_nginx(self, backend: int | str, label: str,
+                    connections: int = NGINX_WORKER_CONNECTIONS) -> tuple[Child, int] | None:
         """nginx as a plain reverse proxy to backend (a Unix socket path or a TCP port), for
         reference beside the gateway: one process (the gateway is one), upstream keep-alive,
         no buffering (SSE is relayed as it comes), no access log. llama-server closes a
         keep-alive connection after a stream, so a POST on a reused connection can meet a close
         before any answer: proxy_next_upstream retries it, as the gateway's pool does (without
         it nginx answered 502 to about 1 stream in 7). None when nginx is not installed: the
-        reference rows are then left out."""
+        reference rows are then left out. connections: worker_connections, which counts both
+        sides of every proxied request (case c needs two per stream)."""
         binary = nginx_binary()
         if binary is None:
             return None
@@ -615,7 +627,7 @@ master_process off;
 worker_processes 1;
 pid {prefix / 'nginx.pid'};
 error_log stderr warn;
-events {{ worker_connections {NGINX_WORKER_CONNECTIONS}; }}
+events {{ worker_connections {connections}; }}
 http {{
   access_log off;
   {temp}
@@ -717,8 +729,8 @@ http {{
 
     def run_sseload(self, port: int | str, body: dict, connections: int, *, duration: float,
                     requests_per_conn: int = 0, timeout: float = 60.0,
-                    watch: list[Child] = ()) -> dict:
-        """Case b's load: sseload (C), the same records as run_clients in mode "count"."""
+                    watch: list[Child] = (), connect_parallel: int = 64, on_tick=None) -> dict:
+        """Cases b and c: sseload (C), the same records as run_clients in mode "count"."""
         req = self.tmp / "sseload-request.bin"
         req.write_bytes(self.request_bytes(body).encode("latin-1"))
         start_at = time.time() + 0.3
@@ -726,9 +738,9 @@ http {{
         argv = [str(self.c_tool(SSELOAD_SRC)), *where, "--request", str(req),
                 "--connections", str(connections), "--duration", f"{duration:g}",
                 "--requests-per-conn", str(requests_per_conn), "--start-at", f"{start_at:.6f}",
-                "--timeout", f"{timeout:g}"]
+                "--timeout", f"{timeout:g}", "--connect-parallel", str(connect_parallel)]
         rc, out, err, wall, cpu_pct = run_generator("sseload", argv, self.env(), watch,
-                                                    timeout + 30, start_at)
+                                                    timeout + 30, start_at, on_tick)
         if rc != 0 or not out:
             raise RuntimeError(f"sseload failed ({rc}): {err.decode()[-2000:]}")
         r = json.loads(out)
@@ -943,10 +955,12 @@ http {{
                 res.setdefault("notes", []).append(note)
                 log("  " + note)
             rss_lim = 60 if wanted <= 1000 else 200
-            procs = max(1, n // STREAMS_PER_CLIENT)
-            rss_all = []   # every gateway run's peak, a run done again for steal included
+            rss_all = []
+            # For reference: nginx (C, one process) in the gateway's place: what a proxy hop
+            # costs these streams on this machine.
+            ngx = self.start_nginx(fsock, f"c{n}", connections=2 * n + FD_RESERVE)   # every gateway run's peak, a run done again for steal included
 
-            def one(tgt, _port, _watch, n=n, procs=procs, rss_all=rss_all):
+            def one(tgt, _port, _watch, n=n, rss_all=rss_all):
                 gw = None
                 if tgt == "gateway":
                     # A fresh gateway each run: its peak RSS is this run's, and its first burst
@@ -957,11 +971,14 @@ http {{
 
                     def tick(gw=gw, peak=peak):
                         peak[0] = max(peak[0], gw.status_kb("VmRSS"))
+                elif tgt == "nginx":
+                    port, tick = ngx[1], None
                 else:
                     port, tick = fport, None
-                watch = [fake] + ([gw] if gw else [])
-                m = self.run_clients(port, body, n, requests_per_conn=1, processes=procs,
-                                     watch=watch, timeout=90, on_tick=tick)
+                watch = [fake] + ([gw] if gw else []) + ([ngx[0]] if tgt == "nginx" else [])
+                m = self.run_sseload(port, body, n, duration=0, requests_per_conn=1,
+                                     watch=watch, timeout=90, on_tick=tick,
+                                     connect_parallel=C_CONNECT_PARALLEL)
                 recs = m["records"]
                 done = sum(1 for r in recs if r[4] == 200 and r[5] >= n_events)
                 times = [r[3] for r in recs]
@@ -988,8 +1005,12 @@ http {{
 
             # Interleaved as cases a, b and d are: the order turns round every other round, and
             # a round that lost STEAL_RERUN_PCT of a core to steal runs once more.
-            runs, again = self.interleave((("gateway", None, None), ("direct", None, None)),
-                                          rounds, one, turn=True)
+            order = [("gateway", None, None), ("direct", None, None)]
+            if ngx:
+                order.append(("nginx", None, None))
+            runs, again = self.interleave(order, rounds, one, turn=True)
+            if ngx:
+                ngx[0].stop()
             res["steal_reruns"] = res.get("steal_reruns", 0) + again
             summary = {}
             for tgt, rr in runs.items():
@@ -1000,6 +1021,9 @@ http {{
                                 "cpu_pct": median_cpu(rr)}
             summary["gateway"]["rss_hwm_mb"] = max(rss_all)
             summary["paired"] = {k: paired_ratio(runs, k) for k in ("stream_p50_s", "stream_p99_s")}
+            if ngx:
+                summary["paired"].update({f"{k}_nginx": paired_ratio(runs, k, "nginx")
+                                          for k in ("stream_p50_s", "stream_p99_s")})
             res["sizes"][n] = {"rounds": rounds, "runs": runs, "summary": summary}
             g, d = summary["gateway"], summary["direct"]
             all_ok = g["complete"] == g["streams"] and d["complete"] == d["streams"]
@@ -1011,6 +1035,11 @@ http {{
             lim = rss_lim
             self.target("c", f"gateway peak RSS <= {lim} MB ({n:,})", f"{g['rss_hwm_mb']:.1f} MB",
                         g["rss_hwm_mb"] <= lim)
+            if ngx:
+                x = summary["nginx"]
+                self.target("c", f"reference, not a target: nginx ({n:,})",
+                            f"{x['complete']}/{x['streams']} complete, p99 stream time "
+                            f"{summary['paired']['stream_p99_s_nginx']:.3f}x", None)
         fake.stop()
         self.results["c"] = res
 
@@ -1386,7 +1415,8 @@ http {{
         if "c" in self.results:
             c = self.results["c"]
             L += [f"## (c) many slow streams: {c['events']} events {c['interval_s'] * 1000:.0f} ms "
-                  f"apart (fresh gateway per run{again(c)})", "",
+                  f"apart, paced replay fake and sseload (both C), fresh gateway per run"
+                  f"{again(c)}", "",
                   "| streams | metric | gateway | direct | ratio |", "|---|---|---|---|---|"]
             for n, sz in c["sizes"].items():
                 g, d = sz["summary"]["gateway"], sz["summary"]["direct"]
@@ -1398,6 +1428,16 @@ http {{
                              f"{f2(sz['summary']['paired'][key])} |")
                 L.append(f"| {n} | gateway peak RSS MB | {g['rss_hwm_mb']:.1f} | | |")
                 L.append(f"| {n} | CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
+                x = sz["summary"].get("nginx")
+                if x is not None:
+                    L.append(f"| {n} | complete, nginx for reference | {x['complete']}/"
+                             f"{x['streams']} | {d['complete']}/{d['streams']} | |")
+                    for key, name in (("stream_p50_s", "stream time p50 s"),
+                                      ("stream_p99_s", "stream time p99 s")):
+                        L.append(f"| {n} | {name}, nginx for reference | {f2(x[key], '{:.3f}')} "
+                                 f"| {f2(d[key], '{:.3f}')} | "
+                                 f"{f2(sz['summary']['paired'][key + '_nginx'])} |")
+                    L.append(f"| {n} | CPU, nginx for reference | {cpu_cell(x['cpu_pct'])} | | |")
             L.append("")
             L += [f"Note: {note}" for note in c.get("notes", ())] + ([""] if c.get("notes") else [])
             L += ["Note: the fake paces a stream on an absolute schedule (start + i × interval), "

@@ -1,10 +1,13 @@
-/* sseload: the SSE load client of benchmark case (b), in C so that it is not the bottleneck.
+/* sseload: the SSE load client of benchmark cases (b) and (c), in C so that it is not the
+ * bottleneck.
  *
  *   sseload (--port P | --unix PATH) --request FILE --connections N
  *           [--duration S] [--requests-per-conn K] [--start-at EPOCH] [--timeout S]
+ *           [--connect-parallel M]
  *
  * The same measurement as tests/bench/loadclient.py in mode "count", which at 64 streams read
- * per event spent a whole core direct: N keep-alive connections each send the raw request in
+ * per event spent a whole core direct (case b), and at 10,000 slow streams 1.2 cores in four
+ * processes (case c): N keep-alive connections each send the raw request in
  * FILE again and again until K responses are done or S seconds have passed (the response in
  * progress is finished). Per response it records [sent (s since start), first byte (s after
  * sent), first `data: ` (s after sent, or null), end (s after sent), status, `data: ` count].
@@ -13,6 +16,12 @@
  * again); any other close mid-way, a bad head or a response without framing fails the
  * connection. Prints one JSON object like loadclient.py's: wall_start, wall, records,
  * connect_times, failed, reconnects, errors, error_count, cpu_s, maxrss_kb.
+ *
+ * TCP connections are opened without blocking, at most M (default 64) in progress at once, the
+ * rest as those complete, so that a burst of thousands does not overflow the server's listen
+ * backlog (a dropped SYN costs a 1 s retry) and streams already open are read meanwhile. A
+ * connection's connect time runs from socket() to writable. Unix-socket connections (a
+ * server's backlog there refuses at once rather than dropping) are opened blocking.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -31,12 +40,16 @@
 #include <time.h>
 #include <unistd.h>
 
-/* A response head larger than this is an error (llama-server's are under 300 bytes). */
-#define HEAD_CAP 65536
+/* A response head larger than this is an error (llama-server's are under 300 bytes); it is
+ * also the per-connection buffer, so 10,000 connections hold 80 MB at most. */
+#define HEAD_CAP 8192
 /* Bytes read per recv. */
 #define READ_CAP 65536
-/* Connections at most (case b uses 64). */
-#define MAX_CONNS 4096
+/* Connections at most (case b uses 64, case c up to 10,000). */
+#define MAX_CONNS 16384
+/* TCP connects in progress at once, unless --connect-parallel says otherwise: loadclient.py's
+ * default, under the listen backlogs of the gateway (2048) and the fakes. */
+#define DEFAULT_CONNECT_PARALLEL 64
 /* Server closes before an answer that are taken as an idle keep-alive close and retried, per
  * connection: bounds a server that closes every connection at once. */
 #define MAX_RECONNECTS 100000
@@ -47,6 +60,8 @@ struct rec { double sent, first, event, end; int status, events; };
 
 struct conn {
     int fd;
+    int connecting;       /* a non-blocking connect in progress */
+    double t_connect;
     int done_reqs;
     int reconnects;
     int head_done, status, chunked;
@@ -68,7 +83,7 @@ static int nconns;
 static double duration, timeout_s = 300, start_at;
 static long per_conn;
 static double t0, deadline;
-static int ep, active;
+static int ep, active, connect_parallel = DEFAULT_CONNECT_PARALLEL, connecting;
 
 static struct rec *recs;
 static size_t nrecs, caprecs;
@@ -104,38 +119,56 @@ static void *grow(void *p, size_t *cap, size_t need, size_t size) {
     return p;
 }
 
+static void connect_failed(int err) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "connect: %s", strerror(err));
+    error(msg);
+}
+
+static void watch(struct conn *c, int op, uint32_t events) {
+    struct epoll_event ev = {.events = events, .data.ptr = c};
+    if (epoll_ctl(ep, op, c->fd, &ev) < 0) { perror("epoll_ctl"); exit(1); }
+}
+
+static void connected(struct conn *c) {
+    connect_times = grow(connect_times, &capconnect, nconnect + 1, sizeof *connect_times);
+    connect_times[nconnect++] = now() - c->t_connect;
+}
+
+/* Starts a connection: 0 when it is connected (Unix) or connecting (TCP, c->connecting set),
+ * -1 when it failed at once (the error is recorded). */
 static int open_conn(struct conn *c) {
-    double t = now();
-    int fd;
+    c->t_connect = now();
+    int fd, err;
     if (unix_path) {
         struct sockaddr_un a = {.sun_family = AF_UNIX};
         strncpy(a.sun_path, unix_path, sizeof a.sun_path - 1);
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
         if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) < 0) goto fail;
-    } else {
-        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) < 0) goto fail;
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        int fl = 1;      /* connected while blocking; non-blocking from here on */
+        if (ioctl(fd, FIONBIO, &fl) < 0) goto fail;
+        c->fd = fd;
+        connected(c);
+        watch(c, EPOLL_CTL_ADD, EPOLLIN);
+        return 0;
     }
-    /* connected while blocking (loopback: at once); non-blocking from here on */
-    int fl = 1;
-    if (ioctl(fd, FIONBIO, &fl) < 0) goto fail;
-    connect_times = grow(connect_times, &capconnect, nconnect + 1, sizeof *connect_times);
-    connect_times[nconnect++] = now() - t;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) goto fail;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0 && errno != EINPROGRESS) goto fail;
     c->fd = fd;
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
-    if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) { perror("epoll_ctl"); exit(1); }
+    c->connecting = 1;
+    connecting++;
+    watch(c, EPOLL_CTL_ADD, EPOLLOUT);
     return 0;
-fail: {
-        char msg[160];
-        snprintf(msg, sizeof msg, "connect: %s", strerror(errno));
-        error(msg);
-        if (fd >= 0) close(fd);
-        return -1;
-    }
+fail:
+    err = errno;
+    connect_failed(err);
+    if (fd >= 0) close(fd);
+    return -1;
 }
 
 static int send_request(struct conn *c) {
@@ -160,6 +193,7 @@ static int send_request(struct conn *c) {
 }
 
 static void finish_conn(struct conn *c) {
+    if (c->connecting) { c->connecting = 0; connecting--; }
     close(c->fd);
     c->fd = -1;
     active--;
@@ -241,6 +275,26 @@ static int parse_head(struct conn *c, size_t end) {
     return c->chunked || c->length >= 0 ? 0 : -1;
 }
 
+/* A TCP connect finished: send the request, or count the connection failed. */
+static void on_connected(struct conn *c) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    c->connecting = 0;
+    connecting--;
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+    if (err) {
+        connect_failed(err);
+        failed++;
+        close(c->fd);
+        c->fd = -1;
+        active--;
+        return;
+    }
+    connected(c);
+    watch(c, EPOLL_CTL_MOD, EPOLLIN);
+    if (send_request(c) < 0) fail_conn(c, "send failed");
+}
+
 static void on_readable(struct conn *c) {
     static char buf[READ_CAP];
     ssize_t r = recv(c->fd, buf, sizeof buf, 0);
@@ -255,7 +309,7 @@ static void on_readable(struct conn *c) {
             c->reconnects++;
             reconnects++;
             if (open_conn(c) < 0) { failed++; c->fd = -1; active--; return; }
-            if (send_request(c) < 0) fail_conn(c, "send failed");
+            if (!c->connecting && send_request(c) < 0) fail_conn(c, "send failed");
             return;
         }
         fail_conn(c, c->t_first >= 0 ? "connection lost mid-response"
@@ -324,12 +378,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--requests-per-conn")) per_conn = atol(v);
         else if (!strcmp(k, "--start-at")) start_at = atof(v);
         else if (!strcmp(k, "--timeout")) timeout_s = atof(v);
+        else if (!strcmp(k, "--connect-parallel")) connect_parallel = atoi(v);
         else { fprintf(stderr, "unknown argument %s\n", k); return 2; }
     }
     if (!req_path || (!port && !unix_path) || nconns <= 0 || nconns > MAX_CONNS ||
-        (per_conn <= 0 && duration <= 0)) {
+        (per_conn <= 0 && duration <= 0) || connect_parallel <= 0) {
         fprintf(stderr, "usage: sseload (--port P | --unix PATH) --request FILE --connections N "
-                        "(--duration S | --requests-per-conn K) [--start-at EPOCH] [--timeout S]\n");
+                        "(--duration S | --requests-per-conn K) [--start-at EPOCH] [--timeout S] "
+                        "[--connect-parallel M]\n");
         return 2;
     }
     request = read_file(req_path, &request_len);
@@ -345,28 +401,33 @@ int main(int argc, char **argv) {
     t0 = now();
     if (duration > 0) deadline = t0 + duration;
     double hard = t0 + timeout_s;
-    for (int i = 0; i < nconns; i++) {
-        if (open_conn(&conns[i]) < 0) { failed++; conns[i].fd = -1; continue; }
-        active++;
-        if (send_request(&conns[i]) < 0) fail_conn(&conns[i], "send failed");
-    }
+    int next = 0;            /* the next connection to open */
     struct epoll_event evs[256];
-    while (active > 0) {
+    while (active > 0 || next < nconns) {
+        while (next < nconns && connecting < connect_parallel) {
+            struct conn *c = &conns[next++];
+            if (open_conn(c) < 0) { failed++; c->fd = -1; continue; }
+            active++;
+            if (!c->connecting && send_request(c) < 0) fail_conn(c, "send failed");
+        }
         double left = hard - now();
         if (left <= 0) break;
         int n = epoll_wait(ep, evs, 256, (int)(left * 1000) + 1);
         if (n < 0 && errno != EINTR) { perror("epoll_wait"); return 1; }
         for (int i = 0; i < n; i++) {
             struct conn *c = evs[i].data.ptr;
-            if (c->fd >= 0) on_readable(c);
+            if (c->fd < 0) continue;
+            if (c->connecting) on_connected(c);
+            else on_readable(c);
         }
     }
-    if (active > 0) {
+    if (active > 0 || next < nconns) {
+        int left = active + (nconns - next);
         char msg[96];
-        snprintf(msg, sizeof msg, "timeout: %d connection(s) unfinished after %.0f s", active,
+        snprintf(msg, sizeof msg, "timeout: %d connection(s) unfinished after %.0f s", left,
                  timeout_s);
         error(msg);
-        failed += active;
+        failed += left;
     }
     double wall_s = now() - t0;
     struct rusage ru;
