@@ -5,6 +5,7 @@ the Python fake."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -211,11 +212,12 @@ def test_replayfake_paces_a_stream_on_the_python_fakes_schedule(tools, tmp_path,
 
 def test_sseload_opens_many_connections_a_few_at_a_time_and_reads_meanwhile(tools, tmp_path,
                                                                            fake):
-    # 300 streams of 3 events 0.1 s apart, at most 8 connects in progress: every stream is
-    # whole, each connection timed once, and the last ones start while the first still run
+    # 300 streams of 3 events 0.1 s apart, at most 8 connects in progress, a replayfake of 2
+    # threads: every stream is whole, each connection timed once, and the last ones start
+    # while the first still run
     body = dict(run_bench.SMALL_BODY, stream=True, fake={"events": 3, "interval": 0.1})
     proc, port, _sock = _replay(tools, tmp_path, run_bench.record_answer(fake.port, body),
-                                "--interval", "0.1", "--events", "3")
+                                "--interval", "0.1", "--events", "3", "--threads", "2")
     try:
         r = _sseload(tools, tmp_path, port, body, connections=300, requests_per_conn=1,
                      connect_parallel=8)
@@ -233,3 +235,25 @@ def test_sseload_counts_a_refused_connect_as_failed(tools, tmp_path):
                  requests_per_conn=1)
     assert (r["failed"], r["records"], r["connect_times"]) == (3, [], [])
     assert r["errors"] == {"connect: Connection refused": 3}
+
+
+def test_replayfake_catches_up_byte_exact_when_behind_its_schedule(tools, tmp_path, fake):
+    # the fake stopped for 0.35 s mid-stream: when it runs again, the writes then due go out
+    # at once and together (one sendmsg), the rest on schedule; the same bytes, in order
+    body = dict(run_bench.SMALL_BODY, stream=True, fake={"events": 8, "interval": 0.05})
+    pieces = run_bench.record_answer(fake.port, body)
+    proc, port, _sock = _replay(tools, tmp_path, pieces, "--interval", "0.05", "--events", "8")
+    try:
+        with run_bench.connect(port, TIMEOUT) as s:
+            data = json.dumps(body).encode()
+            s.sendall(b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            assert _read_exactly(s, len(pieces[0]) + len(pieces[1])) == pieces[0] + pieces[1]
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(0.35)
+            t = time.monotonic()
+            proc.send_signal(signal.SIGCONT)
+            rest = b"".join(pieces[2:])
+            assert _read_exactly(s, len(rest)) == rest
+            assert time.monotonic() - t < 0.3   # the late writes did not wait their turn
+    finally:
+        _stop(proc)

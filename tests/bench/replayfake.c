@@ -1,6 +1,6 @@
 /* replayfake: an upstream for the benchmarks that costs next to nothing per request.
  *
- *   replayfake --pieces FILE [--port P] [--unix PATH] [--interval S --events N]
+ *   replayfake --pieces FILE [--port P] [--unix PATH] [--interval S --events N] [--threads T]
  *
  * Cases (a) and (b) measure the gateway against a fast fake llama-server called directly, and
  * the issue asks that the fake not be the bottleneck. The Python fake (tests/fakes/fake_llama.py)
@@ -18,16 +18,27 @@
  * schedule for a stream of N content events S seconds apart: the head and the first event at
  * once, event i (write i + 1) at start + i * S, everything after the last event right after it.
  * The schedule is absolute, so a late wake-up delays one event, never every later one. Waiting
- * streams sit in a min-heap by due time; epoll_wait sleeps until the first is due.
+ * streams sit in a min-heap by due time; epoll_wait sleeps until the first is due. On schedule
+ * every write is its own send(), as llama-server's; a stream whose write is COALESCE_LATE_S
+ * late or more (the fake behind: at 10,000 streams one send per event over TCP loopback costs
+ * more than a core) has everything then due go out in one sendmsg(), so that being behind costs
+ * it fewer system calls, as a proxy behind reads several events at once.
  *
- * One thread, one epoll loop, level-triggered; listens on 127.0.0.1:P (TCP_NODELAY on accepted
- * sockets, as cpp-httplib sets) and/or a Unix socket. Runs until SIGTERM or SIGINT.
+ * T threads (default 1), each its own level-triggered epoll loop and heap, serving the
+ * connections it accepted: one thread sending an event per TCP write runs out of its core before
+ * the machine does, with 64 fast streams (case b) or 10,000 paced ones (case c) called directly.
+ * Each thread has its own TCP listener on the port (SO_REUSEPORT: the kernel spreads the
+ * connections); the Unix listener is shared (EPOLLEXCLUSIVE, one accept per wake-up, so that a
+ * burst is not all taken by one thread). Listens on 127.0.0.1:P (TCP_NODELAY on accepted
+ * sockets, as cpp-httplib sets) and/or a Unix socket.
+ * Runs until SIGTERM or SIGINT (taken by the main thread; the process ends with it).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -37,6 +48,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -51,6 +63,13 @@
 #define MAX_PIECES 100000
 /* Paced streams waiting at once at most (case c opens 10,000). */
 #define MAX_WAITING 65536
+/* A paced write this late (seconds) goes out with every later write already due, in one
+ * sendmsg(); on schedule (a 50 ms interval) a write is late by well under this. */
+#define COALESCE_LATE_S 0.005
+/* Writes joined in one sendmsg() at most (a stream of 40 events has 44). */
+#define COALESCE_MAX 64
+/* --threads at most. */
+#define MAX_THREADS 64
 
 struct piece { char *p; uint32_t n; };
 static struct piece *pieces;
@@ -62,7 +81,8 @@ static const char HEALTH[] =
 
 struct conn {
     int fd;
-    int listener;          /* 1 for a listening socket (then only fd is used) */
+    int listener;          /* 1 for a listening socket, 2 for one shared by threads (then
+                              only fd is used) */
     int sending;           /* an answer is being written */
     int health;            /* the answer is HEALTH, not the pieces */
     int close_after;       /* the request asked Connection: close */
@@ -77,12 +97,14 @@ struct conn {
     char in[IN_CAP];
 };
 
-static int ep;
 static volatile sig_atomic_t stop;
 static double interval;    /* --interval: seconds between paced events, 0 = no pacing */
 static int paced_events;   /* --events: content events of a paced stream */
-static struct conn **heap; /* waiting streams, a min-heap by due() */
-static int nheap;
+static int tcp_listeners[MAX_THREADS], unix_listener = -1, nthreads = 1;
+/* Each thread's own: */
+static __thread int ep;
+static __thread struct conn **heap; /* waiting streams, a min-heap by due() */
+static __thread int nheap;
 
 static double now(void) {
     struct timespec ts;
@@ -163,17 +185,52 @@ static void drop(struct conn *c) {
     else free(c);
 }
 
+/* A paced stream behind its schedule: every write due by t, from the next one, in one
+ * sendmsg(). 1 when it sent something (c->piece and c->off moved on), 0 when the socket was
+ * full, -1 when the peer is gone. */
+static int send_due(struct conn *c, double t) {
+    struct iovec iov[COALESCE_MAX];
+    int k = 0;
+    for (int i = c->piece; i < npieces && k < COALESCE_MAX; i++) {
+        int p = i < paced_events ? i : paced_events;
+        if (c->start + (p > 1 ? (p - 1) * interval : 0) > t) break;
+        iov[k].iov_base = pieces[i].p;
+        iov[k].iov_len = pieces[i].n;
+        k++;
+    }
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)k};
+    ssize_t w;
+    do w = sendmsg(c->fd, &msg, MSG_NOSIGNAL); while (w < 0 && errno == EINTR);
+    if (w < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+    while (c->piece < npieces && (size_t)w >= pieces[c->piece].n) {
+        w -= (ssize_t)pieces[c->piece].n;
+        c->piece++;
+    }
+    c->off = (size_t)w;   /* a partial write: the rest of this piece next */
+    return 1;
+}
+
 /* Write what is left of the answer that is due; 0 when done or waiting for room or for the
  * next write's time, -1 when the peer is gone. */
 static int send_more(struct conn *c) {
     for (;;) {
         const char *p;
         size_t n;
-        if (!c->health && interval > 0 && c->off == 0 && due(c) > now()) {
-            if (nheap == MAX_WAITING) return -1;
-            want(c, 0);   /* nothing to read or write until then (errors still wake it) */
-            heap_push(c);
-            return 0;
+        if (!c->health && interval > 0 && c->off == 0) {
+            double t = now(), d = due(c);
+            if (d > t) {
+                if (nheap == MAX_WAITING) return -1;
+                want(c, 0);   /* nothing to read or write until then (errors still wake it) */
+                heap_push(c);
+                return 0;
+            }
+            if (t - d >= COALESCE_LATE_S) {
+                int r = send_due(c, t);
+                if (r < 0) return -1;
+                if (r == 0) { want(c, EPOLLOUT); return 0; }
+                if (c->piece == npieces) break;
+                continue;
+            }
         }
         if (c->health) { p = HEALTH; n = sizeof HEALTH - 1; }
         else { p = pieces[c->piece].p; n = pieces[c->piece].n; }
@@ -269,7 +326,8 @@ static void on_readable(struct conn *c) {
 }
 
 static void on_accept(struct conn *l) {
-    for (int i = 0; i < 64; i++) {
+    int batch = l->listener == 2 ? 1 : 64;   /* a listener shared by threads: one at a time */
+    for (int i = 0; i < batch; i++) {
         int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED)
@@ -285,60 +343,23 @@ static void on_accept(struct conn *l) {
     }
 }
 
-static void add_listener(int fd) {
-    if (listen(fd, BACKLOG) < 0) die("listen");
+static void add_listener(int fd, int shared) {
     struct conn *l = calloc(1, sizeof *l);
     if (!l) die("calloc");
     l->fd = fd;
-    l->listener = 1;
-    watch(l, EPOLL_CTL_ADD, EPOLLIN);
+    l->listener = shared ? 2 : 1;
+    watch(l, EPOLL_CTL_ADD, EPOLLIN | (shared ? EPOLLEXCLUSIVE : 0));
 }
 
-int main(int argc, char **argv) {
-    const char *path = NULL, *unix_path = NULL;
-    int port = 0;
-    for (int i = 1; i + 1 < argc; i += 2) {
-        if (strcmp(argv[i], "--pieces") == 0) path = argv[i + 1];
-        else if (strcmp(argv[i], "--port") == 0) port = atoi(argv[i + 1]);
-        else if (strcmp(argv[i], "--unix") == 0) unix_path = argv[i + 1];
-        else if (strcmp(argv[i], "--interval") == 0) interval = atof(argv[i + 1]);
-        else if (strcmp(argv[i], "--events") == 0) paced_events = atoi(argv[i + 1]);
-        else { fprintf(stderr, "unknown argument %s\n", argv[i]); return 2; }
-    }
-    if (!path || (!port && !unix_path) || interval < 0 || (interval > 0 && paced_events < 1)) {
-        fprintf(stderr, "usage: replayfake --pieces FILE [--port P] [--unix PATH] "
-                        "[--interval S --events N]\n");
-        return 2;
-    }
-    load_pieces(path);
-    heap = calloc(MAX_WAITING, sizeof *heap);
-    if (!heap) die("calloc");
-    signal(SIGPIPE, SIG_IGN);
-    struct sigaction sa = {.sa_handler = on_signal};
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+/* One thread's loop: its epoll set, its heap, the connections it accepts. */
+static void *worker(void *arg) {
+    long index = (long)arg;
     ep = epoll_create1(EPOLL_CLOEXEC);
     if (ep < 0) die("epoll_create1");
-    if (port) {
-        int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        int one = 1;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0) die("bind tcp");
-        add_listener(fd);
-    }
-    if (unix_path) {
-        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        struct sockaddr_un a = {.sun_family = AF_UNIX};
-        if (strlen(unix_path) >= sizeof a.sun_path) { fprintf(stderr, "socket path too long\n"); return 2; }
-        strcpy(a.sun_path, unix_path);
-        unlink(unix_path);
-        if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0) die("bind unix");
-        add_listener(fd);
-    }
-    printf("replayfake: %d pieces, listening\n", npieces);
-    fflush(stdout);
+    heap = calloc(MAX_WAITING, sizeof *heap);
+    if (!heap) die("calloc");
+    if (tcp_listeners[index] >= 0) add_listener(tcp_listeners[index], 0);
+    if (unix_listener >= 0) add_listener(unix_listener, nthreads > 1);
     struct epoll_event evs[MAX_EVENTS];
     while (!stop) {
         int wait_ms = -1;
@@ -367,6 +388,72 @@ int main(int argc, char **argv) {
             else resume(c);
         }
     }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    const char *path = NULL, *unix_path = NULL;
+    int port = 0;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (strcmp(argv[i], "--pieces") == 0) path = argv[i + 1];
+        else if (strcmp(argv[i], "--port") == 0) port = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--unix") == 0) unix_path = argv[i + 1];
+        else if (strcmp(argv[i], "--interval") == 0) interval = atof(argv[i + 1]);
+        else if (strcmp(argv[i], "--events") == 0) paced_events = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--threads") == 0) nthreads = atoi(argv[i + 1]);
+        else { fprintf(stderr, "unknown argument %s\n", argv[i]); return 2; }
+    }
+    if (!path || (!port && !unix_path) || interval < 0 || (interval > 0 && paced_events < 1) ||
+        nthreads < 1 || nthreads > MAX_THREADS) {
+        fprintf(stderr, "usage: replayfake --pieces FILE [--port P] [--unix PATH] "
+                        "[--interval S --events N] [--threads T]\n");
+        return 2;
+    }
+    load_pieces(path);
+    signal(SIGPIPE, SIG_IGN);
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    for (int i = 0; i < nthreads; i++) {
+        tcp_listeners[i] = -1;
+        if (!port) continue;
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (nthreads > 1) setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0) die("bind tcp");
+        if (listen(fd, BACKLOG) < 0) die("listen");
+        tcp_listeners[i] = fd;
+    }
+    if (unix_path) {
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        struct sockaddr_un a = {.sun_family = AF_UNIX};
+        if (strlen(unix_path) >= sizeof a.sun_path) { fprintf(stderr, "socket path too long\n"); return 2; }
+        strcpy(a.sun_path, unix_path);
+        unlink(unix_path);
+        if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0) die("bind unix");
+        if (listen(fd, BACKLOG) < 0) die("listen");
+        unix_listener = fd;
+    }
+    /* The other threads block the signals: SIGTERM interrupts the main thread's wait, and the
+     * process ends when main returns. */
+    sigset_t sigs, old;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &sigs, &old);
+    for (int i = 1; i < nthreads; i++) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, worker, (void *)(long)i) != 0) die("pthread_create");
+        pthread_detach(t);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    printf("replayfake: %d pieces, %d thread%s, listening\n", npieces, nthreads,
+           nthreads > 1 ? "s" : "");
+    fflush(stdout);
+    worker((void *)0L);
     if (unix_path) unlink(unix_path);
     return 0;
 }

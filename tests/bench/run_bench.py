@@ -92,6 +92,9 @@ STOP_TIMEOUT = 10.0
 BENCH_GRACEFUL_TIMEOUT = "2"
 # Open files the gateway needs besides its sockets (listener, logs, epoll, stdio, pipes).
 FD_RESERVE = 128
+# replayfake's threads: one per CPU, so that the fake is never held to one core while the
+# machine has another (one thread sending an event per TCP write fills its core in cases b and c).
+REPLAY_THREADS = len(os.sched_getaffinity(0))
 # Case c: TCP connects sseload keeps in progress at once. Four loadclient workers kept 64 each;
 # well under the gateway's listen backlog (2048), so a burst never costs a 1 s SYN retry.
 C_CONNECT_PARALLEL = 256
@@ -348,14 +351,14 @@ def run_generator(name: str, argv: list[str], env: dict, watch, timeout: float,
 
 
 def build_c_tool(src: Path, out_dir: Path) -> Path:
-    """Compile one of the benchmark's C tools (one file, libc only) into out_dir; its path."""
+    """Compile one of the benchmark's C tools (one file, libc and pthreads) into out_dir."""
     cc = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if cc is None:
-        raise RuntimeError("cases a and b need a C compiler for their replay fake and SSE client "
+        raise RuntimeError("cases a, b and c need a C compiler for their replay fake and SSE client "
                            "(Debian/Ubuntu: apt-get install -y gcc)")
     out = out_dir / src.stem
-    done = subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(src)], capture_output=True,
-                          text=True, timeout=CC_TIMEOUT)
+    done = subprocess.run([cc, "-O2", "-Wall", "-pthread", "-o", str(out), str(src)],
+                          capture_output=True, text=True, timeout=CC_TIMEOUT)
     if done.returncode != 0:
         raise RuntimeError(f"compiling {src.name} failed: {done.stderr[-2000:]}")
     return out
@@ -562,7 +565,7 @@ class Bench:
                 if knobs.get("interval") else [])
         child = Child(f"replayfake-{label}", [str(self.c_tool(REPLAYFAKE_SRC)), "--pieces",
                                               str(data), "--port", str(port), "--unix", sock,
-                                              *pace],
+                                              "--threads", str(REPLAY_THREADS), *pace],
                       self.env(), self.logs / f"replayfake-{label}.log")
         for where in (port, sock):
             wait_until(lambda w=where: http_request(w, "GET", "/health", timeout=2)[0] == 200,
