@@ -105,6 +105,9 @@ _CHUNK_LINE_RE = re.compile(
     rb"([0-9A-Fa-f]{1,%d})" % MAX_CHUNK_SIZE_DIGITS
     + rb"(?:[ \t]*;[ \t]*" + _TOKEN.encode()
     + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN.encode() + rb"|" + _QUOTED + rb"))?)*")
+# A chunk-size line exactly as chunk() writes one: lowercase hex, no leading zero, no extension
+# (the last chunk, "0", is not one of these). take_chunks() passes such chunks through whole.
+_CANONICAL_CHUNK_RE = re.compile(rb"([1-9a-f][0-9a-f]{0,%d})\r\n" % (MAX_CHUNK_SIZE_DIGITS - 1))
 _VERSIONS = {"HTTP/1.1": (1, 1), "HTTP/1.0": (1, 0)}
 _NO_TOKENS: frozenset[str] = frozenset()
 _REQUEST_FRAMING_NAMES = frozenset({"host", "content-length", "transfer-encoding", "connection",
@@ -462,6 +465,48 @@ class _Parser:
         self._remaining = 0
         self._read_end()
         return data
+
+    def take_chunks(self) -> tuple[bytes, list[int], int] | None:
+        """At a chunk boundary of a chunked body: the complete chunks buffered there, taken in
+        one call, as long as each is framed exactly as chunk() frames it (a canonical size line,
+        then the data, then CRLF) and the body stays within its limit. Returns (framed, spans,
+        size): those chunks' bytes as received (the same bytes chunk() would make of their
+        data), the [start, end, start, end, ...] offsets of each chunk's data in them, and the
+        data's total length. None when there is no such chunk: next_event() then goes on as
+        usual, and reports whatever is wrong with the next chunk (the last chunk, an extension,
+        a bad CRLF, a body too large) exactly as it would have. Right after a chunk's data
+        came by next_event() (a chunk split over reads, or framed otherwise), its CRLF is
+        consumed first."""
+        if self._error is not None:
+            return None
+        buf = self._buf
+        if self._state is not _CHUNK_SIZE:
+            if self._state is not _CHUNK_CRLF or buf[:2] != b"\r\n":
+                return None
+            del buf[:2]
+            self._state = _CHUNK_SIZE
+        n = len(buf)
+        match = _CANONICAL_CHUNK_RE.match
+        total = start_total = self._body_total
+        limit = self._max_body
+        spans: list[int] = []
+        pos = 0
+        while True:
+            m = match(buf, pos)
+            if m is None:
+                break
+            start = m.end()
+            end = start + int(m.group(1), 16)
+            if end + 2 > n or buf[end] != 13 or buf[end + 1] != 10 or total + end - start > limit:
+                break
+            total += end - start
+            spans.append(start)
+            spans.append(end)
+            pos = end + 2
+        if not pos:
+            return None
+        self._body_total = total
+        return self._take(pos), spans, total - start_total
 
     def _read_chunk_size(self):
         buf = self._buf

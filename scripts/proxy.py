@@ -67,7 +67,7 @@ class Exchange:
                  "swallow", "chunked_out", "sse", "keep_body", "body_parts", "body_size", "tail",
                  "last_activity", "idle_timeout", "write_timeout", "first_byte_timeout",
                  "_stall_timer", "upstream_keep_alive", "status", "transform",
-                 "_head", "_pending", "finished", "_on_done")
+                 "_head", "_pending", "finished", "_on_done", "bulk")
 
     def __init__(self, client, ctx, *, head_only: bool, http10: bool, first_byte_timeout: float,
                  idle_timeout: float, write_timeout: float, account: bool, transform=None,
@@ -93,6 +93,8 @@ class Exchange:
         self.head_written = False
         self.swallow = False
         self.chunked_out = False
+        # on_chunks instead of on_data (set by on_head): see there.
+        self.bulk = False
         self.sse = False
         self.keep_body = account
         self.body_parts: list[bytes] = []
@@ -151,6 +153,13 @@ class Exchange:
         else:
             headers.append(("transfer-encoding", "chunked"))
             self.chunked_out = True
+            # A chunked answer relayed as it is to a chunked client: whole chunks that are
+            # framed as chunk() would frame them go out as received, a read's worth at once
+            # (on_chunks). Not with a transform (it rewrites the data), for HEAD, or when a
+            # non-SSE body is kept for its usage (body_parts wants the data, and such bodies
+            # come with a Content-Length anyway).
+            self.bulk = transform is None and not self.head_only and (
+                self.sse or not self.keep_body)
         headers.extend(self.ctx.response_headers)
         if not client.keep_alive:
             headers.append(("connection", "close"))
@@ -186,6 +195,29 @@ class Exchange:
                 return
         self.ctx.bytes_out += len(data)
         self._pending.append(http11.chunk(data) if self.chunked_out else data)
+
+    def on_chunks(self, framed: bytes, spans: list[int], size: int) -> None:
+        """Whole chunks from the parser (take_chunks): the same bytes on_data would write for
+        each chunk's data, so they are queued as they are. Only while self.bulk."""
+        self.last_activity = self.loop.time()
+        if self.keep_body:       # an SSE stream (see on_head): keep its last events
+            tail = self.tail
+            parts = []
+            kept = 0
+            i = len(spans)
+            while i and kept < SSE_TAIL_BYTES:   # newest first, enough to fill the tail
+                i -= 2
+                part = framed[spans[i]:spans[i + 1]]
+                parts.append(part)
+                kept += len(part)
+            if i:
+                tail.clear()     # the chunks left out are newer than anything in the tail
+            parts.reverse()
+            tail += b"".join(parts)
+            if len(tail) > 2 * SSE_TAIL_BYTES:
+                del tail[:-SSE_TAIL_BYTES]
+        self.ctx.bytes_out += size
+        self._pending.append(framed)
 
     def _take_output(self) -> bytes:
         """The head (if not yet written) and the pending body pieces; clears both."""

@@ -59,8 +59,13 @@ class UpstreamClosed(Exception):
 class Sink:
     """What an exchange implements to receive the response events."""
 
+    # True while the sink takes whole canonical chunks as they came (on_chunks) instead of
+    # one on_data per chunk: for a chunked relay that would frame each chunk the same way.
+    bulk = False
+
     def on_head(self, response: http11.Response) -> None: ...
     def on_data(self, data: bytes) -> None: ...
+    def on_chunks(self, framed: bytes, spans: list[int], size: int) -> None: ...   # take_chunks()
     def on_end(self) -> None: ...
     def on_error(self, exc: BaseException) -> None: ...
     def flush(self) -> None: ...   # end of one read: write out what its events produced
@@ -104,6 +109,12 @@ class UpstreamConnection(asyncio.Protocol):
         the sink whether any byte had arrived (a stale pooled connection is then retried)."""
         try:
             while True:
+                if sink.bulk:
+                    chunks = parser.take_chunks()
+                    if chunks is not None:
+                        sink.on_chunks(*chunks)
+                        if self.sink is not sink:
+                            return
                 event = parser.next_event()
                 if event is http11.NEED_DATA:
                     return

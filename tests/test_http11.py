@@ -948,3 +948,73 @@ def test_response_head_memo_is_bounded(monkeypatch):
                               "whole")
     assert events[0].status == 204
     assert all(r is not None for r in http11._RESPONSE_MEMO.values())
+
+
+# ---- take_chunks: whole canonical chunks, as received, in one call ---------------------------
+def _chunked_response(extra: bytes = b"") -> ResponseParser:
+    p = ResponseParser("POST")
+    p.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + extra)
+    assert isinstance(p.next_event(), http11.Response)
+    return p
+
+
+def test_take_chunks_returns_whole_canonical_chunks_as_received():
+    pieces = [b"a" * 1, b"b" * 15, b"c" * 16, b"d" * 300]
+    framed = b"".join(chunk(x) for x in pieces)
+    p = _chunked_response(framed + b"2\r\nxy")         # and a partial chunk after them
+    got, spans, size = p.take_chunks()
+    assert got == framed and size == sum(map(len, pieces))
+    assert [got[spans[i]:spans[i + 1]] for i in range(0, len(spans), 2)] == pieces
+    assert p.take_chunks() is None                     # the partial chunk is next_event's
+    assert p.next_event().data == b"xy"
+    assert p.take_chunks() is None                     # its CRLF is still due
+    p.feed(b"\r\n" + chunk(b"z") + LAST_CHUNK)
+    assert p.take_chunks()[0] == chunk(b"z")           # the CRLF consumed, then whole chunks
+    assert p.take_chunks() is None                     # the last chunk is never taken
+    assert p.next_event() is http11.END_OF_MESSAGE
+
+
+@pytest.mark.parametrize("odd", [b"A\r\n0123456789\r\n",          # uppercase hex
+                                 b"0a\r\n0123456789\r\n",         # leading zero
+                                 b"a;x=1\r\n0123456789\r\n",      # an extension
+                                 b"a ; x\r\n0123456789\r\n"])     # an extension, spaced
+def test_take_chunks_stops_at_a_chunk_framed_otherwise_and_next_event_takes_it(odd):
+    p = _chunked_response(chunk(b"first") + odd + chunk(b"last") + LAST_CHUNK)
+    got, _spans, size = p.take_chunks()
+    assert got == chunk(b"first") and size == 5
+    assert p.take_chunks() is None
+    assert p.next_event().data == b"0123456789"        # the odd one, the usual way
+    assert p.take_chunks()[0] == chunk(b"last")        # then whole chunks again
+    assert p.next_event() is http11.END_OF_MESSAGE
+
+
+@pytest.mark.parametrize("bad", [b"5\r\nhelloXY", b"5\r\nhello\n", b"zz\r\n"])
+def test_take_chunks_leaves_a_broken_chunk_to_next_event_which_raises(bad):
+    p = _chunked_response(chunk(b"ok") + bad + b"\r\n" * 3)
+    assert p.take_chunks()[0] == chunk(b"ok")
+    assert p.take_chunks() is None
+    with pytest.raises(ProtocolError):
+        while True:
+            if p.next_event() is NEED_DATA:
+                break
+    assert p.take_chunks() is None                     # an errored parser gives nothing
+
+
+def test_take_chunks_keeps_the_body_limit():
+    p = RequestParser(10)
+    p.feed(b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+           + chunk(b"12345") + chunk(b"678910"))
+    p.next_event()
+    assert p.take_chunks()[2] == 5                     # the second chunk would pass 10 bytes
+    assert p.take_chunks() is None
+    with pytest.raises(ProtocolError) as exc:
+        p.next_event()
+    assert exc.value.status == 413
+
+
+def test_take_chunks_is_none_outside_a_chunked_body():
+    p = ResponseParser("POST")
+    assert p.take_chunks() is None                     # before the head
+    p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n5\r\nhello")
+    p.next_event()
+    assert p.take_chunks() is None                     # a Content-Length body

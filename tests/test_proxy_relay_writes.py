@@ -4,6 +4,11 @@ what came before it."""
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
+import proxy
 import upstream
 from conftest import aio
 from connection import RequestContext
@@ -153,3 +158,57 @@ async def test_a_body_split_over_reads_still_relays_in_order():
     conn.data_received(body[10:])
     assert b"".join(client.writes).endswith(b"\r\n\r\n" + body)
     assert ctx.outcome == "ok" and (ctx.prompt_tokens, ctx.completion_tokens) == (2, 7)
+
+
+def _odd_chunk(data: bytes, kind: int) -> bytes:
+    """data as one chunk framed otherwise than chunk() does (still valid HTTP/1.1)."""
+    return (b"%X" % len(data) if kind == 0 else b"0%x" % len(data) if kind == 1
+            else b"%x;ext=1" % len(data)) + b"\r\n" + data + b"\r\n"
+
+
+def _relay_stream(reads: list[bytes], bulk: bool):
+    conn, client, ctx, ex = setup()
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n")
+    assert ex.bulk is True       # a chunked SSE relay to a chunked client takes whole chunks
+    ex.bulk = bulk
+    for data in reads:
+        conn.data_received(data)
+    return client.writes, ctx, bytes(ex.tail)
+
+
+@aio
+@pytest.mark.parametrize("seed", range(6))
+async def test_whole_chunks_relay_writes_exactly_what_one_event_per_chunk_writes(seed):
+    # A stream of events of varied sizes, cut into reads (seed 0: all in one read, past twice
+    # the SSE tail; seed 1: reads of a few bytes; seed 2: a small read, then one past the
+    # tail's size; the others at random places, with some chunks framed otherwise than chunk()
+    # frames them): taken whole (on_chunks) or one chunk at a time (on_data), the
+    # client gets the same writes, and the same bytes and token counts are accounted.
+    rng = random.Random(seed)
+    events = [b'data: {"n":%d,"pad":"%s"}\n\n' % (i, b"x" * rng.randrange(0, 700))
+              for i in range(150)]
+    events += [b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":150}}\n\n',
+               b"data: [DONE]\n\n"]
+    odd = 0.1 if seed > 2 else 0.0
+    raw = b"".join(_odd_chunk(e, rng.randrange(3)) if rng.random() < odd else b"%x\r\n%b\r\n"
+                   % (len(e), e) for e in events) + b"0\r\n\r\n"
+    assert len(raw) > 2 * proxy.SSE_TAIL_BYTES
+    if seed == 0:
+        reads = [raw]
+    elif seed == 2:
+        reads = [raw[:5000], raw[5000:]]
+    else:
+        cuts = sorted(rng.sample(range(1, len(raw)), len(raw) // (8 if seed == 1 else 900)))
+        reads = [raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])]
+    whole, ctx_whole, tail_whole = _relay_stream(reads, bulk=True)
+    each, ctx_each, tail_each = _relay_stream(reads, bulk=False)
+    assert whole == each
+    if seed == 0:                 # one read: one chunk per event, none split
+        assert dechunk(b"".join(whole[1:])) == events
+    assert b"".join(dechunk(b"".join(whole[1:]))) == b"".join(events)
+    for ctx, tail in ((ctx_whole, tail_whole), (ctx_each, tail_each)):
+        assert ctx.outcome == "ok" and ctx.bytes_out == sum(map(len, events))
+        assert (ctx.prompt_tokens, ctx.completion_tokens) == (4, 150)
+        # the kept tail is the stream's end, whole and in order
+        assert len(tail) >= proxy.SSE_TAIL_BYTES and b"".join(events).endswith(tail)
