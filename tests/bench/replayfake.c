@@ -114,10 +114,12 @@ static double now(void) {
 
 /* When write number `piece` of c's answer is due: the head (0) and the first event (1) at the
  * start, event i (piece i + 1) i intervals after it, what follows the last event with it. */
-static double due(const struct conn *c) {
-    int p = c->piece < paced_events ? c->piece : paced_events;
+static double due_at(const struct conn *c, int piece) {
+    int p = piece < paced_events ? piece : paced_events;
     return c->start + (p > 1 ? (p - 1) * interval : 0);
 }
+
+static double due(const struct conn *c) { return due_at(c, c->piece); }
 
 static void heap_push(struct conn *c) {
     int i = nheap++;
@@ -192,8 +194,7 @@ static int send_due(struct conn *c, double t) {
     struct iovec iov[COALESCE_MAX];
     int k = 0;
     for (int i = c->piece; i < npieces && k < COALESCE_MAX; i++) {
-        int p = i < paced_events ? i : paced_events;
-        if (c->start + (p > 1 ? (p - 1) * interval : 0) > t) break;
+        if (due_at(c, i) > t) break;
         iov[k].iov_base = pieces[i].p;
         iov[k].iov_len = pieces[i].n;
         k++;

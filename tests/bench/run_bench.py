@@ -54,7 +54,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -320,13 +319,20 @@ def write_pieces(path: Path, pieces: list[bytes]) -> None:
 
 
 def run_generator(name: str, argv: list[str], env: dict, watch, timeout: float,
-                  start_at: float = 0.0, on_tick=None) -> tuple[int, bytes, bytes, float, dict]:
+                  start_at: float = 0.0, on_tick=None,
+                  stdin: bytes | None = None) -> tuple[int, bytes, bytes, float, dict]:
     """Run a load generator to its end (killed past timeout) and meter the watched processes
     meanwhile, from start_at (time.time()) if the generator waits for it; the generator's own
-    CPU comes from RUSAGE_CHILDREN once reaped. on_tick() is called every RSS_SAMPLE_PERIOD
-    while it runs. (returncode, stdout, stderr, wall, cpu_pct)."""
-    p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    CPU comes from RUSAGE_CHILDREN once reaped. stdin: written to it at once (its spec), then
+    closed. on_tick() is called every RSS_SAMPLE_PERIOD while it runs.
+    (returncode, stdout, stderr, wall, cpu_pct)."""
+    p = subprocess.Popen(argv, env=env,
+                         stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if stdin is not None:
+        p.stdin.write(stdin)
+        p.stdin.close()
+        p.stdin = None      # communicate() would flush it
     while time.time() < start_at and p.poll() is None:
         time.sleep(0.005)
     meter = Meter(watch)
@@ -660,75 +666,25 @@ http {{
                 f"Authorization: Bearer {self.key}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(data)}\r\n\r\n{data}")
 
-    def run_clients(self, port: int, body: dict, connections: int, *, requests_per_conn: int = 1,
-                    duration: float = 0.0, mode: str = "count", processes: int = 1,
-                    timeout: float = 120.0, watch: list[Child] = (), on_tick=None) -> dict:
-        """Run loadclient workers together; merged records plus CPU of each watched process."""
-        start_at = time.time() + 0.4 + 0.1 * processes
-        per = [connections // processes + (1 if i < connections % processes else 0)
-               for i in range(processes)]
-        procs = []
-        for n in per:
-            spec = {"host": "127.0.0.1", "port": 0 if isinstance(port, str) else port,
-                    "unix": port if isinstance(port, str) else "",
-                    "request": self.request_bytes(body),
-                    "connections": n, "requests_per_conn": requests_per_conn,
-                    "duration": duration, "start_at": start_at, "mode": mode,
-                    "timeout": timeout}
-            p = subprocess.Popen([sys.executable, str(LOADCLIENT)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            p.stdin.write(json.dumps(spec).encode())
-            p.stdin.close()
-            procs.append(p)
-        while time.time() < start_at:
-            time.sleep(0.005)
-        meter = Meter(watch)
-        outs: list[bytes] = [b""] * len(procs)
-        errs: list[bytes] = [b""] * len(procs)
-
-        def reader(i, p):
-            outs[i] = p.stdout.read()
-            errs[i] = p.stderr.read()
-
-        threads = [threading.Thread(target=reader, args=(i, p), daemon=True)
-                   for i, p in enumerate(procs)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + timeout + 30
-        pending = list(procs)
-        try:
-            while pending and time.monotonic() < deadline:
-                if on_tick is not None:
-                    on_tick()
-                for p in list(pending):
-                    pid, status, _ru = os.wait4(p.pid, os.WNOHANG)
-                    if pid:
-                        p.returncode = os.waitstatus_to_exitcode(status)
-                        pending.remove(p)
-                time.sleep(0.02 if on_tick is None else RSS_SAMPLE_PERIOD)
-        finally:
-            for p in pending:   # past the deadline, or interrupted: no client outlives the run
-                p.kill()
-                p.wait()
-        wall, cpu_pct = meter.stop("loadclient")
-        for t in threads:
-            t.join(5)
-        merged = {"records": [], "connect_times": [], "failed": 0, "error_count": 0,
-                  "errors": {}, "wall": 0.0, "wall_outer": wall,
-                  "cpu_pct": cpu_pct, "processes": processes}
-        for i, p in enumerate(procs):
-            if p.returncode != 0 or not outs[i]:
-                raise RuntimeError(f"loadclient failed ({p.returncode}): "
-                                   f"{errs[i].decode(errors='replace')[-2000:]}")
-            r = json.loads(outs[i])
-            merged["records"] += r["records"]
-            merged["connect_times"] += r["connect_times"]
-            merged["failed"] += r["failed"]
-            merged["error_count"] += r["error_count"]
-            for k, v in r["errors"].items():
-                merged["errors"][k] = merged["errors"].get(k, 0) + v
-            merged["wall"] = max(merged["wall"], r["wall"])
-        return merged
+    def run_clients(self, port: int | str, body: dict, connections: int, *,
+                    requests_per_conn: int = 1, duration: float = 0.0, mode: str = "count",
+                    timeout: float = 120.0, watch: list[Child] = ()) -> dict:
+        """Case d's load: one loadclient process; its records plus CPU of each watched process."""
+        start_at = time.time() + 0.5
+        spec = {"host": "127.0.0.1", "port": 0 if isinstance(port, str) else port,
+                "unix": port if isinstance(port, str) else "",
+                "request": self.request_bytes(body),
+                "connections": connections, "requests_per_conn": requests_per_conn,
+                "duration": duration, "start_at": start_at, "mode": mode, "timeout": timeout}
+        rc, out, err, wall, cpu_pct = run_generator(
+            "loadclient", [sys.executable, str(LOADCLIENT)], self.env(), watch, timeout + 30,
+            start_at, stdin=json.dumps(spec).encode())
+        if rc != 0 or not out:
+            raise RuntimeError(f"loadclient failed ({rc}): {err.decode(errors='replace')[-2000:]}")
+        r = json.loads(out)
+        return {"records": r["records"], "connect_times": r["connect_times"],
+                "failed": r["failed"], "error_count": r["error_count"], "errors": r["errors"],
+                "wall": r["wall"], "wall_outer": wall, "cpu_pct": cpu_pct, "processes": 1}
 
     def run_sseload(self, port: int | str, body: dict, connections: int, *, duration: float,
                     requests_per_conn: int = 0, timeout: float = 60.0,
