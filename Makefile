@@ -6,6 +6,9 @@ VPY := $(VENV)/bin/python
 # llama-server: found on PATH / LLAMA_SERVER_BIN, else built once into this cache (outside the repo).
 LLAMA_CACHE ?= $(HOME)/.cache/llama-gguf-inference
 DEMO_MODEL := data/models/demo-tiny-llama.gguf
+# pytest-xdist workers for the unit tier: its tests mostly wait on deadlines and child processes
+# (about 22 s of CPU in 55 s run one at a time), so four workers halve it even on two cores.
+UNIT_WORKERS ?= 4
 
 .PHONY: help run test test-unit test-e2e bench lint keys docker clean llama-server model venv
 
@@ -34,7 +37,7 @@ run: $(VENV)/.stamp ## run the whole stack locally on the demo model, print a fi
 test: test-unit test-e2e ## all tests (unit, then end-to-end on the real llama-server)
 
 test-unit: $(VENV)/.stamp ## fast tier: parser, modules, gateway against a fake llama-server
-	$(VPY) -m pytest -q -m "not e2e" tests
+	$(VPY) -m pytest -q -n $(UNIT_WORKERS) -m "not e2e" tests
 
 test-e2e: $(VENV)/.stamp llama-server model ## the real stack: entrypoint.sh, llama-server, real clients
 	LLAMA_SERVER_BIN="$$($(PYTHON) scripts/llama_bin.py --cache-dir "$(LLAMA_CACHE)")" \

@@ -32,7 +32,7 @@ Both C tools are compiled with the system C compiler at the start of the run. Th
 generator and upstream is reported so a saturated one is visible.
 
 Writes OUT/bench.md (the tables) and OUT/bench.json (all figures, per round), plus the logs of the
-processes it started. With --profile the gateway of cases a and b runs under cProfile and
+processes it started. With --profile the gateway of cases a, b and c runs under cProfile and
 OUT/profile-<case>.txt holds the top functions. Every child is killed at the end, even on error.
 For the gateway's Python cost alone (no sockets, steady on a noisy machine), see hotpath.py.
 All traffic goes to 127.0.0.1.
@@ -924,7 +924,11 @@ http {{
                 if tgt == "gateway":
                     # A fresh gateway each run: its peak RSS is this run's, and its first burst
                     # is the one a newly started container meets.
-                    gw, port = self.start_gateway(fsock, f"c{n}")
+                    # Under --profile each run's gateway overwrites profile-c<n>.txt: the last
+                    # run's profile is kept (and its RSS and times are cProfile's, not the
+                    # gateway's own).
+                    prof = self.out / f"profile-c{n}.prof" if self.args.profile else None
+                    gw, port = self.start_gateway(fsock, f"c{n}", profile=prof)
                     rss0 = gw.status_kb("VmRSS")
                     peak = [rss0]
 
@@ -954,7 +958,7 @@ http {{
                     run["rss_peak_sampled_mb"] = peak[0] / 1024
                     run["rss_hwm_mb"] = gw.status_kb("VmHWM") / 1024
                     rss_all.append(run["rss_hwm_mb"])
-                    self.stop_gateway(gw, None, f"c{n}")
+                    self.stop_gateway(gw, prof, f"c{n}")
                 log(f"  c n={n:<5} {tgt:8s} complete {done}/{n} (failed {m['failed']})  "
                     f"stream p50 {run['stream_p50_s']:.3f} s p99 {run['stream_p99_s']:.3f} s"
                     + (f"  RSS peak {run['rss_hwm_mb']:.1f} MB" if gw else "")
@@ -1497,7 +1501,7 @@ def main(argv=None) -> int:
                    help="run the harness and everything it starts at this niceness (e.g. -10 "
                         "on a machine shared with other work; negative needs root)")
     p.add_argument("--profile", action="store_true",
-                   help="run the gateway of cases a and b under cProfile (slower; profile only)")
+                   help="run the gateway of cases a, b and c under cProfile (slower; profile only)")
     args = p.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in "abcde" or len(c) != 1]
