@@ -485,9 +485,43 @@ class _Parser:
                 return None
             del buf[:2]
             self._state = _CHUNK_SIZE
+        pos, spans, total = self._scan_chunks(buf)
+        if not pos:
+            return None
+        size = total - self._body_total
+        self._body_total = total
+        return self._take(pos), spans, size
+
+    def feed_chunks(self, data: bytes) -> tuple[bytes, list[int], int] | None:
+        """feed(data) then take_chunks(), with the same result and the same parser state after,
+        but without copying in the usual case of a stream: nothing buffered, at a chunk
+        boundary. The canonical chunks at the start of data are then returned as data itself
+        (or its prefix), and only the bytes after them are buffered."""
+        if (self._buf or self._state is not _CHUNK_SIZE or self._error is not None or self._eof
+                or type(data) is not bytes):
+            self.feed(data)
+            return self.take_chunks()
+        if not data:
+            return None
+        self._received = True
+        pos, spans, total = self._scan_chunks(data)
+        if not pos:
+            self._buf += data
+            return None
+        size = total - self._body_total
+        self._body_total = total
+        if pos < len(data):
+            with memoryview(data) as view, view[pos:] as rest:
+                self._buf += rest
+            data = data[:pos]
+        return data, spans, size
+
+    def _scan_chunks(self, buf) -> tuple[int, list[int], int]:
+        """The canonical complete chunks at the start of buf (bytes or the buffer): where they
+        end, their data's [start, end, ...] offsets, and the body's total size after them."""
         n = len(buf)
         match = _CANONICAL_CHUNK_RE.match
-        total = start_total = self._body_total
+        total = self._body_total
         limit = self._max_body
         spans: list[int] = []
         pos = 0
@@ -503,10 +537,7 @@ class _Parser:
             spans.append(start)
             spans.append(end)
             pos = end + 2
-        if not pos:
-            return None
-        self._body_total = total
-        return self._take(pos), spans, total - start_total
+        return pos, spans, total
 
     def _read_chunk_size(self):
         buf = self._buf

@@ -202,18 +202,21 @@ class Exchange:
         self.last_activity = self.loop.time()
         if self.keep_body:       # an SSE stream (see on_head): keep its last events
             tail = self.tail
-            parts = []
-            kept = 0
-            i = len(spans)
-            while i and kept < SSE_TAIL_BYTES:   # newest first, enough to fill the tail
-                i -= 2
-                part = framed[spans[i]:spans[i + 1]]
-                parts.append(part)
-                kept += len(part)
-            if i:
-                tail.clear()     # the chunks left out are newer than anything in the tail
-            parts.reverse()
-            tail += b"".join(parts)
+            if len(spans) == 2:  # one chunk (a paced stream's read)
+                tail += framed[spans[0]:spans[1]]
+            else:
+                parts = []
+                kept = 0
+                i = len(spans)
+                while i and kept < SSE_TAIL_BYTES:   # newest first, enough to fill the tail
+                    i -= 2
+                    part = framed[spans[i]:spans[i + 1]]
+                    parts.append(part)
+                    kept += len(part)
+                if i:
+                    tail.clear()  # the chunks left out are newer than anything in the tail
+                parts.reverse()
+                tail += b"".join(parts)
             if len(tail) > 2 * SSE_TAIL_BYTES:
                 del tail[:-SSE_TAIL_BYTES]
         self.ctx.bytes_out += size

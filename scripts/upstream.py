@@ -97,8 +97,17 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             return
         self.got_bytes = True
-        parser.feed(data)
         try:
+            if sink.bulk:
+                # A stream's usual read: whole chunks, taken from data without a copy; with
+                # nothing left over there is nothing more to parse until the next read.
+                chunks = parser.feed_chunks(data)
+                if chunks is not None:
+                    sink.on_chunks(*chunks)
+                    if self.sink is not sink or not parser.has_buffered:
+                        return
+            else:
+                parser.feed(data)
             self._relay(sink, parser)
         finally:
             sink.flush()

@@ -6,6 +6,7 @@ valid request appended (which must then parse too when the first one is valid).
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -1018,3 +1019,65 @@ def test_take_chunks_is_none_outside_a_chunked_body():
     p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n5\r\nhello")
     p.next_event()
     assert p.take_chunks() is None                     # a Content-Length body
+
+
+# ---- feed_chunks: feed() then take_chunks(), without the copy ---------------------------------
+def _drain(p: ResponseParser, out: list) -> None:
+    """What the relay does after a read: whole chunks, then events until more bytes are needed."""
+    while True:
+        got = p.take_chunks()
+        if got is not None:
+            out.append(("chunks", bytes(got[0]), got[1], got[2]))
+        try:
+            event = p.next_event()
+        except ProtocolError as exc:
+            out.append(("error", exc.status, str(exc)))
+            return
+        if event is NEED_DATA:
+            return
+        out.append(("event", event.data if isinstance(event, Data) else event))
+        if event is http11.END_OF_MESSAGE:
+            return
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_feed_chunks_gives_what_feed_then_take_chunks_gives(seed):
+    rng = random.Random(seed)
+    pieces = [chunk(bytes([97 + i % 26]) * rng.choice([1, 2, 15, 16, 17, 200]))
+              for i in range(rng.randint(1, 12))]
+    odd = [b"A\r\n0123456789\r\n", b"a;x=1\r\n0123456789\r\n", b"5\r\nhelloXY", b"zz\r\n"]
+    for _ in range(rng.randint(0, 2)):
+        pieces.insert(rng.randrange(len(pieces) + 1), rng.choice(odd))
+    body = b"".join(pieces) + LAST_CHUNK
+    cuts = sorted(rng.sample(range(1, len(body)), min(len(body) - 1, rng.randint(0, 8))))
+    reads = [body[a:b] for a, b in zip([0] + cuts, cuts + [len(body)])]
+    limit = rng.choice([10 ** 6, len(body) // 2])
+    old, new = _chunked_response(), _chunked_response()
+    old._max_body = new._max_body = limit
+    want, got = [], []
+    for data in reads:
+        old.feed(data)
+        _drain(old, want)
+        taken = new.feed_chunks(data)
+        if taken is not None:
+            got.append(("chunks", bytes(taken[0]), taken[1], taken[2]))
+        _drain(new, got)
+        assert got == want
+        if want and want[-1][0] == "error":
+            break
+    assert old.has_buffered == new.has_buffered
+
+
+def test_feed_chunks_takes_a_read_of_whole_chunks_as_it_is_and_buffers_only_the_rest():
+    p = _chunked_response()
+    read = chunk(b"event one") + chunk(b"event two")
+    framed, spans, size = p.feed_chunks(read)
+    assert framed is read and size == 18 and not p.has_buffered      # no copy at all
+    framed, _spans, size = p.feed_chunks(chunk(b"three") + b"4\r\nfo")
+    assert framed == chunk(b"three") and size == 5
+    assert p.feed_chunks(b"ur\r\n") == (chunk(b"four"), [3, 7], 4)   # buffered: the usual way
+    assert p.feed_chunks(LAST_CHUNK) is None
+    assert p.next_event() is http11.END_OF_MESSAGE
+    with pytest.raises(RuntimeError):                   # as feed(): nothing after the EOF
+        p.feed_eof()
+        p.feed_chunks(b"x")

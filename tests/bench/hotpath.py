@@ -94,7 +94,7 @@ class MemoryTransport(asyncio.Transport):
         return 0
 
 
-async def run(tmp: str, n: int, sse: bool) -> float:
+async def run(tmp: str, n: int, sse: bool, streams: int = 1) -> float:
     """Microseconds of process CPU time per request (or per event with sse)."""
     loop = asyncio.get_running_loop()
     cfg = config.load_config({
@@ -106,30 +106,48 @@ async def run(tmp: str, n: int, sse: bool) -> float:
     alog = accesslog.AccessLog(f"{tmp}/access.log", max_bytes=1 << 30, backups=1)
     gw = gateway.Gateway(cfg, store=store, access_log=alog)
     gw.pool.idle_ttl = 1e9
-    up_t = MemoryTransport()
-    up = upstream.UpstreamConnection(gw.pool)
-    up.connection_made(up_t)
-    gw.pool._all.add(up)
-    gw.pool.release(up, True)
-    cl_t = MemoryTransport()
-    client = gw.new_connection()
-    client.connection_made(cl_t)
+    gw.pool.max_idle = max(gw.pool.max_idle, streams)
+    pairs = []
+    for _ in range(streams if sse else 1):
+        up_t = MemoryTransport()
+        up = upstream.UpstreamConnection(gw.pool)
+        up.connection_made(up_t)
+        gw.pool._all.add(up)
+        gw.pool.release(up, True)
+        cl_t = MemoryTransport()
+        client = gw.new_connection()
+        client.connection_made(cl_t)
+        pairs.append((up_t, up, cl_t, client))
     await asyncio.sleep(0)
     try:
         if sse:
-            up_t.written = loop.create_future()
-            client.data_received(request(STREAM_BODY))
-            await up_t.written
-            up.data_received(SSE_HEAD)
+            # Each stream on its own client connection, each takes the idle upstream connection
+            # most recently pooled (LIFO): opened in reverse, so stream i gets pairs[i]'s.
+            ups = []
+            for up_t, up, cl_t, client in pairs:
+                pass
+            for k in range(len(pairs)):
+                up_t = pairs[len(pairs) - 1 - k][0]
+                up_t.written = loop.create_future()
+                pairs[k][3].data_received(request(STREAM_BODY))
+                await up_t.written
+                ups.append(pairs[len(pairs) - 1 - k][1])
+            for up in ups:
+                up.data_received(SSE_HEAD)
+            rounds = max(1, n // len(ups))
             started = time.process_time()
-            for _ in range(n):
-                up.data_received(SSE_CHUNK)
+            for _ in range(rounds):
+                for up in ups:
+                    up.data_received(SSE_CHUNK)
             spent = time.process_time() - started
-            cl_t.written = loop.create_future()
-            up.data_received(b"0\r\n\r\n")
-            if not (await cl_t.written).endswith(b"0\r\n\r\n"):
-                raise RuntimeError("the stream did not end")
-            return spent / n * 1e6
+            for k, up in enumerate(ups):
+                cl_t = pairs[k][2]
+                cl_t.written = loop.create_future()
+                up.data_received(b"0\r\n\r\n")
+                if not (await cl_t.written).endswith(b"0\r\n\r\n"):
+                    raise RuntimeError("the stream did not end")
+            return spent / (rounds * len(ups)) * 1e6
+        up_t, up, cl_t, client = pairs[0]
         req = request(BODY)
         started = time.process_time()
         answer = b""
@@ -155,6 +173,8 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--sse", action="store_true", help="cost per relayed SSE event")
+    p.add_argument("--streams", type=int, default=1,
+                   help="with --sse: this many streams at once, one event each in turn")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="print the top K functions of one run under cProfile")
     args = p.parse_args()
@@ -162,14 +182,14 @@ def main() -> int:
         with open(f"{tmp}/keys", "w") as f:
             f.write(f"hotpath:{KEY} rpm=10000000 concurrency=100000\n")
         os.chmod(f"{tmp}/keys", 0o600)
-        figures = [asyncio.run(run(tmp, args.requests, args.sse)) for _ in range(args.repeat)]
+        figures = [asyncio.run(run(tmp, args.requests, args.sse, args.streams)) for _ in range(args.repeat)]
         unit = "event" if args.sse else "request"
         print(f"CPU us per {unit}: best {min(figures):.1f}  runs "
               + " ".join(f"{x:.1f}" for x in figures))
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()
-            asyncio.run(run(tmp, args.requests, args.sse))
+            asyncio.run(run(tmp, args.requests, args.sse, args.streams))
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
     return 0
