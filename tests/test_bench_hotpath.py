@@ -29,3 +29,9 @@ def test_hotpath_measures_requests_through_the_whole_gateway(tmp_path):
 
 def test_hotpath_measures_relayed_events(tmp_path):
     assert asyncio.run(hotpath.run(_keys(tmp_path), 50, sse=True)) > 0
+
+
+def test_hotpath_spreads_events_over_many_streams(tmp_path):
+    assert asyncio.run(hotpath.run(_keys(tmp_path), 200, sse=True, streams=70)) > 0
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    assert len(lines) == 70 and all('"status":200' in line for line in lines)

@@ -9,7 +9,8 @@ the client protocol, the upstream request is answered with a fixed llama-server-
 and the answer is awaited on the client transport. No kernel, no other process: the CPU time per
 request (process time, the access-log thread included) is the Python cost alone, steady enough to
 compare two commits on a shared machine where `make bench` ratios drift by 10 %. --sse relays
-stream events instead (cost per event, one event per upstream read). --profile K prints the top K
+stream events instead (cost per event, one event per upstream read); --streams K spreads them
+over K streams at once, in turn (case c: the objects of a thousand streams do not stay in cache). --profile K prints the top K
 functions under cProfile. The figure is the best of R runs (noise only ever adds).
 """
 
@@ -121,17 +122,15 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1) -> float:
     await asyncio.sleep(0)
     try:
         if sse:
-            # Each stream on its own client connection, each takes the idle upstream connection
-            # most recently pooled (LIFO): opened in reverse, so stream i gets pairs[i]'s.
+            # Stream k on client connection k takes the idle upstream connection pooled last
+            # (LIFO): the one of pairs[-1 - k].
             ups = []
-            for up_t, up, cl_t, client in pairs:
-                pass
             for k in range(len(pairs)):
-                up_t = pairs[len(pairs) - 1 - k][0]
+                up_t, up = pairs[-1 - k][:2]
                 up_t.written = loop.create_future()
                 pairs[k][3].data_received(request(STREAM_BODY))
                 await up_t.written
-                ups.append(pairs[len(pairs) - 1 - k][1])
+                ups.append(up)
             for up in ups:
                 up.data_received(SSE_HEAD)
             rounds = max(1, n // len(ups))
