@@ -35,3 +35,10 @@ def test_hotpath_spreads_events_over_many_streams(tmp_path):
     assert asyncio.run(hotpath.run(_keys(tmp_path), 200, sse=True, streams=70)) > 0
     lines = (tmp_path / "access.log").read_text().splitlines()
     assert len(lines) == 70 and all('"status":200' in line for line in lines)
+
+
+def test_hotpath_opens_and_closes_both_connections_per_stream(tmp_path):
+    assert asyncio.run(hotpath.run(_keys(tmp_path), 30, sse=False, new_conns=True)) > 0
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    assert len(lines) == 30 and all('"stream":true' in line and '"status":200' in line
+                                    for line in lines)

@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """The gateway's per-request CPU cost without sockets: a profiling aid for the hot path.
 
-    python3 tests/bench/hotpath.py [--requests N] [--repeat R] [--sse] [--profile K]
+    python3 tests/bench/hotpath.py [--requests N] [--repeat R] [--sse [--streams K]]
+                                   [--new-connections] [--profile K]
 
 A real Gateway (auth on, key file, access log, metrics) is driven in-process: one client
 connection and one pooled upstream connection with in-memory transports. Each request is fed to
 the client protocol, the upstream request is answered with a fixed llama-server-shaped response,
 and the answer is awaited on the client transport. No kernel, no other process: the CPU time per
 request (process time, the access-log thread included) is the Python cost alone, steady enough to
-compare two commits on a shared machine where `make bench` ratios drift by 10 %. --sse relays
-stream events instead (cost per event, one event per upstream read); --streams K spreads them
-over K streams at once, in turn (case c: the objects of a thousand streams do not stay in cache). --profile K prints the top K
+compare two commits on a shared machine where `make bench` ratios drift by 10 %.
+--sse relays stream events instead (cost per event, one event per upstream read); --streams K
+spreads them over K streams at once, in turn (case c: a thousand streams' objects do not stay
+in the CPU's caches). --new-connections costs a whole stream on a new client connection and a
+new llama-server connection, opened and closed (case c's burst). --profile K prints the top K
 functions under cProfile. The figure is the best of R runs (noise only ever adds).
 """
 
@@ -95,7 +98,7 @@ class MemoryTransport(asyncio.Transport):
         return 0
 
 
-async def run(tmp: str, n: int, sse: bool, streams: int = 1) -> float:
+async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = False) -> float:
     """Microseconds of process CPU time per request (or per event with sse)."""
     loop = asyncio.get_running_loop()
     cfg = config.load_config({
@@ -147,6 +150,8 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1) -> float:
                     raise RuntimeError("the stream did not end")
             return spent / (rounds * len(ups)) * 1e6
         up_t, up, cl_t, client = pairs[0]
+        if new_conns:
+            return await _new_streams(loop, gw, n)
         req = request(BODY)
         started = time.process_time()
         answer = b""
@@ -167,6 +172,44 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1) -> float:
         alog.close()
 
 
+async def _new_streams(loop, gw, n: int) -> float:
+    """Microseconds of CPU per stream, each on a new client connection and a new llama-server
+    connection (case c): opened, a streaming request, a head and one event, the end, then
+    llama-server closes its side and the client closes its own."""
+    open_before = len(gw.connections)
+    started = time.process_time()
+    for _ in range(n):
+        up_t = MemoryTransport()
+        up = upstream.UpstreamConnection(gw.pool)
+        up.connection_made(up_t)
+        gw.pool._all.add(up)
+        gw.pool.release(up, True)
+        cl_t = MemoryTransport()
+        client = gw.new_connection()
+        client.connection_made(cl_t)
+        up_t.written = loop.create_future()
+        client.data_received(request(STREAM_BODY))
+        await up_t.written
+        cl_t.written = loop.create_future()
+        up.data_received(SSE_HEAD + SSE_CHUNK)
+        await cl_t.written
+        cl_t.written = loop.create_future()
+        up.data_received(b"0\r\n\r\n")
+        if not (await cl_t.written).endswith(b"0\r\n\r\n"):
+            raise RuntimeError("the stream did not end")
+        up.eof_received()
+        up.connection_lost(None)
+        client.eof_received()
+        client.connection_lost(None)
+        await asyncio.sleep(0)
+    spent = time.process_time() - started
+    for _ in range(3):
+        await asyncio.sleep(0)
+    if len(gw.connections) != open_before:
+        raise RuntimeError(f"{len(gw.connections) - open_before} client connection(s) left open")
+    return spent / n * 1e6
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=20000)
@@ -174,6 +217,8 @@ def main() -> int:
     p.add_argument("--sse", action="store_true", help="cost per relayed SSE event")
     p.add_argument("--streams", type=int, default=1,
                    help="with --sse: this many streams at once, one event each in turn")
+    p.add_argument("--new-connections", action="store_true",
+                   help="cost per stream, each on new client and llama-server connections")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="print the top K functions of one run under cProfile")
     args = p.parse_args()
@@ -181,14 +226,14 @@ def main() -> int:
         with open(f"{tmp}/keys", "w") as f:
             f.write(f"hotpath:{KEY} rpm=10000000 concurrency=100000\n")
         os.chmod(f"{tmp}/keys", 0o600)
-        figures = [asyncio.run(run(tmp, args.requests, args.sse, args.streams)) for _ in range(args.repeat)]
-        unit = "event" if args.sse else "request"
+        figures = [asyncio.run(run(tmp, args.requests, args.sse, args.streams, args.new_connections)) for _ in range(args.repeat)]
+        unit = "event" if args.sse else "stream" if args.new_connections else "request"
         print(f"CPU us per {unit}: best {min(figures):.1f}  runs "
               + " ".join(f"{x:.1f}" for x in figures))
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()
-            asyncio.run(run(tmp, args.requests, args.sse, args.streams))
+            asyncio.run(run(tmp, args.requests, args.sse, args.streams, args.new_connections))
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
     return 0
