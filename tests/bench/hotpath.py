@@ -98,6 +98,20 @@ class MemoryTransport(asyncio.Transport):
         return 0
 
 
+def _open_pair(gw) -> tuple:
+    """An idle pooled llama-server connection and a new client connection, on memory
+    transports: (upstream transport, upstream protocol, client transport, client protocol)."""
+    up_t = MemoryTransport()
+    up = upstream.UpstreamConnection(gw.pool)
+    up.connection_made(up_t)
+    gw.pool._all.add(up)
+    gw.pool.release(up, True)
+    cl_t = MemoryTransport()
+    client = gw.new_connection()
+    client.connection_made(cl_t)
+    return up_t, up, cl_t, client
+
+
 async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = False) -> float:
     """Microseconds of process CPU time per request (or per event with sse)."""
     loop = asyncio.get_running_loop()
@@ -111,17 +125,7 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = F
     gw = gateway.Gateway(cfg, store=store, access_log=alog)
     gw.pool.idle_ttl = 1e9
     gw.pool.max_idle = max(gw.pool.max_idle, streams)
-    pairs = []
-    for _ in range(streams if sse else 1):
-        up_t = MemoryTransport()
-        up = upstream.UpstreamConnection(gw.pool)
-        up.connection_made(up_t)
-        gw.pool._all.add(up)
-        gw.pool.release(up, True)
-        cl_t = MemoryTransport()
-        client = gw.new_connection()
-        client.connection_made(cl_t)
-        pairs.append((up_t, up, cl_t, client))
+    pairs = [_open_pair(gw) for _ in range(streams if sse else 1)]
     await asyncio.sleep(0)
     try:
         if sse:
@@ -179,14 +183,7 @@ async def _new_streams(loop, gw, n: int) -> float:
     open_before = len(gw.connections)
     started = time.process_time()
     for _ in range(n):
-        up_t = MemoryTransport()
-        up = upstream.UpstreamConnection(gw.pool)
-        up.connection_made(up_t)
-        gw.pool._all.add(up)
-        gw.pool.release(up, True)
-        cl_t = MemoryTransport()
-        client = gw.new_connection()
-        client.connection_made(cl_t)
+        up_t, up, cl_t, client = _open_pair(gw)
         up_t.written = loop.create_future()
         client.data_received(request(STREAM_BODY))
         await up_t.written

@@ -501,6 +501,16 @@ def raise_nofile() -> int:
 
 
 # ======================================= the bench ===============================================
+def load_result(name: str, rc: int, out: bytes, err: bytes, wall: float, cpu_pct: dict) -> dict:
+    """The records of loadclient or sseload (the same JSON), with the run's wall time and CPU."""
+    if rc != 0 or not out:
+        raise RuntimeError(f"{name} failed ({rc}): {err.decode(errors='replace')[-2000:]}")
+    r = json.loads(out)
+    return {"records": r["records"], "connect_times": r["connect_times"],
+            "failed": r["failed"], "error_count": r["error_count"], "errors": r["errors"],
+            "wall": r["wall"], "wall_outer": wall, "cpu_pct": cpu_pct, "processes": 1}
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -679,12 +689,7 @@ http {{
         rc, out, err, wall, cpu_pct = run_generator(
             "loadclient", [sys.executable, str(LOADCLIENT)], self.env(), watch, timeout + 30,
             start_at, stdin=json.dumps(spec).encode())
-        if rc != 0 or not out:
-            raise RuntimeError(f"loadclient failed ({rc}): {err.decode(errors='replace')[-2000:]}")
-        r = json.loads(out)
-        return {"records": r["records"], "connect_times": r["connect_times"],
-                "failed": r["failed"], "error_count": r["error_count"], "errors": r["errors"],
-                "wall": r["wall"], "wall_outer": wall, "cpu_pct": cpu_pct, "processes": 1}
+        return load_result("loadclient", rc, out, err, wall, cpu_pct)
 
     def run_sseload(self, port: int | str, body: dict, connections: int, *, duration: float,
                     requests_per_conn: int = 0, timeout: float = 60.0,
@@ -700,12 +705,7 @@ http {{
                 "--timeout", f"{timeout:g}", "--connect-parallel", str(connect_parallel)]
         rc, out, err, wall, cpu_pct = run_generator("sseload", argv, self.env(), watch,
                                                     timeout + 30, start_at, on_tick)
-        if rc != 0 or not out:
-            raise RuntimeError(f"sseload failed ({rc}): {err.decode()[-2000:]}")
-        r = json.loads(out)
-        return {"records": r["records"], "connect_times": r["connect_times"],
-                "failed": r["failed"], "error_count": r["error_count"], "errors": r["errors"],
-                "wall": r["wall"], "wall_outer": wall, "cpu_pct": cpu_pct, "processes": 1}
+        return load_result("sseload", rc, out, err, wall, cpu_pct)
 
     def run_wrk(self, port: int, connections: int, duration: float, watch: list[Child]) -> dict:
         env = self.env(BENCH_BODY=json.dumps(SMALL_BODY), BENCH_AUTH=self.key)
