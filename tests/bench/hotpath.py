@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import functools
 import json
 import os
 import pstats
@@ -113,7 +114,8 @@ def _open_pair(gw) -> tuple:
 
 
 async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = False) -> float:
-    """Microseconds of process CPU time per request (or per event with sse)."""
+    """Microseconds of process CPU time per request (per event with sse, per stream with
+    new_conns)."""
     loop = asyncio.get_running_loop()
     cfg = config.load_config({
         "AUTH_KEYS_FILE": f"{tmp}/keys", "DATA_DIR": tmp, "RUN_DIR": tmp,
@@ -125,7 +127,7 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = F
     gw = gateway.Gateway(cfg, store=store, access_log=alog)
     gw.pool.idle_ttl = 1e9
     gw.pool.max_idle = max(gw.pool.max_idle, streams)
-    pairs = [_open_pair(gw) for _ in range(streams if sse else 1)]
+    pairs = [_open_pair(gw) for _ in range(streams if sse else 0 if new_conns else 1)]
     await asyncio.sleep(0)
     try:
         if sse:
@@ -153,9 +155,9 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = F
                 if not (await cl_t.written).endswith(b"0\r\n\r\n"):
                     raise RuntimeError("the stream did not end")
             return spent / (rounds * len(ups)) * 1e6
-        up_t, up, cl_t, client = pairs[0]
         if new_conns:
             return await _new_streams(loop, gw, n)
+        up_t, up, cl_t, client = pairs[0]
         req = request(BODY)
         started = time.process_time()
         answer = b""
@@ -223,14 +225,16 @@ def main() -> int:
         with open(f"{tmp}/keys", "w") as f:
             f.write(f"hotpath:{KEY} rpm=10000000 concurrency=100000\n")
         os.chmod(f"{tmp}/keys", 0o600)
-        figures = [asyncio.run(run(tmp, args.requests, args.sse, args.streams, args.new_connections)) for _ in range(args.repeat)]
+        measure = functools.partial(run, tmp, args.requests, args.sse, args.streams,
+                                    args.new_connections)
+        figures = [asyncio.run(measure()) for _ in range(args.repeat)]
         unit = "event" if args.sse else "stream" if args.new_connections else "request"
         print(f"CPU us per {unit}: best {min(figures):.1f}  runs "
               + " ".join(f"{x:.1f}" for x in figures))
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()
-            asyncio.run(run(tmp, args.requests, args.sse, args.streams, args.new_connections))
+            asyncio.run(measure())
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
     return 0
