@@ -4,6 +4,7 @@ come from these helpers, so their edge cases are pinned here."""
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 import time
 from pathlib import Path
 
@@ -91,3 +92,69 @@ def test_steal_every_time_is_bounded_and_keeps_the_least_bad_attempt():
     assert again == last
     assert [r["n"] for r in runs["gateway"]] == [2 * last + 1]
     assert [r["n"] for r in runs["direct"]] == [2 * last + 2]
+
+
+LLAMA_METRICS = """# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.
+# TYPE llamacpp:prompt_tokens_total counter
+llamacpp:prompt_tokens_total 29
+# TYPE llamacpp:tokens_predicted_total counter
+llamacpp:tokens_predicted_total 1540
+# TYPE llamacpp:n_decode_total counter
+llamacpp:n_decode_total 200
+llamacpp:n_busy_slots_per_decode 7.7
+"""
+
+
+def test_llama_counters_are_read_from_llama_servers_prometheus_text():
+    assert run_bench.parse_llama_counters(LLAMA_METRICS) == {
+        "n_decode_total": 200.0, "tokens_predicted_total": 1540.0}
+    # a value that is not a number, or no counters at all: left out, never a crash
+    assert run_bench.parse_llama_counters("llamacpp:n_decode_total nan?\nfoo 1\n") == {}
+
+
+def test_llama_activity_tells_decode_speed_apart_from_tokens_per_step():
+    before = {"n_decode_total": 200.0, "tokens_predicted_total": 1540.0}
+    after = {"n_decode_total": 1700.0, "tokens_predicted_total": 13040.0}
+    assert run_bench.llama_activity(before, after, 5.0) == {
+        "decodes_per_s": 300.0, "tokens_per_decode": 11500 / 1500}
+    # no decode step in the run: a rate of 0, no tokens per step
+    assert run_bench.llama_activity(before, before, 5.0) == {
+        "decodes_per_s": 0.0, "tokens_per_decode": None}
+    # /metrics did not answer (llama-server without --metrics): unknown, not zero
+    unknown = {"decodes_per_s": None, "tokens_per_decode": None}
+    assert run_bench.llama_activity({}, after, 5.0) == unknown
+    assert run_bench.llama_activity(before, after, 0.0) == unknown
+
+
+def _d_side(tokens_per_s, decodes_per_s, tokens_per_decode):
+    return {"tokens_per_s": tokens_per_s, "ttft_p50_ms": 3.0, "ttft_p99_ms": 5.0, "failed": 0,
+            "decodes_per_s": decodes_per_s, "tokens_per_decode": tokens_per_decode,
+            "cpu_pct": {"llama": 100.0}}
+
+
+MACHINE = {"date": "now", "cpu_model": "cpu", "cpus_usable": 2, "memory_mb": 1, "python": "3",
+           "platform": "linux", "git_commit": "abc", "loadavg_start": (0, 0, 0),
+           "loadavg_end": (0, 0, 0)}
+
+
+def _d_markdown(out, summary) -> str:
+    bench = run_bench.Bench(SimpleNamespace(quick=True, out=str(out), profile=False))
+    try:
+        bench.results["d"] = {"rounds": 1, "duration_s": 2, "max_tokens": 96,
+                              "parallel": {8: {"runs": {}, "summary": summary}}}
+        return bench.markdown(MACHINE)
+    finally:
+        bench.cleanup()
+
+
+def test_case_d_table_shows_llama_servers_decode_steps_and_tokens_per_step(tmp_path):
+    summary = {"gateway": _d_side(2300.0, 300.0, 7.66), "direct": _d_side(2600.0, 340.0, 7.64),
+               "paired": {"tokens_per_s": 0.885, "decodes_per_s": 0.882}}
+    md = _d_markdown(tmp_path / "1", summary)
+    assert "| 8 | llama-server decode steps/s | 300 | 340 | 0.88 |" in md
+    # no paired ratio for tokens per step: the ratio of the two medians
+    assert "| 8 | llama-server tokens per step | 7.66 | 7.64 | 1.00 |" in md
+    # a side without the counters (None) shows a dash, not a crash
+    summary["gateway"]["decodes_per_s"] = None
+    md = _d_markdown(tmp_path / "2", summary)
+    assert "| 8 | llama-server decode steps/s | – | 340 | 0.88 |" in md

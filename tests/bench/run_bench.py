@@ -138,6 +138,11 @@ HTTP_TIMEOUT = 30.0
 
 CHAT_PATH = "/v1/chat/completions"
 SMALL_BODY = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+# llama-server's own counters, read around each case d run (--metrics): how many decode steps it
+# ran and how many tokens they generated. Fewer steps per second means llama-server computed
+# slower (CPU taken from its compute thread); fewer tokens per step means worse batching
+# (requests reaching it spread out, so a step serves fewer slots).
+LLAMA_COUNTERS = ("n_decode_total", "tokens_predicted_total")
 LLAMA_BODY = {"model": "demo", "messages": [{"role": "user", "content": "Tell me a story."}],
               "stream": True, "max_tokens": 96, "temperature": 0, "seed": 42, "ignore_eos": True}
 
@@ -470,6 +475,37 @@ def ratio(a, b):
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def parse_llama_counters(text: str) -> dict[str, float]:
+    """LLAMA_COUNTERS from llama-server's Prometheus text (/metrics); a missing one is left out."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("llamacpp:"):
+            continue
+        name, _, value = line[len("llamacpp:"):].partition(" ")
+        if name in LLAMA_COUNTERS:
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def llama_counters(where: int | str) -> dict[str, float]:
+    """llama-server's counters now ({} when /metrics does not answer 200)."""
+    status, body = http_request(where, "GET", "/metrics", timeout=HTTP_TIMEOUT)
+    return parse_llama_counters(body.decode("utf-8", "replace")) if status == 200 else {}
+
+
+def llama_activity(before: dict, after: dict, wall: float) -> dict:
+    """What llama-server did between two counter reads `wall` seconds apart: decode steps per
+    second and tokens generated per step (None where a counter is missing)."""
+    if wall <= 0 or any(k not in before or k not in after for k in LLAMA_COUNTERS):
+        return {"decodes_per_s": None, "tokens_per_decode": None}
+    steps = after["n_decode_total"] - before["n_decode_total"]
+    tokens = after["tokens_predicted_total"] - before["tokens_predicted_total"]
+    return {"decodes_per_s": steps / wall, "tokens_per_decode": tokens / steps if steps > 0 else None}
 
 
 def paired_ratio(runs: dict, key: str, side: str = "gateway", base: str = "direct"):
@@ -1070,11 +1106,15 @@ http {{
                 raise RuntimeError(f"case d warm-up failed: {m['errors']} {m['records'][:1]}")
         res = {"rounds": rounds, "duration_s": dur, "max_tokens": LLAMA_BODY["max_tokens"],
                "parallel": {}}
+        # The llama-server each target's requests reach, for its counters.
+        llama_of = {"gateway": sock, "direct": lport, "direct_unix": sock, "nginx": sock}
         for par in (1, 8):
             def one(tgt, port, watch, par=par):
+                before = llama_counters(llama_of[tgt])
                 m = self.run_clients(port, LLAMA_BODY, par, requests_per_conn=0,
                                      duration=dur, mode="tokens", watch=watch,
                                      timeout=dur + 120)
+                activity = llama_activity(before, llama_counters(llama_of[tgt]), m["wall"])
                 recs = m["records"]
                 tokens = sum(r[5] for r in recs if r[4] == 200)
                 ttft = [r[2] * 1000 for r in recs if r[2] is not None]
@@ -1083,9 +1123,11 @@ http {{
                        "wall": m["wall"], "tokens_per_s": tokens / m["wall"],
                        "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
                        "ttft_ms": ttft,
-                       "cpu_pct": m["cpu_pct"]}
+                       "cpu_pct": m["cpu_pct"], **activity}
                 log(f"  d np={par} {tgt:11s} {run['tokens_per_s']:8.0f} tokens/s  streams "
-                    f"{len(recs)}  ttft p50 {run['ttft_p50_ms'] or 0:.2f} ms  cpu "
+                    f"{len(recs)}  ttft p50 {run['ttft_p50_ms'] or 0:.2f} ms  decode steps/s "
+                    f"{run['decodes_per_s'] or 0:.0f} tokens/step {run['tokens_per_decode'] or 0:.2f}"
+                    f"  cpu "
                     + " ".join(f"{k} {v:.0f}%" for k, v in run["cpu_pct"].items()))
                 return run
 
@@ -1100,10 +1142,13 @@ http {{
                                 "ttft_p50_ms": percentile(ttft, 50),
                                 "ttft_p99_ms": percentile(ttft, 99),
                                 "failed": sum(r["failed"] + r["non_200"] for r in rr),
+                                "decodes_per_s": median([r["decodes_per_s"] for r in rr]),
+                                "tokens_per_decode": median([r["tokens_per_decode"] for r in rr]),
                                 "cpu_pct": median_cpu(rr)}
                 for r in rr:
                     del r["ttft_ms"]
             summary["paired"] = {"tokens_per_s": paired_ratio(runs, "tokens_per_s"),
+                                 "decodes_per_s": paired_ratio(runs, "decodes_per_s"),
                                  "tokens_per_s_unix": paired_ratio(runs, "tokens_per_s",
                                                                    base="direct_unix")}
             if ngx:
@@ -1424,6 +1469,13 @@ http {{
                     L.append(f"| {par} | {name} | {f2(g[key], fmt)} | {f2(d[key], fmt)} | "
                              f"{f2(p['summary']['paired'].get(key, ratio(g[key], d[key])))} |")
                 L.append(f"| {par} | CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
+                for key, name, fmt in (("decodes_per_s", "llama-server decode steps/s", "{:.0f}"),
+                                       ("tokens_per_decode", "llama-server tokens per step",
+                                        "{:.2f}")):
+                    if g.get(key) is not None or d.get(key) is not None:
+                        L.append(f"| {par} | {name} | {f2(g.get(key), fmt)} | "
+                                 f"{f2(d.get(key), fmt)} | "
+                                 f"{f2(p['summary']['paired'].get(key, ratio(g.get(key), d.get(key))))} |")
                 u = p["summary"].get("direct_unix")
                 if u is not None:
                     L.append(f"| {par} | tokens/s, direct over the Unix socket | "
@@ -1442,7 +1494,10 @@ http {{
                              f"{f2(n['ttft_p50_ms'])} | {f2(d['ttft_p50_ms'])} | "
                              f"{f2(ratio(n['ttft_p50_ms'], d['ttft_p50_ms']))} |")
                     L.append(f"| {par} | CPU, nginx for reference | {cpu_cell(n['cpu_pct'])} | | |")
-            L.append("")
+            L += ["", "The llama-server rows are its own counters (/metrics) over each run: "
+                  "decode steps per second fall when llama-server computes slower (its compute "
+                  "thread shares the CPUs with the proxy and the client), tokens per step fall "
+                  "when requests reach it spread out and a step serves fewer slots.", ""]
         if "e" in self.results:
             e = self.results["e"]
             g, d = e["summary"]["gateway"], e["summary"]["direct"]
