@@ -158,3 +158,18 @@ def test_case_d_table_shows_llama_servers_decode_steps_and_tokens_per_step(tmp_p
     summary["gateway"]["decodes_per_s"] = None
     md = _d_markdown(tmp_path / "2", summary)
     assert "| 8 | llama-server decode steps/s | – | 340 | 0.88 |" in md
+
+
+def test_logged_stream_ttfb_reads_every_access_log_and_only_streams(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "api_access.log.1").write_text(
+        '{"status":200,"outcome":"ok","stream":true,"ttfb_ms":12.5}\n'
+        'not json\n'
+        '{"status":200,"outcome":"ok","stream":false,"ttfb_ms":1.0}\n')
+    (logs / "api_access.log").write_text(
+        '{"status":200,"outcome":"ok","stream":true,"ttfb_ms":40}\n'
+        '{"status":504,"outcome":"upstream_timeout","stream":true,"ttfb_ms":null}\n')
+    assert sorted(run_bench.logged_stream_ttfb_ms(tmp_path)) == [12.5, 40]
+    assert run_bench.access_outcomes(tmp_path) == {"200 ok": 3, "504 upstream_timeout": 1}
+    assert run_bench.logged_stream_ttfb_ms(tmp_path / "none") == []
