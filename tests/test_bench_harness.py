@@ -4,9 +4,9 @@ come from these helpers, so their edge cases are pinned here."""
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 

@@ -1485,19 +1485,23 @@ http {{
                   "| streams | metric | gateway | direct | ratio |", "|---|---|---|---|---|"]
             for par, p in dd["parallel"].items():
                 g, d = p["summary"]["gateway"], p["summary"]["direct"]
+
+                def side_by_side(key, name, fmt, g=g, d=d, p=p, par=par):
+                    """gateway | direct | paired ratio (else the ratio of the medians)."""
+                    gv, dv = g.get(key), d.get(key)
+                    L.append(f"| {par} | {name} | {f2(gv, fmt)} | {f2(dv, fmt)} | "
+                             f"{f2(p['summary']['paired'].get(key, ratio(gv, dv)))} |")
+
                 for key, name, fmt in (("tokens_per_s", "tokens/s", "{:.0f}"),
                                        ("ttft_p50_ms", "TTFT p50 ms", "{:.2f}"),
                                        ("ttft_p99_ms", "TTFT p99 ms", "{:.2f}")):
-                    L.append(f"| {par} | {name} | {f2(g[key], fmt)} | {f2(d[key], fmt)} | "
-                             f"{f2(p['summary']['paired'].get(key, ratio(g[key], d[key])))} |")
+                    side_by_side(key, name, fmt)
                 L.append(f"| {par} | CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
                 for key, name, fmt in (("decodes_per_s", "llama-server decode steps/s", "{:.0f}"),
                                        ("tokens_per_decode", "llama-server tokens per step",
                                         "{:.2f}")):
                     if g.get(key) is not None or d.get(key) is not None:
-                        L.append(f"| {par} | {name} | {f2(g.get(key), fmt)} | "
-                                 f"{f2(d.get(key), fmt)} | "
-                                 f"{f2(p['summary']['paired'].get(key, ratio(g.get(key), d.get(key))))} |")
+                        side_by_side(key, name, fmt)
                 u = p["summary"].get("direct_unix")
                 if u is not None:
                     L.append(f"| {par} | tokens/s, direct over the Unix socket | "
