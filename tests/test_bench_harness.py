@@ -3,6 +3,8 @@ come from these helpers, so their edge cases are pinned here."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -137,11 +139,11 @@ MACHINE = {"date": "now", "cpu_model": "cpu", "cpus_usable": 2, "memory_mb": 1, 
            "loadavg_end": (0, 0, 0)}
 
 
-def _d_markdown(out, summary) -> str:
+def _d_markdown(out, summary, **extra) -> str:
     bench = run_bench.Bench(SimpleNamespace(quick=True, out=str(out), profile=False))
     try:
         bench.results["d"] = {"rounds": 1, "duration_s": 2, "max_tokens": 96,
-                              "parallel": {8: {"runs": {}, "summary": summary}}}
+                              "parallel": {8: {"runs": {}, "summary": summary}}, **extra}
         return bench.markdown(MACHINE)
     finally:
         bench.cleanup()
@@ -173,3 +175,64 @@ def test_logged_stream_ttfb_reads_every_access_log_and_only_streams(tmp_path):
     assert sorted(run_bench.logged_stream_ttfb_ms(tmp_path)) == [12.5, 40]
     assert run_bench.access_outcomes(tmp_path) == {"200 ok": 3, "504 upstream_timeout": 1}
     assert run_bench.logged_stream_ttfb_ms(tmp_path / "none") == []
+
+
+def test_case_d_cpus_split_llama_servers_half_from_everyone_elses():
+    assert run_bench.split_cpus({0, 1}) == ({0}, {1})
+    assert run_bench.split_cpus({3, 1, 2, 0}) == ({0, 1}, {2, 3})
+    assert run_bench.split_cpus({4, 6, 9}) == ({4}, {6, 9})
+    # one CPU: nothing to split, nothing pinned
+    assert run_bench.split_cpus({5}) == ({5}, set())
+    assert run_bench.cpu_list([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    assert run_bench.cpu_list([]) == "–"
+
+
+_THREADS_CHILD = """
+import os, sys, threading, time
+stop = threading.Event()
+threading.Thread(target=stop.wait, daemon=True).start()    # a thread before the pinning
+print("ready", flush=True)
+sys.stdin.readline()
+ids = []
+def later():
+    ids.append(threading.get_native_id())
+    stop.wait()
+t = threading.Thread(target=later, daemon=True)            # and one after it
+t.start()
+while not ids:
+    time.sleep(0.01)
+print(sorted(os.sched_getaffinity(ids[0])), flush=True)
+"""
+
+
+def test_pin_moves_every_thread_and_threads_started_later_inherit_it():
+    cpus = {min(os.sched_getaffinity(0))}
+    child = subprocess.Popen([sys.executable, "-c", _THREADS_CHILD], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert run_bench.pin(child.pid, cpus) == 2     # the main thread and the first one
+        assert run_bench.cpus_of(child.pid) == sorted(cpus)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == str(sorted(cpus))
+        assert run_bench.cpus_of(child.pid) == sorted(cpus)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_case_d_report_says_where_llama_server_ran_and_shows_the_unpinned_reference(tmp_path):
+    summary = {"gateway": _d_side(2300.0, 300.0, 7.66), "direct": _d_side(2350.0, 305.0, 7.64),
+               "paired": {"tokens_per_s": 0.99, "decodes_per_s": 0.985}}
+    md = _d_markdown(tmp_path / "1", summary,
+                     cpus={"llama": [0], "others": [1], "llama_seen": [0]},
+                     unpinned={"rounds": 3, "tokens_per_s": {"gateway": 2200.0, "direct": 2400.0},
+                               "decodes_per_s": 0.93, "paired": 0.915})
+    assert "llama-server runs on CPU 0 (its threads were seen on 0)" in md
+    assert "the load client and the harness on CPU 1" in md
+    assert "| 8 | tokens/s, nothing pinned, for reference (3 rounds) | 2200 | 2400 | 0.92 |" in md
+    assert "| 8 | llama-server decode steps/s ratio, nothing pinned | | | 0.93 |" in md
+    # a run on one CPU pins nothing and says nothing of it
+    md = _d_markdown(tmp_path / "2", summary, cpus=None)
+    assert "llama-server runs on CPU" not in md and "nothing pinned" not in md

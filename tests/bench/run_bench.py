@@ -102,6 +102,8 @@ RSS_SAMPLE_PERIOD = 0.05
 # llama-server's CPU threads: half the CPUs, so the gateway and the load generator keep the
 # rest (its default, all CPUs, stalls its thread barrier whenever another process runs).
 LLAMA_THREADS = max(1, len(os.sched_getaffinity(0)) // 2)
+# Case d at 8 streams, with nothing pinned, for reference: rounds (the pinned runs are the target).
+UNPINNED_ROUNDS = 3
 # Case a: the connection count at which the gateway also runs over TCP to the fake, for reference.
 TCP_REFERENCE_CONNS = 16
 # The nginx reference (cases a, b, d): connections per process, above case a's 64 and b's 64
@@ -519,6 +521,54 @@ def llama_activity(before: dict, after: dict, wall: float) -> dict:
     steps = after["n_decode_total"] - before["n_decode_total"]
     tokens = after["tokens_predicted_total"] - before["tokens_predicted_total"]
     return {"decodes_per_s": steps / wall, "tokens_per_decode": tokens / steps if steps > 0 else None}
+
+
+def cpu_list(cpus) -> str:
+    """[0, 1, 2, 5] as "0-2, 5" (the kernel's own notation for a CPU set)."""
+    out, run = [], []
+    for c in sorted(cpus):
+        if run and c != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
+            run = []
+        run.append(c)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
+    return ", ".join(out) or "–"
+
+
+def split_cpus(cpus) -> tuple[set[int], set[int]]:
+    """Case d's CPUs: llama-server's (the first LLAMA_THREADS-sized half) and the others' (the
+    proxy, the load client, the harness). With one CPU there is nothing to split: (all, empty)."""
+    cpus = sorted(cpus)
+    if len(cpus) < 2:
+        return set(cpus), set()
+    half = max(1, len(cpus) // 2)
+    return set(cpus[:half]), set(cpus[half:])
+
+
+def pin(pid: int, cpus: set[int]) -> int:
+    """Every thread of process pid onto cpus; threads it starts later inherit the set from the
+    thread that starts them. Returns how many threads were set (a thread that ended meanwhile is
+    skipped)."""
+    done = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+            done += 1
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+    return done
+
+
+def cpus_of(pid: int) -> list[int]:
+    """The CPUs any thread of process pid may run on (the union over its threads)."""
+    seen: set[int] = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            seen |= os.sched_getaffinity(int(tid))
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+    return sorted(seen)
 
 
 def paired_ratio(runs: dict, key: str, side: str = "gateway", base: str = "direct"):
@@ -1107,6 +1157,27 @@ http {{
         for child, where in ((llama, sock), (llama_tcp, lport)):
             wait_until(lambda w=where: http_request(w, "GET", "/health", timeout=2)[0] == 200,
                        LLAMA_LOAD_TIMEOUT, "llama-server /health 200", child, period=0.1)
+        # llama-server computes on its own CPUs; the proxy, the load client and the harness run
+        # on the others, for every target alike. In the product the compute is the GPU's, which
+        # no proxy can take from it; here it is a CPU thread, and left to the scheduler the
+        # proxy's and the client's wake-ups land on that CPU too and preempt it (session 13:
+        # decode steps/s 0.94x through the gateway, nginx as low). LLAMA_THREADS is already half
+        # the CPUs; the pinning makes the split hold. At 8 streams the case also runs with
+        # nothing pinned, for reference.
+        own = os.sched_getaffinity(0)
+        llama_cpus, rest = split_cpus(own)
+        if rest:
+            for child in (llama, llama_tcp):
+                pin(child.pid, llama_cpus)
+            os.sched_setaffinity(0, rest)     # the gateway, nginx and the clients inherit it
+        try:
+            self._case_d_runs(llama, sock, llama_tcp, lport, own, llama_cpus, rest)
+        finally:
+            os.sched_setaffinity(0, own)
+        llama.stop()
+        llama_tcp.stop()
+
+    def _case_d_runs(self, llama, sock, llama_tcp, lport, own, llama_cpus, rest) -> None:
         gw, gport = self.start_gateway(sock, "d")
         ngx = self.start_nginx(sock, "d")   # for reference: nginx in the gateway's place
         # 5 rounds: a 5 s run of 8 streams moved by ±10 % between rounds on the 2-CPU VM
@@ -1121,35 +1192,35 @@ http {{
             if not m["records"] or m["records"][0][4] != 200 or not m["records"][0][5]:
                 raise RuntimeError(f"case d warm-up failed: {m['errors']} {m['records'][:1]}")
         res = {"rounds": rounds, "duration_s": dur, "max_tokens": LLAMA_BODY["max_tokens"],
-               "parallel": {}}
+               "parallel": {},
+               "cpus": {"llama": sorted(llama_cpus), "others": sorted(rest)} if rest else None}
         # The llama-server each target's requests reach, for its counters.
         llama_of = {"gateway": sock, "direct": lport, "direct_unix": sock, "nginx": sock}
-        for par in (1, 8):
-            def one(tgt, port, watch, par=par):
-                before = llama_counters(llama_of[tgt])
-                m = self.run_clients(port, LLAMA_BODY, par, requests_per_conn=0,
-                                     duration=dur, mode="tokens", watch=watch,
-                                     timeout=dur + 120)
-                activity = llama_activity(before, llama_counters(llama_of[tgt]), m["wall"])
-                recs = m["records"]
-                tokens = sum(r[5] for r in recs if r[4] == 200)
-                ttft = [r[2] * 1000 for r in recs if r[2] is not None]
-                run = {"streams": len(recs), "failed": m["failed"], "errors": m["errors"],
-                       "non_200": sum(1 for r in recs if r[4] != 200), "tokens": tokens,
-                       "wall": m["wall"], "tokens_per_s": tokens / m["wall"],
-                       "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
-                       "ttft_ms": ttft,
-                       "cpu_pct": m["cpu_pct"], **activity}
-                log(f"  d np={par} {tgt:11s} {run['tokens_per_s']:8.0f} tokens/s  streams "
-                    f"{len(recs)}  ttft p50 {run['ttft_p50_ms'] or 0:.2f} ms  decode steps/s "
-                    f"{run['decodes_per_s'] or 0:.0f} tokens/step {run['tokens_per_decode'] or 0:.2f}"
-                    f"  cpu "
-                    + " ".join(f"{k} {v:.0f}%" for k, v in run["cpu_pct"].items()))
-                return run
 
+        def one(tgt, port, watch, par):
+            before = llama_counters(llama_of[tgt])
+            m = self.run_clients(port, LLAMA_BODY, par, requests_per_conn=0,
+                                 duration=dur, mode="tokens", watch=watch, timeout=dur + 120)
+            activity = llama_activity(before, llama_counters(llama_of[tgt]), m["wall"])
+            recs = m["records"]
+            tokens = sum(r[5] for r in recs if r[4] == 200)
+            ttft = [r[2] * 1000 for r in recs if r[2] is not None]
+            run = {"streams": len(recs), "failed": m["failed"], "errors": m["errors"],
+                   "non_200": sum(1 for r in recs if r[4] != 200), "tokens": tokens,
+                   "wall": m["wall"], "tokens_per_s": tokens / m["wall"],
+                   "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
+                   "ttft_ms": ttft, "cpu_pct": m["cpu_pct"], **activity}
+            log(f"  d np={par} {tgt:11s} {run['tokens_per_s']:8.0f} tokens/s  streams "
+                f"{len(recs)}  ttft p50 {run['ttft_p50_ms'] or 0:.2f} ms  decode steps/s "
+                f"{run['decodes_per_s'] or 0:.0f} tokens/step {run['tokens_per_decode'] or 0:.2f}"
+                f"  cpu " + " ".join(f"{k} {v:.0f}%" for k, v in run["cpu_pct"].items()))
+            return run
+
+        for par in (1, 8):
             # The order turns round every other round: a machine speeding up or slowing down
             # over the case favours no target (with 3 targets the last would always gain).
-            runs, again = self.interleave(targets, rounds, one, turn=True)
+            runs, again = self.interleave(targets, rounds,
+                                          lambda t, p, w, par=par: one(t, p, w, par), turn=True)
             res["steal_reruns"] = res.get("steal_reruns", 0) + again
             summary = {}
             for tgt, rr in runs.items():
@@ -1183,11 +1254,34 @@ http {{
                             f"{'s' if par > 1 else ''})",
                             f"{summary['paired']['tokens_per_s_nginx']:.3f}x tokens/s, "
                             f"{summary['nginx']['failed']} failed", None)
+        if rest:
+            # Threads llama-server started during the runs (its compute threads) stayed on its
+            # CPUs: shown in the report, so a pinning that did not hold is seen.
+            res["cpus"]["llama_seen"] = sorted(set(cpus_of(llama.pid))
+                                               | set(cpus_of(llama_tcp.pid)))
+            # For reference: 8 streams with nothing pinned (every process on every CPU).
+            for child in (llama, llama_tcp, gw):
+                pin(child.pid, own)
+            os.sched_setaffinity(0, own)
+            plain = targets[:2]
+            runs, again = self.interleave(plain, 1 if self.quick else UNPINNED_ROUNDS,
+                                          lambda t, p, w: one(t, p, w, 8), turn=True)
+            res["steal_reruns"] = res.get("steal_reruns", 0) + again
+            for rr in runs.values():
+                for r in rr:
+                    del r["ttft_ms"]
+            r = paired_ratio(runs, "tokens_per_s")
+            res["unpinned"] = {"rounds": len(runs["gateway"]), "runs": runs,
+                               "tokens_per_s": {t: median([x["tokens_per_s"] for x in rr])
+                                                for t, rr in runs.items()},
+                               "decodes_per_s": paired_ratio(runs, "decodes_per_s"),
+                               "paired": r}
+            self.target("d", "reference, not a target: nothing pinned (8 streams)",
+                        f"{r:.3f}x tokens/s (decode steps/s "
+                        f"{res['unpinned']['decodes_per_s']:.3f}x)", None)
         self.stop_gateway(gw, None, "d")
         if ngx:
             ngx[0].stop()
-        llama.stop()
-        llama_tcp.stop()
         self.results["d"] = res
 
     def first_token(self, port: int, deadline: float, auth: bool) -> float | None:
@@ -1483,6 +1577,13 @@ http {{
             L += [f"## (d) real llama-server, demo model, max_tokens {dd['max_tokens']}, "
                   f"temperature 0 ({dd['rounds']} × {dd['duration_s']} s{again(dd)})", "",
                   "| streams | metric | gateway | direct | ratio |", "|---|---|---|---|---|"]
+            cpus = dd.get("cpus")
+            if cpus:
+                L[-2:-2] = [f"llama-server runs on CPU {cpu_list(cpus['llama'])} (its threads were "
+                            f"seen on {cpu_list(cpus.get('llama_seen', []))}); the gateway, nginx, "
+                            f"the load client and the harness on CPU {cpu_list(cpus['others'])}, "
+                            "for every target alike: on the product's GPU no proxy can take the "
+                            "compute's CPU. The last row runs with nothing pinned.", ""]
             for par, p in dd["parallel"].items():
                 g, d = p["summary"]["gateway"], p["summary"]["direct"]
 
@@ -1520,6 +1621,15 @@ http {{
                              f"{f2(n['ttft_p50_ms'])} | {f2(d['ttft_p50_ms'])} | "
                              f"{f2(ratio(n['ttft_p50_ms'], d['ttft_p50_ms']))} |")
                     L.append(f"| {par} | CPU, nginx for reference | {cpu_cell(n['cpu_pct'])} | | |")
+            up = dd.get("unpinned")
+            if up:
+                n = up["rounds"]
+                L.append(f"| 8 | tokens/s, nothing pinned, for reference ({n} round"
+                         f"{'s' if n != 1 else ''}) | "
+                         f"{f2(up['tokens_per_s']['gateway'], '{:.0f}')} | "
+                         f"{f2(up['tokens_per_s']['direct'], '{:.0f}')} | {f2(up['paired'])} |")
+                L.append(f"| 8 | llama-server decode steps/s ratio, nothing pinned | | | "
+                         f"{f2(up['decodes_per_s'])} |")
             L += ["", "The llama-server rows are its own counters (/metrics) over each run: "
                   "decode steps per second fall when llama-server computes slower (its compute "
                   "thread shares the CPUs with the proxy and the client), tokens per step fall "
