@@ -319,6 +319,33 @@ async def test_listener_sets_nodelay_and_peername_and_stops_on_close():
     t.abort()
 
 
+@pytest.mark.parametrize("batch", [None, 50], ids=["default", "bounded"])
+@aio
+async def test_a_burst_of_connections_is_taken_in_one_wake_up_up_to_the_batch(monkeypatch, batch):
+    if batch is not None:
+        monkeypatch.setattr(fastio, "ACCEPT_BATCH", batch)
+    burst = 300
+    assert fastio.ACCEPT_BATCH >= burst or batch is not None
+    protos: list[Collect] = []
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    listener = fastio.Listener(asyncio.get_running_loop(), lsock,
+                               lambda: protos.append(Collect()) or protos[-1], 1024)
+    # Blocking connects, the loop not running: all of them wait in the listen queue at once.
+    clients = [socket.create_connection(lsock.getsockname(), timeout=5) for _ in range(burst)]
+    try:
+        listener._accept_ready()           # one wake-up of the listener
+        assert len(protos) == (batch or burst)
+        if batch is not None:              # the rest are left for the next wake-ups
+            await eventually(lambda: len(protos) == burst)
+    finally:
+        listener.close()
+        for c in clients:
+            c.close()
+        for p in protos:
+            p.transport.abort()
+
+
 class _FlakyListenSocket:
     """A listening socket whose accept() fails as told first, then works."""
 
