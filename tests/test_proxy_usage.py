@@ -26,6 +26,23 @@ def test_nothing_to_count():
     assert _usage_from_sse_tail(b'data: {"usage": broken\n\n') is None
 
 
+def test_counts_quoted_inside_a_streamed_token_are_not_the_streams():
+    # a token whose text spells a usage or timings object: escaped quotes, not a key
+    tail = (b'data: {"choices":[{"delta":{"content":"\\"usage\\":{\\"prompt_tokens\\":99}'
+            b' \\"timings\\":{\\"prompt_n\\":99} \xc3\xa9"}}]}\n\n'
+            b'data: {"choices":[{"finish_reason":"stop","delta":{}}],'
+            b'"timings":{"prompt_n":5,"predicted_n":7}}\n\ndata: [DONE]\n\n')
+    assert _usage_from_sse_tail(tail) == {"prompt_tokens": 5, "completion_tokens": 7}
+    # only the quoted ones: nothing to count
+    assert _usage_from_sse_tail(tail[:tail.index(b"data: {\"choices\":[{\"finish")]) is None
+
+
+def test_a_broken_usage_object_falls_back_to_timings():
+    tail = (b'data: {"choices":[],"usage":{"prompt_tokens":3,,},'
+            b'"timings":{"prompt_n":5,"predicted_n":7}}\n\n')
+    assert _usage_from_sse_tail(tail) == {"prompt_tokens": 5, "completion_tokens": 7}
+
+
 def test_usage_of_a_json_answer_is_parsed_alone():
     from proxy import _usage_from_body
     body = (b'{"choices":[{"message":{"content":"a \\"usage\\":{\\"prompt_tokens\\":99}"}}],'
