@@ -525,24 +525,22 @@ def llama_activity(before: dict, after: dict, wall: float) -> dict:
 
 def cpu_list(cpus) -> str:
     """[0, 1, 2, 5] as "0-2, 5" (the kernel's own notation for a CPU set)."""
-    out, run = [], []
+    runs: list[list[int]] = []
     for c in sorted(cpus):
-        if run and c != run[-1] + 1:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
-            run = []
-        run.append(c)
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
-    return ", ".join(out) or "–"
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs) or "–"
 
 
 def split_cpus(cpus) -> tuple[set[int], set[int]]:
     """Case d's CPUs: llama-server's (the first LLAMA_THREADS-sized half) and the others' (the
     proxy, the load client, the harness). With one CPU there is nothing to split: (all, empty)."""
     cpus = sorted(cpus)
-    if len(cpus) < 2:
+    half = len(cpus) // 2
+    if not half:
         return set(cpus), set()
-    half = max(1, len(cpus) // 2)
     return set(cpus[:half]), set(cpus[half:])
 
 
