@@ -257,3 +257,53 @@ def test_replayfake_catches_up_byte_exact_when_behind_its_schedule(tools, tmp_pa
             assert time.monotonic() - t < 0.3   # the late writes did not wait their turn
     finally:
         _stop(proc)
+
+
+def _pyrelay(tmp_path, unix_path):
+    port = run_bench.free_port()
+    proc = subprocess.Popen([sys.executable, str(run_bench.PYRELAY), "--port", str(port),
+                             "--unix", unix_path], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    line = proc.stdout.readline()   # printed once it listens
+    assert b"relaying" in line, line
+    return proc, port
+
+
+def test_pyrelay_passes_bytes_both_ways_and_ends_with_the_upstream(tools, tmp_path, fake):
+    pieces = run_bench.record_answer(fake.port, run_bench.SMALL_BODY)
+    fake_proc, _port, sock = _replay(tools, tmp_path, pieces)
+    relay, port = _pyrelay(tmp_path, sock)
+    try:
+        body = b'{"x": 1}'
+        post = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(body), body)
+        with run_bench.connect(port, TIMEOUT) as a, run_bench.connect(port, TIMEOUT) as b:
+            for s in (a, b, a):      # two clients, each on its own upstream connection
+                s.sendall(post)
+                assert _read_exactly(s, len(pieces[0])) == pieces[0]
+            b.sendall(post * 3)      # pipelined bytes go through as they are
+            assert _read_exactly(b, 3 * len(pieces[0])) == pieces[0] * 3
+            # The upstream closes after a Connection: close answer: so does the relay.
+            a.sendall(post.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
+            assert _read_exactly(a, len(pieces[0])) == pieces[0]
+            assert a.recv(1) == b""
+            b.sendall(post)          # the other client's pair is untouched
+            assert _read_exactly(b, len(pieces[0])) == pieces[0]
+    finally:
+        relay.terminate()
+        relay.wait(TIMEOUT)
+        _stop(fake_proc)
+
+
+def test_pyrelay_drops_a_client_whose_upstream_cannot_be_reached(tmp_path):
+    relay, port = _pyrelay(tmp_path, str(tmp_path / "nobody.sock"))
+    try:
+        with run_bench.connect(port, TIMEOUT) as s:
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass                 # aborted: a reset is as good as a close here
+        assert relay.poll() is None  # and the relay goes on
+    finally:
+        relay.terminate()
+        relay.wait(TIMEOUT)

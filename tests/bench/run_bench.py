@@ -65,6 +65,7 @@ LOADCLIENT = HERE / "loadclient.py"
 REPLAYFAKE_SRC = HERE / "replayfake.c"
 SSELOAD_SRC = HERE / "sseload.c"
 WRK_SCRIPT = HERE / "wrk_post.lua"
+PYRELAY = HERE / "pyrelay.py"
 ENTRYPOINT = REPO / "entrypoint.sh"
 DEMO_MODEL = REPO / "data" / "models" / "demo-tiny-llama.gguf"
 DEFAULT_LLAMA_CACHE = Path.home() / ".cache" / "llama-gguf-inference"
@@ -122,6 +123,12 @@ NGINX_NOTE = ("Reference rows: {version} as a plain reverse proxy in the gateway
               "process, C, upstream keep-alive on the same Unix socket, no buffering, no access "
               "log, no key check or limits). It is not a target; it shows what a proxy hop costs "
               "on this machine when the proxy itself is cheap.")
+# Printed under case (a) beside the relay's rows.
+PYRELAY_NOTE = ("Reference rows, the Python floor: `pyrelay.py`, a byte relay on the gateway's own "
+                "event loop and transports (one upstream Unix connection per client connection, "
+                "no HTTP parsing, no key check, limits, accounting or log). What the gateway costs "
+                "beyond it is the gateway's own work per request; what it costs beyond direct is "
+                "a hop in Python. It is not a target.")
 # Printed under cases (a) and (b): what their upstream is and what its CPU figure means.
 REPLAY_NOTE_A = ("The upstream is replayfake (C): the Python fake's answer, recorded once and sent "
                  "back for every POST in llama-server's writes, at about 9 us of CPU per request "
@@ -766,6 +773,17 @@ http {{
                    START_TIMEOUT, "nginx", ngx)
         return ngx, port
 
+    def start_pyrelay(self, unix_path: str, label: str) -> tuple[Child, int]:
+        """pyrelay.py (bytes both ways on the gateway's transports, nothing else) in the
+        gateway's place, for reference: the floor of a proxy hop in Python on this machine."""
+        port = free_port()
+        relay = Child(f"pyrelay-{label}", [sys.executable, str(PYRELAY), "--port", str(port),
+                                           "--unix", unix_path],
+                      self.env(), self.logs / f"pyrelay-{label}.log")
+        wait_until(lambda: http_request(port, "GET", "/health", timeout=2)[0] == 200,
+                   START_TIMEOUT, "pyrelay", relay)
+        return relay, port
+
     # ---- load generators ----
     def request_bytes(self, body: dict) -> str:
         data = json.dumps(body, separators=(",", ":"))
@@ -861,6 +879,8 @@ http {{
         gwt, tport = self.start_gateway(fport, "a-tcp")
         # For reference: nginx (C, one process) in the gateway's place, on the same Unix socket.
         ngx = self.start_nginx(fsock, "a")
+        # For reference, at TCP_REFERENCE_CONNS only: the floor of a Python hop (pyrelay.py).
+        relay, rport = self.start_pyrelay(fsock, "a")
         # Five short rounds rather than three long ones: round-to-round swings of +-10 % on a
         # shared machine weigh less in a median of five paired ratios.
         rounds = 1 if self.quick else 5
@@ -869,12 +889,13 @@ http {{
         res: dict = {"rounds": rounds, "duration_s": dur, "runs": {}}
         watch = [gw, fake]
         # warm-up: imports, code paths, the upstream pool
-        for port in (gport, fport, tport) + ((ngx[1],) if ngx else ()):
+        for port in (gport, fport, tport, rport) + ((ngx[1],) if ngx else ()):
             self.run_wrk(port, 16, 1, watch)
         for c in conns:
             order = [("gateway", gport, watch), ("direct", fport, watch)]
             if c == TCP_REFERENCE_CONNS:
                 order.append(("gateway_tcp", tport, [gwt, fake]))
+                order.append(("pyrelay", rport, [relay, fake]))
             if ngx:
                 order.append(("nginx", ngx[1], [ngx[0], fake]))
             def one(tgt, port, seen, c=c):
@@ -902,11 +923,14 @@ http {{
             s["paired"] = {"rps": paired_ratio(runs, "rps")}
             if "gateway_tcp" in runs:
                 s["paired"]["rps_tcp"] = paired_ratio(runs, "rps", "gateway_tcp")
+            if "pyrelay" in runs:
+                s["paired"]["rps_pyrelay"] = paired_ratio(runs, "rps", "pyrelay")
             if "nginx" in runs:
                 s["paired"]["rps_nginx"] = paired_ratio(runs, "rps", "nginx")
             res["summary"][c] = s
         self.stop_gateway(gw, prof, "a")
         self.stop_gateway(gwt, None, "a-tcp")
+        relay.stop()
         if ngx:
             ngx[0].stop()
         fake.stop()
@@ -924,6 +948,11 @@ http {{
             added = s16["nginx"]["p50_ms"] - s16["direct"]["p50_ms"]
             self.target("a", "reference, not a target: nginx at 16 connections",
                         f"{s16['paired']['rps_nginx']:.2f}x req/s, p50 added {added:.3f} ms", None)
+        if "pyrelay" in s16:   # reference only: the floor of a hop in Python
+            added = s16["pyrelay"]["p50_ms"] - s16["direct"]["p50_ms"]
+            self.target("a", "reference, not a target: a bare Python relay (pyrelay) at 16 "
+                        "connections", f"{s16['paired']['rps_pyrelay']:.2f}x req/s, p50 added "
+                        f"{added:.3f} ms", None)
 
     def case_b(self) -> None:
         n_streams, n_events = 64, 200
@@ -1489,6 +1518,8 @@ http {{
                          f"{f2(ratio(g['p99_ms'], d['p99_ms']))} |")
                 L.append(f"| {c} | CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
                 for side, label, paired in (("gateway_tcp", "gateway over TCP", "rps_tcp"),
+                                            ("pyrelay", "bare Python relay for reference",
+                                             "rps_pyrelay"),
                                             ("nginx", "nginx for reference", "rps_nginx")):
                     if side not in s:
                         continue
@@ -1501,6 +1532,8 @@ http {{
                     L.append(f"| {c} | CPU, {label} | {cpu_cell(t['cpu_pct'])} | | |")
             L.append("")
             L += [REPLAY_NOTE_A, ""]
+            if any("pyrelay" in s for s in a["summary"].values()):
+                L += [PYRELAY_NOTE, ""]
             if any("nginx" in s for s in a["summary"].values()):
                 L += [NGINX_NOTE.format(version=machine.get("nginx") or "nginx"), ""]
         if "b" in self.results:
