@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 
 import run_bench  # noqa: E402
@@ -101,6 +103,7 @@ LLAMA_METRICS = """# HELP llamacpp:prompt_tokens_total Number of prompt tokens p
 llamacpp:prompt_tokens_total 29
 # TYPE llamacpp:tokens_predicted_total counter
 llamacpp:tokens_predicted_total 1540
+llamacpp:tokens_predicted_seconds_total 0.77
 # TYPE llamacpp:n_decode_total counter
 llamacpp:n_decode_total 200
 llamacpp:n_busy_slots_per_decode 7.7
@@ -109,7 +112,8 @@ llamacpp:n_busy_slots_per_decode 7.7
 
 def test_llama_counters_are_read_from_llama_servers_prometheus_text():
     assert run_bench.parse_llama_counters(LLAMA_METRICS) == {
-        "n_decode_total": 200.0, "tokens_predicted_total": 1540.0}
+        "n_decode_total": 200.0, "tokens_predicted_total": 1540.0,
+        "tokens_predicted_seconds_total": 0.77}
     # a value that is not a number, or no counters at all: left out, never a crash
     assert run_bench.parse_llama_counters("llamacpp:n_decode_total nan?\nfoo 1\n") == {}
 
@@ -118,14 +122,26 @@ def test_llama_activity_tells_decode_speed_apart_from_tokens_per_step():
     before = {"n_decode_total": 200.0, "tokens_predicted_total": 1540.0}
     after = {"n_decode_total": 1700.0, "tokens_predicted_total": 13040.0}
     assert run_bench.llama_activity(before, after, 5.0) == {
-        "decodes_per_s": 300.0, "tokens_per_decode": 11500 / 1500}
+        "decodes_per_s": 300.0, "tokens_per_decode": 11500 / 1500, "gen_ms_per_token": None}
     # no decode step in the run: a rate of 0, no tokens per step
     assert run_bench.llama_activity(before, before, 5.0) == {
-        "decodes_per_s": 0.0, "tokens_per_decode": None}
+        "decodes_per_s": 0.0, "tokens_per_decode": None, "gen_ms_per_token": None}
     # /metrics did not answer (llama-server without --metrics): unknown, not zero
-    unknown = {"decodes_per_s": None, "tokens_per_decode": None}
+    unknown = {"decodes_per_s": None, "tokens_per_decode": None, "gen_ms_per_token": None}
     assert run_bench.llama_activity({}, after, 5.0) == unknown
     assert run_bench.llama_activity(before, after, 0.0) == unknown
+
+
+def test_llama_activity_reads_its_own_generation_time_per_token_where_it_has_one():
+    before = {"n_decode_total": 200.0, "tokens_predicted_total": 1540.0,
+              "tokens_predicted_seconds_total": 0.77}
+    after = {"n_decode_total": 1700.0, "tokens_predicted_total": 13040.0,
+             "tokens_predicted_seconds_total": 6.52}
+    got = run_bench.llama_activity(before, after, 5.0)
+    assert got["gen_ms_per_token"] == pytest.approx(5750 / 11500)   # 0.5 ms a token
+    assert got["decodes_per_s"] == 300.0
+    # no token generated in the run: no time per token (not a division by zero)
+    assert run_bench.llama_activity(before, before, 5.0)["gen_ms_per_token"] is None
 
 
 def _d_side(tokens_per_s, decodes_per_s, tokens_per_decode):
@@ -160,6 +176,29 @@ def test_case_d_table_shows_llama_servers_decode_steps_and_tokens_per_step(tmp_p
     summary["gateway"]["decodes_per_s"] = None
     md = _d_markdown(tmp_path / "2", summary)
     assert "| 8 | llama-server decode steps/s | – | 340 | 0.88 |" in md
+
+
+def test_case_d_table_shows_the_bare_relay_and_llama_servers_own_time_per_token(tmp_path):
+    summary = {"gateway": _d_side(2300.0, 300.0, 7.66), "direct": _d_side(2600.0, 340.0, 7.64),
+               "pyrelay": _d_side(2400.0, 310.0, 7.70),
+               "paired": {"tokens_per_s": 0.885, "decodes_per_s": 0.882,
+                          "gen_ms_per_token": 1.05, "tokens_per_s_pyrelay": 0.923}}
+    summary["gateway"]["gen_ms_per_token"] = 0.525
+    summary["direct"]["gen_ms_per_token"] = 0.5
+    summary["pyrelay"]["gen_ms_per_token"] = 0.52
+    summary["pyrelay"]["cpu_pct"] = {"pyrelay": 12.0}
+    md = _d_markdown(tmp_path / "1", summary)
+    assert ("| 8 | llama-server ms per token generated, a slot's (its own timer) | 0.525 | 0.500 "
+            "| 1.05 |") in md
+    assert "| 8 | tokens/s, bare Python relay for reference | 2400 | 2600 | 0.92 |" in md
+    assert ("| 8 | llama-server ms per token generated, bare Python relay for reference | 0.520 "
+            "| 0.500 | 1.04 |") in md
+    assert "| 8 | CPU, bare Python relay for reference | pyrelay 12% | | |" in md
+    assert "`pyrelay.py`, as in case (a)" in md
+    # a run without the relay (an older result): no relay rows, no note
+    del summary["pyrelay"]
+    md = _d_markdown(tmp_path / "2", summary)
+    assert "bare Python relay" not in md and "`pyrelay.py`, as in case (a)" not in md
 
 
 def test_logged_stream_ttfb_reads_every_access_log_and_only_streams(tmp_path):

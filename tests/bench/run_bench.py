@@ -152,6 +152,9 @@ SMALL_BODY = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
 # slower (CPU taken from its compute thread); fewer tokens per step means worse batching
 # (requests reaching it spread out, so a step serves fewer slots).
 LLAMA_COUNTERS = ("n_decode_total", "tokens_predicted_total")
+# Read too where llama-server has it: its own time spent generating (summed over slots), which
+# tells a slower compute apart from a slower relay at one stream.
+LLAMA_OPTIONAL_COUNTERS = ("tokens_predicted_seconds_total",)
 LLAMA_BODY = {"model": "demo", "messages": [{"role": "user", "content": "Tell me a story."}],
               "stream": True, "max_tokens": 96, "temperature": 0, "seed": 42, "ignore_eos": True}
 
@@ -500,13 +503,14 @@ def ratio(a, b):
 
 
 def parse_llama_counters(text: str) -> dict[str, float]:
-    """LLAMA_COUNTERS from llama-server's Prometheus text (/metrics); a missing one is left out."""
+    """LLAMA_COUNTERS (and LLAMA_OPTIONAL_COUNTERS) from llama-server's Prometheus text
+    (/metrics); a missing one is left out."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         if not line.startswith("llamacpp:"):
             continue
         name, _, value = line[len("llamacpp:"):].partition(" ")
-        if name in LLAMA_COUNTERS:
+        if name in LLAMA_COUNTERS or name in LLAMA_OPTIONAL_COUNTERS:
             try:
                 out[name] = float(value)
             except ValueError:
@@ -522,12 +526,18 @@ def llama_counters(where: int | str) -> dict[str, float]:
 
 def llama_activity(before: dict, after: dict, wall: float) -> dict:
     """What llama-server did between two counter reads `wall` seconds apart: decode steps per
-    second and tokens generated per step (None where a counter is missing)."""
+    second, tokens generated per step and its own generation time per token in ms (a slot's:
+    the counter sums the slots' times); None where a counter is missing."""
+    key = "tokens_predicted_seconds_total"
+    gen = None
+    tokens = after.get("tokens_predicted_total", 0.0) - before.get("tokens_predicted_total", 0.0)
+    if key in before and key in after and tokens > 0:
+        gen = (after[key] - before[key]) * 1000 / tokens
     if wall <= 0 or any(k not in before or k not in after for k in LLAMA_COUNTERS):
-        return {"decodes_per_s": None, "tokens_per_decode": None}
+        return {"decodes_per_s": None, "tokens_per_decode": None, "gen_ms_per_token": gen}
     steps = after["n_decode_total"] - before["n_decode_total"]
-    tokens = after["tokens_predicted_total"] - before["tokens_predicted_total"]
-    return {"decodes_per_s": steps / wall, "tokens_per_decode": tokens / steps if steps > 0 else None}
+    return {"decodes_per_s": steps / wall, "tokens_per_decode": tokens / steps if steps > 0 else None,
+            "gen_ms_per_token": gen}
 
 
 def cpu_list(cpus) -> str:
@@ -1207,6 +1217,11 @@ http {{
     def _case_d_runs(self, llama, sock, llama_tcp, lport, own, llama_cpus, rest) -> None:
         gw, gport = self.start_gateway(sock, "d")
         ngx = self.start_nginx(sock, "d")   # for reference: nginx in the gateway's place
+        # For reference: the floor of a hop in Python (pyrelay.py), as in case a. llama-server
+        # closes its connection after each stream, and the relay closes the client's with it: a
+        # stream through it costs a new connection at both ends, one through the gateway a new
+        # upstream connection only.
+        relay, rport = self.start_pyrelay(sock, "d")
         # 5 rounds: a 5 s run of 8 streams moved by ±10 % between rounds on the 2-CPU VM
         rounds = 1 if self.quick else 5
         dur = 2 if self.quick else 5
@@ -1214,6 +1229,7 @@ http {{
                    ("direct_unix", sock, [llama]))
         if ngx:
             targets += (("nginx", ngx[1], [ngx[0], llama]),)
+        targets += (("pyrelay", rport, [relay, llama]),)
         for _tgt, port, _watch in targets:   # warm-up, and a check that streams carry tokens
             m = self.run_clients(port, LLAMA_BODY, 1, mode="tokens", timeout=60)
             if not m["records"] or m["records"][0][4] != 200 or not m["records"][0][5]:
@@ -1222,7 +1238,8 @@ http {{
                "parallel": {},
                "cpus": {"llama": sorted(llama_cpus), "others": sorted(rest)} if rest else None}
         # The llama-server each target's requests reach, for its counters.
-        llama_of = {"gateway": sock, "direct": lport, "direct_unix": sock, "nginx": sock}
+        llama_of = {"gateway": sock, "direct": lport, "direct_unix": sock, "nginx": sock,
+                    "pyrelay": sock}
 
         def one(tgt, port, watch, par):
             before = llama_counters(llama_of[tgt])
@@ -1258,13 +1275,17 @@ http {{
                                 "failed": sum(r["failed"] + r["non_200"] for r in rr),
                                 "decodes_per_s": median([r["decodes_per_s"] for r in rr]),
                                 "tokens_per_decode": median([r["tokens_per_decode"] for r in rr]),
+                                "gen_ms_per_token": median([r["gen_ms_per_token"] for r in rr]),
                                 "cpu_pct": median_cpu(rr)}
                 for r in rr:
                     del r["ttft_ms"]
             summary["paired"] = {"tokens_per_s": paired_ratio(runs, "tokens_per_s"),
                                  "decodes_per_s": paired_ratio(runs, "decodes_per_s"),
+                                 "gen_ms_per_token": paired_ratio(runs, "gen_ms_per_token"),
                                  "tokens_per_s_unix": paired_ratio(runs, "tokens_per_s",
-                                                                   base="direct_unix")}
+                                                                   base="direct_unix"),
+                                 "tokens_per_s_pyrelay": paired_ratio(runs, "tokens_per_s",
+                                                                      "pyrelay")}
             if ngx:
                 summary["paired"]["tokens_per_s_nginx"] = paired_ratio(runs, "tokens_per_s",
                                                                        "nginx")
@@ -1281,6 +1302,10 @@ http {{
                             f"{'s' if par > 1 else ''})",
                             f"{summary['paired']['tokens_per_s_nginx']:.3f}x tokens/s, "
                             f"{summary['nginx']['failed']} failed", None)
+            self.target("d", f"reference, not a target: a bare Python relay (pyrelay, {par} "
+                        f"stream{'s' if par > 1 else ''})",
+                        f"{summary['paired']['tokens_per_s_pyrelay']:.3f}x tokens/s, "
+                        f"{summary['pyrelay']['failed']} failed", None)
         if rest:
             # Threads llama-server started during the runs (its compute threads) stayed on its
             # CPUs: shown in the report, so a pinning that did not hold is seen.
@@ -1309,6 +1334,7 @@ http {{
         self.stop_gateway(gw, None, "d")
         if ngx:
             ngx[0].stop()
+        relay.stop()
         self.results["d"] = res
 
     def first_token(self, port: int, deadline: float, auth: bool) -> float | None:
@@ -1631,7 +1657,9 @@ http {{
                 L.append(f"| {par} | CPU | {cpu_cell(g['cpu_pct'])} | {cpu_cell(d['cpu_pct'])} | |")
                 for key, name, fmt in (("decodes_per_s", "llama-server decode steps/s", "{:.0f}"),
                                        ("tokens_per_decode", "llama-server tokens per step",
-                                        "{:.2f}")):
+                                        "{:.2f}"),
+                                       ("gen_ms_per_token", "llama-server ms per token generated, "
+                                        "a slot's (its own timer)", "{:.3f}")):
                     if g.get(key) is not None or d.get(key) is not None:
                         side_by_side(key, name, fmt)
                 u = p["summary"].get("direct_unix")
@@ -1652,6 +1680,22 @@ http {{
                              f"{f2(n['ttft_p50_ms'])} | {f2(d['ttft_p50_ms'])} | "
                              f"{f2(ratio(n['ttft_p50_ms'], d['ttft_p50_ms']))} |")
                     L.append(f"| {par} | CPU, nginx for reference | {cpu_cell(n['cpu_pct'])} | | |")
+                r = p["summary"].get("pyrelay")
+                if r is not None:
+                    paired = p["summary"]["paired"]
+                    L.append(f"| {par} | tokens/s, bare Python relay for reference | "
+                             f"{f2(r['tokens_per_s'], '{:.0f}')} | "
+                             f"{f2(d['tokens_per_s'], '{:.0f}')} | "
+                             f"{f2(paired.get('tokens_per_s_pyrelay'))} |")
+                    L.append(f"| {par} | TTFT p50 ms, bare Python relay for reference | "
+                             f"{f2(r['ttft_p50_ms'])} | {f2(d['ttft_p50_ms'])} | "
+                             f"{f2(ratio(r['ttft_p50_ms'], d['ttft_p50_ms']))} |")
+                    L.append(f"| {par} | llama-server ms per token generated, bare Python relay "
+                             f"for reference | {f2(r.get('gen_ms_per_token'), '{:.3f}')} | "
+                             f"{f2(d.get('gen_ms_per_token'), '{:.3f}')} | "
+                             f"{f2(ratio(r.get('gen_ms_per_token'), d.get('gen_ms_per_token')))} |")
+                    L.append(f"| {par} | CPU, bare Python relay for reference | "
+                             f"{cpu_cell(r['cpu_pct'])} | | |")
             up = dd.get("unpinned")
             if up:
                 n = up["rounds"]
@@ -1664,7 +1708,15 @@ http {{
             L += ["", "The llama-server rows are its own counters (/metrics) over each run: "
                   "decode steps per second fall when llama-server computes slower (its compute "
                   "thread shares the CPUs with the proxy and the client), tokens per step fall "
-                  "when requests reach it spread out and a step serves fewer slots.", ""]
+                  "when requests reach it spread out and a step serves fewer slots. Its time "
+                  "per token generated is its own timer: it grows when the compute is slower, "
+                  "whatever the proxy's relay does, so at one stream it tells the two apart.", ""]
+            if any("pyrelay" in p["summary"] for p in dd["parallel"].values()):
+                L += ["Reference rows, the Python floor: `pyrelay.py`, as in case (a), in front of "
+                      "the gateway's own llama-server socket. llama-server closes its connection "
+                      "after each stream and the relay closes the client's with it, so each "
+                      "stream through it opens two new connections; one through the gateway "
+                      "opens one (upstream).", ""]
         if "e" in self.results:
             e = self.results["e"]
             g, d = e["summary"]["gateway"], e["summary"]["direct"]
