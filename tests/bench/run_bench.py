@@ -536,8 +536,8 @@ def llama_activity(before: dict, after: dict, wall: float) -> dict:
     if wall <= 0 or any(k not in before or k not in after for k in LLAMA_COUNTERS):
         return {"decodes_per_s": None, "tokens_per_decode": None, "gen_ms_per_token": gen}
     steps = after["n_decode_total"] - before["n_decode_total"]
-    return {"decodes_per_s": steps / wall, "tokens_per_decode": tokens / steps if steps > 0 else None,
-            "gen_ms_per_token": gen}
+    return {"decodes_per_s": steps / wall,
+            "tokens_per_decode": tokens / steps if steps > 0 else None, "gen_ms_per_token": gen}
 
 
 def cpu_list(cpus) -> str:
@@ -1285,7 +1285,9 @@ http {{
                                  "tokens_per_s_unix": paired_ratio(runs, "tokens_per_s",
                                                                    base="direct_unix"),
                                  "tokens_per_s_pyrelay": paired_ratio(runs, "tokens_per_s",
-                                                                      "pyrelay")}
+                                                                      "pyrelay"),
+                                 "gen_ms_per_token_pyrelay": paired_ratio(
+                                     runs, "gen_ms_per_token", "pyrelay")}
             if ngx:
                 summary["paired"]["tokens_per_s_nginx"] = paired_ratio(runs, "tokens_per_s",
                                                                        "nginx")
@@ -1690,10 +1692,10 @@ http {{
                     L.append(f"| {par} | TTFT p50 ms, bare Python relay for reference | "
                              f"{f2(r['ttft_p50_ms'])} | {f2(d['ttft_p50_ms'])} | "
                              f"{f2(ratio(r['ttft_p50_ms'], d['ttft_p50_ms']))} |")
+                    rg, dg = r.get("gen_ms_per_token"), d.get("gen_ms_per_token")
                     L.append(f"| {par} | llama-server ms per token generated, bare Python relay "
-                             f"for reference | {f2(r.get('gen_ms_per_token'), '{:.3f}')} | "
-                             f"{f2(d.get('gen_ms_per_token'), '{:.3f}')} | "
-                             f"{f2(ratio(r.get('gen_ms_per_token'), d.get('gen_ms_per_token')))} |")
+                             f"for reference | {f2(rg, '{:.3f}')} | {f2(dg, '{:.3f}')} | "
+                             f"{f2(paired.get('gen_ms_per_token_pyrelay', ratio(rg, dg)))} |")
                     L.append(f"| {par} | CPU, bare Python relay for reference | "
                              f"{cpu_cell(r['cpu_pct'])} | | |")
             up = dd.get("unpinned")
