@@ -1672,32 +1672,28 @@ http {{
                              f"{f2(p['summary']['paired']['tokens_per_s_unix'])} |")
                     L.append(f"| {par} | CPU, direct over the Unix socket | | "
                              f"{cpu_cell(u['cpu_pct'])} | |")
-                n = p["summary"].get("nginx")
-                if n is not None:
-                    L.append(f"| {par} | tokens/s, nginx for reference | "
-                             f"{f2(n['tokens_per_s'], '{:.0f}')} | "
+                paired = p["summary"]["paired"]
+
+                def reference_rows(side, label, own_timer, d=d, par=par, paired=paired):
+                    """A reference proxy's rows (nginx, the bare relay) beside direct."""
+                    r = p["summary"].get(side)
+                    if r is None:
+                        return
+                    L.append(f"| {par} | tokens/s, {label} | {f2(r['tokens_per_s'], '{:.0f}')} | "
                              f"{f2(d['tokens_per_s'], '{:.0f}')} | "
-                             f"{f2(p['summary']['paired']['tokens_per_s_nginx'])} |")
-                    L.append(f"| {par} | TTFT p50 ms, nginx for reference | "
-                             f"{f2(n['ttft_p50_ms'])} | {f2(d['ttft_p50_ms'])} | "
-                             f"{f2(ratio(n['ttft_p50_ms'], d['ttft_p50_ms']))} |")
-                    L.append(f"| {par} | CPU, nginx for reference | {cpu_cell(n['cpu_pct'])} | | |")
-                r = p["summary"].get("pyrelay")
-                if r is not None:
-                    paired = p["summary"]["paired"]
-                    L.append(f"| {par} | tokens/s, bare Python relay for reference | "
-                             f"{f2(r['tokens_per_s'], '{:.0f}')} | "
-                             f"{f2(d['tokens_per_s'], '{:.0f}')} | "
-                             f"{f2(paired.get('tokens_per_s_pyrelay'))} |")
-                    L.append(f"| {par} | TTFT p50 ms, bare Python relay for reference | "
-                             f"{f2(r['ttft_p50_ms'])} | {f2(d['ttft_p50_ms'])} | "
+                             f"{f2(paired.get(f'tokens_per_s_{side}'))} |")
+                    L.append(f"| {par} | TTFT p50 ms, {label} | {f2(r['ttft_p50_ms'])} | "
+                             f"{f2(d['ttft_p50_ms'])} | "
                              f"{f2(ratio(r['ttft_p50_ms'], d['ttft_p50_ms']))} |")
-                    rg, dg = r.get("gen_ms_per_token"), d.get("gen_ms_per_token")
-                    L.append(f"| {par} | llama-server ms per token generated, bare Python relay "
-                             f"for reference | {f2(rg, '{:.3f}')} | {f2(dg, '{:.3f}')} | "
-                             f"{f2(paired.get('gen_ms_per_token_pyrelay', ratio(rg, dg)))} |")
-                    L.append(f"| {par} | CPU, bare Python relay for reference | "
-                             f"{cpu_cell(r['cpu_pct'])} | | |")
+                    if own_timer:
+                        rg, dg = r.get("gen_ms_per_token"), d.get("gen_ms_per_token")
+                        L.append(f"| {par} | llama-server ms per token generated, {label} | "
+                                 f"{f2(rg, '{:.3f}')} | {f2(dg, '{:.3f}')} | "
+                                 f"{f2(paired.get(f'gen_ms_per_token_{side}', ratio(rg, dg)))} |")
+                    L.append(f"| {par} | CPU, {label} | {cpu_cell(r['cpu_pct'])} | | |")
+
+                reference_rows("nginx", "nginx for reference", own_timer=False)
+                reference_rows("pyrelay", "bare Python relay for reference", own_timer=True)
             up = dd.get("unpinned")
             if up:
                 n = up["rounds"]
