@@ -6,7 +6,7 @@ embed_response, or, when streaming, feeds each SSE `data:` payload to a ChatStre
 the NDJSON lines it returns (Content-Type NDJSON_CONTENT_TYPE).
 
 Public API (all pure; times injectable):
-    OllamaError(status, message) .body(); error_body(msg); parse_json_body(raw);
+    OllamaError(status, message) .body(); error_body(msg); dumps(obj); parse_json_body(raw);
     upstream_error(status, raw); not_supported(path) -> OllamaError(501) | None
     chat_request(body, model) / generate_request(body, model) / embed_request(body, model,
         legacy=) -> OpenAI body | ModelLoad;  upstream_path(openai_body); wants_stream(body)
@@ -45,6 +45,13 @@ Decisions (documented here because clients will notice them):
   accumulates them per index and emits each call whole, arguments parsed into a JSON object,
   when the next index starts or the choice finishes. Arguments that are not a JSON object end
   the stream with an NDJSON error line (non-streamed: OllamaError 502).
+- Output JSON (NDJSON lines and whole answers) is UTF-8 with U+2028, U+2029 and U+0085 written
+  as \\u escapes: JSON allows them raw, but str.splitlines(), and so httpx's iter_lines that the
+  official `ollama` Python client reads NDJSON with, splits lines on them, and a model does emit
+  them. (Ollama's Go encoder escapes U+2028 and U+2029 but not U+0085, which breaks that
+  client the same way.) Go also escapes <, > and & (as \\u003c ...) for HTML embedding; that is
+  not done here: they end no line for any splitter, every JSON reader decodes both forms alike,
+  and code in answers (`a && b`, `<div>`) would grow sixfold for no reader's benefit.
 - keep_alive is accepted and ignored (except for the load/unload answer above).
 - Durations are nanoseconds: prompt_eval_duration and eval_duration from llama-server's
   timings (prompt_ms, predicted_ms); total_duration is the wall time seen by the gateway (never
@@ -148,7 +155,7 @@ class OllamaError(Exception):
 
 
 def error_body(message: str) -> bytes:
-    return _dumps({"error": message})
+    return dumps({"error": message})
 
 
 def not_supported(path: str) -> OllamaError | None:
@@ -593,7 +600,7 @@ class ChatStream:
 
     @staticmethod
     def _line(obj: dict) -> bytes:
-        return _dumps(obj) + b"\n"
+        return dumps(obj) + b"\n"
 
 
 # --- model listings ---------------------------------------------------------------------------
@@ -698,8 +705,22 @@ def rfc3339_ns(ns: int) -> str:
         f".{ns % 1_000_000_000:09d}Z"
 
 
-def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+def dumps(obj: Any) -> bytes:
+    """Every JSON document the Ollama routes send: compact UTF-8, one line whatever a client
+    splits lines on (see the module docstring: line breaks inside JSON strings)."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    if text.isascii():              # the common case: nothing to escape, nothing to check
+        return text.encode()
+    # A raw line break can only be inside a string (JSON writes none between tokens), where
+    # its \u escape means the same character; a backslash before it is always an escaped one.
+    text = (text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028")
+            .replace("\u2029", "\\u2029"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (valid JSON input "\ud800", echoed in a message) has no UTF-8
+        # form: the whole document \u-escaped instead, still valid JSON.
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _is_int(v: Any) -> bool:

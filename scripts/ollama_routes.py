@@ -80,8 +80,7 @@ class ModelCatalog:
 
 
 def _json(status: int, obj) -> tuple[int, list[tuple[str, str]], bytes]:
-    return status, [("content-type", "application/json; charset=utf-8")], \
-        json.dumps(obj, separators=(",", ":")).encode()
+    return status, [("content-type", "application/json; charset=utf-8")], ollama_api.dumps(obj)
 
 
 def _parse(body: bytes) -> dict:
@@ -123,7 +122,7 @@ class _Collect:
             err = ollama_api.upstream_error(self.status, raw)
             return err.body()
         try:
-            return json.dumps(self._finish(json.loads(raw)), separators=(",", ":")).encode()
+            return ollama_api.dumps(self._finish(json.loads(raw)))
         except ollama_api.OllamaError as err:
             self.status = err.status
             return err.body()

@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import BOB, IO_TIMEOUT, Stack, aio, eventually, get, post
+from conftest import ALICE, BOB, IO_TIMEOUT, Stack, aio, eventually, get, post
 
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
 MODEL = "tiny-chat"                 # the file name without .gguf
@@ -477,3 +477,72 @@ async def test_http10_client_gets_a_close_delimited_stream(tmp_path, model_file)
         lines = ndjson(r.body)
         assert [ln["done"] for ln in lines] == [False, False, True]
         assert await c.closed()
+
+
+# ------------------------------------------------------------------ line breaks inside JSON
+# Characters that JSON leaves unescaped but str.splitlines() (and so httpx's iter_lines, which the
+# `ollama` client reads NDJSON with) takes for line ends. A model emits them (a tokenizer's byte
+# pieces), and the client then splits a line in two and fails with JSONDecodeError mid-stream.
+LINE_BREAK_TEXTS = ["a\u2028b ", "c\u2029d ", "e\x85f ", "<&> ", "\u00e9\u4e16 "]
+RAW_LINE_BREAKS = ("\u2028".encode(), "\u2029".encode(), "\x85".encode())
+
+
+def _no_raw_line_breaks(data: bytes) -> None:
+    for raw in RAW_LINE_BREAKS:
+        assert raw not in data, (raw, data)
+
+
+@aio
+async def test_line_break_characters_in_tokens_are_escaped_in_every_answer(tmp_path, model_file):
+    texts = LINE_BREAK_TEXTS
+    whole = "".join(texts)
+    async with ollama_stack(tmp_path, model_file,
+                            knobs={"events": len(texts), "texts": texts}) as s:
+        c = await s.client()
+        for path, field in (("/api/chat", None), ("/api/generate", "response")):
+            body = ochat() if field is None else {"model": MODEL, "prompt": "hi"}
+            r = await c.request(post(path, body))
+            assert r.status == 200 and r.complete, r
+            _no_raw_line_breaks(r.body)
+            assert "\u00e9\u4e16".encode() in r.body    # other text stays UTF-8, unescaped
+            assert b"<&>" in r.body                       # not HTML-escaped (see ollama_api)
+            lines = r.body.decode().splitlines()          # as a line-splitting client reads
+            parsed = [json.loads(line) for line in lines]
+            got = [p["message"]["content"] if field is None else p[field] for p in parsed]
+            assert got[:-1] == texts and parsed[-1]["done"] is True
+            # not streamed: one JSON object, also safe to read line by line
+            r = await c.request(post(path, {**body, "stream": False}))
+            assert r.status == 200, r
+            _no_raw_line_breaks(r.body)
+            (line,) = r.body.decode().splitlines()
+            out = json.loads(line)
+            assert (out["message"]["content"] if field is None else out[field]) == whole
+
+
+@aio
+async def test_official_client_reads_streams_with_line_break_characters(tmp_path, model_file):
+    import ollama
+    texts = LINE_BREAK_TEXTS
+    async with ollama_stack(tmp_path, model_file,
+                            knobs={"events": len(texts), "texts": texts}) as s:
+        client = ollama.AsyncClient(host=f"http://127.0.0.1:{s.port}", timeout=IO_TIMEOUT,
+                                    headers={"Authorization": f"Bearer {ALICE}"})
+        parts = [p async for p in await client.chat(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True)]
+        assert [p.message.content for p in parts[:-1]] == texts and parts[-1].done
+        parts = [p async for p in await client.generate(model=MODEL, prompt="hi", stream=True)]
+        assert [p.response for p in parts[:-1]] == texts and parts[-1].done
+        resp = await client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert resp.message.content == "".join(texts)
+
+
+@aio
+async def test_lone_surrogate_in_the_request_gets_an_ollama_error_not_a_dropped_connection(
+        tmp_path, model_file):
+    # "\ud800" is valid JSON text for a lone surrogate; echoed in an error message it cannot be
+    # encoded as UTF-8.
+    async with ollama_stack(tmp_path, model_file) as s:
+        raw = b'{"model": "x\\ud800", "messages": [{"role": "user", "content": "hi"}]}'
+        r = await s.one(post("/api/chat", raw))
+        assert r.status == 404 and "x\ud800" in error_of(r)
+        assert s.fake.requests == []

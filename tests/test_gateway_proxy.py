@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import Stack, aio, chat, eventually, get, post
+from conftest import ALICE, IO_TIMEOUT, Stack, aio, chat, eventually, get, post
 
 ALLOWED = [
     (b"POST", "/v1/chat/completions"), (b"POST", "/v1/completions"),
@@ -420,6 +420,27 @@ async def test_upstream_drop_mid_stream_sends_error_event_without_terminator(tmp
         last = json.loads(events[-1][len(b"data: "):])
         assert last["error"]["code"] == "upstream_closed"
         assert await c.closed(1.0)
+
+
+@aio
+async def test_openai_sdk_reads_raw_line_break_characters_in_sse(tmp_path):
+    # llama-server writes U+2028, U+2029 and U+0085 raw inside its JSON (as the fake does). The
+    # relay passes bytes unchanged; SSE ends lines at CR and LF only, and the OpenAI SDK splits
+    # bytes, not str (bytes.splitlines() knows no other line ends), so nothing needs escaping.
+    import openai
+    texts = ["a\u2028b ", "c\u2029d ", "e\x85f ", "plain "]
+    async with Stack(tmp_path) as s:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key=ALICE,
+                                    max_retries=0, timeout=IO_TIMEOUT)
+        try:
+            stream = await client.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": "hi"}], stream=True,
+                extra_body={"fake": {"events": len(texts), "texts": texts}})
+            got = [ch.choices[0].delta.content async for ch in stream
+                   if ch.choices and ch.choices[0].delta.content]
+        finally:
+            await client.close()
+        assert got == texts
 
 
 @aio

@@ -153,6 +153,25 @@ def test_stream_output_is_compact_utf8():
     assert "café".encode() in line and b": " not in line
 
 
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85"])
+def test_stream_line_breaks_in_strings_are_escaped(char):
+    # str.splitlines() ends a line at each of them (the `ollama` client splits NDJSON so).
+    stream = oa.ChatStream("m", "chat", clock_ns=fake_clock(0, 1))
+    text = f"a{char}b\\{char}<&>"            # a backslash right before one, too
+    ev = {"choices": [{"index": 0, "delta": {"content": text}}]}
+    (line,) = stream.feed_event(json.dumps(ev, ensure_ascii=False).encode())
+    assert char.encode() not in line and b"<&>" in line
+    (one,) = line.decode().splitlines()
+    assert json.loads(one)["message"]["content"] == text
+    assert oa.error_body(text) == b'{"error":"a\\u%04xb\\\\\\u%04x<&>"}' % (ord(char), ord(char))
+
+
+def test_lone_surrogate_is_escaped_not_an_encoding_error():
+    body = oa.error_body("model 'x\ud800' not found")
+    assert body == b'{"error":"model \'x\\ud800\' not found"}'
+    assert json.loads(body)["error"] == "model 'x\ud800' not found"
+
+
 def test_chat_stream_rejects_unknown_kind():
     with pytest.raises(ValueError):
         oa.ChatStream("m", "embed")

@@ -22,6 +22,9 @@ An unknown knob name answers 400, so a typo cannot pass silently.
     events            content events in a stream / tokens in a reply (5)
     interval          seconds between events; a non-stream reply waits events*interval (0)
     payload_size      characters of content per event, 0 = a short token "tok<i> " (0)
+    texts             list of strings: event i's content is texts[i % len(texts)] instead of
+                      the "tok<i> " token, written as llama-server writes JSON: UTF-8, not
+                      escaped as \\uXXXX (None)
     ping_every        send a `: ping` SSE comment after every k-th event (0 = never)
     drop_after        stream: close the connection after k content events, no terminator
                       (k = events: after all content, before the usage chunk); non-stream:
@@ -99,6 +102,7 @@ DEFAULT_KNOBS: dict = {
     "status": None,
     "close_after_response": False,
     "end_delay": 0.0,       # seconds between a stream's `data: [DONE]` and its closing chunk
+    "texts": None,          # content of the events, cycled (see the module docstring)
 }
 
 # llama-server's error types (server-common / utils: error_type -> status).
@@ -566,6 +570,7 @@ class _Conn(asyncio.Protocol):
         drop_after = kn["drop_after"]
         stall_after = kn["stall_after"]
         size = kn["payload_size"]
+        texts = kn["texts"]
         model = body.get("model") or srv.model_id
         created = int(time.time())
         rid = srv._next_id(kind)
@@ -585,7 +590,7 @@ class _Conn(asyncio.Protocol):
                 delay = start + i * interval - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            text = _token(i, size)
+            text = texts[i % len(texts)] if texts else _token(i, size)
             if kind == "chat":
                 delta = {"role": "assistant", "content": text} if i == 0 else {"content": text}
                 obj = {"choices": [{"finish_reason": None, "index": 0, "delta": delta}],
@@ -596,7 +601,9 @@ class _Conn(asyncio.Protocol):
                                     "finish_reason": None}],
                        "created": created, "id": rid, "model": model,
                        "system_fingerprint": "b0-fake", "object": "text_completion"}
-            self._write(_chunk(b"data: " + json.dumps(obj).encode() + b"\n\n"))
+            # As llama-server writes JSON (nlohmann dump, ensure_ascii false): UTF-8 as it is.
+            self._write(_chunk(b"data: " + json.dumps(obj, ensure_ascii=False).encode()
+                               + b"\n\n"))
             srv.tokens_predicted += 1
             if ping_every and (i + 1) % ping_every == 0:
                 self._write(_chunk(PING_EVENT))
@@ -670,7 +677,18 @@ def _normalize_knobs(kn: dict) -> dict:
         "status": int(kn["status"]) if kn["status"] else None,
         "close_after_response": bool(kn["close_after_response"]),
         "end_delay": max(0.0, float(kn["end_delay"] or 0)),
+        "texts": _texts(kn["texts"]),
     }
+
+
+def _texts(v):
+    """None, or a non-empty list of strings (each at most MAX_PAYLOAD_SIZE characters)."""
+    if v is None:
+        return None
+    if (not isinstance(v, list) or not v or len(v) > MAX_EVENTS
+            or not all(isinstance(t, str) and len(t) <= MAX_PAYLOAD_SIZE for t in v)):
+        raise ValueError("texts must be a non-empty list of strings")
+    return v
 
 
 # ---- reply bodies ----------------------------------------------------------------------------
@@ -730,7 +748,9 @@ def _reply_body(srv: "FakeLlama", kind: str, body: dict, kn: dict) -> bytes:
         return json.dumps({"model": model, "object": "list", "data": data,
                            "usage": {"prompt_tokens": prompt_n, "total_tokens": prompt_n}}).encode()
     events = kn["events"]
-    text = "".join(_token(i, kn["payload_size"]) for i in range(events))
+    texts = kn["texts"]
+    text = "".join(texts[i % len(texts)] if texts else _token(i, kn["payload_size"])
+                   for i in range(events))
     interval = kn["interval"]
     if kind == "chat":
         choice = {"finish_reason": "stop", "index": 0,
@@ -742,7 +762,8 @@ def _reply_body(srv: "FakeLlama", kind: str, body: dict, kn: dict) -> bytes:
     return json.dumps({"choices": [choice], "created": int(time.time()), "model": model,
                        "system_fingerprint": "b0-fake", "object": obj,
                        "usage": _usage(prompt_n, events), "id": srv._next_id(kind),
-                       "timings": _timings(prompt_n, events, interval)}).encode()
+                       "timings": _timings(prompt_n, events, interval)},
+                      ensure_ascii=False).encode()
 
 
 # ---- the server ------------------------------------------------------------------------------
