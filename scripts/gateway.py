@@ -167,9 +167,8 @@ class Gateway:
             raise
 
     def upstream_failed(self, err: GatewayError, ctx) -> None:
-        """Count a request that llama-server failed (502 / 504), before the error is answered."""
+        """Mark a request that llama-server failed (502 / 504); observe() counts it."""
         if err.status in (502, 504):
-            self.metrics.inc_upstream_error(err.code)
             ctx.upstream_error = err.code
 
     def local(self, route, req, ctx, body: bytes = b"") -> tuple[int, list[tuple[str, str]], bytes]:
@@ -206,6 +205,10 @@ class Gateway:
     def observe(self, ctx) -> None:
         ttfb = ctx.ttfb
         self.metrics.observe_request(ctx.route, ctx.status, ctx.key_id, ctx.duration, ttfb)
+        if ctx.upstream_error:
+            # Once per request, whenever llama-server failed it: an error answered before the
+            # head (upstream_failed) or an answer cut after it (proxy.Exchange).
+            self.metrics.inc_upstream_error(ctx.upstream_error)
         if ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
             self.metrics.add_tokens(ctx.key_id, ctx.prompt_tokens or 0, ctx.completion_tokens or 0)
         if self.access_log is not None:

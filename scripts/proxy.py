@@ -273,8 +273,10 @@ class Exchange:
     def on_error(self, exc: BaseException) -> None:
         if self.head_written:
             # Cut mid-body: tell the client in-band (SSE) and close without a clean end.
+            # Counted like the same failure before the head (the 502's code), by observe().
             self.ctx.outcome = "upstream_error"
-            self.ctx.upstream_error = "closed_mid_body"
+            self.ctx.upstream_error = ("upstream_closed" if isinstance(exc, UpstreamClosed)
+                                       else "bad_upstream_response")
             if self.transform is not None:
                 event = self.transform.cut()
             else:
@@ -353,7 +355,7 @@ class Exchange:
             self._fail(GatewayError(504, "llama-server did not answer in time", "upstream_timeout"))
             return
         self.ctx.outcome = "upstream_timeout"
-        self.ctx.upstream_error = "stream_idle_timeout"
+        self.ctx.upstream_error = "upstream_timeout"     # as the 504 before the head
         if self.transform is not None and not self.head_only and not self.client.gone:
             # A translated stream (Ollama NDJSON) ends with an in-band error line.
             event = self.transform.cut(f"llama-server sent nothing for {self.idle_timeout:g} s")

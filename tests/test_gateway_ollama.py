@@ -356,6 +356,8 @@ async def test_upstream_drop_mid_stream_ends_with_an_error_line(tmp_path, model_
         # non-streamed: the half-sent body becomes a 502 error object
         r = await s.one(post("/api/chat", ochat(stream=False)))
         assert r.status == 502 and error_of(r)
+        # both are llama-server failures, the cut stream included
+        assert json.loads(s.gw.metrics.render_json())["upstream_errors"] == {"upstream_closed": 2}
 
 
 @aio

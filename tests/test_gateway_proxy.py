@@ -422,6 +422,52 @@ async def test_upstream_drop_mid_stream_sends_error_event_without_terminator(tmp
         assert await c.closed(1.0)
 
 
+def _upstream_errors(text: str) -> dict[str, int]:
+    """gateway_upstream_errors_total samples of a Prometheus scrape: {kind: count}."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("gateway_upstream_errors_total{"):
+            labels, value = line.rsplit(" ", 1)
+            assert labels.startswith('gateway_upstream_errors_total{kind="'), line
+            out[labels[len('gateway_upstream_errors_total{kind="'):-2]] = int(value)
+    return out
+
+
+@aio
+async def test_answers_cut_by_llama_server_count_as_upstream_errors(tmp_path):
+    async with Stack(tmp_path, {"STREAM_IDLE_TIMEOUT": "0.3"}) as s:
+        async def errors() -> dict[str, int]:
+            r = await s.one(get("/metrics"))
+            assert r.status == 200
+            return _upstream_errors(r.body.decode())
+
+        # before the head: a 502, counted as it always was
+        r = await s.one(post("/v1/chat/completions", chat(drop_before_head=True)))
+        assert r.status == 502 and r.error()["code"] == "upstream_closed"
+        assert await errors() == {"upstream_closed": 1}
+        # a stream llama-server dies in the middle of
+        r = await s.one(post("/v1/chat/completions", chat(stream=True, events=10, drop_after=3)))
+        assert r.status == 200 and not r.complete
+        assert await errors() == {"upstream_closed": 2}
+        # a whole answer cut after its head (Content-Length) was relayed
+        c = await s.client()
+        await c.send(post("/v1/chat/completions", chat(drop_after=1)))
+        status, headers, _ = await c.head()
+        assert status == 200 and int(dict(headers)["content-length"]) > 0
+        with pytest.raises(asyncio.IncompleteReadError):
+            await c.exactly(int(dict(headers)["content-length"]))
+        assert await errors() == {"upstream_closed": 3}
+        # a stream llama-server stops sending in: cut at STREAM_IDLE_TIMEOUT
+        r = await s.one(post("/v1/chat/completions", chat(stream=True, events=10, stall_after=2)))
+        assert r.status == 200 and not r.complete
+        assert await errors() == {"upstream_closed": 3, "upstream_timeout": 1}
+        # answers that finish count nothing
+        for stream in (True, False):
+            r = await s.one(post("/v1/chat/completions", chat(stream=stream)))
+            assert r.status == 200 and r.complete
+        assert await errors() == {"upstream_closed": 3, "upstream_timeout": 1}
+
+
 @aio
 async def test_openai_sdk_reads_raw_line_break_characters_in_sse(tmp_path):
     # llama-server writes U+2028, U+2029 and U+0085 raw inside its JSON (as the fake does). The
