@@ -106,15 +106,22 @@ class Admission:
             raise _unauthorized("Invalid or missing metrics key", "invalid_metrics_key")
 
     def try_backend_slot(self) -> ratelimit.Slot | None:
-        """A free slot without waiting, or None (then await backend_slot). 503 at shutdown."""
+        """A free slot without waiting, or None (then await backend_slot). At shutdown
+        ratelimit.SlotsClosed passes through: the gateway answers it (backend_stopping)."""
         try:
             return self.slots.try_acquire()
+        except ratelimit.SlotsClosed:
+            raise
         except ratelimit.QueueFull:
             raise _busy("queue_full", "queue full") from None
 
     async def backend_slot(self, ctx) -> ratelimit.Slot:
+        """A slot, waiting in the queue if need be. SlotsClosed passes through (shutdown; it
+        ends the waits of those already queued too)."""
         try:
             return await self.slots.acquire(self.config.queue_timeout)
+        except ratelimit.SlotsClosed:
+            raise
         except ratelimit.QueueFull:
             raise _busy("queue_full", "queue full") from None
         except ratelimit.QueueTimeout:

@@ -28,6 +28,7 @@ import metrics as metrics_mod
 import ollama_api
 import ollama_routes
 import proxy
+import ratelimit
 import upstream
 from connection import ClientConnection
 from errors import GatewayError
@@ -82,6 +83,18 @@ class BackendState:
         return self._value
 
 
+def backend_unavailable(state: str) -> GatewayError | None:
+    """The 503 for a backend state that takes no requests, or None (ready, unknown)."""
+    if state in ("starting", "stopping"):
+        return GatewayError(503, f"The model backend is {state}; retry shortly",
+                            "backend_" + state,
+                            headers=[("retry-after", str(STARTING_RETRY_AFTER))])
+    if state == "failed":
+        return GatewayError(503, "The model backend has failed", "backend_failed",
+                            headers=[("retry-after", str(FAILED_RETRY_AFTER))])
+    return None
+
+
 class Gateway:
     def __init__(self, config: config_mod.Config, *, store: keys.KeyStore | None = None,
                  access_log: accesslog.AccessLog | None = None):
@@ -132,22 +145,24 @@ class Gateway:
         """The backend check and a free slot without waiting; None when the caller must wait in
         the queue (backend_slot). Raises GatewayError (503) like backend_slot."""
         self._check_backend()
-        return self.admission.try_backend_slot()
+        try:
+            return self.admission.try_backend_slot()
+        except ratelimit.SlotsClosed:
+            raise backend_unavailable("stopping") from None
 
     async def backend_slot(self, ctx):
+        """Wait in the queue. At shutdown every waiter is answered backend_stopping at once."""
         self._check_backend()
         self.metrics.in_flight = self.in_flight
-        return await self.admission.backend_slot(ctx)
+        try:
+            return await self.admission.backend_slot(ctx)
+        except ratelimit.SlotsClosed:
+            raise backend_unavailable("stopping") from None
 
     def _check_backend(self) -> None:
-        state = self.backend.get()
-        if state in ("starting", "stopping"):
-            raise GatewayError(503, f"The model backend is {state}; retry shortly",
-                               "backend_" + state,
-                               headers=[("retry-after", str(STARTING_RETRY_AFTER))])
-        if state == "failed":
-            raise GatewayError(503, "The model backend has failed", "backend_failed",
-                               headers=[("retry-after", str(FAILED_RETRY_AFTER))])
+        err = backend_unavailable(self.backend.get())
+        if err is not None:
+            raise err
 
     def is_local(self, route) -> bool:
         """Answered by the gateway itself, without a llama-server slot."""
@@ -249,7 +264,7 @@ class Gateway:
         if timeout is None:
             timeout = self.config.graceful_timeout
         self.shutting_down = True
-        self.admission.slots.close()      # queued requests are refused at once (503)
+        self.admission.slots.close()      # queued requests: 503 backend_stopping at once
         for listener in self.listeners:
             listener.close()
         for conn in list(self.connections):

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import gateway
-from conftest import Stack, aio, chat, get, post
+from conftest import Stack, aio, chat, eventually, get, post
 
 GATEWAY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "scripts", "gateway.py")
@@ -117,6 +117,35 @@ async def test_shutdown_lets_a_stream_finish_then_closes(tmp_path):
         await asyncio.wait_for(task, 3.0)
         assert time.monotonic() - started < 1.5
         assert s.fake.disconnects == 0
+
+
+@aio
+async def test_shutdown_answers_queued_requests_backend_stopping_at_once(tmp_path):
+    async with Stack(tmp_path, {"MAX_CONCURRENT_REQUESTS": "1", "MAX_QUEUE_SIZE": "4",
+                                "QUEUE_TIMEOUT": "5", "GRACEFUL_TIMEOUT": "2"}) as s:
+        running = await s.client()
+        await running.send(post("/v1/chat/completions",
+                                chat(stream=True, events=8, interval=0.05)))
+        await running.head()
+        queued = await s.client()
+        await queued.send(post("/v1/chat/completions", chat()))
+        ollama_queued = await s.client()      # an Ollama route: its own error shape
+        await ollama_queued.send(post("/api/chat", {"model": "x", "stream": False,
+                                                    "messages": [{"role": "user",
+                                                                  "content": "hi"}]}))
+        await eventually(lambda: s.gw.admission.slots.waiting == 2, 1.0)
+        started = time.monotonic()
+        task = asyncio.ensure_future(s.gw.shutdown())
+        r = await queued.response()
+        assert time.monotonic() - started < 0.3            # at once, not after the queue wait
+        assert r.status == 503 and r.error()["code"] == "backend_stopping", r
+        assert r.get("retry-after") == "5" and r.get("connection") == "close"
+        r = await ollama_queued.response()
+        assert r.status == 503 and r.get("retry-after") == "5"
+        assert set(r.json()) == {"error"} and "stopping" in r.json()["error"]
+        assert await queued.closed(1.0) and await ollama_queued.closed(1.0)
+        await asyncio.wait_for(task, 3.0)                  # the running stream finished
+        assert len(s.fake.requests) == 1
 
 
 @pytest.mark.parametrize("split", [True, False], ids=["task", "callbacks"])
