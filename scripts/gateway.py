@@ -82,6 +82,11 @@ class BackendState:
                 self._value = "starting"
         return self._value
 
+    def refresh(self) -> str:
+        """The state read now, whatever the cached value's age (at most one read per call)."""
+        self._read_at = -1e9
+        return self.get()
+
 
 def backend_unavailable(state: str) -> GatewayError | None:
     """The 503 for a backend state that takes no requests, or None (ready, unknown)."""
@@ -163,6 +168,26 @@ class Gateway:
         err = backend_unavailable(self.backend.get())
         if err is not None:
             raise err
+
+    def unreachable(self, exc: OSError) -> GatewayError:
+        """The error for a connect to llama-server that failed (proxy.forward).
+
+        A refused connection (ECONNREFUSED; ENOENT for a missing Unix socket file) is what a
+        dead llama-server answers, before the supervisor has noticed, or within STATE_FILE_TTL
+        of the `starting` it wrote: the state file is read at once and answered from. A
+        supervised llama-server that refuses while the file still says `ready` is dead and
+        about to be restarted (the supervisor restarts every dead one, or writes `failed`):
+        503 backend_starting with its Retry-After, as a moment later, since nothing reached
+        llama-server and a retry is safe. Without a supervisor (no state file) nobody restarts
+        it: 502 upstream_unavailable, and no Retry-After to promise."""
+        state = self.backend.refresh()
+        err = backend_unavailable(state)
+        if err is None and state == "ready" and isinstance(
+                exc, (ConnectionRefusedError, FileNotFoundError)):
+            err = backend_unavailable("starting")
+        if err is None:
+            err = GatewayError(502, "llama-server is not reachable", "upstream_unavailable")
+        return err
 
     def is_local(self, route) -> bool:
         """Answered by the gateway itself, without a llama-server slot."""

@@ -547,8 +547,8 @@ async def forward(gw, client, ctx, req: http11.Request, route, body: bytes, *,
         except TimeoutError:
             raise GatewayError(504, "llama-server did not accept the connection in time",
                                "upstream_connect_timeout") from None
-        except OSError:
-            raise GatewayError(502, "llama-server is not reachable", "upstream_unavailable") from None
+        except OSError as exc:
+            raise gw.unreachable(exc) from None     # 503 from the state file, or 502
         if client.gone or client.eof:
             # The client left while we connected: send nothing; the unused connection is pooled.
             gw.pool.release(conn, True)

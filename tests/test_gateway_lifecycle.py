@@ -73,6 +73,52 @@ async def test_backend_ready_or_unknown_is_proxied(tmp_path, state):
         assert r.status == 200 and len(s.fake.requests) == 1
 
 
+def _closed_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
+@pytest.mark.parametrize("now,code,retry_after", [
+    ("starting", "backend_starting", "5"),   # the supervisor has noticed the death
+    ("failed", "backend_failed", "30"),      # ... and given up
+    ("ready", "backend_starting", "5"),      # not yet noticed: it restarts every dead one
+])
+@aio
+async def test_refused_connection_is_answered_from_the_state_file_read_at_once(
+        tmp_path, unix, now, code, retry_after):
+    # llama-server just died: its port refuses (its socket file is gone) while the gateway
+    # still holds `ready`, read less than STATE_FILE_TTL ago.
+    env = {"BACKEND_SOCKET": str(tmp_path / "gone.sock")} if unix else {}
+    async with Stack(tmp_path, env, start_fake=False, backend_port=_closed_port()) as s:
+        _write_state(s, "ready")
+        assert s.gw.backend.get() == "ready"           # cached now
+        with open(s.config.health_file, "w") as f:     # the supervisor's next word
+            f.write(now + "\n")
+        started = time.monotonic()
+        for path in ("/v1/chat/completions", "/api/chat"):
+            r = await s.one(post(path, chat()))
+            assert r.status == 503 and r.get("retry-after") == retry_after, r
+            if path == "/api/chat":
+                assert set(r.json()) == {"error"}
+            else:
+                assert r.error()["code"] == code
+        assert time.monotonic() - started < 0.3
+
+
+@aio
+async def test_refused_connection_without_a_supervisor_is_502(tmp_path):
+    # No state file: nobody restarts llama-server, so no Retry-After promise.
+    async with Stack(tmp_path, start_fake=False, backend_port=_closed_port()) as s:
+        _write_state(s, None)
+        r = await s.one(post("/v1/chat/completions", chat()))
+        assert r.status == 502 and r.error()["code"] == "upstream_unavailable"
+        assert r.get("retry-after") is None
+
+
 # ---------------- graceful shutdown ----------------
 
 @aio
