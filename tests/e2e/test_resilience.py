@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from e2e_stack import processes_mentioning, request, server_bin
 from e2e_stack import make_stack  # noqa: F401 (fixtures)
 
@@ -21,6 +22,9 @@ HERE = Path(__file__).parent
 SLOT_FREE_DEADLINE_S = 2.0
 # A kill -9 of llama-server is noticed by the supervisor's wait at once; allow for a loaded CI.
 NOTICE_DEADLINE_S = 10.0
+# How long requests are sent after llama-server's death: past the gateway's state file cache
+# (gateway.STATE_FILE_TTL, 0.5 s), within which they used to be answered 502.
+DEATH_WINDOW_S = 1.0
 
 
 def long_stream_request(key: str) -> bytes:
@@ -103,18 +107,41 @@ def test_client_disconnect_mid_stream_frees_the_slot(make_stack):
     assert s.stop() == 0
 
 
-def test_llama_server_killed_gives_503_then_recovers(make_stack):
-    s = make_stack().start()
+def refuses(s) -> bool:
+    """llama-server's socket refuses connections: the process is dead (not just signalled)."""
+    try:
+        if s.backend_socket:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(s.backend_socket)
+        else:
+            socket.create_connection(("127.0.0.1", s.backend_port), timeout=5).close()
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    return False
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_llama_server_killed_gives_503_at_once_then_recovers(make_stack, transport):
+    s = make_stack(BACKEND_TRANSPORT=transport).start()
     s.wait_health(200)
+    assert s.chat()[0] == 200     # the gateway has just read `ready` (kept STATE_FILE_TTL)
     old = s.pid("llama-server")
     os.kill(old, signal.SIGKILL)
-    wait_for(lambda: s.health() != 200, NOTICE_DEADLINE_S, "health leaves 200")
-    status, headers, body = s.chat()
-    if status != 200:   # the restart may already have finished on a fast machine
-        assert status == 503, body
+    wait_for(lambda: refuses(s), NOTICE_DEADLINE_S, "llama-server refuses connections")
+    # From the first request on (the gateway may still hold `ready`, the supervisor may not
+    # have noticed yet): 503 backend_starting with Retry-After, never a 502, until it is back.
+    answers = []
+    end = time.monotonic() + DEATH_WINDOW_S
+    while time.monotonic() < end:
+        status, headers, body = s.chat()
+        if status == 200:     # restarted already (a fast machine)
+            break
         err = json.loads(body)["error"]
+        answers.append((status, err["code"], headers.get("retry-after")))
         assert set(err) == {"message", "type", "code"}
-        assert "retry-after" in headers
+        time.sleep(0.01)
+    assert answers and set(answers) == {(503, "backend_starting", "5")}, answers
     s.wait_health(200)
     assert s.pid("llama-server") != old
     assert s.chat()[0] == 200
