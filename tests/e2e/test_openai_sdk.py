@@ -135,3 +135,15 @@ def test_curl_streaming_with_no_buffering(stack):
     events = [ln for ln in body.split("\n") if ln.startswith("data: ")]
     assert events and events[-1] == "data: [DONE]", out.stdout
     assert len(events) >= 3
+
+
+def test_stream_with_raw_line_break_characters(client):
+    # llama-server writes U+2028, U+2029 and U+0085 raw in its JSON; the relay passes the bytes
+    # and SSE ends lines at CR and LF only, so the SDK reads them whole. A one-value JSON schema
+    # makes llama-server's grammar write exactly them.
+    text = "a\u2028b\u2029c\x85d"
+    stream = client.completions.create(
+        model="demo-tiny-llama", prompt="Hello", max_tokens=30, seed=1, stream=True,
+        extra_body={"json_schema": {"type": "string", "enum": [text]}})
+    got = "".join(c.choices[0].text for c in stream if c.choices)
+    assert got == json.dumps(text, ensure_ascii=False)
