@@ -125,6 +125,7 @@ def refuses(s) -> bool:
 def test_llama_server_killed_gives_503_at_once_then_recovers(make_stack, transport):
     s = make_stack(BACKEND_TRANSPORT=transport).start()
     s.wait_health(200)
+    sock = open_stream(s)
     assert s.chat()[0] == 200     # the gateway has just read `ready` (kept STATE_FILE_TTL)
     old = s.pid("llama-server")
     os.kill(old, signal.SIGKILL)
@@ -142,6 +143,15 @@ def test_llama_server_killed_gives_503_at_once_then_recovers(make_stack, transpo
         assert set(err) == {"message", "type", "code"}
         time.sleep(0.01)
     assert answers and set(answers) == {(503, "backend_starting", "5")}, answers
+    # The stream it was generating: cut with an error event, and counted as an upstream error.
+    sock.settimeout(10)
+    rest = b""
+    while chunk := sock.recv(65536):
+        rest += chunk
+    sock.close()
+    assert b'"upstream_closed"' in rest and not rest.endswith(b"0\r\n\r\n")
+    metrics = request(s.port, "/metrics")[2].decode()
+    assert 'gateway_upstream_errors_total{kind="upstream_closed"} 1' in metrics.splitlines()
     s.wait_health(200)
     assert s.pid("llama-server") != old
     assert s.chat()[0] == 200
