@@ -37,7 +37,8 @@ log = logging.getLogger("gateway")
 
 # Backend states written by the supervisor (entrypoint.sh) into $RUN_DIR/health.
 BACKEND_STATES = ("starting", "ready", "failed", "stopping")
-# How often the state file is re-read at most (seconds): probes and requests share one read.
+# How long a `ready` read from the state file is trusted (seconds): requests share one read.
+# States that refuse requests, and a refused connection, re-read it at once (Gateway).
 STATE_FILE_TTL = 0.5
 # Retry-After while llama-server is (re)starting or has failed.
 STARTING_RETRY_AFTER = 5
@@ -165,7 +166,14 @@ class Gateway:
             raise backend_unavailable("stopping") from None
 
     def _check_backend(self) -> None:
-        err = backend_unavailable(self.backend.get())
+        """503 unless the backend takes requests. A cached `ready` is trusted for
+        STATE_FILE_TTL (a refused connection re-reads it: unreachable()); a refusal is made
+        from the file as it is now, so the first request after the supervisor writes `ready`
+        goes through. That is one small read per refused request, which admission bounds."""
+        state = self.backend.get()
+        if state in ("ready", "unknown"):
+            return
+        err = backend_unavailable(self.backend.refresh())
         if err is not None:
             raise err
 

@@ -110,6 +110,20 @@ async def test_refused_connection_is_answered_from_the_state_file_read_at_once(
 
 
 @aio
+async def test_first_request_after_the_backend_is_ready_again_goes_through(tmp_path):
+    # The gateway refused a request while `starting` (and holds that word); the supervisor
+    # writes `ready`: the next request is not refused from the cache.
+    async with Stack(tmp_path) as s:
+        _write_state(s, "starting")
+        r = await s.one(post("/v1/chat/completions", chat()))
+        assert r.status == 503 and r.error()["code"] == "backend_starting"
+        with open(s.config.health_file, "w") as f:
+            f.write("ready\n")
+        r = await s.one(post("/v1/chat/completions", chat()))
+        assert r.status == 200, r
+
+
+@aio
 async def test_refused_connection_without_a_supervisor_is_502(tmp_path):
     # No state file: nobody restarts llama-server, so no Retry-After promise.
     async with Stack(tmp_path, start_fake=False, backend_port=_closed_port()) as s:
