@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import pytest
 
-from conftest import ALICE, Stack, aio, auth, chat, eventually, get, post
+from conftest import IO_TIMEOUT, ALICE, Stack, aio, auth, chat, eventually, get, post
 
 
 @aio
@@ -313,3 +314,69 @@ async def test_over_max_connections_503(tmp_path):
         assert r.status == 503 and r.error()["code"] == "too_many_connections"
         assert r.get("retry-after") == "1"
         assert (await first.request(get("/ping", key=None))).status == 200
+
+
+# Tries of a raw client over MAX_CONNECTIONS; before the lingering close 38 of 40 saw a reset.
+REFUSED_TRIES = 40
+
+
+def _refused_client(port: int, request: bytes) -> str:
+    """Connect, send a whole request at once, read to end-of-stream: "503" when the complete
+    503 (head and its Content-Length of body) arrived before EOF, else what went wrong."""
+    deadline = time.monotonic() + IO_TIMEOUT
+    buf = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as s:
+            s.sendall(request)
+            while time.monotonic() < deadline:
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+            else:
+                return "no EOF"
+    except OSError as exc:
+        return type(exc).__name__
+    head, sep, body = buf.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 503 ") or not sep:
+        return f"bad answer {buf[:60]!r}"
+    length = [int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+              if line.lower().startswith(b"content-length:")]
+    return "503" if length and len(body) == length[0] else "truncated"
+
+
+@aio
+async def test_over_max_connections_the_503_reaches_a_client_that_sent_a_request(tmp_path):
+    """Refused with its request unread, the socket used to be closed at once, so the kernel
+    answered the unread bytes with a reset that mostly beat the 503 to the client."""
+    async with Stack(tmp_path, {"MAX_CONNECTIONS": "1"}) as s:
+        first = await s.client()
+        assert (await first.request(get("/ping", key=None))).status == 200
+        request = post("/v1/chat/completions",
+                       {"messages": [{"role": "user", "content": "x" * 2000}]})
+        outcomes = [await asyncio.to_thread(_refused_client, s.port, request)
+                    for _ in range(REFUSED_TRIES)]
+        bad = [o for o in outcomes if o != "503"]
+        assert not bad, f"{len(bad)} of {REFUSED_TRIES}: {bad[:5]}"
+        assert s.fake.requests == []
+        await eventually(lambda: s.gw.lingering_refusals == 0, 2.0)
+
+
+@aio
+async def test_lingering_refusals_are_bounded_in_time_and_count(tmp_path, monkeypatch):
+    import gateway
+    monkeypatch.setattr(gateway, "REFUSE_LINGER_TIMEOUT", 0.3)
+    monkeypatch.setattr(gateway, "MAX_LINGERING_REFUSALS", 2)
+    async with Stack(tmp_path, {"MAX_CONNECTIONS": "1"}) as s:
+        first = await s.client()
+        assert (await first.request(get("/ping", key=None))).status == 200
+        held = [await s.client() for _ in range(3)]   # read the 503, never close
+        for c in held:
+            r = await c.response()
+            assert r.status == 503
+        # two linger (the cap), the third was closed at once
+        await eventually(lambda: s.gw.lingering_refusals == 2, 1.0)
+        t0 = time.monotonic()
+        await eventually(lambda: s.gw.lingering_refusals == 0, 2.0)   # closed at the deadline
+        assert time.monotonic() - t0 < 1.0
