@@ -157,7 +157,12 @@ BAD_REQUESTS = [
     ("cl_and_te", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
                   b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     ("bad_cl", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n", 400),
-    ("te_gzip", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    # chunked not last: the body's length cannot be known (RFC 9112 6.3)
+    ("te_gzip", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    ("te_gzip_chunked", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                        b"Transfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    ("target_char", b"GET /ping?q={x} HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("absolute_userinfo", b"GET http://u@x/ping HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("obs_fold", b"GET /ping HTTP/1.1\r\nHost: x\r\nX-A: b\r\n c\r\n\r\n", 400),
     ("bare_lf", b"GET /ping HTTP/1.1\nHost: x\n\n", 400),
     ("no_host", b"GET /ping HTTP/1.1\r\n\r\n", 400),
@@ -182,6 +187,21 @@ async def test_parser_rejections_answer_json_and_close(tmp_path, name, raw, stat
         r.error()
         assert await c.closed(1.0)
         assert s.fake.requests == []
+
+
+@aio
+async def test_absolute_form_targets_are_served_by_their_path(tmp_path):
+    """RFC 9112 3.2.2: a server MUST accept the absolute-form; the route is its path, and the
+    request to llama-server is rebuilt with the route's own path as always."""
+    async with Stack(tmp_path) as s:
+        c = await s.client()
+        r = await c.request(get("http://gw/ping", key=None))
+        assert r.status == 200 and r.json() == {"status": "ok"}
+        r = await c.request(post("HTTPS://gw:8000/v1/chat/completions?x=1", chat()))
+        assert r.status == 200
+        assert s.fake.requests[-1].target == "/v1/chat/completions"
+        r = await c.request(get("http://gw/slots", key=None))
+        assert r.status == 404
 
 
 @aio
