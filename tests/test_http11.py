@@ -155,6 +155,8 @@ VALID = [
                  [("req", "GET", "http://a/v1/models?x=1"), ("end",)], id="absolute-form"),
     pytest.param(b"GET HTTPS://[::1]:8000 HTTP/1.1\r\n" + H + b"\r\n",
                  [("req", "GET", "HTTPS://[::1]:8000"), ("end",)], id="absolute-form-no-path"),
+    pytest.param(b"GET http://a/x HTTP/1.0\r\n\r\n", [("req", "GET", "http://a/x"), ("end",)],
+                 id="absolute-form-http10-no-host"),
     # RFC 9110 2.5: a higher minor version of HTTP/1 is processed as HTTP/1.1
     pytest.param(b"GET / HTTP/1.2\r\n" + H + b"\r\n", [("req", "GET", "/"), ("end",)],
                  id="http1.2-as-1.1"),
@@ -287,6 +289,8 @@ INVALID = [
     pytest.param(req(b"X-\xe9: x\r\n"), 400, BAD, id="name-non-ascii"),
     # Host
     pytest.param(b"GET / HTTP/1.1\r\n\r\n", 400, BAD, id="http11-no-host"),
+    # RFC 9112 3.2: Host is required of HTTP/1.1 whatever the form of the request-target
+    pytest.param(b"GET http://a/ HTTP/1.1\r\n\r\n", 400, BAD, id="http11-absolute-form-no-host"),
     pytest.param(b"GET / HTTP/1.1\r\nX: y\r\n\r\n", 400, BAD, id="http11-no-host-other-header"),
     pytest.param(req(b"Host: b\r\n"), 400, BAD, id="two-hosts"),
     pytest.param(b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", 400, BAD, id="two-hosts-1.0"),
