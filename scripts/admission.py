@@ -42,8 +42,13 @@ class Ticket:
 NO_TICKET = Ticket(None, "")
 
 
-def _unauthorized(message: str, code: str) -> GatewayError:
-    return GatewayError(401, message, code, headers=[("www-authenticate", "Bearer")])
+def _unauthorized(message: str, code: str, realm: str = keys.AUTH_REALM,
+                  presented: bool = False, description: str = "") -> GatewayError:
+    """401 with its Bearer challenge (RFC 6750 3.1): error="invalid_token" when a key was
+    presented and is not valid, no error code when none was presented."""
+    challenge = keys.bearer_challenge(realm, "invalid_token" if presented else None,
+                                      description or message)
+    return GatewayError(401, message, code, headers=[("www-authenticate", challenge)])
 
 
 class Admission:
@@ -65,7 +70,7 @@ class Admission:
         info = self.store.lookup(presented) if self.store is not None else None
         if info is None:
             self.metrics.inc_auth_failed()
-            raise _unauthorized("Invalid API key", "invalid_api_key")
+            raise _unauthorized("Invalid API key", "invalid_api_key", presented=True)
         return info
 
     def admit(self, req, route, ctx) -> Ticket:
@@ -103,7 +108,8 @@ class Admission:
         presented = keys.extract_key(req.headers) or ""
         if not hmac.compare_digest(presented.encode(), expected.encode()):
             self.metrics.inc_auth_failed()
-            raise _unauthorized("Invalid or missing metrics key", "invalid_metrics_key")
+            raise _unauthorized("Invalid or missing metrics key", "invalid_metrics_key",
+                                keys.METRICS_REALM, bool(presented), "Invalid metrics key")
 
     def try_backend_slot(self) -> ratelimit.Slot | None:
         """A free slot without waiting, or None (then await backend_slot). At shutdown

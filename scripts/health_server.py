@@ -16,15 +16,24 @@ It never sends a request to llama-server or to the gateway's API: the only traff
 bare TCP connect+close to the gateway port, cached for GATEWAY_CHECK_TTL and re-done at once when
 the state file is replaced. It imports little so that it answers within a fraction of a second of
 the container's start. Bad config exits 2 naming the variable; SIGTERM/SIGINT exit 0.
+
+One thread, non-blocking sockets, one selector: a connection costs a descriptor and a small
+object, and nothing it does (send nothing, trickle, never read) holds up the others. At most
+MAX_CONNECTIONS are held; when a new one arrives at the cap, the oldest one still waiting for
+its head is dropped to make room (a probe sends its head at once, so the connections that wait
+longest are the idle ones of a flood). A head must arrive whole within HEAD_TIMEOUT and fit in
+MAX_HEAD_BYTES. The gateway check is a non-blocking connect too: probes that need it wait for
+it, up to GATEWAY_CONNECT_TIMEOUT, while the others are answered.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import selectors
 import signal
 import socket
 import sys
-import threading
 import time
 
 import config
@@ -32,24 +41,46 @@ import config
 # A probe's request head is ~100 bytes; 8 KiB is the common server default for a request head
 # (nginx large_client_header_buffers, h11) and far more than any probe needs.
 MAX_HEAD_BYTES = 8192
-# Probes send their head in one packet; 2 s total is generous and bounds a slowloris.
-HEAD_TIMEOUT = 2.0
-# Writing ~150 bytes to a live client never takes this long.
-WRITE_TIMEOUT = 2.0
-# After answering, read and drop what the client still sends (a body, the rest of an oversized
-# head) for this long / this much, so closing does not reset the connection before the client
-# has read the answer (a "lingering close", as Apache and nginx do).
+# Bytes asked of the kernel per read of a head (a probe's head comes in one read).
+RECV_SIZE = 4096
+# A probe sends its head in the first packet after the TCP handshake, one round trip after its
+# connect: 1 s is generous for that, and a connection that sends nothing gives its place back
+# within 1 s (a trickled head does not extend it).
+HEAD_TIMEOUT = 1.0
+# From the answer to the close: the answer (~150 bytes) goes into the socket's send buffer at
+# once, then what the client still sends (a body, the rest of an oversized head) is read and
+# dropped for up to this long / this much, so closing does not reset the connection before the
+# client has read the answer (a "lingering close", as Apache and nginx do).
 LINGER_TIMEOUT = 0.5
 LINGER_MAX_BYTES = 65536
-# Concurrent probe connections: the platform probes every few seconds; beyond this we close at once.
-MAX_CONNECTIONS = 64
+LINGER_RECV_SIZE = 16384
+# Connections held at once. An idle one costs a descriptor and a small object (no buffer until
+# bytes arrive), so 512 is cheap, far beyond what the platform's probes need (one every few
+# seconds), and under the usual descriptor limit of 1024 (see connection_cap). The cap only
+# matters against a flood: the oldest connection still waiting for its head makes room.
+MAX_CONNECTIONS = 512
+# Descriptors kept apart from the connections: stdio, the listener, the selector, the gateway
+# check's socket, the state file while it is read, and spares.
+FD_RESERVE = 16
+# Connections accepted per wake-up: a burst is taken in a few rounds, with the heads received
+# meanwhile read in between. At most 1/ACCEPT_ROUNDS_KEPT of the cap per round, so that a
+# connection accepted in one round outlives that many more rounds of a flood (each newcomer at
+# the cap pushing the oldest out) and its head is read before its turn to be dropped comes.
+ACCEPT_BATCH = 64
+ACCEPT_ROUNDS_KEPT = 8
+# No descriptor left (EMFILE/ENFILE) and nothing of ours to close: stop accepting for this long.
+ACCEPT_RETRY_DELAY = 0.1
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # The gateway is on loopback: a connect either succeeds or is refused in well under a millisecond.
 GATEWAY_CONNECT_TIMEOUT = 0.5
 # Probes may come several times a second; one TCP connect per second at most is plenty.
 GATEWAY_CHECK_TTL = 1.0
 # The state file holds one short word.
 MAX_STATE_BYTES = 64
-LISTEN_BACKLOG = 64
+# Connections waiting to be accepted; a flood's reconnects come in bursts (all the connections
+# dropped at one head deadline reconnect together), and a full queue drops a probe's SYN (its
+# client resends it 1 s later). The kernel caps it at net.core.somaxconn (4096 by default).
+LISTEN_BACKLOG = 1024
 
 STATES = ("starting", "ready", "failed", "stopping")
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 405: "Method Not Allowed",
@@ -76,17 +107,21 @@ def probe_address(host: str) -> str:
     return host
 
 
-def tcp_accepts(host: str, port: int, timeout: float) -> bool:
-    """True when host:port accepts a TCP connection (connect, then close; nothing sent)."""
+def connection_cap(limit: int = MAX_CONNECTIONS) -> int:
+    """`limit`, lowered to fit the process's descriptor limit (less FD_RESERVE)."""
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        import resource
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return limit
+    if soft == resource.RLIM_INFINITY:
+        return limit
+    return max(1, min(limit, soft - FD_RESERVE))
 
 
 class Prober:
-    """Decides the answer: state file, plus a cached TCP check of the gateway port when ready."""
+    """Decides the answer: the state file, plus a cached TCP check of the gateway port when
+    ready. The check itself (a non-blocking connect) is the server's to run; see HealthServer."""
 
     def __init__(self, state_file: str, gateway_host: str, gateway_port: int,
                  ttl: float = GATEWAY_CHECK_TTL, connect_timeout: float = GATEWAY_CONNECT_TIMEOUT):
@@ -94,11 +129,11 @@ class Prober:
         self.gateway = (gateway_host, gateway_port)
         self.ttl = ttl
         self.connect_timeout = connect_timeout
-        self._lock = threading.Lock()
         # (checked_at, state file version, ok)
         self._cached: tuple[float, tuple[int, int, int], bool] | None = None
+        self._address: tuple | None = None
 
-    def _state_version(self) -> tuple[int, int, int]:
+    def state_version(self) -> tuple[int, int, int]:
         # Every atomic replace (temp file + rename) makes a new inode: a rewrite is always seen.
         try:
             st = os.stat(self.state_file)
@@ -106,46 +141,35 @@ class Prober:
             return (-1, -1, -1)
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def _gateway_ok(self) -> bool:
-        version = self._state_version()
-        with self._lock:
-            cached = self._cached
-            if cached and time.monotonic() - cached[0] < self.ttl and cached[1] == version:
-                return cached[2]
-            ok = tcp_accepts(self.gateway[0], self.gateway[1], self.connect_timeout)
-            self._cached = (time.monotonic(), version, ok)
-            return ok
-
-    def answer(self) -> tuple[int, bytes]:
-        """(status, JSON body) for a GET; 204 has an empty body."""
+    def answer(self, now: float) -> tuple[int, bytes] | tuple[None, tuple[int, int, int]]:
+        """(status, JSON body) for a GET (204: empty body); or (None, state file version) when
+        the answer needs a gateway check first (then gateway_answer with its outcome)."""
         state = read_state(self.state_file)
         if state == "starting":
             return 204, b""
         if state == "ready":
-            if self._gateway_ok():
-                return 200, b'{"status":"ready"}'
-            return 503, b'{"status":"ready","gateway":"not accepting"}'
+            version = self.state_version()
+            cached = self._cached
+            if cached and now - cached[0] < self.ttl and cached[1] == version:
+                return self.gateway_answer(cached[2])
+            return None, version
         return 503, b'{"status":"%s"}' % state.encode()
 
+    @staticmethod
+    def gateway_answer(ok: bool) -> tuple[int, bytes]:
+        if ok:
+            return 200, b'{"status":"ready"}'
+        return 503, b'{"status":"ready","gateway":"not accepting"}'
 
-def read_head(conn: socket.socket, deadline: float) -> bytes | None:
-    """The request head up to the blank line; None on timeout/EOF; raises ValueError if too big."""
-    buf = b""
-    while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
-        if len(buf) > MAX_HEAD_BYTES:
-            raise ValueError("head too large")
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
-        conn.settimeout(remaining)
-        try:
-            chunk = conn.recv(4096)
-        except OSError:
-            return None
-        if not chunk:
-            return None
-        buf += chunk
-    return buf
+    def record(self, checked_at: float, version: tuple[int, int, int], ok: bool) -> None:
+        self._cached = (checked_at, version, ok)
+
+    def address(self) -> tuple:
+        """(family, sockaddr) of the gateway port, resolved once (normally a numeric address)."""
+        if self._address is None:
+            info = socket.getaddrinfo(self.gateway[0], self.gateway[1], type=socket.SOCK_STREAM)
+            self._address = (info[0][0], info[0][4])
+        return self._address
 
 
 def render(status: int, body: bytes, head_only: bool, extra: str = "") -> bytes:
@@ -159,63 +183,334 @@ def render(status: int, body: bytes, head_only: bool, extra: str = "") -> bytes:
     return head if head_only or status == 204 else head + body
 
 
-def handle(conn: socket.socket, prober: Prober) -> None:
-    with conn:
+def head_end(buf: bytes, start: int) -> int:
+    """Offset just past the blank line ending a head in buf (searched from `start`), or -1."""
+    i = buf.find(b"\r\n\r\n", start)
+    j = buf.find(b"\n\n", start)
+    if i < 0:
+        return j + 2 if j >= 0 else -1
+    return i + 4 if j < 0 or i < j else j + 2
+
+
+class _Conn:
+    """One client connection: its socket, the head read so far, its deadline and phase."""
+
+    __slots__ = ("sock", "fd", "buf", "deadline", "phase", "out", "dropped", "head_only")
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.buf = b""
+        self.deadline = deadline
+        self.phase = _HEAD
+        self.out = b""
+        self.dropped = 0
+        self.head_only = False
+
+
+# phases of a connection
+_HEAD = "head"          # waiting for its request head (self.waiting, accept order)
+_CHECK = "check"        # head read, waiting for the gateway check (self.parked)
+_WRITE = "write"        # answering (self.closing, answer order)
+_LINGER = "linger"      # answer sent, write side shut: dropping what the client sends
+_CLOSED = "closed"
+
+
+class HealthServer:
+    """The probe server's loop. Every connection is in one of three dicts, each in deadline
+    order (all in it got the same timeout, in the order they are in): waiting (for a head),
+    parked (for the gateway check) and closing (answer and linger)."""
+
+    def __init__(self, listener: socket.socket, prober: Prober,
+                 max_connections: int | None = None, clock=time.monotonic):
+        self.listener = listener
+        self.prober = prober
+        self.max_connections = max_connections or connection_cap()
+        self.accept_batch = max(1, min(ACCEPT_BATCH, self.max_connections // ACCEPT_ROUNDS_KEPT))
+        self.clock = clock
+        self.sel = selectors.DefaultSelector()
+        self.waiting: dict[int, _Conn] = {}
+        self.parked: dict[int, _Conn] = {}
+        self.closing: dict[int, _Conn] = {}
+        self.dropped_at_cap = 0      # connections closed to make room for a newer one
+        self._check: tuple[socket.socket, tuple[int, int, int], float] | None = None
+        self._accept_paused_until: float | None = None
+        self._stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        listener.setblocking(False)
+        self.sel.register(listener, selectors.EVENT_READ, self._accept)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._woken)
+
+    # -- the loop --
+    def run(self) -> None:
+        """Serve until stop() (or an exception, e.g. SystemExit from a signal handler)."""
         try:
-            head = read_head(conn, time.monotonic() + HEAD_TIMEOUT)
-        except ValueError:
-            response = render(431, b'{"error":"request head too large"}', False)
-        else:
-            if head is None:
-                return
-            request_line = head.split(b"\n", 1)[0].strip()
-            parts = request_line.split()
-            if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
-                response = render(400, b'{"error":"bad request"}', False)
-            elif parts[0] in (b"GET", b"HEAD"):
-                status, body = prober.answer()
-                response = render(status, body, parts[0] == b"HEAD")
-            else:
-                response = render(405, b'{"error":"method not allowed"}', False,
-                                  "Allow: GET, HEAD")
+            while not self._stopping:
+                events = self.sel.select(self._timeout(self.clock()))
+                for key, _mask in events:
+                    data = key.data
+                    if type(data) is _Conn:
+                        if data.phase is not _CLOSED:   # closed earlier in this round
+                            self._on_conn(data)
+                    else:
+                        data()
+                self._expire(self.clock())
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """Make run() return (from another thread)."""
+        self._stopping = True
         try:
-            conn.settimeout(WRITE_TIMEOUT)
-            conn.sendall(response)
-            conn.shutdown(socket.SHUT_WR)
-            linger(conn)
+            self._wake_w.send(b"x")
         except OSError:
             pass
 
+    def close(self) -> None:
+        for table in (self.waiting, self.parked, self.closing):
+            for conn in list(table.values()):
+                self._drop(conn)
+        if self._check is not None:
+            self._check[0].close()
+            self._check = None
+        self.sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
-def linger(conn: socket.socket) -> None:
-    deadline = time.monotonic() + LINGER_TIMEOUT
-    dropped = 0
-    while dropped < LINGER_MAX_BYTES:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return
-        conn.settimeout(remaining)
-        chunk = conn.recv(16384)
-        if not chunk:
-            return
-        dropped += len(chunk)
-
-
-def serve(listener: socket.socket, prober: Prober) -> None:
-    slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-
-    def run(conn: socket.socket) -> None:
+    def _woken(self) -> None:
         try:
-            handle(conn, prober)
-        finally:
-            slots.release()
+            self._wake_r.recv(64)
+        except OSError:
+            pass
 
-    while True:
-        conn, _ = listener.accept()
-        if not slots.acquire(blocking=False):
-            conn.close()
-            continue
-        threading.Thread(target=run, args=(conn,), daemon=True).start()
+    def _timeout(self, now: float) -> float | None:
+        deadlines = [next(iter(t.values())).deadline
+                     for t in (self.waiting, self.closing) if t]
+        if self._check is not None:
+            deadlines.append(self._check[2])
+        if self._accept_paused_until is not None:
+            deadlines.append(self._accept_paused_until)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    def _expire(self, now: float) -> None:
+        for table in (self.waiting, self.closing):
+            while table:
+                conn = next(iter(table.values()))
+                if conn.deadline > now:
+                    break
+                self._drop(conn)
+        if self._check is not None and now >= self._check[2]:
+            self._check_done(False)
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._accept_paused_until = None
+            self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
+
+    # -- connections --
+    def _count(self) -> int:
+        return len(self.waiting) + len(self.parked) + len(self.closing)
+
+    def _make_room(self) -> bool:
+        """Drop the oldest connection, idle ones (waiting for a head) first. False if none."""
+        for table in (self.waiting, self.closing, self.parked):
+            if table:
+                self._drop(next(iter(table.values())))
+                self.dropped_at_cap += 1
+                return True
+        return False
+
+    def _accept(self) -> None:
+        for _ in range(self.accept_batch):
+            try:
+                sock, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RESOURCE_ERRORS and not self._make_room():
+                    self.sel.unregister(self.listener)
+                    self._accept_paused_until = self.clock() + ACCEPT_RETRY_DELAY
+                return
+            if self._count() >= self.max_connections:
+                self._make_room()
+            try:
+                sock.setblocking(False)
+                conn = _Conn(sock, self.clock() + HEAD_TIMEOUT)
+                self.sel.register(sock, selectors.EVENT_READ, conn)
+            except (OSError, ValueError):
+                sock.close()
+                continue
+            self.waiting[conn.fd] = conn
+            self._read_head(conn)       # a probe's head is often there already: answered now
+
+    def _drop(self, conn: _Conn) -> None:
+        phase = conn.phase
+        if phase is _CLOSED:
+            return
+        conn.phase = _CLOSED
+        table = self.waiting if phase is _HEAD else self.parked if phase is _CHECK \
+            else self.closing
+        table.pop(conn.fd, None)
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def _on_conn(self, conn: _Conn) -> None:
+        phase = conn.phase
+        if phase is _HEAD:
+            self._read_head(conn)
+        elif phase is _WRITE:
+            self._write(conn)
+        elif phase is _LINGER:
+            self._linger(conn)
+        # _CHECK: registered for nothing (see _park)
+
+    def _read_head(self, conn: _Conn) -> None:
+        try:
+            chunk = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        if not chunk:                 # the client gave up before its head was complete
+            self._drop(conn)
+            return
+        start = max(0, len(conn.buf) - 3)
+        buf = conn.buf = conn.buf + chunk
+        end = head_end(buf, start)
+        if end < 0:
+            if len(buf) > MAX_HEAD_BYTES:
+                conn.buf = b""
+                self._answer(conn, render(431, b'{"error":"request head too large"}', False))
+            return
+        head = buf[:end]
+        conn.buf = b""
+        request_line = head.split(b"\n", 1)[0].strip()
+        parts = request_line.split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            self._answer(conn, render(400, b'{"error":"bad request"}', False))
+        elif parts[0] in (b"GET", b"HEAD"):
+            conn.head_only = parts[0] == b"HEAD"
+            status, body = self.prober.answer(self.clock())
+            if status is None:
+                self._park(conn, body)
+            else:
+                self._answer(conn, render(status, body, conn.head_only))
+        else:
+            self._answer(conn, render(405, b'{"error":"method not allowed"}', False,
+                                      "Allow: GET, HEAD"))
+
+    def _answer(self, conn: _Conn, response: bytes) -> None:
+        table = self.waiting if conn.phase is _HEAD else self.parked
+        table.pop(conn.fd, None)
+        conn.phase = _WRITE
+        conn.out = response
+        conn.deadline = self.clock() + LINGER_TIMEOUT
+        self.closing[conn.fd] = conn
+        self._write(conn, waited=False)
+
+    def _write(self, conn: _Conn, waited: bool = True) -> None:
+        """Send the answer; once it is all out, shut the write side and linger. `waited`: the
+        socket is registered for writability (it had to wait), else for reading."""
+        try:
+            n = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self._drop(conn)
+            return
+        conn.out = conn.out[n:]
+        try:
+            if conn.out:                 # the send buffer is full: wait until writable
+                if not waited:
+                    self.sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+                return
+            conn.sock.shutdown(socket.SHUT_WR)
+            conn.phase = _LINGER
+            if waited:
+                self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
+        except OSError:
+            self._drop(conn)
+
+    def _linger(self, conn: _Conn) -> None:
+        try:
+            chunk = conn.sock.recv(LINGER_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        conn.dropped += len(chunk)
+        if not chunk or conn.dropped > LINGER_MAX_BYTES:
+            self._drop(conn)
+
+    # -- the gateway check --
+    def _park(self, conn: _Conn, version: tuple[int, int, int]) -> None:
+        """Wait for the gateway check (started now unless one runs); no reading meanwhile."""
+        self.waiting.pop(conn.fd, None)
+        conn.phase = _CHECK
+        self.parked[conn.fd] = conn
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        if self._check is None:
+            self._start_check(version)
+
+    def _start_check(self, version: tuple[int, int, int]) -> None:
+        try:
+            family, address = self.prober.address()
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            self._check_finished(version, False)
+            return
+        sock.setblocking(False)
+        try:
+            err = sock.connect_ex(address)
+        except OSError:
+            err = errno.ECONNREFUSED
+        if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+            deadline = self.clock() + self.prober.connect_timeout
+            self._check = (sock, version, deadline)
+            self.sel.register(sock, selectors.EVENT_WRITE, self._check_ready)
+            return
+        sock.close()
+        self._check_finished(version, err == 0)
+
+    def _check_ready(self) -> None:
+        sock = self._check[0]
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            err = -1
+        self._check_done(err == 0)
+
+    def _check_done(self, ok: bool) -> None:
+        sock, version, _deadline = self._check
+        self._check = None
+        try:
+            self.sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        sock.close()
+        self._check_finished(version, ok)
+
+    def _check_finished(self, version: tuple[int, int, int], ok: bool) -> None:
+        self.prober.record(self.clock(), version, ok)
+        status, body = self.prober.gateway_answer(ok)
+        for conn in list(self.parked.values()):
+            try:
+                self.sel.register(conn.sock, selectors.EVENT_READ, conn)
+            except (OSError, ValueError, KeyError):
+                self._drop(conn)
+                continue
+            self._answer(conn, render(status, body, conn.head_only))
 
 
 def _stop(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -241,10 +536,12 @@ def main() -> int:
         return 1
     listener.listen(LISTEN_BACKLOG)
     prober = Prober(cfg.health_file, probe_address(cfg.host), cfg.port)
+    server = HealthServer(listener, prober)
     print(f"health_server: listening on {cfg.host}:{cfg.port_health}, state file "
-          f"{cfg.health_file}, gateway check {prober.gateway[0]}:{cfg.port}", flush=True)
+          f"{cfg.health_file}, gateway check {prober.gateway[0]}:{cfg.port}, at most "
+          f"{server.max_connections} connections", flush=True)
     try:
-        serve(listener, prober)
+        server.run()
     except SystemExit:
         pass
     finally:

@@ -13,11 +13,15 @@ drains next_event() after every feed, so the buffer holds at most one read plus 
 
 Strictness: request smuggling lives in lenient parsers, so anything RFC 9112 lets a server reject
 is rejected: bare CR/LF, obs-fold, whitespace before a colon, duplicate Host / Content-Length,
-Content-Length with Transfer-Encoding, codings other than "chunked".
+Content-Length with Transfer-Encoding, codings other than "chunked", characters outside RFC 3986
+in the request-target. What the RFCs require a server to accept is accepted: the absolute-form
+of the request-target (RFC 9112 3.2.2), HTTP/1.x of a higher minor version as HTTP/1.1 (RFC 9110
+2.5), empty elements in a list field (RFC 9110 5.6.1), leading zeros in lengths.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from errors import REASONS, ProtocolError
@@ -37,9 +41,10 @@ MAX_CHUNK_LINE = 4096
 MAX_TRAILER_BYTES = 16384
 # Empty lines tolerated before a request line (RFC 9112 2.2 asks for "at least one").
 MAX_LEADING_EMPTY_LINES = 4
-# Content-Length digits; 10**18 - 1 fits a signed 64-bit integer (far beyond any body limit).
+# Content-Length digits (leading zeros not counted); 10**18 - 1 fits a signed 64-bit integer, far
+# beyond any body limit: a longer value is a valid number too large to allow (413).
 MAX_CONTENT_LENGTH_DIGITS = 18
-# Chunk-size hex digits; 16 hex digits are 64 bits.
+# Chunk-size hex digits (leading zeros not counted); 16 hex digits are 64 bits.
 MAX_CHUNK_SIZE_DIGITS = 16
 # Longest method token looked at before its space arrives; the longest IANA-registered method
 # (UPDATEREDIRECTREF) has 17 characters.
@@ -90,19 +95,34 @@ _RESPONSE_MEMO: dict[tuple[str, int, str], "Response"] = {}   # (method, max_hea
 _RESPONSE_MEMO_MAX = 64
 _TOKEN_RE = re.compile(_TOKEN)
 _TOKEN_B_RE = re.compile(_TOKEN.encode())
-# origin-form or "*": visible ASCII, no fragment ("#" is not part of a request-target).
-_TARGET_RE = re.compile(r"[\x21\x22\x24-\x7e]+")
+# The characters of a request-target (RFC 3986 via RFC 9112 3.2): unreserved, sub-delims, ":",
+# "@", "/", "?" and "%" (then checked by _BAD_PCT_RE); no "#" (a fragment is never sent). "[" and
+# "]" only in the host of an absolute-form target (_URI_CHARS_RE).
+_TARGET_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]+")
+_URI_CHARS_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%\[\]]+")
+_BAD_PCT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# absolute-form (RFC 9112 3.2.2): scheme "://" authority path-abempty [ "?" query ]
+_ABSOLUTE_RE = re.compile(r"([A-Za-z][A-Za-z0-9+\-.]*)://([^/?]*)([^?]*)(?:\?(.*))?", re.DOTALL)
 _VERSION_RE = re.compile(r"HTTP/([0-9])(?:\.([0-9]))?")
 _DIGITS_RE = re.compile(f"[0-9]{{1,{MAX_CONTENT_LENGTH_DIGITS}}}")
+_ALL_DIGITS_RE = re.compile(r"[0-9]+")
+# Host = uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2); an IPv6 literal is then checked
+# by the ipaddress module.
 _HOST_RE = re.compile(
-    r"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]*"            # reg-name / IPv4 (pct-encoded allowed)
-    r"|\[[0-9A-Fa-f:.]+\]"                          # IPv6 literal
-    r"|\[v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+\])"  # IPvFuture
+    r"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*"   # reg-name / IPv4address
+    r"|\[[0-9A-Fa-f:.]+\]"                                    # IPv6 literal
+    r"|\[v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+\])"    # IPvFuture
     r"(?::[0-9]*)?")
 _STATUS_LINE_RE = re.compile(r"HTTP/1\.([01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
 _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+# One element of a Transfer-Encoding list (RFC 9112 7, RFC 9110 5.6.1), matched from where the
+# previous one ended: OWS, then a transfer-coding (token, then ";" name=value parameters) or an
+# empty element, OWS, then "," or the end.
+_TCODING_RE = re.compile(
+    rf"[ \t]*(?:({_TOKEN})((?:[ \t]*;[ \t]*{_TOKEN}[ \t]*=[ \t]*(?:{_TOKEN}|"
+    + _QUOTED.decode("latin-1") + r"))*)[ \t]*)?(,|\Z)")
 _CHUNK_LINE_RE = re.compile(
-    rb"([0-9A-Fa-f]{1,%d})" % MAX_CHUNK_SIZE_DIGITS
+    rb"([0-9A-Fa-f]+)"
     + rb"(?:[ \t]*;[ \t]*" + _TOKEN.encode()
     + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN.encode() + rb"|" + _QUOTED + rb"))?)*")
 # A chunk-size line exactly as chunk() writes one: lowercase hex, no leading zero, no extension
@@ -270,24 +290,79 @@ def _first_bad_field(lines: list[str], err) -> ProtocolError:
 def _connection_tokens(values: list[str]) -> frozenset[str]:
     if not values:
         return _NO_TOKENS
-    return frozenset(t for v in values for t in (p.strip().lower() for p in v.split(",")) if t)
+    # split at "," and OWS (SP / HTAB) only: str.strip() would also drop a latin-1 \xa0
+    return frozenset(t for v in values for t in (p.strip(" \t").lower() for p in v.split(","))
+                     if t)
+
+
+def _expects_continue(value: str) -> bool:
+    """True if the Expect list (RFC 9110 10.1.1) has the member 100-continue."""
+    low = value.lower()
+    return low == "100-continue" or any(m.strip(" \t") == "100-continue"
+                                        for m in low.split(","))
 
 
 def _check_transfer_encoding(values: list[str], err, unsupported) -> None:
-    """Accept exactly one Transfer-Encoding field whose value is "chunked"."""
-    if len(values) > 1:
-        raise err("more than one Transfer-Encoding header")
-    value = values[0].lower()
-    if value == "chunked":
+    """Accept a Transfer-Encoding whose codings are exactly "chunked" (empty list elements and
+    several field lines allowed: RFC 9110 5.6.1, 5.3). Chunked not the final coding: err (the
+    length cannot be known, RFC 9112 6.3); chunked last after other codings: unsupported."""
+    if len(values) == 1 and values[0].lower() == "chunked":
         return
-    if not value:
+    value = ",".join(values)
+    codings: list[tuple[str, bool]] = []        # (name, has parameters)
+    pos = 0
+    while True:
+        m = _TCODING_RE.match(value, pos)
+        if m is None:
+            raise err("malformed Transfer-Encoding")
+        if m.group(1):
+            codings.append((m.group(1).lower(), bool(m.group(2))))
+        if not m.group(3):
+            break
+        pos = m.end()
+    if not codings:
         raise err("empty Transfer-Encoding")
-    codings = [c.strip() for c in value.split(",")]
-    if codings.count("chunked") > 1:
+    names = [name for name, _ in codings]
+    if names[-1] != "chunked":
+        raise err("chunked is not the final transfer coding (the body length is unknown)")
+    if codings[-1][1]:
+        raise err("the chunked coding takes no parameters")
+    if names.count("chunked") > 1:
         raise err("chunked applied more than once")
-    if not all(_TOKEN_RE.fullmatch(c) for c in codings):
-        raise err("malformed Transfer-Encoding")
-    raise unsupported(f"unsupported transfer coding {values[0]!r}")
+    if len(names) > 1:
+        raise unsupported(f"unsupported transfer coding {', '.join(names[:-1])!r}")
+
+
+def _valid_host(host: str) -> bool:
+    """uri-host [ ":" port ] (RFC 9110 7.2); an IPv6 literal must be an IPv6 address."""
+    if _HOST_RE.fullmatch(host) is None:
+        return False
+    if host[:1] == "[" and host[1:2] not in ("v", "V"):
+        try:
+            ipaddress.IPv6Address(host[1:host.index("]")])
+        except ValueError:
+            return False
+    return True
+
+
+def _absolute_form(target: str) -> tuple[str, str]:
+    """(path, query) of an absolute-form request-target (RFC 9112 3.2.2) for http(s), whose
+    authority has a host and no userinfo (RFC 9110 4.2.1, 4.2.4). Raises 400 otherwise."""
+    m = _ABSOLUTE_RE.fullmatch(target)
+    if m is None:
+        raise _bad("request target must be an absolute path or an absolute URI")
+    if m.group(1).lower() not in ("http", "https"):
+        raise _bad("absolute request target of a scheme other than http or https")
+    authority = m.group(2)
+    if "@" in authority:
+        raise _bad("userinfo in the request target")
+    if not authority or authority[0] == ":" or not _valid_host(authority):
+        raise _bad("invalid host in the request target")
+    path = m.group(3) or "/"
+    query = m.group(4) or ""
+    if "[" in path or "]" in path or "[" in query or "]" in query:
+        raise _bad("invalid character in request target")
+    return path, query
 
 
 # parser states (strings: readable in reprs, cheap dict keys)
@@ -551,7 +626,12 @@ class _Parser:
         m = _CHUNK_LINE_RE.fullmatch(bytes(buf[:lf - 1]))
         if m is None:
             raise self._err("invalid chunk-size line")
-        size = int(m.group(1), 16)
+        digits = m.group(1)
+        if len(digits) > MAX_CHUNK_SIZE_DIGITS:
+            digits = digits.lstrip(b"0") or b"0"
+            if len(digits) > MAX_CHUNK_SIZE_DIGITS:
+                raise self._too_large()
+        size = int(digits, 16)
         del buf[:lf + 1]
         total = self._body_total + size
         if total > self._max_body:
@@ -709,18 +789,26 @@ class RequestParser(_Parser):
         version = _VERSIONS.get(version_s)
         if version is None:
             m = _VERSION_RE.fullmatch(version_s)
-            # well-formed but not 1.0/1.1 (HTTP/1.2, HTTP/2, HTTP/3.0) -> 505; HTTP/0.9,
-            # HTTP/1 and anything malformed -> 400
-            if m is not None and (int(m.group(1)) >= 2 or (m.group(1) == "1" and m.group(2))):
+            if m is not None and m.group(1) == "1" and m.group(2):
+                version = (1, 1)     # HTTP/1.2 to 1.9: read as HTTP/1.1 (RFC 9110 2.5)
+            elif m is not None and int(m.group(1)) >= 2:
+                # HTTP/2, HTTP/3.0 -> 505; HTTP/0.9, HTTP/1 and anything malformed -> 400
                 raise ProtocolError(f"{version_s} is not supported; use HTTP/1.1", 505,
                                     "http_version_not_supported")
-            raise _bad("malformed HTTP version")
-        if not _TARGET_RE.fullmatch(target):
+            else:
+                raise _bad("malformed HTTP version")
+        if _TARGET_RE.fullmatch(target) is None and (
+                target[0] == "/" or _URI_CHARS_RE.fullmatch(target) is None):
             raise _bad("invalid character in request target")
+        if "%" in target and _BAD_PCT_RE.search(target) is not None:
+            raise _bad("'%' in the request target not followed by two hex digits")
         if method not in KNOWN_METHODS:
             raise ProtocolError(f"method {method} not implemented", 501, "method_not_implemented")
+        absolute = None
         if target[0] != "/" and not (target == "*" and method == "OPTIONS"):
-            raise _bad("request target must be an absolute path")
+            if target == "*":
+                raise _bad("request target * is for OPTIONS only")
+            absolute = _absolute_form(target)
 
         headers = _parse_fields(block, self._max_headers, _bad)
         host = None
@@ -742,7 +830,7 @@ class RequestParser(_Parser):
             elif name == "connection":
                 connection.append(value)
             elif name == "expect":
-                expect = expect or value.lower() == "100-continue"
+                expect = expect or _expects_continue(value)
 
         if hosts > 1:
             raise _bad("more than one Host header")
@@ -750,7 +838,7 @@ class RequestParser(_Parser):
             if version == (1, 1):
                 raise _bad("missing Host header")
         elif host not in _GOOD_HOSTS:
-            if not _HOST_RE.fullmatch(host):
+            if not _valid_host(host):
                 raise _bad("invalid Host header")
             if len(_GOOD_HOSTS) < _GOOD_HOSTS_MAX and len(host) <= _HOST_MEMO_LEN:
                 _GOOD_HOSTS.add(host)
@@ -769,9 +857,14 @@ class RequestParser(_Parser):
         elif cl_values:
             if len(cl_values) > 1:
                 raise _bad("more than one Content-Length header")
-            if not _DIGITS_RE.fullmatch(cl_values[0]):
-                raise _bad("invalid Content-Length")
-            content_length = int(cl_values[0])
+            value = cl_values[0]
+            if _DIGITS_RE.fullmatch(value) is None:
+                if _ALL_DIGITS_RE.fullmatch(value) is None:
+                    raise _bad("invalid Content-Length")
+                value = value.lstrip("0") or "0"      # many leading zeros, or just too large
+                if len(value) > MAX_CONTENT_LENGTH_DIGITS:
+                    raise self._too_large()
+            content_length = int(value)
             if content_length > self._max_body:
                 raise self._too_large()
 
@@ -782,8 +875,11 @@ class RequestParser(_Parser):
             keep_alive = "keep-alive" in tokens and "close" not in tokens
         # RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored.
         expect_continue = expect and version == (1, 1)
-        return Request(method, target, version, headers, content_length, chunked, keep_alive,
-                       expect_continue, host, tokens)
+        request = Request(method, target, version, headers, content_length, chunked, keep_alive,
+                          expect_continue, host, tokens)
+        if absolute is not None:
+            request.path, request.query = absolute
+        return request
 
     def _read_end(self):
         self._state = _HEAD

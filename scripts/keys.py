@@ -9,6 +9,9 @@ Key file (AUTH_KEYS_FILE, default $DATA_DIR/api_keys.txt), one key per line:
 
 - key_id: [A-Za-z0-9._-]{1,64}. It is what logs, metrics and limits see; it is not secret.
 - The secret is everything after the first ':' up to the first space or tab: printable ASCII.
+  Sent as `Authorization: Bearer <secret>` it must be an RFC 6750 b64token (A-Z a-z 0-9 - . _ ~
+  + /, then '=' padding), as generated keys are; a secret with other characters is loaded with
+  a warning naming its key_id, and works as `x-api-key` only.
   A secret that starts with "sha256:" is the hashed form, so a plaintext secret may not start with
   "sha256:" (that is the only ':' ambiguity, and it is refused rather than guessed).
 - Plaintext secrets need at least MIN_SECRET_LEN characters: the gateway faces the internet and
@@ -96,6 +99,7 @@ class _Entry:
     digest: bytes
     hashed: bool
     info: KeyInfo
+    bearer_ok: bool = True    # a Bearer token can carry the secret (unknown for hashed: True)
 
 
 def _digest(secret: str) -> bytes:
@@ -155,7 +159,7 @@ def _parse_line(line: str, source: str, lineno: int) -> _Entry | None:
     for token in settings:
         _parse_setting(token, seen, source, lineno)
     info = KeyInfo(key_id, seen.get("rpm"), seen.get("concurrency"))
-    return _Entry(lineno, digest, hashed, info)
+    return _Entry(lineno, digest, hashed, info, hashed or bearer_token_ok(secret))
 
 
 def _parse_entries(text: str, source: str) -> list[_Entry]:
@@ -268,7 +272,15 @@ class KeyStore:
     # -- loading -------------------------------------------------------------------------------
     def _read(self) -> tuple[dict[bytes, KeyInfo], tuple]:
         text, sig = _read_key_file(self.path)
-        return parse_key_file(text, self.path), sig
+        entries = _parse_entries(text, self.path)
+        for e in entries:
+            if not e.bearer_ok:
+                self._log.warning(
+                    "keys: %s:%d: the secret of key %r has characters a Bearer token cannot "
+                    "carry (RFC 6750: A-Z a-z 0-9 - . _ ~ + / then = padding): clients must "
+                    "send it as x-api-key (keys.py rotate makes a new one that fits)",
+                    self.path, e.lineno, e.info.key_id)
+        return {e.digest: e.info for e in entries}, sig
 
     def _install(self, table: dict[bytes, KeyInfo]) -> tuple[set[str], set[str], bool]:
         old = {info.key_id: (d, info) for d, (_, info) in self._table.items()}
@@ -359,15 +371,53 @@ class KeyStore:
 
 
 # --- request headers --------------------------------------------------------------------------
+# The protection spaces of the Bearer challenges (RFC 9110 11.5): the API keys, and METRICS_KEY.
+AUTH_REALM = "api"
+METRICS_REALM = "metrics"
+# RFC 6750 2.1: credentials = "Bearer" 1*SP b64token (RFC 9110 11.4 calls the same syntax
+# token68); the scheme is case-insensitive. Keys made by `keys.py add` are of this alphabet.
+_TOKEN68_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# credentials = auth-scheme [ 1*SP ( token68 / #auth-param ) ]; auth-scheme = token
+_CREDENTIALS_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+)(?: +(.*))?", re.DOTALL)
+# RFC 6750 3: error_description is %x20-21 / %x23-5B / %x5D-7E; anything else is dropped.
+_NOT_DESCRIPTION_RE = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')
+_BEARER_USAGE = ("Authorization must be 'Bearer <key>', the key of the characters "
+                 "A-Z a-z 0-9 - . _ ~ + / (then = padding); send other keys as x-api-key")
+
+
+def bearer_challenge(realm: str, error: str | None = None, description: str | None = None
+                     ) -> str:
+    """A WWW-Authenticate value for the Bearer scheme (RFC 6750 3): the realm, and for a request
+    that presented a token, the error code (3.1) and a description of it."""
+    challenge = f'Bearer realm="{realm}"'
+    if error:
+        challenge += f', error="{error}"'
+        if description:
+            challenge += f', error_description="{_NOT_DESCRIPTION_RE.sub("", description)}"'
+    return challenge
+
+
 def _bad_credentials(message: str, code: str) -> errors.GatewayError:
-    return errors.GatewayError(400, message, code)
+    """400 for an ambiguous or malformed credential (RFC 6750 3.1 invalid_request). The
+    connection closes after it, like every other refusal of a malformed request: who sent it is
+    in doubt, and so is the next request on the same connection."""
+    return errors.GatewayError(400, message, code, close=True, headers=[
+        ("www-authenticate", bearer_challenge(AUTH_REALM, "invalid_request", message))])
+
+
+def bearer_token_ok(secret: str) -> bool:
+    """True if `secret` can be sent as a Bearer token (RFC 6750 b64token)."""
+    return _TOKEN68_RE.fullmatch(secret) is not None
 
 
 def extract_key(headers: list[tuple[str, str]]) -> str | None:
     """The presented key from `Authorization: Bearer <key>` or `x-api-key: <key>`, or None if
     neither is present. headers are (lower-case name, value) pairs. Query strings are never
-    consulted. Raises GatewayError(400) for a duplicate or malformed header, or for both headers
-    with different keys. Error messages never contain the header value."""
+    consulted. An Authorization header of another scheme (Basic, Digest, ...) is not a Bearer
+    credential and counts as absent (RFC 6750 3.1: a 401 without an error code follows). Raises
+    GatewayError(400, close) for a duplicate header, a malformed Authorization header or Bearer
+    token (not b64token), or for both headers with different keys. Error messages never contain
+    the header value."""
     auth: list[str] = []
     api: list[str] = []
     for n, v in headers:          # one pass (this runs for every request)
@@ -381,14 +431,17 @@ def extract_key(headers: list[tuple[str, str]]) -> str | None:
         raise _bad_credentials("more than one x-api-key header", "duplicate_authorization")
     key = None
     if auth:
-        parts = auth[0].strip(" \t").split(None, 1)
-        if len(parts) != 2 or parts[0].lower() != "bearer":
-            raise _bad_credentials("Authorization must be 'Bearer <key>'",
-                                   "invalid_authorization")
-        key = parts[1].strip(" \t")
-        if not key or " " in key or "\t" in key:
-            raise _bad_credentials("Authorization must be 'Bearer <key>'",
-                                   "invalid_authorization")
+        value = auth[0].strip(" \t")
+        if value[:7].lower() == "bearer ":          # the usual case, one regex
+            key = value[7:].lstrip(" ")
+        else:
+            m = _CREDENTIALS_RE.fullmatch(value)
+            if m is None:
+                raise _bad_credentials("malformed Authorization header", "invalid_authorization")
+            if m.group(1).lower() == "bearer":
+                key = m.group(2) or ""
+        if key is not None and _TOKEN68_RE.fullmatch(key) is None:
+            raise _bad_credentials(_BEARER_USAGE, "invalid_authorization")
     if api:
         other = api[0].strip(" \t")
         if not other or " " in other or "\t" in other:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import pytest
 
-from conftest import ALICE, Stack, aio, auth, chat, eventually, get, post
+from conftest import IO_TIMEOUT, ALICE, Stack, aio, auth, chat, eventually, get, post
 
 
 @aio
@@ -156,7 +157,12 @@ BAD_REQUESTS = [
     ("cl_and_te", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
                   b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     ("bad_cl", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n", 400),
-    ("te_gzip", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    # chunked not last: the body's length cannot be known (RFC 9112 6.3)
+    ("te_gzip", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    ("te_gzip_chunked", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                        b"Transfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    ("target_char", b"GET /ping?q={x} HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("absolute_userinfo", b"GET http://u@x/ping HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("obs_fold", b"GET /ping HTTP/1.1\r\nHost: x\r\nX-A: b\r\n c\r\n\r\n", 400),
     ("bare_lf", b"GET /ping HTTP/1.1\nHost: x\n\n", 400),
     ("no_host", b"GET /ping HTTP/1.1\r\n\r\n", 400),
@@ -181,6 +187,21 @@ async def test_parser_rejections_answer_json_and_close(tmp_path, name, raw, stat
         r.error()
         assert await c.closed(1.0)
         assert s.fake.requests == []
+
+
+@aio
+async def test_absolute_form_targets_are_served_by_their_path(tmp_path):
+    """RFC 9112 3.2.2: a server MUST accept the absolute-form; the route is its path, and the
+    request to llama-server is rebuilt with the route's own path as always."""
+    async with Stack(tmp_path) as s:
+        c = await s.client()
+        r = await c.request(get("http://gw/ping", key=None))
+        assert r.status == 200 and r.json() == {"status": "ok"}
+        r = await c.request(post("HTTPS://gw:8000/v1/chat/completions?x=1", chat()))
+        assert r.status == 200
+        assert s.fake.requests[-1].target == "/v1/chat/completions"
+        r = await c.request(get("http://gw/slots", key=None))
+        assert r.status == 404
 
 
 @aio
@@ -313,3 +334,69 @@ async def test_over_max_connections_503(tmp_path):
         assert r.status == 503 and r.error()["code"] == "too_many_connections"
         assert r.get("retry-after") == "1"
         assert (await first.request(get("/ping", key=None))).status == 200
+
+
+# Tries of a raw client over MAX_CONNECTIONS; before the lingering close 38 of 40 saw a reset.
+REFUSED_TRIES = 40
+
+
+def _refused_client(port: int, request: bytes) -> str:
+    """Connect, send a whole request at once, read to end-of-stream: "503" when the complete
+    503 (head and its Content-Length of body) arrived before EOF, else what went wrong."""
+    deadline = time.monotonic() + IO_TIMEOUT
+    buf = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as s:
+            s.sendall(request)
+            while time.monotonic() < deadline:
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+            else:
+                return "no EOF"
+    except OSError as exc:
+        return type(exc).__name__
+    head, sep, body = buf.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 503 ") or not sep:
+        return f"bad answer {buf[:60]!r}"
+    length = [int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+              if line.lower().startswith(b"content-length:")]
+    return "503" if length and len(body) == length[0] else "truncated"
+
+
+@aio
+async def test_over_max_connections_the_503_reaches_a_client_that_sent_a_request(tmp_path):
+    """Refused with its request unread, the socket used to be closed at once, so the kernel
+    answered the unread bytes with a reset that mostly beat the 503 to the client."""
+    async with Stack(tmp_path, {"MAX_CONNECTIONS": "1"}) as s:
+        first = await s.client()
+        assert (await first.request(get("/ping", key=None))).status == 200
+        request = post("/v1/chat/completions",
+                       {"messages": [{"role": "user", "content": "x" * 2000}]})
+        outcomes = [await asyncio.to_thread(_refused_client, s.port, request)
+                    for _ in range(REFUSED_TRIES)]
+        bad = [o for o in outcomes if o != "503"]
+        assert not bad, f"{len(bad)} of {REFUSED_TRIES}: {bad[:5]}"
+        assert s.fake.requests == []
+        await eventually(lambda: s.gw.lingering_refusals == 0, 2.0)
+
+
+@aio
+async def test_lingering_refusals_are_bounded_in_time_and_count(tmp_path, monkeypatch):
+    import gateway
+    monkeypatch.setattr(gateway, "REFUSE_LINGER_TIMEOUT", 0.3)
+    monkeypatch.setattr(gateway, "MAX_LINGERING_REFUSALS", 2)
+    async with Stack(tmp_path, {"MAX_CONNECTIONS": "1"}) as s:
+        first = await s.client()
+        assert (await first.request(get("/ping", key=None))).status == 200
+        held = [await s.client() for _ in range(3)]   # read the 503, never close
+        for c in held:
+            r = await c.response()
+            assert r.status == 503
+        # two linger (the cap), the third was closed at once
+        await eventually(lambda: s.gw.lingering_refusals == 2, 1.0)
+        t0 = time.monotonic()
+        await eventually(lambda: s.gw.lingering_refusals == 0, 2.0)   # closed at the deadline
+        assert time.monotonic() - t0 < 1.0

@@ -13,10 +13,19 @@ from conftest import (ALICE, BOB, CAROL, KEY_FILE, Stack, aio, chat, eventually,
                       write_key_file)
 
 
-async def _unauthorized(s: Stack, data: bytes, code: str):
+# RFC 6750 3 / 3.1: a Bearer challenge carries at least one auth-param (the realm); an error
+# code only when a token was presented (and found invalid), none when the request had none.
+CHALLENGES = {
+    "missing_api_key": 'Bearer realm="api"',
+    "invalid_api_key": 'Bearer realm="api", error="invalid_token", '
+                       'error_description="Invalid API key"',
+}
+
+
+async def _unauthorized(s: Stack, data: bytes, code: str, challenge: str | None = None):
     r = await s.one(data)
     assert r.status == 401, r
-    assert r.get("www-authenticate") == "Bearer"
+    assert r.get("www-authenticate") == (challenge or CHALLENGES[code])
     err = r.error()
     assert err["type"] == "authentication_error" and err["code"] == code
     return r
@@ -33,6 +42,10 @@ async def test_missing_wrong_and_query_keys_are_401(tmp_path):
                                    extra=b"Authorization: Basic " + ALICE.encode() + b"\r\n")
                             .replace(b"Basic", b"Bearer").replace(ALICE.encode(), b"x" * 20),
                             "invalid_api_key")
+        # another scheme is no credential for us: 401 with the challenge, no error code
+        await _unauthorized(s, get("/v1/models", key=None,
+                                   extra=b"Authorization: Basic YWxpY2U6c2VjcmV0\r\n"),
+                            "missing_api_key")
         assert s.fake.requests == []
 
 
@@ -54,6 +67,24 @@ async def test_two_authorization_headers_400(tmp_path):
         assert r.status == 400 and r.error()["code"] == "duplicate_authorization"
         r = await s.one(get("/v1/models", extra=b"X-Api-Key: " + BOB.encode() + b"\r\n"))
         assert r.status == 400 and r.error()["code"] == "conflicting_authorization"
+        r = await s.one(get("/v1/models", key=None, extra=b"Authorization: Bearer a,b=c\r\n"))
+        assert r.status == 400 and r.error()["code"] == "invalid_authorization"
+        assert r.get("www-authenticate").startswith('Bearer realm="api", error="invalid_request"')
+        assert s.fake.requests == []
+
+
+@aio
+async def test_ambiguous_credentials_close_the_connection(tmp_path):
+    """A request with two credentials is refused and the connection closed, as the README's
+    table of refusals says: the request pipelined behind it is not answered."""
+    async with Stack(tmp_path) as s:
+        for extra in (b"Authorization: Bearer " + BOB.encode() + b"\r\n",
+                      b"X-Api-Key: " + BOB.encode() + b"\r\n"):
+            c = await s.client()
+            await c.send(get("/v1/models", extra=extra) + get("/ping", key=None))
+            r = await c.response()
+            assert r.status == 400 and r.get("connection") == "close"
+            assert await c.closed()
         assert s.fake.requests == []
 
 
@@ -254,8 +285,11 @@ async def test_metrics_text_json_and_key(tmp_path):
         assert r.status == 200 and r.get("content-type") == "application/json"
         assert isinstance(r.json(), dict)
     async with Stack(tmp_path / "b", {"METRICS_KEY": "metrics-secret-123"}) as s:
-        await _unauthorized(s, get("/metrics", key=None), "invalid_metrics_key")
-        await _unauthorized(s, get("/metrics", key=ALICE), "invalid_metrics_key")
+        await _unauthorized(s, get("/metrics", key=None), "invalid_metrics_key",
+                            'Bearer realm="metrics"')
+        await _unauthorized(s, get("/metrics", key=ALICE), "invalid_metrics_key",
+                            'Bearer realm="metrics", error="invalid_token", '
+                            'error_description="Invalid metrics key"')
         r = await s.one(get("/metrics", key="metrics-secret-123"))
         assert r.status == 200
 

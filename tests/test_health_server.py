@@ -3,8 +3,10 @@ traffic, bounded request heads, config errors, SIGTERM."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -18,6 +20,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEALTH_SERVER = os.path.join(REPO, "scripts", "health_server.py")
 START_DEADLINE = 5.0   # s for the subprocess to listen (it takes ~0.1 s)
 IO_TIMEOUT = 3.0       # s per probe
+# Under a flood, a probe must still get its answer within this (RunPod's own probe timeout is
+# longer; one lost SYN costs a 1 s retransmission, so 2 s tells "answered" from "starved").
+PROBE_DEADLINE = 2.0
+FLOOD_PROBES = 40      # sequential probes during a flood: every one must be answered
+FLOOD_MAX_SECONDS = 30.0   # the flood thread stops by itself after this, whatever happens
 
 
 def free_port() -> int:
@@ -95,6 +102,135 @@ class CountingListener:
             pass
         self.sock.close()
         self._thread.join(2)
+
+
+def timed_probe(port: int) -> tuple[int | None, float]:
+    """(status or None if no proper answer came, seconds taken), within PROBE_DEADLINE."""
+    t0 = time.monotonic()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=PROBE_DEADLINE) as s:
+            s.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            buf = b""
+            while True:
+                left = PROBE_DEADLINE - (time.monotonic() - t0)
+                if left <= 0:
+                    return None, time.monotonic() - t0
+                s.settimeout(left)
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                buf += chunk
+    except OSError:
+        return None, time.monotonic() - t0
+    line = buf.split(b"\r\n", 1)[0].split()
+    status = int(line[1]) if len(line) >= 2 and line[0] == b"HTTP/1.1" and b"\r\n\r\n" in buf \
+        else None
+    return status, time.monotonic() - t0
+
+
+class IdleFlood:
+    """`n` TCP connections to 127.0.0.1:port that send nothing, each reopened as soon as the
+    server closes it, and one that trickles an endless request head a byte every
+    TRICKLE_INTERVAL (also reopened): what starved the old probe server. One thread, non-blocking
+    sockets; it stops on stop() or after FLOOD_MAX_SECONDS, and opens at most MAX_OPENS sockets
+    in all."""
+
+    TRICKLE_INTERVAL = 0.05
+    MAX_OPENS = 200_000
+
+    def __init__(self, port: int, n: int):
+        self.addr = ("127.0.0.1", port)
+        self.n = n
+        self.opens = 0          # sockets opened, reopens included
+        self.closed_by_server = 0
+        self._sel = selectors.DefaultSelector()
+        self._stop = threading.Event()
+        self._trickler: socket.socket | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _open(self, trickle: bool = False) -> None:
+        if self.opens >= self.MAX_OPENS:
+            return
+        self.opens += 1
+        s = socket.socket()
+        s.setblocking(False)
+        err = s.connect_ex(self.addr)
+        if err not in (0, errno.EINPROGRESS):
+            s.close()
+            return
+        self._sel.register(s, selectors.EVENT_READ, trickle)
+        if trickle:
+            self._trickler = s
+
+    def _reopen(self, s: socket.socket, trickle: bool) -> None:
+        self._sel.unregister(s)
+        s.close()
+        self.closed_by_server += 1
+        if trickle:
+            self._trickler = None
+        self._open(trickle)
+
+    def _run(self) -> None:
+        end = time.monotonic() + FLOOD_MAX_SECONDS
+        try:
+            for _ in range(self.n):
+                self._open()
+            self._open(trickle=True)
+            head = b"GET / HTTP/1.1\r\nX-Pad: "
+            sent = 0
+            next_trickle = time.monotonic()
+            while not self._stop.is_set() and time.monotonic() < end:
+                for key, _ in self._sel.select(self.TRICKLE_INTERVAL):
+                    try:
+                        data = key.fileobj.recv(4096)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self._reopen(key.fileobj, key.data)
+                        if key.data:
+                            sent = 0
+                now = time.monotonic()
+                if self._trickler is not None and now >= next_trickle:
+                    next_trickle = now + self.TRICKLE_INTERVAL
+                    byte = head[sent:sent + 1] or b"a"
+                    try:
+                        self._trickler.send(byte)
+                        sent += 1
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        self._reopen(self._trickler, True)
+                        sent = 0
+        finally:
+            for key in list(self._sel.get_map().values()):
+                key.fileobj.close()
+            self._sel.close()
+
+    def wait_open(self, deadline: float = IO_TIMEOUT) -> None:
+        end = time.monotonic() + deadline
+        while self.opens < self.n + 1 and time.monotonic() < end:
+            time.sleep(0.01)
+
+
+def probes_during(port: int, count: int = FLOOD_PROBES) -> list[tuple[int | None, float]]:
+    results = []
+    for _ in range(count):
+        results.append(timed_probe(port))
+        time.sleep(0.03)   # spread over more than one head deadline of the flood's sockets
+    return results
 
 
 def start_server(env_extra: dict[str, str]) -> subprocess.Popen:
@@ -226,6 +362,113 @@ def test_silent_client_does_not_block_probes(server):
         # and the silent one is dropped after the head deadline (2 s), not held forever
         idle.settimeout(5)
         assert idle.recv(100) == b""
+
+
+def test_probes_answered_while_idle_connections_flood_the_port(server):
+    """300 idle connections, each reopened when closed, and a trickling one: every probe still
+    gets its answer (the old server, 64 threads and the rest closed unanswered, failed ~39 of
+    40 probes)."""
+    write_state(server["run_dir"], "starting")
+    with IdleFlood(server["health"], 300) as flood:
+        flood.wait_open()
+        time.sleep(0.3)
+        results = probes_during(server["health"])
+    failed = [r for r in results if r[0] != 204]
+    assert not failed, f"{len(failed)} of {len(results)} probes failed: {failed[:5]}"
+    assert max(t for _, t in results) < PROBE_DEADLINE
+
+
+@pytest.fixture
+def inproc(tmp_path):
+    """start(cap) -> (port, server): a HealthServer in a thread of this process, with its
+    connection cap lowered so that a test reaches it with few sockets; state "starting"."""
+    import health_server
+    started = []
+
+    def start(cap: int):
+        write_state(str(tmp_path), "starting")
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(health_server.LISTEN_BACKLOG)
+        prober = health_server.Prober(os.path.join(str(tmp_path), "health"), "127.0.0.1",
+                                      free_port())
+        srv = health_server.HealthServer(listener, prober, max_connections=cap)
+        thread = threading.Thread(target=srv.run, daemon=True)
+        thread.start()
+        started.append((srv, thread, listener))
+        return listener.getsockname()[1], srv
+
+    yield start
+    for srv, thread, listener in started:
+        srv.stop()
+        thread.join(5)
+        assert not thread.is_alive()
+        listener.close()
+
+
+def wait_for(predicate, deadline: float = IO_TIMEOUT) -> bool:
+    end = time.monotonic() + deadline
+    while not predicate() and time.monotonic() < end:
+        time.sleep(0.005)
+    return predicate()
+
+
+def test_at_the_cap_the_oldest_idle_connection_makes_room(inproc):
+    import health_server
+    port, srv = inproc(4)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) for _ in range(4)]
+    try:
+        assert wait_for(lambda: len(srv.waiting) == 4)
+        t0 = time.monotonic()
+        status, took = timed_probe(port)       # the fifth: the oldest idle one is dropped
+        assert status == 204
+        idle[0].settimeout(IO_TIMEOUT)
+        try:
+            assert idle[0].recv(100) == b""
+        except ConnectionResetError:
+            pass
+        # dropped for the newcomer, not at its head deadline
+        assert time.monotonic() - t0 < health_server.HEAD_TIMEOUT / 2
+        assert srv.dropped_at_cap == 1
+        for s in idle[1:]:                      # the others are still held
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(100)
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_probes_answered_while_a_flood_exceeds_the_cap(inproc):
+    """Three times the cap in idle connections, each reopened when closed, and a trickler:
+    the oldest idle connections make room, and every probe is answered."""
+    port, srv = inproc(32)
+    with IdleFlood(port, 96) as flood:
+        flood.wait_open()
+        assert wait_for(lambda: srv.dropped_at_cap > 0)
+        results = probes_during(port)
+    failed = [r for r in results if r[0] != 204]
+    assert not failed, f"{len(failed)} of {len(results)} probes failed: {failed[:5]}"
+    assert flood.closed_by_server > 0
+
+
+def test_a_head_that_takes_too_long_is_dropped(inproc):
+    import health_server
+    port, _srv = inproc(8)
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as s:
+        t0 = time.monotonic()
+        try:
+            for byte in b"GET / HTTP/1.1\r\n":
+                s.sendall(bytes([byte]))
+                time.sleep(health_server.HEAD_TIMEOUT / 4)
+        except OSError:
+            pass   # dropped while trickling
+        s.settimeout(IO_TIMEOUT)
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - t0 < health_server.HEAD_TIMEOUT + 1.0
 
 
 def test_bad_config_exits_2_naming_the_variable(tmp_path):

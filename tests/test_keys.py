@@ -327,6 +327,14 @@ def test_atomic_rename_is_detected_by_inode(store_path):
     ([("x-api-key", SECRET_A)], SECRET_A),
     ([("x-api-key", f" {SECRET_A} ")], SECRET_A),
     ([("authorization", f"Bearer {SECRET_A}"), ("x-api-key", SECRET_A)], SECRET_A),
+    # RFC 6750 2.1 b64token (RFC 9110 token68): the whole alphabet, "=" padding at the end
+    ([("authorization", "Bearer AZaz09-._~+/==")], "AZaz09-._~+/=="),
+    # another scheme is no Bearer credential: as if absent (RFC 6750 3.1: 401, no error code)
+    ([("authorization", f"Basic {SECRET_A}")], None),
+    ([("authorization", "Digest username=\"a\", realm=\"b\"")], None),
+    ([("authorization", "Negotiate")], None),
+    ([("authorization", SECRET_A)], None),    # no scheme: the key reads as an unknown scheme
+    ([("authorization", f"Basic {SECRET_B}"), ("x-api-key", SECRET_A)], SECRET_A),
 ])
 def test_extract_key(headers, expected):
     assert keys.extract_key(headers) == expected
@@ -336,22 +344,61 @@ def test_extract_key(headers, expected):
     ([("authorization", f"Bearer {SECRET_A}"), ("authorization", f"Bearer {SECRET_B}")],
      "duplicate_authorization"),
     ([("x-api-key", SECRET_A), ("x-api-key", SECRET_A)], "duplicate_authorization"),
-    ([("authorization", f"Basic {SECRET_A}")], "invalid_authorization"),
     ([("authorization", "Bearer")], "invalid_authorization"),
     ([("authorization", "Bearer ")], "invalid_authorization"),
-    ([("authorization", f"{SECRET_A}")], "invalid_authorization"),
     ([("authorization", f"Bearer {SECRET_A} extra")], "invalid_authorization"),
     ([("x-api-key", "")], "invalid_authorization"),
     ([("authorization", f"Bearer {SECRET_A}"), ("x-api-key", SECRET_B)],
      "conflicting_authorization"),
+    # not b64token: RFC 6750 3.1 invalid_request
+    ([("authorization", f"Bearer\t{SECRET_A}")], "invalid_authorization"),
+    ([("authorization", f"Bearer {SECRET_A}!")], "invalid_authorization"),
+    ([("authorization", f"Bearer {SECRET_A},x=y")], "invalid_authorization"),
+    ([("authorization", "Bearer a=b")], "invalid_authorization"),
+    ([("authorization", "Bearer ==")], "invalid_authorization"),
+    ([("authorization", f"Bearer {SECRET_A}\xe9")], "invalid_authorization"),
+    ([("authorization", f"Bearer\xa0{SECRET_A}")], "invalid_authorization"),
+    ([("authorization", f"Bearer \"{SECRET_A}\"")], "invalid_authorization"),
+    ([("authorization", f"B(earer {SECRET_A}")], "invalid_authorization"),
+    ([("authorization", "")], "invalid_authorization"),
 ])
 def test_extract_key_errors_are_400_without_the_key(headers, code):
     with pytest.raises(errors.GatewayError) as info:
         keys.extract_key(headers)
     assert info.value.status == 400
     assert info.value.code == code
-    text = str(info.value) + info.value.body().decode()
+    text = str(info.value) + info.value.body().decode() + repr(info.value.headers)
     assert SECRET_A not in text and SECRET_B not in text
+    # an ambiguous or malformed credential ends the connection (README: refused and closed)
+    assert info.value.close
+    # RFC 6750 3.1: the challenge says what was wrong with the request
+    challenge = dict(info.value.headers)["www-authenticate"]
+    assert challenge.startswith('Bearer realm="api", error="invalid_request", '
+                                'error_description="')
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("api",), 'Bearer realm="api"'),
+    (("api", "invalid_token", "Invalid API key"),
+     'Bearer realm="api", error="invalid_token", error_description="Invalid API key"'),
+    # error_description is %x20-21 / %x23-5B / %x5D-7E (RFC 6750 3): anything else is dropped
+    (("metrics", "invalid_token", 'a "quoted" \\ caf\xe9\x01'),
+     'Bearer realm="metrics", error="invalid_token", error_description="a quoted  caf"'),
+])
+def test_bearer_challenge(args, expected):
+    assert keys.bearer_challenge(*args) == expected
+
+
+def test_a_secret_no_bearer_token_can_carry_is_named_at_load(tmp_path, caplog):
+    path = tmp_path / "keys.txt"
+    write_keys(path, f"alice:{SECRET_A}\nodd:odd!secret,0123456789\n")
+    store = KeyStore(str(path))
+    with caplog.at_level(logging.WARNING, logger="gateway.keys"):
+        store.load()
+    assert store.lookup("odd!secret,0123456789") is not None   # x-api-key still works
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "'odd'" in warned[0] and "x-api-key" in warned[0]
+    assert "odd!secret" not in caplog.text
 
 
 def test_extract_key_ignores_query_string_like_headers():
