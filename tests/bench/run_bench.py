@@ -3,39 +3,11 @@
 
     python3 tests/bench/run_bench.py --out bench-results [--quick] [--cases a,b,c,d,e] [--profile]
 
-Cases (every one runs gateway, direct, gateway, direct, ... in short rounds so drift cancels):
-  a  non-streaming small POST /v1/chat/completions to the fake llama-server, wrk with keep-alive
-     at 1, 16 and 64 connections: req/s, p50/p99 latency.
-  b  64 concurrent SSE streams of 200 events (no delay): events/s, TTFB p50/p99.
-  c  1,000 then 10,000 concurrent streams of 40 events 50 ms apart: all complete, p99 stream time,
-     peak gateway RSS (fresh gateway per run, VmHWM).
-  d  the real llama-server with the demo model: tokens/s and time to first token, 1 and 8 streams.
-  e  cold start: entrypoint.sh start -> health answer / 204 / 200 -> first token through the
-     gateway; beside it llama-server alone: start -> /health 200 -> first token.
-
-The gateway runs as in production (python3 scripts/gateway.py) with auth on (a key file of mode
-600 holding one key with huge limits) and global limits raised so that nothing is refused. It
-reaches its upstream as entrypoint.sh wires it, over a Unix socket: the fake listens on TCP (for
-the direct clients, as a client outside the container calls llama-server) and on a Unix socket
-(for the gateway); case a also runs the gateway over TCP at 16 connections, for reference. In case
-d the gateway's llama-server listens on its Unix socket and an identical second one on TCP for
-the direct clients (one listener each); direct clients also call the first over its socket, the
-cheapest path there is, shown as "direct, Unix socket" for reference.
-
-The fake and the load generators must not be the bottleneck. In cases a, b and c the upstream is
-tests/bench/replayfake.c (C): the Python fake's answer to the case's request, recorded once and
-cut into llama-server's writes, sent back for every POST at about 9 us of CPU per request (the
-Python fake costs about 55 us, as much as a proxy hop); in case c it paces each stream on the
-Python fake's schedule. The load generators are wrk (case a), tests/bench/sseload.c (cases b and
-c, C) and tests/bench/loadclient.py (case d, asyncio, raw sockets, which reads the token counts).
-Both C tools are compiled with the system C compiler at the start of the run. The CPU of every
-generator and upstream is reported so a saturated one is visible.
-
-Writes OUT/bench.md (the tables) and OUT/bench.json (all figures, per round), plus the logs of the
-processes it started. With --profile the gateway of cases a, b and c runs under cProfile and
-OUT/profile-<case>.txt holds the top functions. Every child is killed at the end, even on error.
-For the gateway's Python cost alone (no sockets, steady on a noisy machine), see hotpath.py.
-All traffic goes to 127.0.0.1.
+The cases (a-e), the method, the C tools, the nginx and bare-relay references and how to read the
+figures are in tests/bench/README.md, the one copy. Writes OUT/bench.md (the tables) and
+OUT/bench.json (all figures, per round), plus the logs of the processes it started; with
+--profile, OUT/profile-<case>.txt holds the top functions. Every child is killed at the end, even
+on error. All traffic goes to 127.0.0.1.
 """
 
 from __future__ import annotations
