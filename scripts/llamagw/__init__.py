@@ -1,0 +1,1 @@
+"""llama-gguf-inference gateway package."""

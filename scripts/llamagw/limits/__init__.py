@@ -1,0 +1,1 @@
+"""Limits: token budgets and fair backend queueing."""

@@ -1,0 +1,1 @@
+"""Observability: usage ledger, access log, metrics."""
