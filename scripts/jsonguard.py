@@ -1,0 +1,186 @@
+"""Refuse a JSON request body that llama-server (or the gateway itself) should not parse.
+
+    check(body: bytes) -> dict      the parsed object, or GatewayError 400
+
+llama-server parses request bodies recursively: a body nested 200,000 objects deep (1.2 MB)
+overflows its stack and kills it (SIGSEGV), with every stream it is serving. Python's json.loads
+recurses too (RecursionError near 1,000 levels) and builds a Python object per value (a 30 MB body
+of `[[],[],...]` would take over a gigabyte and seconds on the event loop). So the body's shape is
+measured first, without recursion and without a Python loop over its bytes, and only a body within
+the limits is parsed. Refused, each a 400 (the code is the OpenAI envelope's):
+
+- `invalid_json`: an empty body; bytes that are not UTF-8 (RFC 8259 8.1: llama-server's parser
+  refuses them too), a byte order mark included; whatever json.loads refuses; NaN and Infinity
+  (Python takes them, JSON and llama-server do not); a \\u escape of a lone UTF-16 surrogate (no
+  character: llama-server refuses it, and the Ollama translation could not re-encode it).
+- `json_too_deep`: arrays and objects nested deeper than MAX_JSON_DEPTH.
+- `json_too_many_containers`: more than MAX_JSON_CONTAINERS arrays and objects in all.
+- `json_not_object`: a top level that is not an object (every API body is one).
+
+The shape, at C speed (bytes methods, re, itertools; loops only over brackets, in bounded number):
+1. a body with at most MAX_JSON_DEPTH `[` and `{` bytes is within both limits: done (a chat body);
+2. escaped backslashes and escaped quotes are removed in one left-to-right pass, as JSON reads
+   them (backslash and quote bytes never occur inside a multi-byte UTF-8 character); everything
+   but `"[]{}` is deleted; what lies between quotes (string contents) is cut out. Left are the
+   brackets outside strings: each opener is an array or object;
+3. the depth: innermost `()` pairs are removed, one level a pass, while that halves what is left;
+   then the highest running sum of +1 per opener, -1 per closer over the rest.
+Up to the first byte that json.loads would refuse, this reads the body exactly as JSON does, so
+json.loads never goes deeper or builds more containers than counted (beyond that byte the count
+may be off, but the body is refused either way). A body whose brackets do not balance may be
+called too deep where it is merely invalid: a 400 either way.
+
+Cost (measured, README "Gateway behaviour"): about 2 us for a 200-byte chat body, dominated by
+json.loads; about 0.1 ms for 30 KB of conversation; a 30 MB body of brackets is refused in ~0.2 s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+from errors import GatewayError
+
+# Deepest nesting of arrays and objects accepted (the top-level object is depth 1). A chat request
+# nests 4-6 deep; tools and response_format carry JSON Schemas, 2-4 levels per level of the schema
+# (properties, items, anyOf), so 100 leaves room for schemas 25 levels deep. llama-server crashed
+# at tens of thousands; Python's json recurses to ~1,000.
+MAX_JSON_DEPTH = 100
+# Arrays and objects in one body. Each costs json.loads ~60-250 bytes and ~0.2 us (a dict or list),
+# so 100,000 bound a parse to ~25 MB and ~30 ms. A chat has one per message (a few per content
+# part or tool call), an embeddings batch one per input, a tool schema a few dozen: legitimate
+# bodies stay far below.
+MAX_JSON_CONTAINERS = 100_000
+# Step 2: up to this many backslashes, escapes are removed by a regex (one pass; ~0.3 us a match);
+# more (a body of escaped quotes) by two bytes.replace passes (~10 ns a match, two passes).
+REGEX_ESCAPES_MAX = 4096
+# Step 3: running sums are taken over slices of this many brackets (no more than
+# 2 * MAX_JSON_CONTAINERS in all by then), so that the sum stops soon after it passes the limit.
+DEPTH_SLICE = 4096
+
+# Step 2: one pass, left to right: an escaped backslash (the quote after it stays a quote) or an
+# escaped quote. Other escapes (\n, \uXXXX) hide no quote.
+_QUOTE_OR_BACKSLASH_ESCAPE = re.compile(rb'\\[\\"]')
+# Step 2: delete all but quotes and brackets.
+_NOT_STRUCTURAL = bytes(b for b in range(256) if b not in b'"[]{}')
+# Step 3: brackets as parentheses (a mismatch like `[}` is json.loads' to refuse), then
+# openers -> +1, closers -> -1 as signed bytes.
+_PARENS = bytes.maketrans(b"[{]}", b"(())")
+_SIGNS = bytes.maketrans(b"()", b"\x01\xff")
+# Lone surrogates: a cheap search for any surrogate escape, then every escape read in order: a
+# surrogate escape with its partner (fine), one alone (refused), or any other escape (skipped
+# whole, so that an escaped backslash followed by "ud800" is not taken for an escape).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_ESCAPES = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+                      r"|\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\\.")
+_LONE_SURROGATE_LEN = 6
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _invalid(message: str) -> GatewayError:
+    return GatewayError(400, f"Invalid JSON body: {message}", "invalid_json")
+
+
+def _too_deep() -> GatewayError:
+    return GatewayError(400, f"JSON body nested deeper than {MAX_JSON_DEPTH} levels",
+                        "json_too_deep")
+
+
+def structure(body: bytes) -> bytes:
+    """The brackets of `body` outside its strings, as `(` and `)` (steps 2 and 3's start)."""
+    backslashes = body.count(b"\\")
+    if backslashes:
+        if backslashes <= REGEX_ESCAPES_MAX:
+            body = _QUOTE_OR_BACKSLASH_ESCAPE.sub(b"", body)
+        else:
+            body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # An empty string, or two strings with nothing structural between them: no bracket lost.
+    s = body.translate(None, _NOT_STRUCTURAL).replace(b'""', b"")
+    if b'"' in s:
+        s = b"".join(s.split(b'"')[::2])      # string contents are every other piece
+    return s.translate(_PARENS)
+
+
+def depth_of(parens: bytes, limit: int = MAX_JSON_DEPTH) -> int:
+    """The deepest nesting of a string of `(` and `)` (step 3): exact when they balance, an upper
+    bound otherwise; a value over `limit` only says "deeper than limit" (counting stops there)."""
+    s = parens
+    passes = 0
+    while s and passes <= limit:
+        # Each pass removes every innermost pair: the depth of what is left is one less
+        # (at most one less where the brackets do not balance).
+        shrunk = s.replace(b"()", b"")
+        if len(shrunk) == len(s):
+            break
+        passes += 1
+        halved = len(shrunk) * 2 <= len(s)
+        s = shrunk
+        if not halved:
+            break
+    if passes > limit or not s:
+        return passes
+    return passes + _peak(s, limit - passes)
+
+
+def _peak(parens: bytes, limit: int) -> int:
+    """The highest running sum of +1 per `(` and -1 per `)`, stopping once it passes `limit`."""
+    signs = memoryview(parens.translate(_SIGNS)).cast("b")
+    level = deepest = 0
+    for start in range(0, len(signs), DEPTH_SLICE):
+        part = signs[start:start + DEPTH_SLICE]
+        peak = max(itertools.accumulate(part, initial=level))
+        if peak > deepest:
+            deepest = peak
+            if deepest > limit:
+                break
+        level += sum(part)
+    return deepest
+
+
+def max_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> int:
+    """The nesting depth of `body` read as JSON, as depth_of counts it. Never recurses."""
+    return depth_of(structure(body), limit)
+
+
+def check(body: bytes) -> dict:
+    """The body as a JSON object, or GatewayError 400 (see the module docstring)."""
+    if not body:
+        raise _invalid("the body is empty; a JSON object is expected")
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:
+        parens = structure(body)
+        opened = parens.count(b"(")
+        if opened > MAX_JSON_CONTAINERS:
+            # Too deep as well? Told from a bounded prefix, so the answer costs little.
+            if _peak(parens[:2 * MAX_JSON_CONTAINERS], MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+                raise _too_deep()
+            raise GatewayError(400, f"JSON body has more than {MAX_JSON_CONTAINERS} arrays and "
+                                    "objects", "json_too_many_containers")
+        if len(parens) > 2 * opened:
+            raise _invalid("more closing than opening brackets")
+        if depth_of(parens) > MAX_JSON_DEPTH:
+            raise _too_deep()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _invalid(f"not UTF-8 (byte {exc.start})") from None
+    try:
+        obj = _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise _invalid(f"{exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except ValueError as exc:          # NaN / Infinity; an integer of more than 4,300 digits
+        raise _invalid(str(exc)) from None
+    if type(obj) is not dict:
+        raise GatewayError(400, "The JSON body must be an object", "json_not_object")
+    if _SURROGATE_ESCAPE.search(text) is not None:
+        for m in _ESCAPES.finditer(text):
+            if m.end() - m.start() == _LONE_SURROGATE_LEN:
+                raise _invalid(f"lone UTF-16 surrogate escape {m.group()} "
+                               f"(character {m.start()})")
+    return obj
