@@ -156,6 +156,8 @@ def test_a_valid_surrogate_pair_and_an_escaped_backslash_before_ud800_pass():
 
 def test_whitespace_around_the_object_is_json():
     assert check(b' \r\n\t{"a": [1, {"b": null}]} \n') == {"a": [1, {"b": None}]}
+    assert check(b'{"a": 1}\r\n') == {"a": 1}
+    assert "Extra data" in refused(b'{"a": 1}\n\x0b').message     # not JSON whitespace
 
 
 # ------------------------------------------------------------------ refused
