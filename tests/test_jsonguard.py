@@ -154,6 +154,10 @@ def test_a_valid_surrogate_pair_and_an_escaped_backslash_before_ud800_pass():
     assert check('{"a":"h\u00e9llo \u2603 \U0001F600"}'.encode())["a"].endswith("\U0001F600")
 
 
+def test_a_byte_order_mark_is_skipped_as_llama_server_skips_it():
+    assert check(b'\xef\xbb\xbf{"a": 1}') == {"a": 1}
+
+
 def test_whitespace_around_the_object_is_json():
     assert check(b' \r\n\t{"a": [1, {"b": null}]} \n') == {"a": [1, {"b": None}]}
     assert check(b'{"a": 1}\r\n') == {"a": 1}
@@ -179,7 +183,7 @@ def test_a_top_level_that_is_not_an_object_is_refused(body):
     (b'{"a":-Infinity}', "Infinity"),
     (b'{"a":"\xff"}', "not UTF-8"),
     (b'{"a":"\xed\xa0\x80"}', "not UTF-8"),           # a surrogate encoded in UTF-8
-    (b'\xef\xbb\xbf{"a":1}', "Expecting value"),        # a byte order mark
+    (b'\xef\xbb\xbf\xef\xbb\xbf{"a":1}', "Expecting value"),   # one byte order mark is skipped
     (b'{"a":"x\ny"}', "control character"),
     (b'{"a":"\\ud800"}', "lone UTF-16 surrogate"),
     (b'{"a":"\\udc00"}', "lone UTF-16 surrogate"),
