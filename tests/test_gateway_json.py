@@ -4,7 +4,6 @@ both ways a request is served; and a handler that fails unexpectedly still answe
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 import pytest
