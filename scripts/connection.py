@@ -42,6 +42,7 @@ import time
 
 import admission
 import http11
+import jsonguard
 import proxy
 import routes
 from errors import GatewayError, ProtocolError
@@ -71,6 +72,14 @@ _BUSY = "busy"        # a request served on the callback path: the bytes wait in
 _TASK = "task"        # the task serves: the bytes wake it if it waits for them
 _CLOSED = "closed"
 _GO_IDLE = object()   # _next_request: nothing buffered, the task may end
+
+
+def internal_error() -> GatewayError:
+    """The answer to a request whose handling failed unexpectedly (a bug): logged where it is
+    caught, the client gets a 500 in its route's envelope, and the connection is closed (its
+    state is not to be trusted)."""
+    return GatewayError(500, "Internal error: the gateway could not handle this request",
+                        "internal_error", close=True)
 
 
 def new_request_id() -> str:
@@ -367,6 +376,8 @@ class ClientConnection(asyncio.Protocol):
         ctx = self._begin(req)
         ticket = admission.NO_TICKET
         slot = None
+        conn = None
+        sent = False     # handed to proxy.start: the exchange ends the request
         try:
             if bodiless:
                 self._end_bodiless()
@@ -379,14 +390,16 @@ class ClientConnection(asyncio.Protocol):
                 ctx.response_headers.extend(gw.cors.headers_for(origin))
             ctx.route = route.name
             ticket = gw.admission.admit(req, route, ctx)   # auth, rate, key concurrency; raises
+            if route.json_body:
+                jsonguard.check(body)                # 400 before a backend slot; raises
             slot = gw.try_backend_slot()            # global limit; raises
-            conn = None
             if slot is not None:                     # a pooled connection, or a Unix connect
                 conn = gw.pool.take_idle() or gw.pool.connect_now(self._loop)
             if conn is None:                         # the queue, or a connect: the task waits
                 self._start_task(resume=(ctx, req, route, ticket, slot, body, False))
                 return True
             self._fast = (ctx, req, route, ticket, slot, body, conn.reused)
+            sent = True
             proxy.start(gw, self, ctx, req, route, body, conn, self._exchange_done)
             return True
         except GatewayError as err:
@@ -394,6 +407,27 @@ class ClientConnection(asyncio.Protocol):
                 slot.release()
             ticket.release()
             self._failed(err, ctx, req, True)
+            self._end(ctx)
+            return True
+        except Exception:
+            log.exception("request failed unexpectedly: %s %s", req.method, req.path)
+            if sent:
+                if self._fast is None:               # _exchange_done has ended it already
+                    self.keep_alive = False
+                    self._close()
+                    return True
+                if self.exchange is not None:
+                    # Its end (_exchange_done) answers the 500, releases and ends the request.
+                    self.exchange._fail(internal_error())
+                    return True
+                self._fast = None
+            if conn is not None:                     # taken from the pool, never bound
+                conn.detach()
+                conn.abort()
+            if slot is not None:
+                slot.release()
+            ticket.release()
+            self._failed(internal_error(), ctx, req, True)
             self._end(ctx)
             return True
         except BaseException:
@@ -624,6 +658,8 @@ class ClientConnection(asyncio.Protocol):
             ticket = gw.admission.admit(req, route, ctx)   # auth, rate, key concurrency; raises
             body = await self._read_body(req, ctx)
             body_done = True
+            if route.json_body:
+                jsonguard.check(body)                # 400 before a backend slot; raises
             if gw.is_local(route):                   # answered here, no backend slot
                 self.respond(ctx, req, *gw.local(route, req, ctx, body))
                 ctx.outcome = "ok"
@@ -634,6 +670,9 @@ class ClientConnection(asyncio.Protocol):
         except ClientGone:
             ctx.outcome = "client_closed"
             raise
+        except Exception:
+            log.exception("request failed unexpectedly: %s %s", req.method, req.path)
+            self._failed(internal_error(), ctx, req, body_done)
         finally:
             if not handed:
                 ticket.release()
@@ -665,6 +704,11 @@ class ClientConnection(asyncio.Protocol):
         except ClientGone:
             ctx.outcome = "client_closed"
             raise
+        except Exception:
+            log.exception("request failed unexpectedly: %s %s", req.method, req.path)
+            self._failed(internal_error(), ctx, req, True)
+            if self.exchange is not None:        # still bound to llama-server: dropped
+                self.exchange.abort()
         finally:
             self._end(ctx)
 

@@ -10,6 +10,9 @@ auth: "key"     an inference key is required (issue 3: key file, limits, account
 kind: "proxy"   forwarded to llama-server at `upstream` (rebuilt request, allowlisted headers)
       "local"   answered by the gateway itself (handler name on the Gateway)
       "ollama"  translated to an OpenAI-compatible llama-server call (issue 7)
+json_body: the body must be a JSON object within jsonguard's limits, checked once it is read and
+      before a backend slot is taken (400 otherwise): every route whose body llama-server or the
+      Ollama translation parses. The Ollama model-management routes answer 501 whatever the body.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ class Route:
     upstream: str = ""    # llama-server path for kind "proxy"
     handler: str = ""     # local/ollama handler name
     stream_capable: bool = False   # body may ask for "stream": true
+    json_body: bool = False        # the body is checked by jsonguard
 
 
-def _proxy(name: str, path: str, stream: bool = False) -> Route:
-    return Route(name, "proxy", "key", upstream=path, stream_capable=stream)
+def _proxy(name: str, path: str, stream: bool = False, json_body: bool = True) -> Route:
+    return Route(name, "proxy", "key", upstream=path, stream_capable=stream, json_body=json_body)
 
 
 def _local(name: str, auth: str = "none") -> Route:
@@ -42,7 +46,7 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/v1/chat/completions"): _proxy("chat_completions", "/v1/chat/completions", True),
     ("POST", "/v1/completions"): _proxy("completions", "/v1/completions", True),
     ("POST", "/v1/embeddings"): _proxy("embeddings", "/v1/embeddings"),
-    ("GET", "/v1/models"): _proxy("models", "/v1/models"),
+    ("GET", "/v1/models"): _proxy("models", "/v1/models", json_body=False),
     # Token counting for clients that budget context (no other user's data involved).
     ("POST", "/tokenize"): _proxy("tokenize", "/tokenize"),
     ("POST", "/detokenize"): _proxy("detokenize", "/detokenize"),
@@ -53,8 +57,8 @@ ROUTES: dict[tuple[str, str], Route] = {
 }
 
 
-def _ollama(name: str, handler: str, auth: str = "key") -> Route:
-    return Route(name, "ollama", auth, handler=handler)
+def _ollama(name: str, handler: str, auth: str = "key", json_body: bool = False) -> Route:
+    return Route(name, "ollama", auth, handler=handler, json_body=json_body)
 
 
 # Ollama-compatible API (handlers in ollama_routes.py). "/" and /api/version are what Ollama
@@ -63,12 +67,12 @@ OLLAMA_ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/"): _ollama("ollama_root", "root", "none"),
     ("GET", "/api/version"): _ollama("ollama_version", "version", "none"),
     ("GET", "/api/tags"): _ollama("ollama_tags", "tags"),
-    ("POST", "/api/show"): _ollama("ollama_show", "show"),
+    ("POST", "/api/show"): _ollama("ollama_show", "show", json_body=True),
     ("GET", "/api/ps"): _ollama("ollama_ps", "ps"),
-    ("POST", "/api/chat"): _ollama("ollama_chat", "chat"),
-    ("POST", "/api/generate"): _ollama("ollama_generate", "generate"),
-    ("POST", "/api/embed"): _ollama("ollama_embed", "embed"),
-    ("POST", "/api/embeddings"): _ollama("ollama_embeddings", "embeddings"),
+    ("POST", "/api/chat"): _ollama("ollama_chat", "chat", json_body=True),
+    ("POST", "/api/generate"): _ollama("ollama_generate", "generate", json_body=True),
+    ("POST", "/api/embed"): _ollama("ollama_embed", "embed", json_body=True),
+    ("POST", "/api/embeddings"): _ollama("ollama_embeddings", "embeddings", json_body=True),
     # Model management belongs to the container: a clear 501.
     ("POST", "/api/pull"): _ollama("ollama_unsupported", "unsupported"),
     ("POST", "/api/push"): _ollama("ollama_unsupported", "unsupported"),

@@ -42,3 +42,11 @@ def test_hotpath_opens_and_closes_both_connections_per_stream(tmp_path):
     lines = (tmp_path / "access.log").read_text().splitlines()
     assert len(lines) == 30 and all('"stream":true' in line and '"status":200' in line
                                     for line in lines)
+
+
+def test_hotpath_sends_a_long_conversation(tmp_path):
+    body = hotpath.conversation(30_000)
+    assert len(body) >= 30_000 and b"\\n" in body and b'\\"' in body
+    assert asyncio.run(hotpath.run(_keys(tmp_path), 20, sse=False, body=body)) > 0
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    assert len(lines) == 20 and all('"status":200' in line for line in lines)

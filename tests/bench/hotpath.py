@@ -2,7 +2,7 @@
 """The gateway's per-request CPU cost without sockets: a profiling aid for the hot path.
 
     python3 tests/bench/hotpath.py [--requests N] [--repeat R] [--sse [--streams K]]
-                                   [--new-connections] [--profile K]
+                                   [--new-connections] [--body-bytes B] [--profile K]
 
 A real Gateway (auth on, key file, access log, metrics) is driven in-process: one client
 connection and one pooled upstream connection with in-memory transports. Each request is fed to
@@ -13,7 +13,9 @@ compare two commits on a shared machine where `make bench` ratios drift by 10 %.
 --sse relays stream events instead (cost per event, one event per upstream read); --streams K
 spreads them over K streams at once, in turn (case c: a thousand streams' objects do not stay
 in the CPU's caches). --new-connections costs a whole stream on a new client connection and a
-new llama-server connection, opened and closed (case c's burst). --profile K prints the top K
+new llama-server connection, opened and closed (case c's burst). --body-bytes B sends a
+conversation of about B bytes (a long chat history: messages with newlines, quotes and code)
+instead of the one-line chat body. --profile K prints the top K
 functions under cProfile. The figure is the best of R runs (noise only ever adds).
 """
 
@@ -42,6 +44,20 @@ import upstream  # noqa: E402
 KEY = "sk-hotpath-0123456789abcdef"
 BODY = b'{"model":"demo","messages":[{"role":"user","content":"hi"}]}'
 STREAM_BODY = b'{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true}'
+# --body-bytes: one turn of a long conversation (prose, a paragraph break, quoted code).
+_TURN = ("Could you look at this function and tell me why the loop never ends?\n\n"
+         "```python\ndef f(xs):\n    i = 0\n    while i < len(xs):\n        print(\"x\", xs[i])"
+         "\n```\nThanks, and keep the answer short [no lists] please.")
+
+
+def conversation(size: int) -> bytes:
+    """A chat body of at least `size` bytes: alternating user / assistant turns of _TURN."""
+    messages: list[dict] = []
+    body = BODY
+    while len(body) < size:
+        messages.append({"role": ("user", "assistant")[len(messages) % 2], "content": _TURN})
+        body = json.dumps({"model": "demo", "messages": messages}).encode()
+    return body
 
 
 def request(body: bytes) -> bytes:
@@ -113,7 +129,8 @@ def _open_pair(gw) -> tuple:
     return up_t, up, cl_t, client
 
 
-async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = False) -> float:
+async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = False,
+              body: bytes = BODY) -> float:
     """Microseconds of process CPU time per request (per event with sse, per stream with
     new_conns)."""
     loop = asyncio.get_running_loop()
@@ -158,7 +175,7 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = F
         if new_conns:
             return await _new_streams(loop, gw, n)
         up_t, up, cl_t, client = pairs[0]
-        req = request(BODY)
+        req = request(body)
         started = time.process_time()
         answer = b""
         for _ in range(n):
@@ -218,6 +235,8 @@ def main() -> int:
                    help="with --sse: this many streams at once, one event each in turn")
     p.add_argument("--new-connections", action="store_true",
                    help="cost per stream, each on new client and llama-server connections")
+    p.add_argument("--body-bytes", type=int, default=0, metavar="B",
+                   help="requests carry a conversation of about B bytes (not with --sse)")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="print the top K functions of one run under cProfile")
     args = p.parse_args()
@@ -226,7 +245,8 @@ def main() -> int:
             f.write(f"hotpath:{KEY} rpm=10000000 concurrency=100000\n")
         os.chmod(f"{tmp}/keys", 0o600)
         measure = functools.partial(run, tmp, args.requests, args.sse, args.streams,
-                                    args.new_connections)
+                                    args.new_connections,
+                                    conversation(args.body_bytes) if args.body_bytes else BODY)
         figures = [asyncio.run(measure()) for _ in range(args.repeat)]
         unit = "event" if args.sse else "stream" if args.new_connections else "request"
         print(f"CPU us per {unit}: best {min(figures):.1f}  runs "
