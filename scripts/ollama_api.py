@@ -965,6 +965,9 @@ def _ollama_tool_call(index: int, call_id: Any, name: str, arguments: Any) -> di
         except ValueError:
             raise ValueError(f"tool call {name or index!r}: arguments are not valid JSON") \
                 from None
+        except RecursionError:      # the model wrote arguments nested past Python's stack
+            raise ValueError(f"tool call {name or index!r}: arguments are nested too deeply") \
+                from None
         if not isinstance(args, dict):
             raise ValueError(f"tool call {name or index!r}: arguments are not a JSON object")
     call: dict[str, Any] = {}

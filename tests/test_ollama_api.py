@@ -135,6 +135,23 @@ def test_stream_tool_call_arguments_are_bounded(monkeypatch):
     assert stream.done
 
 
+def test_tool_call_arguments_nested_past_the_stack_are_an_error_not_a_crash():
+    """A model can write arguments nested deeper than json.loads can recurse: the answer is an
+    error (a 502 whole, an error line in a stream), never a RecursionError in a callback."""
+    deep = "[" * 200_000 + "]" * 200_000
+    with pytest.raises(oa.OllamaError) as err:
+        oa.chat_response({"choices": [{"message": {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": deep}}]},
+            "finish_reason": "tool_calls"}]}, "m", "chat", 0, now_ns=1)
+    assert err.value.status == 502 and "nested too deeply" in str(err.value)
+    stream = oa.ChatStream("m", "chat", clock_ns=fake_clock(0, 1))
+    ev = {"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "c", "function": {"name": "f", "arguments": deep}}]},
+        "finish_reason": "tool_calls"}]}
+    lines = stream.feed_event(json.dumps(ev).encode())
+    assert "nested too deeply" in json.loads(lines[-1])["error"]
+
+
 def test_stream_tool_call_count_is_bounded(monkeypatch):
     monkeypatch.setattr(oa, "MAX_TOOL_CALLS", 2)
     stream = oa.ChatStream("m", "chat", clock_ns=fake_clock(0, 1))
