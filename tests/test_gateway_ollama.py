@@ -541,10 +541,10 @@ async def test_official_client_reads_streams_with_line_break_characters(tmp_path
 @aio
 async def test_lone_surrogate_in_the_request_gets_an_ollama_error_not_a_dropped_connection(
         tmp_path, model_file):
-    # "\ud800" is valid JSON text for a lone surrogate; echoed in an error message it cannot be
-    # encoded as UTF-8.
+    # "\ud800" is JSON text for a lone surrogate, which cannot be encoded as UTF-8 (echoed in an
+    # error message it once dropped the connection); the body check refuses it in Ollama's shape.
     async with ollama_stack(tmp_path, model_file) as s:
         raw = b'{"model": "x\\ud800", "messages": [{"role": "user", "content": "hi"}]}'
         r = await s.one(post("/api/chat", raw))
-        assert r.status == 404 and "x\ud800" in error_of(r)
+        assert r.status == 400 and "surrogate" in error_of(r)
         assert s.fake.requests == []
