@@ -1,0 +1,1 @@
+"""The llama-gguf-inference gateway package."""
