@@ -46,6 +46,16 @@
 #   RESTART_BACKOFF_INITIAL [1] RESTART_BACKOFF_MAX [30] RESTART_WINDOW [600] (seconds, decimals ok)
 #   MAX_RESTARTS [5]
 #   PYTHON [python3] the interpreter for the health server and the gateway
+#   Router mode (many models, llama-server's router), when MODELS_DIR is set and non-empty:
+#   MODELS_DIR      the models: NAME.gguf files and NAME/ folders (split or multimodal files)
+#   MODELS_MAX [1]  models in memory at once (0: no limit); MODEL_NAME / MODEL_PATH then name
+#                   the default model (optional), MODELS_PRELOAD [the default model] the models
+#                   loaded at start, comma-separated (health 200 once all are loaded)
+#   MODELS_PRESET [$DATA_DIR/models.ini when it exists] per-model settings, checked by
+#                   scripts/models_preset.py, which writes the preset llama-server reads to
+#                   $RUN_DIR/models-preset.ini. CTX, NGL and PARALLEL become its [*] defaults
+#                   (never router flags: those would override every model's own settings).
+#                   llama-server runs with --no-models-autoload: the gateway decides every load.
 # Numbers are checked here (a bad one: FATAL naming the variable, exit 2); the gateway's own
 # settings are checked by scripts/config.py in the health server and the gateway (exit 2 as well).
 #
@@ -333,8 +343,49 @@ case $HOST in  # where to reach our own listeners
   *) LOCAL_ADDR=$HOST ;;
 esac
 
+# Router mode: the model list is checked (and llama-server's preset generated) before anything
+# starts; a bad MODELS_DIR, MODELS_PRESET or MODELS_PRELOAD is exit 2.
+ROUTER_MODE="" ROUTER_PRESET="" ROUTER_WAIT="" ROUTER_LOAD=""
+if [[ -n ${MODELS_DIR:-} ]]; then
+  ROUTER_MODE=1
+  int_var MODELS_MAX 1 0 1024
+  if [[ -z ${MODELS_PRESET+x} && -f $DATA_DIR/models.ini ]]; then
+    MODELS_PRESET=$DATA_DIR/models.ini
+  fi
+  ROUTER_PRESET="$RUN_DIR/models-preset.ini"
+  gen_args=(--models-dir "$MODELS_DIR" --out "$ROUTER_PRESET" --max "$MODELS_MAX"
+    --ctx "$CTX" --ngl "$NGL" --parallel "$PARALLEL")
+  if [[ -n ${MODELS_PRESET:-} ]]; then gen_args+=(--preset "$MODELS_PRESET"); fi
+  if [[ -n ${MODELS_PRELOAD+x} ]]; then gen_args+=(--preload "$MODELS_PRELOAD"); fi
+  if [[ -n ${MODEL_PATH:-} ]]; then gen_args+=(--default "$MODEL_PATH")
+  elif [[ -n ${MODEL_NAME:-} ]]; then gen_args+=(--default "$MODEL_NAME"); fi
+  gen_rc=0
+  gen_out=$("$PYTHON" "$SCRIPTS/models_preset.py" "${gen_args[@]}") || gen_rc=$?
+  if (( gen_rc == 2 )); then
+    fatal 2 "router mode: invalid MODELS_DIR / MODELS_PRESET / MODELS_PRELOAD (see above)"
+  elif (( gen_rc != 0 )); then
+    fatal 1 "router mode: could not write $ROUTER_PRESET"
+  fi
+  MODELS_DEFAULT="" ROUTER_PRELOAD=""
+  while IFS='=' read -r key value; do
+    case $key in
+      default) MODELS_DEFAULT=$value ;;
+      preload) ROUTER_PRELOAD=$value ;;
+      gateway_preload) ROUTER_LOAD=$value ;;
+    esac
+  done <<< "$gen_out"
+  # health 200 once these are loaded: llama-server loads ROUTER_PRELOAD itself (load-on-startup),
+  # ROUTER_LOAD is asked for once it answers (its load-on-startup breaks with MODELS_MAX=0).
+  ROUTER_WAIT=$ROUTER_PRELOAD${ROUTER_PRELOAD:+${ROUTER_LOAD:+,}}$ROUTER_LOAD
+  MODELS_PRELOAD=$ROUTER_WAIT
+  # The gateway reads these; MODEL_NAME / MODEL_PATH are single-model settings (the default
+  # model is MODELS_DEFAULT, by name).
+  export MODELS_DIR MODELS_MAX MODELS_PRELOAD MODELS_DEFAULT
+  export MODELS_PRESET_FILE=$ROUTER_PRESET
+  unset MODEL_NAME MODEL_PATH MODEL_ALIAS
+  MODEL="$MODELS_DIR (router mode, MODELS_MAX=$MODELS_MAX, preload: ${ROUTER_WAIT:-none})"
 # The model: checked before anything starts.
-if [[ -n ${MODEL_PATH:-} ]]; then
+elif [[ -n ${MODEL_PATH:-} ]]; then
   MODEL=$MODEL_PATH
   WHAT="MODEL_PATH=$MODEL_PATH"
 elif [[ -n ${MODEL_NAME:-} ]]; then
@@ -343,13 +394,15 @@ elif [[ -n ${MODEL_NAME:-} ]]; then
 else
   fatal 1 "no model: set MODEL_PATH to a .gguf file or MODEL_NAME to a file in $DATA_DIR/models"
 fi
-if [[ ! -f $MODEL || ! -r $MODEL ]]; then
-  fatal 1 "model not found or not readable: $MODEL ($WHAT)"
+if [[ -z $ROUTER_MODE ]]; then
+  if [[ ! -f $MODEL || ! -r $MODEL ]]; then
+    fatal 1 "model not found or not readable: $MODEL ($WHAT)"
+  fi
+  export MODEL_NAME="${MODEL_NAME:-$(basename "$MODEL")}"
+  export MODEL_PATH="$MODEL"
+  # The id clients see in /v1/models and /api/tags: the file name without .gguf (not a full path).
+  MODEL_ALIAS="${MODEL_ALIAS:-$(basename "$MODEL" .gguf)}"
 fi
-export MODEL_NAME="${MODEL_NAME:-$(basename "$MODEL")}"
-export MODEL_PATH="$MODEL"
-# The id clients see in /v1/models and /api/tags: the file name without .gguf (not a full path).
-MODEL_ALIAS="${MODEL_ALIAS:-$(basename "$MODEL" .gguf)}"
 
 # llama-server: LLAMA_SERVER_BIN, else on PATH, else next to this script (the llama.cpp image
 # keeps it in /app, where this script goes too), else /app/llama-server.
@@ -407,8 +460,16 @@ start_llama() {
     fi
     SOCKET_OURS=1
   fi
-  local args=(-m "$MODEL" "${listen[@]}" -c "$CTX" -ngl "$NGL"
-    -np "$PARALLEL" --metrics --alias "$MODEL_ALIAS" "${EXTRA[@]}")
+  local args
+  if [[ -n $ROUTER_MODE ]]; then
+    # No model and no per-model flag here: router flags override every model's preset section.
+    args=(--models-preset "$ROUTER_PRESET" --models-max "$MODELS_MAX" --no-models-autoload
+      "${listen[@]}" --metrics "${EXTRA[@]}")
+    ROUTER_LOAD_SENT=""
+  else
+    args=(-m "$MODEL" "${listen[@]}" -c "$CTX" -ngl "$NGL"
+      -np "$PARALLEL" --metrics --alias "$MODEL_ALIAS" "${EXTRA[@]}")
+  fi
   local marker
   LLAMA_STARTS=$(( LLAMA_STARTS + 1 ))
   log INFO "starting llama-server (start #$LLAMA_STARTS): $LLAMA_BIN ${args[*]}"
@@ -512,8 +573,27 @@ wait_gateway() {
   done
 }
 
+ROUTER_STATES="" ROUTER_LOAD_SENT=""
+router_ready() {  # 0: every preload model loaded; 1: not yet, or failed (LOAD_FAILURE set)
+  [[ -n $ROUTER_WAIT ]] || return 0
+  local via=(--port "$PORT_BACKEND") load=() rc=0
+  if [[ -n $BACKEND_SOCKET ]]; then via=(--socket "$BACKEND_SOCKET"); fi
+  if [[ -n $ROUTER_LOAD && -z $ROUTER_LOAD_SENT ]]; then
+    load=(--load "$ROUTER_LOAD")
+    ROUTER_LOAD_SENT=1
+  fi
+  ROUTER_STATES=$("$PYTHON" "$SCRIPTS/models_ready.py" "${via[@]}" --models "$ROUTER_WAIT" \
+    "${load[@]}" 3>&-) || rc=$?
+  case $rc in
+    0) log INFO "preload models loaded: $ROUTER_STATES"; return 0 ;;
+    1) LOAD_FAILURE="preload model failed: $ROUTER_STATES"; return 1 ;;
+    *) return 1 ;;
+  esac
+}
+
 LOAD_FAILURE=""
 wait_llama_ready() {  # 0 ready; 1 failed (LOAD_FAILURE says why)
+  LOAD_FAILURE=""
   now_ms; local deadline=$(( NOW_MS + MODEL_LOAD_TIMEOUT_MS )) code
   while :; do
     check_stop
@@ -528,7 +608,16 @@ wait_llama_ready() {  # 0 ready; 1 failed (LOAD_FAILURE says why)
     else
       code=$(http_code "http://127.0.0.1:$PORT_BACKEND/health" "$LOAD_POLL_TIMEOUT")
     fi
-    if [[ $code == 200 ]]; then return 0; fi
+    if [[ $code == 200 ]]; then
+      if [[ -z $ROUTER_MODE ]]; then return 0; fi
+      # Router mode: /health is 200 at once; ready means the preload models are loaded.
+      if router_ready; then return 0; fi
+      if [[ -n $LOAD_FAILURE ]]; then
+        stop_pid "$LLAMA_PID" llama-server "$LLAMA_STOP_TIMEOUT_MS"; LLAMA_PID=""
+        return 1
+      fi
+      code="200, preload: $ROUTER_STATES"
+    fi
     now_ms
     if (( NOW_MS >= deadline )); then
       LOAD_FAILURE="llama-server not ready after MODEL_LOAD_TIMEOUT=$MODEL_LOAD_TIMEOUT s (last /health: $code)"

@@ -493,3 +493,125 @@ def test_run_local_existing_key_is_not_replaced(tmp_path):
     _, _, err = dry_run(tmp_path, gpu=False, AUTH_KEYS_FILE=str(keys))
     assert "would create a first key" not in err
     assert "keys exist" in err and "curl -s http://127.0.0.1:8000/v1/chat/completions" in err
+
+
+# ---- router mode (MODELS_DIR): llama-server's router over many models -----------------------------
+
+FAKE_ROUTER = os.path.join(REPO, "tests", "fakes", "fake_router.py")
+GGUF_BYTES = b"GGUF" + b"\0" * 60
+
+
+def router_stack(stack, tmp_path, models=("alpha.gguf", "beta.gguf", "gamma/gamma-q8.gguf"),
+                 **env) -> Stack:
+    """A Stack whose llama-server is the fake router, over a MODELS_DIR of fake GGUF files
+    (a name ending in .broken gets bytes that fail to load)."""
+    models_dir = tmp_path / "many"
+    for rel in models:
+        path = models_dir / rel.removesuffix(".broken")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"junk" if rel.endswith(".broken") else GGUF_BYTES)
+    env.setdefault("MODELS_DIR", str(models_dir))
+    env.setdefault("MODEL_NAME", None)
+    s = stack(**env)
+    (tmp_path / "llama-server").write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_ROUTER} "$@"\n')
+    s.models_dir = models_dir
+    return s
+
+
+def router_models(s: Stack) -> dict:
+    conn = http.client.HTTPConnection("localhost", timeout=2)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(2)
+    sock.connect(str(s.run_dir / "llama-server.sock"))
+    conn.sock = sock
+    try:
+        conn.request("GET", "/models?autoload=false")
+        data = json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+    return {m["id"]: m["status"]["value"] for m in data["data"]}
+
+
+def test_router_mode_boots_with_a_generated_preset_and_waits_for_preload(stack, tmp_path):
+    s = router_stack(stack, tmp_path, MODELS_PRELOAD="beta", FAKE_LOAD_SECONDS="1", CTX="2048")
+    s.run_dir.mkdir(parents=True)
+    stale = socket.socket(socket.AF_UNIX)          # left behind by a killed router
+    stale.bind(str(s.run_dir / "llama-server.sock"))
+    stale.close()
+    s.start()
+    s.wait_health(204, deadline=3)
+    t_ready = s.wait_health(200)
+    assert t_ready - s.t0 >= 1.0                   # not before beta finished loading
+    preset = s.run_dir / "models-preset.ini"
+    args = llama_args(s)
+    assert args == ["--models-preset", str(preset), "--models-max", "1", "--no-models-autoload",
+                    "--host", str(s.run_dir / "llama-server.sock"), "--metrics"]
+    text = preset.read_text()
+    assert "[*]\nstop-timeout = 5\nctx-size = 2048\nn-gpu-layers = 99\nparallel = 1\n" in text
+    assert f"[beta]\nmodel = {s.models_dir / 'beta.gguf'}\nload-on-startup = true\n" in text
+    assert f"[gamma]\nmodel = {s.models_dir / 'gamma' / 'gamma-q8.gguf'}\n" in text
+    assert router_models(s) == {"alpha": "unloaded", "beta": "loaded", "gamma": "unloaded"}
+    out = s.output()
+    assert "models_preset: 3 model(s): alpha, beta, gamma" in out
+    assert "preload models loaded: beta=loaded" in out
+    assert s.stop() == 0
+    assert not (s.run_dir / "llama-server.sock").exists()
+
+
+def test_router_mode_default_model_is_preloaded_and_max_0_preloads_through_the_router(
+        stack, tmp_path):
+    s = router_stack(stack, tmp_path, MODEL_NAME="gamma", MODELS_MAX="0",
+                     MODELS_PRELOAD="alpha,gamma").start()
+    s.wait_health(200)
+    # llama-server's load-on-startup breaks with --models-max 0: loaded by request instead
+    assert "load-on-startup" not in (s.run_dir / "models-preset.ini").read_text()
+    assert router_models(s) == {"alpha": "loaded", "beta": "unloaded", "gamma": "loaded"}
+    assert s.stop() == 0
+
+
+def test_router_mode_without_preload_is_ready_at_once(stack, tmp_path):
+    s = router_stack(stack, tmp_path).start()
+    s.wait_health(200)
+    assert router_models(s) == {"alpha": "unloaded", "beta": "unloaded", "gamma": "unloaded"}
+    assert s.stop() == 0
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"MODELS_PRELOAD": "alpha,beta"}, "MODELS_MAX=1"),
+    ({"MODELS_PRELOAD": "delta"}, "MODELS_PRELOAD: no model 'delta'"),
+    ({"MODELS_MAX": "many"}, "MODELS_MAX must be a whole number"),
+    ({"MODEL_NAME": "delta.gguf"}, "the default model"),
+    ({"MODELS_PRESET": "PRESET"}, "models.ini:2: unknown key 'bogus'"),
+    ({"MODELS_PRESET": "/nonexistent/models.ini"}, "cannot read it"),
+])
+def test_router_mode_bad_configuration_exits_2_before_starting(stack, tmp_path, env, message):
+    ini = tmp_path / "conf" / "models.ini"        # not $DATA_DIR/models.ini: not the default
+    ini.parent.mkdir(parents=True, exist_ok=True)
+    ini.write_text("[alpha]\nbogus = 1\n")
+    env = {k: (str(ini) if v == "PRESET" else v) for k, v in env.items()}
+    s = router_stack(stack, tmp_path, **env)
+    rc, out = s.run()
+    assert rc == 2
+    assert message in out
+    assert not (s.run_dir / "health_server.pid").exists()
+
+
+def test_router_mode_reads_data_dir_models_ini_by_default(stack, tmp_path):
+    ini = tmp_path / "data" / "models.ini"
+    ini.parent.mkdir(parents=True, exist_ok=True)
+    ini.write_text("[alpha]\nalias = first\nc = 512\n")
+    s = router_stack(stack, tmp_path, MODELS_PRELOAD="first").start()
+    s.wait_health(200)
+    text = (s.run_dir / "models-preset.ini").read_text()
+    assert "alias = first\nctx-size = 512\nload-on-startup = true\n" in text
+    assert router_models(s)["alpha"] == "loaded"
+    assert s.stop() == 0
+
+
+def test_router_mode_broken_preload_model_fails_the_worker(stack, tmp_path):
+    s = router_stack(stack, tmp_path, models=("alpha.gguf", "broken.gguf.broken"),
+                     MODELS_PRELOAD="broken", MAX_RESTARTS="0")
+    rc, out = s.run()
+    assert rc == 1
+    assert "preload model failed: broken: llama-server's instance exited with code 1" in out
+    assert (s.run_dir / "health").read_text().strip() == "failed"

@@ -1,1 +1,1 @@
-"""llama-gguf-inference gateway package."""
+"""llama-gguf-inference gateway package: empty on purpose, so an entry imports only what it names."""

@@ -1,0 +1,1 @@
+"""Many models on one worker: llama-server router mode behind the gateway."""
