@@ -40,10 +40,10 @@ COPY scripts/ /app/scripts/
 COPY entrypoint.sh /app/entrypoint.sh
 RUN python3 -m compileall -q /app/scripts
 
-# Defaults equal the code's (scripts/config.py, entrypoint.sh); tests/test_docker.py checks.
-# DATA_DIR is deliberately unset: the code picks /runpod-volume or /workspace when mounted (RunPod
-# network volumes), else /data. LLAMA_ARG_HOST: the base image sets 0.0.0.0; entrypoint.sh passes
-# --host (its Unix socket, or 127.0.0.1), and this keeps llama-server on loopback even when
+# Defaults equal the code's (scripts/llamagw/config.py, entrypoint.sh); tests/test_docker.py
+# checks. DATA_DIR is deliberately unset: the code picks /runpod-volume or /workspace when mounted
+# (RunPod network volumes), else /data. LLAMA_ARG_HOST: the base image sets 0.0.0.0; entrypoint.sh
+# passes --host (its Unix socket, or 127.0.0.1), and this keeps llama-server on loopback even when
 # started by hand.
 ENV PORT=8000 \
     PORT_HEALTH=8001 \

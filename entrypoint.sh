@@ -57,7 +57,8 @@
 #                   (never router flags: those would override every model's own settings).
 #                   llama-server runs with --no-models-autoload: the gateway decides every load.
 # Numbers are checked here (a bad one: FATAL naming the variable, exit 2); the gateway's own
-# settings are checked by scripts/config.py in the health server and the gateway (exit 2 as well).
+# settings are checked by scripts/llamagw/config.py in the health server and the gateway (exit 2 as
+# well).
 #
 # Logs, everything also mirrored to stdout for platform log viewers:
 #   $DATA_DIR/logs/_boot/<ts>_boot_<host>.log            this script, health server, gateway

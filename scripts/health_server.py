@@ -36,7 +36,7 @@ import socket
 import sys
 import time
 
-import config
+from llamagw import config
 
 # A probe's request head is ~100 bytes; 8 KiB is the common server default for a request head
 # (nginx large_client_header_buffers, h11) and far more than any probe needs.

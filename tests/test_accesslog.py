@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-import accesslog
-from accesslog import ACCESS_FIELDS, AccessLog
+from llamagw.observe import accesslog
+from llamagw.observe.accesslog import ACCESS_FIELDS, AccessLog
 
 
 def full_record(i: int = 0) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import config
+from llamagw import config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -157,7 +157,7 @@ def _shell_code_lines() -> list[str]:
 
 def read_by_code(name: str) -> bool:
     """The variable is read by scripts/*.py (as a string literal) or by entrypoint.sh code."""
-    for py in SCRIPTS.glob("*.py"):
+    for py in SCRIPTS.rglob("*.py"):
         if f'"{name}"' in py.read_text():
             return True
     pat = re.compile(rf"\$\{{?{name}\b|^\s*(int_var|secs_var) {name}\b")
@@ -181,7 +181,7 @@ def code_defaults() -> dict[str, str]:
             out[m.group(1)] = m.group(2)
         for name, value in re.findall(r"\b([A-Z_][A-Z0-9_]*)=\$\{\1:-([^}$]*)\}", line):
             out[name] = value
-    for py in SCRIPTS.glob("*.py"):
+    for py in SCRIPTS.rglob("*.py"):
         for name, value in re.findall(r'environ\.get\("([A-Z_][A-Z0-9_]*)", "([^"]*)"\)',
                                       py.read_text()):
             out[name] = value
@@ -432,7 +432,7 @@ def test_dockerignore_leaves_out(path):
 
 
 @pytest.mark.parametrize("path", ["entrypoint.sh", "scripts", "scripts/gateway.py",
-                                  "scripts/config.py"])
+                                  "scripts/llamagw/config.py"])
 def test_dockerignore_keeps(path):
     assert not dockerignored(path)
 

@@ -218,7 +218,7 @@ def test_equal_ports_exit_2(stack):
 
 
 def test_bad_gateway_config_exits_2(stack):
-    # Checked by scripts/config.py (health server, gateway), not by the entrypoint itself.
+    # Checked by scripts/llamagw/config.py (health server, gateway), not by the entrypoint itself.
     rc, out = stack(CLIENT_HEADER_TIMEOUT="never").run()
     assert rc == 2
     assert "CLIENT_HEADER_TIMEOUT" in out

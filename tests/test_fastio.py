@@ -21,10 +21,8 @@ import threading
 
 import pytest
 
-import fastio
-import recvbuf
-import upstream
-from conftest import Stack, aio, chat, eventually, post
+from helpers import Stack, aio, chat, eventually, post
+from llamagw.net import fastio, recvbuf, upstream
 
 
 class Collect(asyncio.Protocol):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import IO_TIMEOUT, ALICE, Stack, aio, auth, chat, eventually, get, post
+from helpers import IO_TIMEOUT, ALICE, Stack, aio, auth, chat, eventually, get, post
 
 
 @aio
@@ -301,7 +301,7 @@ async def test_http10_keep_alive_is_announced(tmp_path):
 
 @aio
 async def test_pipelined_bytes_bounded_while_a_request_waits(tmp_path):
-    import connection
+    from llamagw.net import connection
     async with Stack(tmp_path, {"MAX_CONCURRENT_REQUESTS": "1", "QUEUE_TIMEOUT": "2",
                                 "MAX_REQUEST_BODY_SIZE": "100000"}) as s:
         busy = await s.client()
@@ -385,7 +385,7 @@ async def test_over_max_connections_the_503_reaches_a_client_that_sent_a_request
 
 @aio
 async def test_lingering_refusals_are_bounded_in_time_and_count(tmp_path, monkeypatch):
-    import gateway
+    from llamagw import app as gateway
     monkeypatch.setattr(gateway, "REFUSE_LINGER_TIMEOUT", 0.3)
     monkeypatch.setattr(gateway, "MAX_LINGERING_REFUSALS", 2)
     async with Stack(tmp_path, {"MAX_CONNECTIONS": "1"}) as s:

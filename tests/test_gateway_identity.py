@@ -9,7 +9,7 @@ import logging
 import os
 import time
 
-from conftest import (ALICE, BOB, CAROL, KEY_FILE, Stack, aio, chat, eventually, get, post,
+from helpers import (ALICE, BOB, CAROL, KEY_FILE, Stack, aio, chat, eventually, get, post,
                       write_key_file)
 
 

@@ -8,10 +8,10 @@ import logging
 
 import pytest
 
-import ollama_routes
-import proxy
-from conftest import CAROL, Stack, aio, chat, eventually, post
-from jsonguard import MAX_JSON_DEPTH
+from helpers import CAROL, Stack, aio, chat, eventually, post
+from llamagw.api import ollama_handlers as ollama_routes
+from llamagw.net import relay as proxy
+from llamagw.wire.jsonguard import MAX_JSON_DEPTH
 from test_gateway_ollama import MODEL, error_of, model_file, ollama_stack  # noqa: F401
 
 OPENAI_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize",

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-import gateway
-from conftest import Stack, aio, chat, eventually, get, post
+from helpers import Stack, aio, chat, eventually, get, post
+from llamagw import app as gateway
 
 GATEWAY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "scripts", "gateway.py")
@@ -313,7 +313,7 @@ def test_process_unsafe_key_file_exits_2(tmp_path):
 GC_PROBE = """
 import gc, os, signal, socket, sys, threading, time
 sys.path.insert(0, os.path.dirname(sys.argv[1]))
-import gateway
+from llamagw import app as gateway
 before = (gc.get_threshold()[0], gc.get_freeze_count())
 def probe():
     deadline = time.monotonic() + 5

@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import ALICE, BOB, IO_TIMEOUT, Stack, aio, eventually, get, post
+from helpers import ALICE, BOB, IO_TIMEOUT, Stack, aio, eventually, get, post
 
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
 MODEL = "tiny-chat"                 # the file name without .gguf
@@ -416,8 +416,8 @@ async def test_upstream_silent_mid_stream_ends_with_an_error_line(tmp_path, mode
 
 
 def test_cut_after_the_done_line_adds_nothing():
-    import ollama_api
-    import ollama_routes
+    from llamagw.api import ollama as ollama_api
+    from llamagw.api import ollama_handlers as ollama_routes
     stream = ollama_routes._NdjsonStream(ollama_api.ChatStream(MODEL, "chat"))
     stream.head(200)
     out = stream.feed(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
@@ -435,7 +435,7 @@ async def test_tags_answer_while_the_digest_is_computed_off_the_loop(tmp_path, m
                                                                      monkeypatch):
     import threading
 
-    import gguf_meta
+    from llamagw.models import gguf as gguf_meta
     release = threading.Event()
     real = gguf_meta.file_digest
 

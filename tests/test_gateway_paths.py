@@ -9,8 +9,8 @@ import asyncio
 
 import pytest
 
-import connection
-from conftest import ALICE, Stack, aio, chat, eventually, get, post
+from helpers import ALICE, Stack, aio, chat, eventually, get, post
+from llamagw.net import connection
 
 BAD_KEY = "sk-nobody-0123456789abcdef"
 ORIGIN = "https://app.example"

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ALICE, IO_TIMEOUT, Stack, aio, chat, eventually, get, post
+from helpers import ALICE, IO_TIMEOUT, Stack, aio, chat, eventually, get, post
 
 ALLOWED = [
     (b"POST", "/v1/chat/completions"), (b"POST", "/v1/completions"),

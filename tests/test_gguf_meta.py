@@ -10,8 +10,8 @@ import gguf
 import numpy as np
 import pytest
 
-import gguf_meta
-from gguf_meta import ArraySummary, read_gguf_metadata
+from llamagw.models import gguf as gguf_meta
+from llamagw.models.gguf import ArraySummary, read_gguf_metadata
 
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
 N_TOKENS = 50_000

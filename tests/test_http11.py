@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-import http11
-from errors import ProtocolError
-from http11 import (
+from llamagw.errors import ProtocolError
+from llamagw.wire import http11
+from llamagw.wire.http11 import (
     CONTINUE_100, END_OF_MESSAGE, LAST_CHUNK, NEED_DATA, Data, EndOfMessage, Request,
     RequestParser, Response, ResponseParser, chunk, request_head, response_head,
 )

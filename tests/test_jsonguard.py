@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-import jsonguard
-from errors import GatewayError
-from jsonguard import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, check, max_depth
+from llamagw.errors import GatewayError
+from llamagw.wire import jsonguard
+from llamagw.wire.jsonguard import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, check, max_depth
 
 CHAT = b'{"model":"demo","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
 # The body: 200,000 objects deep (1.2 MB) under a normal chat request.

@@ -11,10 +11,11 @@ import stat
 
 import pytest
 
-import accesslog
-import errors
-import keys
-from keys import KeyFileError, KeyInfo, KeyStore, parse_key_file
+import keys as keys_cli
+from llamagw import errors
+from llamagw.limits import keys
+from llamagw.limits.keys import KeyFileError, KeyInfo, KeyStore, parse_key_file
+from llamagw.observe import accesslog
 
 SECRET_A = "sk-alpha-0123456789abcdef"
 SECRET_B = "sk-bravo-0123456789abcdef"
@@ -407,7 +408,7 @@ def test_extract_key_ignores_query_string_like_headers():
 
 # --- CLI --------------------------------------------------------------------------------------
 def run_cli(capsys, *argv):
-    rc = keys.main(list(argv))
+    rc = keys_cli.main(list(argv))
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -566,7 +567,7 @@ def test_no_secret_in_any_log_output_or_written_file(tmp_path, capsys):
         for argv in (["add", "dave"], ["add", "erin", "--hashed", "--rpm", "3"],
                      ["rotate", "dave"], ["rotate", "erin"], ["list"], ["revoke", "bob"],
                      ["add", "alice"], ["rotate", "nobody"]):
-            rc = keys.main(["--file", str(path), *argv])
+            rc = keys_cli.main(["--file", str(path), *argv])
             out, err = capsys.readouterr()
             if argv[0] in ("add", "rotate") and rc == 0:
                 assert out.count("\n") == 1

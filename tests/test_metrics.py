@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-import metrics
-from metrics import LATENCY_BUCKETS, TTFB_BUCKETS, Metrics
+from llamagw.observe import metrics
+from llamagw.observe.metrics import LATENCY_BUCKETS, TTFB_BUCKETS, Metrics
 
 NAME_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 LABEL_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")

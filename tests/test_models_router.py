@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import aio, eventually
+from helpers import aio, eventually
 from fakes.fake_router import FakeModel, FakeRouter
 from llamagw.models.catalog import Catalog, State
 from llamagw.models.router import (ModelFailed, ModelLoading, ModelNotAllowed, ModelNotFound,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import ollama_api as oa
-from gguf_meta import ArraySummary, ModelInfo
+from llamagw.api import ollama as oa
+from llamagw.models.gguf import ArraySummary, ModelInfo
 
 DATA = Path(__file__).parent / "data" / "ollama"
 

@@ -8,11 +8,11 @@ import random
 
 import pytest
 
-import proxy
-import upstream
-from conftest import aio
-from connection import RequestContext
-from proxy import Exchange
+from helpers import aio
+from llamagw.net import upstream
+from llamagw.net import relay as proxy
+from llamagw.net.connection import RequestContext
+from llamagw.net.relay import Exchange
 
 
 class FakeClient:

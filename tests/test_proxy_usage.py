@@ -3,7 +3,7 @@ parts of proxy.py)."""
 
 import pytest
 
-from proxy import _sse_finished, _usage_from_sse_tail
+from llamagw.net.relay import _sse_finished, _usage_from_sse_tail
 
 
 def test_usage_chunk_wins():
@@ -44,7 +44,7 @@ def test_a_broken_usage_object_falls_back_to_timings():
 
 
 def test_usage_of_a_json_answer_is_parsed_alone():
-    from proxy import _usage_from_body
+    from llamagw.net.relay import _usage_from_body
     body = (b'{"choices":[{"message":{"content":"a \\"usage\\":{\\"prompt_tokens\\":99}"}}],'
             b'"timings":{"prompt_n":3},"usage" : {"prompt_tokens":3,"completion_tokens":4,'
             b'"prompt_tokens_details":{"cached_tokens":0}}}')
@@ -53,7 +53,7 @@ def test_usage_of_a_json_answer_is_parsed_alone():
 
 
 def test_usage_inside_a_string_only_is_not_usage():
-    from proxy import _usage_from_body
+    from llamagw.net.relay import _usage_from_body
     assert _usage_from_body(b'{"c":"\\"usage\\":{\\"prompt_tokens\\":9}"}') is None
     assert _usage_from_body(b'{"c":"x\\"usage":1}') is None
     assert _usage_from_body(b'{"usage":{broken') is None

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from ratelimit import (BackendSlots, KeyConcurrency, QueueFull, QueueTimeout, RateDecision,
+from llamagw.limits.ratelimit import (BackendSlots, KeyConcurrency, QueueFull, QueueTimeout, RateDecision,
                        RateLimiter, SlotsClosed)
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import connection
+from llamagw.net import connection
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -23,7 +23,7 @@ def test_ids_are_unique_hex_and_valid_request_ids():
 
 
 def test_each_process_draws_its_own_prefix():
-    code = "import connection; print(connection.new_request_id())"
+    code = "from llamagw.net import connection; print(connection.new_request_id())"
     outs = {subprocess.run([sys.executable, "-c", code], cwd=SCRIPTS, capture_output=True,
                            text=True, timeout=30, check=True).stdout.strip() for _ in range(2)}
     assert len(outs) == 2 and all(len(o) >= 24 for o in outs)

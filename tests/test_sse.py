@@ -1,6 +1,6 @@
 import pytest
 
-from sse import MAX_EVENT_BYTES, SSEError, SSESplitter
+from llamagw.wire.sse import MAX_EVENT_BYTES, SSEError, SSESplitter
 
 STREAM = (b'data: {"a":1}\n\n'
           b': ping\n\n'

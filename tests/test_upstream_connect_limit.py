@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-import upstream
-from conftest import aio
+from helpers import aio
+from llamagw.net import upstream
 
 
 class GatedPool(upstream.UpstreamPool):

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-import config
-import upstream
-from conftest import Stack, aio, chat, get, post
+from helpers import Stack, aio, chat, get, post
+from llamagw import config
+from llamagw.net import upstream
 
 # Connects that may queue before a Unix listener's backlog is full: listen(0) takes one or two.
 MAX_FILLERS = 64

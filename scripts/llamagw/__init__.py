@@ -1,1 +1,1 @@
-"""llama-gguf-inference gateway package: empty on purpose, so an entry imports only what it names."""
+"""llamagw: the gateway's library. Empty on purpose: `import llamagw.config` loads no more."""

@@ -35,11 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-import accesslog  # noqa: E402
-import config  # noqa: E402
-import gateway  # noqa: E402
-import keys  # noqa: E402
-import upstream  # noqa: E402
+from llamagw import config  # noqa: E402
+from llamagw import app as gateway  # noqa: E402
+from llamagw.limits import keys  # noqa: E402
+from llamagw.net import upstream  # noqa: E402
+from llamagw.observe import accesslog  # noqa: E402
 
 KEY = "sk-hotpath-0123456789abcdef"
 BODY = b'{"model":"demo","messages":[{"role":"user","content":"hi"}]}'

@@ -5,10 +5,10 @@
 
 Each client connection gets its own connection to the upstream's Unix socket, and bytes go both
 ways as they come: no HTTP parsing, no key, no limits, no accounting, no log. It runs on the
-gateway's event loop and transports (`scripts/fastio.py`), so what the gateway costs beyond it in
-`make bench` case (a) is the gateway's own work per request; what it costs beyond direct is the
-hop itself in Python (the event loop, four socket calls per request). A reference for the
-benchmark only, never a product path: it forwards anything, unchecked.
+gateway's event loop and transports (`scripts/llamagw/net/fastio.py`), so what the gateway costs
+beyond it in `make bench` case (a) is the gateway's own work per request; what it costs beyond
+direct is the hop itself in Python (the event loop, four socket calls per request). A reference for
+the benchmark only, never a product path: it forwards anything, unchecked.
 
 Backpressure: a side that cannot write pauses reading on the other side (fastio's high and low
 water marks), so the relay's memory stays bounded by a slow reader.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-import fastio  # noqa: E402
+from llamagw.net import fastio  # noqa: E402
 
 # Connections waiting in the listen queue: above case (a)'s 64 connections.
 BACKLOG = 1024

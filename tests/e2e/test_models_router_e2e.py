@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import aio
+from helpers import aio
 from e2e_stack import demo_model, make_stack, processes_mentioning, request, server_bin  # noqa: F401
 from llamagw.models import preset
 from llamagw.models.catalog import Catalog, State

@@ -1,1 +1,1 @@
-"""Limits: token budgets and fair backend queueing."""
+"""limits: keys, rate and concurrency limits, admission. Imports config and errors only."""

@@ -1,1 +1,1 @@
-"""Many models on one worker: llama-server router mode behind the gateway."""
+"""models: what llama-server serves (GGUF header; catalog, router later). Stdlib and errors."""

@@ -1,1 +1,1 @@
-"""Observability: usage ledger, access log, metrics."""
+"""observe: metrics and the access log, fed by app.py. Imports the stdlib only."""

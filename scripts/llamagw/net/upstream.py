@@ -28,8 +28,8 @@ import collections
 import socket
 import time
 
-import fastio
-import http11
+from llamagw.net import fastio
+from llamagw.wire import http11
 
 # llama-server (cpp-httplib) closes idle keep-alive connections after ~5 s; stay well below.
 IDLE_TTL = 3.0

@@ -40,14 +40,13 @@ import re
 import secrets
 import time
 
-import admission
-import http11
-import jsonguard
-import proxy
-import routes
-from errors import GatewayError, ProtocolError
-from upstream import UpstreamClosed
-from ollama_api import error_body as ollama_error_body
+from llamagw.api import routes
+from llamagw.api.ollama import error_body as ollama_error_body
+from llamagw.errors import GatewayError, ProtocolError
+from llamagw.limits import admission
+from llamagw.net import relay as proxy
+from llamagw.net.upstream import UpstreamClosed
+from llamagw.wire import http11, jsonguard
 
 log = logging.getLogger("gateway")
 

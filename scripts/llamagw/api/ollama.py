@@ -69,7 +69,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from gguf_meta import ArraySummary, ModelInfo, rfc3339
+from llamagw.models.gguf import ArraySummary, ModelInfo, rfc3339
 
 # --- constants and limits ---------------------------------------------------------------------
 NDJSON_CONTENT_TYPE = "application/x-ndjson"

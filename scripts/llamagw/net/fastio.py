@@ -28,7 +28,7 @@ import errno
 import logging
 import socket
 
-from recvbuf import thread_buffer
+from llamagw.net.recvbuf import thread_buffer
 
 log = logging.getLogger("gateway.io")
 

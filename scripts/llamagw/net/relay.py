@@ -26,9 +26,9 @@ import json
 import re
 import time
 
-import http11
-from errors import GatewayError, error_body
-from upstream import UpstreamClosed
+from llamagw.errors import GatewayError, error_body
+from llamagw.net.upstream import UpstreamClosed
+from llamagw.wire import http11
 
 # Client request headers passed to llama-server. Everything else is dropped: hop-by-hop headers,
 # Authorization / X-Api-Key (our keys, not llama-server's), X-Conversation-Id (lets recent

@@ -18,12 +18,12 @@ import logging
 import os
 import time
 
-import gguf_meta
-import ollama_api
-import proxy
-from gguf_meta import ModelInfo, read_gguf_metadata
-from routes import Route
-from sse import SSEError, SSESplitter
+from llamagw.api import ollama as ollama_api
+from llamagw.api.routes import Route
+from llamagw.models import gguf as gguf_meta
+from llamagw.models.gguf import ModelInfo, read_gguf_metadata
+from llamagw.net import relay as proxy
+from llamagw.wire.sse import SSEError, SSESplitter
 
 log = logging.getLogger("gateway")
 

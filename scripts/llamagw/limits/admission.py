@@ -12,9 +12,8 @@ import hmac
 import logging
 import time
 
-import keys
-import ratelimit
-from errors import GatewayError
+from llamagw.errors import GatewayError
+from llamagw.limits import keys, ratelimit
 
 log = logging.getLogger("gateway")
 

@@ -42,7 +42,7 @@ import itertools
 import json
 import re
 
-from errors import GatewayError
+from llamagw.errors import GatewayError
 
 # Deepest nesting of arrays and objects accepted (the top-level object is depth 1). A chat request
 # nests 4-6 deep; tools and response_format carry JSON Schemas, 2-4 levels per level of the schema

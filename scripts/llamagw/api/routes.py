@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from errors import GatewayError, not_found
+from llamagw.errors import GatewayError, not_found
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

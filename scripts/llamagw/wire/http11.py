@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from errors import REASONS, ProtocolError
+from llamagw.errors import REASONS, ProtocolError
 
 # --- limits: where each number comes from ---------------------------------------------------
 # Request-target length; 8 KiB is the common server default (nginx/Apache request-line limits).

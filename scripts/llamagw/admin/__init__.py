@@ -1,0 +1,1 @@
+"""admin: the admin API (keys, models, usage), to come. Any layer; only app imports it."""

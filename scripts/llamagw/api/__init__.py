@@ -1,0 +1,1 @@
+"""api: what is served (routes, CORS, the Ollama API). May import wire, net, models; not app."""

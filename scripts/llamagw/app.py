@@ -1,0 +1,486 @@
+"""The gateway: config from the environment, wire the parts, serve, shut down in order.
+
+    python3 scripts/gateway.py        (PORT, BACKEND_HOST, PORT_BACKEND, ... see config.py)
+
+Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT), 2 for a configuration error (the message
+names the variable), 1 if it cannot listen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from llamagw import config as config_mod
+from llamagw.api import cors
+from llamagw.api import ollama as ollama_api
+from llamagw.api import ollama_handlers as ollama_routes
+from llamagw.errors import GatewayError
+from llamagw.limits import admission, keys, ratelimit
+from llamagw.net import fastio, upstream
+from llamagw.net import relay as proxy
+from llamagw.net.connection import ClientConnection
+from llamagw.observe import accesslog
+from llamagw.observe import metrics as metrics_mod
+
+log = logging.getLogger("gateway")
+
+# Backend states written by the supervisor (entrypoint.sh) into $RUN_DIR/health.
+BACKEND_STATES = ("starting", "ready", "failed", "stopping")
+# How long a `ready` read from the state file is trusted (seconds): requests share one read.
+# States that refuse requests, and a refused connection, re-read it at once (Gateway).
+STATE_FILE_TTL = 0.5
+# Retry-After while llama-server is (re)starting or has failed.
+STARTING_RETRY_AFTER = 5
+FAILED_RETRY_AFTER = 30
+# Listen backlog: bursts of new connections (load tests, many clients at once) queue here.
+LISTEN_BACKLOG = 2048
+# The cyclic garbage collector. asyncio's socket transports were each a reference cycle (one keeps
+# a bound method of itself), so each connection left garbage only the collector frees, and with
+# CPython's default gen-0 threshold of 700 allocations it ran about every 20 connections: 290
+# collections per 3,000 streams of bench case (c), about 50 us of CPU per stream. At 10,000,
+# with the start-up objects frozen, they were 15x rarer and took 40 % of the time in all (159 ->
+# 67 ms per 3,000 streams, measured). fastio's transports drop their protocol when the
+# connection is lost, so a connection is now freed by reference counting (200 streams left none
+# of the gateway's objects to the collector); the threshold still spaces out the collections
+# that every request's allocations would trigger.
+GC_GEN0_THRESHOLD = 10_000
+# Key file poll period; keys.KeyStore itself stats at most every 2 s.
+KEY_POLL_INTERVAL = 1.0
+
+
+class BackendState:
+    """The supervisor's view of llama-server, read from a one-word file. Missing file: 'unknown'
+    (the gateway runs without a supervisor, e.g. in front of a llama-server started by hand)."""
+
+    def __init__(self, path: str, clock=time.monotonic):
+        self.path = path
+        self.clock = clock
+        self._value = "unknown"
+        self._read_at = -1e9
+
+    def get(self) -> str:
+        now = self.clock()
+        if now - self._read_at >= STATE_FILE_TTL:
+            self._read_at = now
+            try:
+                with open(self.path, "rb") as f:
+                    word = f.read(32).strip().decode("ascii", "replace")
+                self._value = word if word in BACKEND_STATES else "starting"
+            except FileNotFoundError:
+                self._value = "unknown"
+            except OSError:
+                self._value = "starting"
+        return self._value
+
+    def refresh(self) -> str:
+        """The state read now, whatever the cached value's age (at most one read per call)."""
+        self._read_at = -1e9
+        return self.get()
+
+
+def backend_unavailable(state: str) -> GatewayError | None:
+    """The 503 for a backend state that takes no requests, or None (ready, unknown)."""
+    if state in ("starting", "stopping"):
+        return GatewayError(503, f"The model backend is {state}; retry shortly",
+                            "backend_" + state,
+                            headers=[("retry-after", str(STARTING_RETRY_AFTER))])
+    if state == "failed":
+        return GatewayError(503, "The model backend has failed", "backend_failed",
+                            headers=[("retry-after", str(FAILED_RETRY_AFTER))])
+    return None
+
+
+class Gateway:
+    lingering_refusals = 0          # _Refuse connections in their lingering close
+
+    def __init__(self, config: config_mod.Config, *, store: keys.KeyStore | None = None,
+                 access_log: accesslog.AccessLog | None = None):
+        self.config = config
+        self.started = time.monotonic()
+        self.connections: set[ClientConnection] = set()
+        self.shutting_down = False
+        self.in_flight = 0
+        self.metrics = metrics_mod.Metrics()
+        self.store = store
+        self.access_log = access_log
+        self.admission = admission.Admission(config, store, self.metrics)
+        self.cors = cors.Cors(config.cors_origins)
+        self.backend = BackendState(config.health_file)
+        self.pool = upstream.UpstreamPool(config.backend_host, config.port_backend,
+                                          config.backend_connect_timeout,
+                                          unix_path=config.backend_socket)
+        # The Host header of upstream requests (llama-server ignores it; HTTP/1.1 requires one).
+        self.backend_hostport = ("localhost" if config.backend_socket
+                                 else f"{config.backend_host}:{config.port_backend}")
+        self.listeners: list[fastio.Listener] = []
+        self.ollama = ollama_routes.OllamaAPI(
+            self, ollama_routes.ModelCatalog(config.model_path, config.model_name))
+        self.metrics.set_gauge_sources(
+            queue_depth=lambda: self.admission.slots.waiting,
+            backend_up=lambda: 1 if self.backend.get() in ("ready", "unknown") else 0,
+            keys_loaded=lambda: len(self.store) if self.store is not None else 0,
+        )
+        self.metrics.in_flight = 0
+        if store is not None and config.auth_enabled:
+            self.metrics.set_known_keys(store.key_ids())
+
+    def reload_keys(self, now: float | None = None) -> bool:
+        """Re-read the key file (now=None: at once, e.g. SIGHUP; else a poll that stats the file
+        at most every few seconds). On a change, per-key state of removed keys is dropped."""
+        store = self.store
+        if store is None:
+            return False
+        changed = store.reload() if now is None else store.maybe_reload(now)
+        if changed:
+            ids = store.key_ids()
+            self.admission.rate.retain(ids)
+            self.metrics.set_known_keys(ids)
+        return changed
+
+    # ---------------- the request path (called by ClientConnection) ----------------
+    def try_backend_slot(self):
+        """The backend check and a free slot without waiting; None when the caller must wait in
+        the queue (backend_slot). Raises GatewayError (503) like backend_slot."""
+        self._check_backend()
+        try:
+            return self.admission.try_backend_slot()
+        except ratelimit.SlotsClosed:
+            raise backend_unavailable("stopping") from None
+
+    async def backend_slot(self, ctx):
+        """Wait in the queue. At shutdown every waiter is answered backend_stopping at once."""
+        self._check_backend()
+        self.metrics.in_flight = self.in_flight
+        try:
+            return await self.admission.backend_slot(ctx)
+        except ratelimit.SlotsClosed:
+            raise backend_unavailable("stopping") from None
+
+    def _check_backend(self) -> None:
+        """503 unless the backend takes requests. A cached `ready` is trusted for
+        STATE_FILE_TTL (a refused connection re-reads it: unreachable()); a refusal is made
+        from the file as it is now, so the first request after the supervisor writes `ready`
+        goes through. That is one small read per refused request, which admission bounds."""
+        state = self.backend.get()
+        if state in ("ready", "unknown"):
+            return
+        err = backend_unavailable(self.backend.refresh())
+        if err is not None:
+            raise err
+
+    def unreachable(self, exc: OSError) -> GatewayError:
+        """The error for a connect to llama-server that failed (proxy.forward).
+
+        A refused connection (ECONNREFUSED; ENOENT for a missing Unix socket file) is what a
+        dead llama-server answers, before the supervisor has noticed, or within STATE_FILE_TTL
+        of the `starting` it wrote: the state file is read at once and answered from. A
+        supervised llama-server that refuses while the file still says `ready` is dead and
+        about to be restarted (the supervisor restarts every dead one, or writes `failed`):
+        503 backend_starting with its Retry-After, as a moment later, since nothing reached
+        llama-server and a retry is safe. Without a supervisor (no state file) nobody restarts
+        it: 502 upstream_unavailable, and no Retry-After to promise."""
+        state = self.backend.refresh()
+        err = backend_unavailable(state)
+        if err is None and state == "ready" and isinstance(
+                exc, (ConnectionRefusedError, FileNotFoundError)):
+            err = backend_unavailable("starting")
+        if err is None:
+            err = GatewayError(502, "llama-server is not reachable", "upstream_unavailable")
+        return err
+
+    def is_local(self, route) -> bool:
+        """Answered by the gateway itself, without a llama-server slot."""
+        return route.kind == "local" or (route.kind == "ollama" and self.ollama.is_local(route))
+
+    async def dispatch(self, client, ctx, req, route, body: bytes, fresh: bool = False) -> None:
+        try:
+            if route.kind == "proxy":
+                await proxy.forward(self, client, ctx, req, route, body, fresh=fresh)
+            else:
+                try:
+                    await self.ollama.handle(self, client, ctx, req, route, body)
+                except ollama_api.OllamaError as err:
+                    raise GatewayError(err.status, err.message, "ollama_error") from None
+        except GatewayError as err:
+            self.upstream_failed(err, ctx)
+            raise
+
+    def upstream_failed(self, err: GatewayError, ctx) -> None:
+        """Mark a request that llama-server failed (502 / 504); observe() counts it."""
+        if err.status in (502, 504):
+            ctx.upstream_error = err.code
+
+    def local(self, route, req, ctx, body: bytes = b"") -> tuple[int, list[tuple[str, str]], bytes]:
+        if route.kind == "ollama":
+            try:
+                return self.ollama.local(route, req, body)
+            except ollama_api.OllamaError as err:
+                raise GatewayError(err.status, err.message, "ollama_error") from None
+        if route.handler == "ping":
+            return 200, [("content-type", "application/json")], b'{"status":"ok"}'
+        if route.handler == "health":
+            state = self.backend.get()
+            body = {
+                "status": "ok" if state in ("ready", "unknown") else state,
+                "backend": state,
+                "uptime_s": round(time.monotonic() - self.started, 3),
+                "in_flight": self.in_flight,
+                "queue": self.admission.slots.waiting,
+                "backend_active": self.admission.slots.active,
+                "connections": len(self.connections),
+                "shutting_down": self.shutting_down,
+            }
+            return 200, [("content-type", "application/json"),
+                         ("cache-control", "no-store")], json.dumps(body).encode()
+        if route.handler == "metrics":      # METRICS_KEY was checked by admission
+            self.metrics.in_flight = self.in_flight
+            accept = req.get("accept") or ""
+            if "application/json" in accept:
+                return 200, [("content-type", "application/json")], self.metrics.render_json()
+            return 200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], \
+                self.metrics.render_prometheus()
+        raise GatewayError(500, "No handler", "no_handler")
+
+    def observe(self, ctx) -> None:
+        ttfb = ctx.ttfb
+        self.metrics.observe_request(ctx.route, ctx.status, ctx.key_id, ctx.duration, ttfb)
+        if ctx.upstream_error:
+            # Once per request, whenever llama-server failed it: an error answered before the
+            # head (upstream_failed) or an answer cut after it (proxy.Exchange).
+            self.metrics.inc_upstream_error(ctx.upstream_error)
+        if ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
+            self.metrics.add_tokens(ctx.key_id, ctx.prompt_tokens or 0, ctx.completion_tokens or 0)
+        if self.access_log is not None:
+            # accesslog.ACCESS_FIELDS, in order
+            self.access_log.write((
+                time.time(), ctx.request_id, ctx.key_id, ctx.client, ctx.method, ctx.path,
+                ctx.status, ctx.bytes_in, ctx.bytes_out, ctx.duration * 1000,
+                None if ttfb is None else ttfb * 1000, ctx.stream, ctx.prompt_tokens,
+                ctx.completion_tokens, ctx.outcome))
+
+    def observe_protocol_error(self, peer: str, err: GatewayError) -> None:
+        self.metrics.observe_request("-", err.status, "-", 0.0, None)
+        if self.access_log is not None:
+            self.access_log.write({"time": time.time(), "client": peer, "status": err.status,
+                                   "outcome": err.code})
+
+    # ---------------- life cycle ----------------
+    def new_connection(self) -> asyncio.Protocol:
+        if len(self.connections) >= self.config.max_connections:
+            return _Refuse(self)
+        return ClientConnection(self)
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on `sock` (bound) or on HOST:PORT: every address HOST resolves to (as asyncio's
+        create_server binds), SO_REUSEADDR so a restart rebinds at once."""
+        loop = asyncio.get_running_loop()
+        socks = [sock] if sock is not None else _bind(self.config.host, self.config.port)
+        self.listeners = [fastio.Listener(loop, s, self.new_connection, LISTEN_BACKLOG)
+                          for s in socks]
+
+    @property
+    def port(self) -> int:
+        return self.listeners[0].sockets[0].getsockname()[1]
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting; close idle connections; let busy ones finish with keep-alive off, up to
+        GRACEFUL_TIMEOUT; then cancel the rest."""
+        if timeout is None:
+            timeout = self.config.graceful_timeout
+        self.shutting_down = True
+        self.admission.slots.close()      # queued requests: 503 backend_stopping at once
+        for listener in self.listeners:
+            listener.close()
+        for conn in list(self.connections):
+            conn.keep_alive = False
+            conn.wake_if_idle()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.cancel()
+        tasks = [c.task for c in list(self.connections) if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        self.pool.close()
+
+
+# Over MAX_CONNECTIONS the 503 is written at once, without reading the request; the connection
+# is then closed in stages (RFC 9112 9.6): write side shut, and what the client sends is read and
+# dropped until its end-of-stream, REFUSE_LINGER_MAX_BYTES or REFUSE_LINGER_TIMEOUT, whichever
+# comes first. Closed at once, the request bytes still unread made the kernel send a reset, which
+# mostly reached the client before it had read the 503 (38 of 40 tries). The client has the 503
+# and the end-of-stream within one round trip; 1 s covers any client, and keeps each refused
+# connection's descriptor for a short time only.
+REFUSE_LINGER_TIMEOUT = 1.0
+# A request head and a small body; a client that keeps sending is not reading the answer anyway.
+REFUSE_LINGER_MAX_BYTES = 65536
+# Refused connections lingering at once: a flood over MAX_CONNECTIONS holds at most this many
+# descriptors more. Past it a refusal closes at once (its client may see a reset instead).
+MAX_LINGERING_REFUSALS = 256
+_REFUSAL_BODY = (b'{"error":{"message":"Too many connections","type":"service_unavailable",'
+                 b'"code":"too_many_connections"}}')
+_REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+            % len(_REFUSAL_BODY) + _REFUSAL_BODY)
+
+
+class _Refuse(asyncio.Protocol):
+    """Over MAX_CONNECTIONS: answer 503 without reading the request, then a lingering close
+    (see REFUSE_LINGER_TIMEOUT)."""
+
+    __slots__ = ("gw", "transport", "timer", "dropped", "counted")
+
+    def __init__(self, gw: "Gateway"):
+        self.gw = gw
+        self.transport = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.dropped = 0
+        self.counted = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(_REFUSAL)
+        sock = transport.get_extra_info("socket")
+        if (self.gw.lingering_refusals >= MAX_LINGERING_REFUSALS or sock is None
+                or transport.get_write_buffer_size()):
+            transport.close()       # (a 503 not sent whole goes out first, then the close)
+            return
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            transport.close()
+            return
+        self.gw.lingering_refusals += 1
+        self.counted = True
+        self.timer = asyncio.get_running_loop().call_later(REFUSE_LINGER_TIMEOUT,
+                                                           transport.close)
+
+    def data_received(self, data):
+        self.dropped += len(data)
+        if self.dropped > REFUSE_LINGER_MAX_BYTES:
+            self.transport.close()
+
+    def eof_received(self):
+        return False                # the client is done: close now
+
+    def connection_lost(self, exc):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.counted:
+            self.counted = False
+            self.gw.lingering_refusals -= 1
+
+
+def _bind(host: str, port: int) -> list[socket.socket]:
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _name, addr in dict.fromkeys(infos):
+            s = socket.socket(family, type_, proto)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)   # v4 binds apart
+            s.bind(addr)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def tune_gc() -> None:
+    """Once started: what exists now (modules, config, keys) lives as long as the process, so
+    it is frozen out of every later collection, and gen-0 collections run less often."""
+    gc.collect()
+    gc.freeze()
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(stream=sys.stderr, level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def _poll_keys(store: keys.KeyStore, gw: Gateway) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(KEY_POLL_INTERVAL)
+        try:
+            gw.reload_keys(loop.time())
+        except Exception:
+            log.exception("key file poll failed")
+
+
+async def amain(cfg: config_mod.Config) -> int:
+    store = None
+    if cfg.auth_enabled:
+        store = keys.KeyStore(cfg.auth_keys_file, logger=log)
+        if os.path.exists(cfg.auth_keys_file):
+            store.load()       # KeyFileError -> exit 2 (bad line, unsafe permissions)
+            log.info("loaded %d API key(s) from %s", len(store), cfg.auth_keys_file)
+        else:
+            log.error("no key file at %s: every API request will get 401 until it exists "
+                      "(create one with: python3 scripts/keys.py add NAME)", cfg.auth_keys_file)
+    else:
+        log.warning("!!! AUTH_ENABLED=false: the API is open to anyone who can reach port %d !!!",
+                    cfg.port)
+    os.makedirs(cfg.logs_dir, exist_ok=True)
+    access = accesslog.AccessLog(cfg.access_log_path, max_bytes=cfg.access_log_max_bytes,
+                                 backups=cfg.access_log_backups)
+    gw = Gateway(cfg, store=store, access_log=access)
+    try:
+        await gw.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc)
+        access.close()
+        return 1
+    log.info("gateway listening on %s:%d, backend %s", cfg.host, cfg.port, gw.pool.address)
+    tune_gc()
+    # The model's GGUF header (and digest) for the Ollama API, read off the event loop.
+    catalog_task = asyncio.create_task(gw.ollama.catalog.load())
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    poller = None
+    if store is not None:
+        loop.add_signal_handler(signal.SIGHUP, gw.reload_keys)
+        poller = asyncio.create_task(_poll_keys(store, gw))
+    await stop.wait()
+    log.info("shutting down: draining %d connection(s) for up to %.0f s",
+             len(gw.connections), cfg.graceful_timeout)
+    if poller is not None:
+        poller.cancel()
+    catalog_task.cancel()
+    await gw.shutdown()
+    access.close()
+    log.info("gateway stopped")
+    return 0
+
+
+def main() -> int:
+    setup_logging()
+    try:
+        cfg = config_mod.load_config()
+    except config_mod.ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(amain(cfg))
+    except keys.KeyFileError as exc:
+        print(f"gateway: key file error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1 @@
+"""net: the event loop's edge (transports, connections, upstream pool, relay). Not app."""
