@@ -1,27 +1,49 @@
 """The key-management CLI for the gateway's key file (its format: llamagw/limits/keys.py).
 
-    python3 scripts/keys.py [--file PATH] add NAME [--rpm N] [--concurrency N] [--hashed]
+    python3 scripts/keys.py [--file PATH] add NAME [--rpm N] [--concurrency N] [--role admin|user]
+                                         [--models a,b] [--tpm N] [--tpd N] [--hashed]
+    python3 scripts/keys.py [--file PATH] set NAME [--rpm N | --no-rpm]
+                                         [--concurrency N | --no-concurrency] [--role admin|user]
+                                         [--models a,b | --all-models] [--tpm N | --no-tpm]
+                                         [--tpd N | --no-tpd]
     python3 scripts/keys.py [--file PATH] list | revoke NAME | rotate NAME
+    python3 scripts/keys.py usage [KEY_ID] [--since 7d] [--until T] [--by day|hour|model|key]
+                                  [--dir USAGE_DIR] [--csv]
 
-The file is rewritten atomically with mode 600 (llamagw/limits/keyfile.py); comments and other
-lines are kept. A new key is printed once, on stdout, alone on its line. Standard library only.
+Edits go through llamagw/limits/keyfile.py: the file is rewritten atomically with mode 600;
+comments and other lines are kept. A new key is printed once, on stdout, alone on its line; no
+other command prints a secret. `set` changes settings and keeps the secret. `usage` adds up the
+usage ledger of every worker ($DATA_DIR/usage/*.sqlite, llamagw/observe/usage.py). Standard
+library only.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import time
 
 from llamagw import config
-from llamagw.limits.keyfile import (CliError, _find, _format_line, _join, _read_for_edit,
-                                    new_secret, write_atomic)
-from llamagw.limits.keys import KEY_ID_RE, MAX_SETTING_VALUE, _DIGITS_RE, KeyFileError
+from llamagw.limits.keyfile import (KeyEditError, add_key, format_settings, list_keys,
+                                    revoke_key, rotate_key, update_key)
+from llamagw.limits.keys import (KEY_ID_RE, NUMBER_SETTINGS, ROLES, KeyFileError, KeyInfo,
+                                 check_setting)
+
+# What `usage --since` defaults to: a week, the issue's example.
+DEFAULT_SINCE = "7d"
+USAGE_GROUPS = ("day", "hour", "model", "key")
 
 
-def _positive(text: str) -> int:
-    if not _DIGITS_RE.fullmatch(text) or not 1 <= int(text) <= MAX_SETTING_VALUE:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_SETTING_VALUE}")
-    return int(text)
+def _setting(name: str):
+    """An argparse type that checks a value as the key file does (keys.check_setting)."""
+    def parse(text: str):
+        try:
+            return check_setting(name, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = name      # argparse names the option's type in its messages
+    return parse
 
 
 def _key_id(text: str) -> str:
@@ -30,13 +52,27 @@ def _key_id(text: str) -> str:
     return text
 
 
+def _cell(text: str) -> str:
+    """Text for a terminal: a model name in the ledger is the client's text, so control
+    characters (escape sequences) are shown escaped, never sent to the terminal."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def _print_table(headers: list[str], rows: list[list[str]], left: int = 1) -> None:
+    """Columns sized to their longest cell; the first `left` columns left-aligned, the rest
+    (numbers) right-aligned; the last column is not padded."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    for row in [headers, *rows]:
+        cells = [c.ljust(w) if i < left else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        print("  ".join(cells).rstrip())
+
+
 def _cmd_add(path: str, args) -> int:
-    lines, entries = _read_for_edit(path, must_exist=False)
-    if any(e.info.key_id == args.name for e in entries):
-        raise CliError(f"{path}: a key named {args.name!r} exists (use rotate or revoke)")
-    secret = new_secret()
-    lines.append(_format_line(args.name, secret, args.hashed, args.rpm, args.concurrency))
-    write_atomic(path, _join(lines))
+    info = KeyInfo(args.name, rpm=args.rpm, concurrency=args.concurrency,
+                   role=args.role or "user", models=args.models, tpm=args.tpm, tpd=args.tpd)
+    secret = add_key(path, info, hashed=args.hashed)
     form = "hashed" if args.hashed else "plaintext"
     print(f"added key {args.name!r} ({form}) to {path}; it is shown once, store it now:",
           file=sys.stderr)
@@ -44,13 +80,29 @@ def _cmd_add(path: str, args) -> int:
     return 0
 
 
+def _cmd_set(path: str, args) -> int:
+    changes: dict[str, object] = {}
+    for name in NUMBER_SETTINGS:
+        if getattr(args, f"no_{name}"):
+            changes[name] = None
+        elif getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.role is not None:
+        changes["role"] = args.role
+    if args.all_models:
+        changes["models"] = None
+    elif args.models is not None:
+        changes["models"] = args.models
+    if not changes:
+        raise KeyEditError("nothing to change (give at least one setting; see set --help)")
+    info = update_key(path, args.name, changes)
+    settings = " ".join(format_settings(info)) or "the gateway's defaults"
+    print(f"updated key {args.name!r} in {path} (takes effect at the next reload): {settings}")
+    return 0
+
+
 def _cmd_rotate(path: str, args) -> int:
-    lines, entries = _read_for_edit(path, must_exist=True)
-    entry = _find(entries, args.name, path)
-    secret = new_secret()
-    lines[entry.lineno - 1] = _format_line(args.name, secret, entry.hashed, entry.info.rpm,
-                                           entry.info.concurrency)
-    write_atomic(path, _join(lines))
+    secret = rotate_key(path, args.name)
     print(f"rotated key {args.name!r} in {path}; the old key stops working at the next reload; "
           "the new one is shown once, store it now:", file=sys.stderr)
     print(secret)
@@ -58,31 +110,88 @@ def _cmd_rotate(path: str, args) -> int:
 
 
 def _cmd_revoke(path: str, args) -> int:
-    lines, entries = _read_for_edit(path, must_exist=True)
-    entry = _find(entries, args.name, path)
-    del lines[entry.lineno - 1]
-    write_atomic(path, _join(lines))
+    revoke_key(path, args.name)
     print(f"revoked key {args.name!r} in {path} (takes effect at the next reload)")
     return 0
 
 
 def _cmd_list(path: str, args) -> int:
-    _, entries = _read_for_edit(path, must_exist=True)
-    print(f"{'KEY_ID':<24} {'FORM':<9} {'RPM':>8} {'CONCURRENCY':>11}")
-    for e in entries:
-        rpm = str(e.info.rpm) if e.info.rpm is not None else "default"
-        conc = str(e.info.concurrency) if e.info.concurrency is not None else "default"
-        form = "hashed" if e.hashed else "plaintext"
-        print(f"{e.info.key_id:<24} {form:<9} {rpm:>8} {conc:>11}")
-    print(f"{len(entries)} key(s) in {path}", file=sys.stderr)
+    listed = list_keys(path)
+    rows = []
+    for k in listed:
+        i = k.info
+        rows.append([
+            i.key_id, "hashed" if k.hashed else "plaintext", i.role,
+            "default" if i.rpm is None else str(i.rpm),
+            "default" if i.concurrency is None else str(i.concurrency),
+            "-" if i.tpm is None else str(i.tpm),
+            "-" if i.tpd is None else str(i.tpd),
+            "all" if i.models is None else ",".join(sorted(i.models))])
+    _print_table(["KEY_ID", "FORM", "ROLE", "RPM", "CONCURRENCY", "TPM", "TPD", "MODELS"], rows,
+                 left=3)
+    print(f"{len(listed)} key(s) in {path}", file=sys.stderr)
     return 0
 
 
-def _default_path() -> str:
+def _cmd_usage(path: str, args) -> int:
+    from llamagw.observe import usage     # sqlite3 only for this command
+    now = time.time()
     try:
-        return config.load_config().auth_keys_file
+        since = usage.parse_time(args.since, now=now)
+        until = usage.parse_time(args.until, now=now) if args.until else None
+    except ValueError as exc:
+        raise KeyEditError(f"--since/--until: {exc}") from None
+    folder = args.dir or usage.usage_dir(_config().data_dir)
+    group = args.by
+    rows = usage.query(folder, since=since, until=until, group=group, key_id=args.key_id)
+    if args.csv:
+        sys.stdout.write(usage.to_csv(rows, group))
+        return 0
+    field = usage.GROUP_FIELD[group]
+    table, totals = [], [0, 0, 0, 0]
+    for row in rows:
+        counts = [row["requests"], row["prompt_tokens"], row["completion_tokens"], row["errors"]]
+        totals = [a + b for a, b in zip(totals, counts)]
+        table.append([_cell(str(row[field])) or "-", *_numbers(counts)])
+    table.append(["total", *_numbers(totals)])
+    _print_table([field.upper(), "REQUESTS", "PROMPT_TOKENS", "COMPLETION_TOKENS",
+                  "TOTAL_TOKENS", "ERRORS"], table)
+    span = f"since {usage.iso_utc(int(since))}" + (
+        f" until {usage.iso_utc(int(until))}" if until is not None else "")
+    who = f"key {args.key_id!r}" if args.key_id else "all keys"
+    print(f"usage of {who} {span}, from {folder}", file=sys.stderr)
+    return 0
+
+
+def _numbers(counts: list[int]) -> list[str]:
+    requests, prompt, completion, errors = counts
+    return [str(requests), str(prompt), str(completion), str(prompt + completion), str(errors)]
+
+
+def _config() -> config.Config:
+    try:
+        return config.load_config()
     except config.ConfigError as exc:
-        raise CliError(f"configuration: {exc}") from None
+        raise KeyEditError(f"configuration: {exc}") from None
+
+
+def _add_settings(p: argparse.ArgumentParser, removable: bool) -> None:
+    helps = {"rpm": "requests per minute", "concurrency": "requests in flight",
+             "tpm": "tokens (prompt + completion) per minute",
+             "tpd": "tokens (prompt + completion) per UTC day"}
+    for name, what in helps.items():
+        target = p.add_mutually_exclusive_group() if removable else p
+        target.add_argument(f"--{name}", type=_setting(name), help=f"{what} for this key")
+        if removable:
+            target.add_argument(f"--no-{name}", action="store_true",
+                                help=f"remove {name} (back to the default)")
+    p.add_argument("--role", choices=ROLES, help="admin: may use the admin API (default user)")
+    models = p.add_mutually_exclusive_group() if removable else p
+    models.add_argument("--models", type=_setting("models"), metavar="A,B",
+                        help="the only models this key may use (default: all)")
+    if removable:
+        models.add_argument("--all-models", action="store_true",
+                            help="remove the models list: every model")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,19 +200,31 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="make a new key and print it once")
     add.add_argument("name", type=_key_id)
-    add.add_argument("--rpm", type=_positive, help="requests per minute for this key")
-    add.add_argument("--concurrency", type=_positive, help="requests in flight for this key")
+    _add_settings(add, removable=False)
     add.add_argument("--hashed", action="store_true",
                      help="store only sha256:<hex> of the key in the file")
+    set_ = sub.add_parser("set", help="change a key's settings, keep its secret")
+    set_.add_argument("name", type=_key_id)
+    _add_settings(set_, removable=True)
     sub.add_parser("list", help="list key ids and settings (never secrets)")
     rev = sub.add_parser("revoke", help="remove a key")
     rev.add_argument("name", type=_key_id)
     rot = sub.add_parser("rotate", help="new secret for a key, same id and settings")
     rot.add_argument("name", type=_key_id)
+    use = sub.add_parser("usage", help="requests and tokens from the usage ledger")
+    use.add_argument("key_id", nargs="?", type=_key_id, help="only this key")
+    use.add_argument("--since", default=DEFAULT_SINCE,
+                     help="7d, 24h, 30m, an epoch or ISO-8601 time (default: %(default)s)")
+    use.add_argument("--until", help="end of the span, same forms (default: now)")
+    use.add_argument("--by", choices=USAGE_GROUPS, default="day",
+                     help="one row per day (UTC), hour, model or key (default: %(default)s)")
+    use.add_argument("--dir", help="usage folder or one ledger file (default: $DATA_DIR/usage)")
+    use.add_argument("--csv", action="store_true", help="CSV instead of a table")
     return p
 
 
-_COMMANDS = {"add": _cmd_add, "list": _cmd_list, "revoke": _cmd_revoke, "rotate": _cmd_rotate}
+_COMMANDS = {"add": _cmd_add, "set": _cmd_set, "list": _cmd_list, "revoke": _cmd_revoke,
+             "rotate": _cmd_rotate, "usage": _cmd_usage}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,9 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse already printed the usage error
         return 0 if exc.code == 0 else 1
     try:
-        path = args.file or _default_path()
+        if args.command == "usage":
+            path = ""              # the key file is not read
+        else:
+            path = args.file or _config().auth_keys_file
         return _COMMANDS[args.command](path, args)
-    except (CliError, KeyFileError) as exc:
+    except (KeyEditError, KeyFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -124,4 +248,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Warnings of the library (a key file open to others, a ledger file skipped) on stderr.
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     sys.exit(main())

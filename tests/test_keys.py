@@ -8,6 +8,10 @@ import io
 import logging
 import os
 import stat
+import subprocess
+import time
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +24,13 @@ from llamagw.observe import accesslog
 SECRET_A = "sk-alpha-0123456789abcdef"
 SECRET_B = "sk-bravo-0123456789abcdef"
 SECRET_C = "sk-charlie-0123456789abcd"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _clean_env(tmp_path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("AUTH_KEYS_FILE", "PYTHONPATH")}
+    env["DATA_DIR"] = str(tmp_path)
+    return env
 
 
 def sha(secret: str) -> bytes:
@@ -509,12 +520,26 @@ def test_cli_missing_file_for_list_is_an_error(tmp_path, capsys):
     assert rc == 1 and "not found" in err
 
 
-def test_cli_fixes_open_mode_on_rewrite(tmp_path, capsys):
+def test_cli_fixes_open_mode_on_rewrite(tmp_path, capsys, caplog):
     path = tmp_path / "api_keys.txt"
     write_keys(path, f"alice:{SECRET_A}\n", 0o644)
-    rc, out, err = run_cli(capsys, "--file", str(path), "add", "bob")
-    assert rc == 0 and "chmod 600" in err
+    with caplog.at_level(logging.WARNING, logger="gateway.keys"):
+        rc, out, err = run_cli(capsys, "--file", str(path), "add", "bob")
+    assert rc == 0 and "chmod 600" in caplog.text
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_cli_program_warns_on_stderr_about_an_open_mode(tmp_path):
+    """Run as `python3 scripts/keys.py`: the library's warning reaches the terminal."""
+    path = tmp_path / "api_keys.txt"
+    write_keys(path, f"alice:{SECRET_A} role=admin\n", 0o644)
+    done = subprocess.run([sys.executable, str(SCRIPTS / "keys.py"), "--file", str(path), "list"],
+                          capture_output=True, text=True, timeout=60, env=_clean_env(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "warning:" in done.stderr and f"chmod 600 {path}" in done.stderr
+    assert "alice" in done.stdout and "admin" in done.stdout
+    assert SECRET_A not in done.stdout + done.stderr
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644      # list never rewrites
 
 
 def test_cli_file_from_environment(tmp_path, capsys, monkeypatch):
@@ -603,3 +628,406 @@ def test_no_secret_in_any_log_output_or_written_file(tmp_path, capsys):
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
+
+
+# --- per-key settings: role, models, tpm, tpd (issues 27, 28) ---------------------------------
+def test_parse_role_models_and_token_limits():
+    text = (f"alice:{SECRET_A} role=admin models=qwen3-8b,llama-3.2-1b tpm=20000 tpd=2000000\n"
+            f"bob:{SECRET_B} tpd=7 role=user rpm=3\n"
+            f"carol:{SECRET_C} models=Phi_4+q4.K-M\n")
+    table = parse_key_file(text)
+    alice = table[sha(SECRET_A)]
+    assert alice == KeyInfo("alice", role="admin", models=frozenset({"qwen3-8b", "llama-3.2-1b"}),
+                            tpm=20000, tpd=2000000)
+    assert alice.is_admin
+    assert alice.allows_model("qwen3-8b") and not alice.allows_model("qwen3-8b-other")
+    assert table[sha(SECRET_B)] == KeyInfo("bob", rpm=3, role="user", tpd=7)
+    assert not table[sha(SECRET_B)].is_admin
+    assert table[sha(SECRET_C)].models == frozenset({"Phi_4+q4.K-M"})
+
+
+def test_defaults_of_the_new_settings():
+    info = parse_key_file(f"k:{SECRET_A}\n")[sha(SECRET_A)]
+    assert (info.role, info.models, info.tpm, info.tpd) == ("user", None, None, None)
+    assert not info.is_admin
+    assert info.allows_model("anything")                # no models= : every model
+    hash(info)                                          # frozen and hashable (frozenset)
+
+
+def test_token_limits_take_a_larger_bound_than_rpm():
+    big = keys.MAX_TOKEN_SETTING_VALUE
+    info = parse_key_file(f"k:{SECRET_A} tpm={big} tpd={big}\n")[sha(SECRET_A)]
+    assert info.tpm == info.tpd == big
+    with pytest.raises(KeyFileError, match="rpm must be a whole number"):
+        parse_key_file(f"k:{SECRET_A} rpm={keys.MAX_SETTING_VALUE + 1}\n")
+    with pytest.raises(KeyFileError, match=f"tpd must be a whole number from 1 to {big}"):
+        parse_key_file(f"k:{SECRET_A} tpd={big + 1}\n")
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    ("role=root", "role must be one of user, admin"),
+    ("role=", "role must be one of"),
+    ("role=Admin", "role must be one of"),            # strict: no case folding
+    ("role=admin role=admin", "setting role given twice"),
+    ("role=admin role=user", "setting role given twice"),
+    ("models=", "models must name 1 to"),
+    ("models=a,,b", "models: name 2 is not a model name"),
+    ("models=,a", "models: name 1 is not a model name"),
+    ("models=a,", "models: name 2 is not a model name"),
+    ("models=hush/x", "models: name 1 is not a model name"),
+    ("models=.hidden", "models: name 1 is not a model name"),
+    ("models=a,hush:x", "models: name 2 is not a model name"),
+    (f"models={'m' * 129}", "models: name 1 is not a model name"),
+    ("models=*", "models: name 1 is not a model name"),
+    ("models=a,b,a", "models names a model twice"),
+    ("models=a models=b", "setting models given twice"),
+    (f"models={','.join(f'm{i}' for i in range(keys.MAX_KEY_MODELS + 1))}", "models must name"),
+    ("tpm=0", "tpm must be a whole number"),
+    ("tpm=-5", "tpm must be a whole number"),
+    ("tpm=1e3", "tpm must be a whole number"),
+    ("tpd=", "tpd must be a whole number"),
+    ("tpd=99999999999999", "tpd must be a whole number"),
+    ("tpm=5 tpm=5", "setting tpm given twice"),
+    ("tpd=5 rpm=1 tpd=6", "setting tpd given twice"),
+    ("budget=5", "unknown setting (known: rpm, concurrency, role, models, tpm, tpd)"),
+    ("Role=admin", "unknown setting"),
+])
+def test_bad_new_settings_name_file_and_line_never_the_value(settings, fragment):
+    text = f"# header\nok:{SECRET_B}\nalice:{SECRET_A} {settings}\n"
+    with pytest.raises(KeyFileError) as info:
+        parse_key_file(text, "/etc/keys.txt")
+    message = str(info.value)
+    assert message.startswith("/etc/keys.txt:3: "), message
+    assert fragment in message
+    for secret in (SECRET_A, SECRET_B, "hush"):     # not even the value after the secret
+        assert secret not in message
+
+
+@pytest.mark.parametrize("name", ["a", "Qwen3-8B", "llama-3.2-1b", "phi_4+q", "9x", "m" * 128,
+                                  "", "-a", ".a", "_a", "a b", "a/b", "a:b", "é", "m" * 129, "*"])
+def test_models_accepts_exactly_router_modes_model_names(name):
+    from llamagw.models import preset
+    try:
+        keys.check_setting("models", name)
+        accepted = True
+    except ValueError:
+        accepted = False
+    assert accepted == (preset.check_name(name, "model") is None)
+
+
+def test_check_setting_returns_typed_values():
+    assert keys.check_setting("rpm", "30") == 30
+    assert keys.check_setting("tpd", "10000000000") == 10_000_000_000
+    assert keys.check_setting("role", "admin") == "admin"
+    assert keys.check_setting("models", "b,a") == frozenset({"a", "b"})
+    with pytest.raises(ValueError, match="unknown setting"):
+        keys.check_setting("burst", "1")
+
+
+def test_reload_sees_role_and_models_changes_but_not_a_reordering(store_path):
+    store = KeyStore(str(store_path))
+    store.load()
+    hashed = hashlib.sha256(SECRET_B.encode()).hexdigest()
+    bob = f"bob:sha256:{hashed} concurrency=1"
+    write_keys(store_path, f"alice:{SECRET_A} rpm=5 role=admin models=a,b\n{bob}\n")
+    assert store.reload() is True
+    assert store.lookup(SECRET_A).is_admin and store.get("alice").models == {"a", "b"}
+    write_keys(store_path, f"alice:{SECRET_A} models=b,a role=admin rpm=5\n{bob}\n")
+    assert store.reload() is False          # same settings written in another order
+    write_keys(store_path, f"alice:{SECRET_A} rpm=5 models=a\n{bob} tpd=100\n")
+    assert store.reload() is True
+    assert not store.lookup(SECRET_A).is_admin and store.get("alice").models == {"a"}
+    assert store.lookup(SECRET_B).tpd == 100
+    # a bad value in a reload keeps the keys in force, settings included
+    write_keys(store_path, f"alice:{SECRET_A} rpm=5 role=root\n{bob}\n")
+    assert store.reload() is False
+    assert store.get("alice").models == {"a"} and store.get("bob").tpd == 100
+
+
+# --- CLI: the new settings ----------------------------------------------------------------------
+def list_rows(out: str) -> dict[str, list[str]]:
+    lines = out.splitlines()
+    assert lines[0].split() == ["KEY_ID", "FORM", "ROLE", "RPM", "CONCURRENCY", "TPM", "TPD",
+                                "MODELS"]
+    return {line.split()[0]: line.split() for line in lines[1:]}
+
+
+def test_cli_add_with_every_setting_round_trips(tmp_path, capsys):
+    path = tmp_path / "api_keys.txt"
+    f = ["--file", str(path)]
+    rc, out, err = run_cli(capsys, *f, "add", "ops", "--role", "admin", "--models", "qwen,llama",
+                           "--tpm", "1000", "--tpd", "50000", "--rpm", "30", "--concurrency", "2")
+    assert rc == 0, err
+    key = out.strip()
+    # canonical: settings in SETTINGS order, models sorted
+    assert path.read_text() == (f"ops:{key} rpm=30 concurrency=2 role=admin models=llama,qwen "
+                                "tpm=1000 tpd=50000\n")
+    rc, out, err = run_cli(capsys, *f, "add", "plain", "--role", "user", "--hashed")
+    assert rc == 0
+    plain_key = out.strip()
+    assert path.read_text().splitlines()[1] == \
+        f"plain:sha256:{hashlib.sha256(plain_key.encode()).hexdigest()}"     # role=user: default
+    store = KeyStore(str(path))
+    store.load()
+    assert store.lookup(key) == KeyInfo("ops", 30, 2, "admin", frozenset({"qwen", "llama"}),
+                                        1000, 50000)
+    assert store.lookup(plain_key) == KeyInfo("plain")
+    rc, out, err = run_cli(capsys, *f, "list")
+    assert rc == 0
+    rows = list_rows(out)
+    assert rows["ops"] == ["ops", "plaintext", "admin", "30", "2", "1000", "50000", "llama,qwen"]
+    assert rows["plain"] == ["plain", "hashed", "user", "default", "default", "-", "-", "all"]
+    assert key not in out + err and plain_key not in out + err
+    # rotate keeps every setting
+    rc, out, _ = run_cli(capsys, *f, "rotate", "ops")
+    assert rc == 0
+    assert store.reload() is True
+    assert store.lookup(out.strip()) == store.get("ops") and store.get("ops").tpd == 50000
+    assert store.lookup(key) is None
+
+
+def test_cli_set_changes_settings_keeps_secret_and_other_lines(tmp_path, capsys):
+    path = tmp_path / "api_keys.txt"
+    hashed = hashlib.sha256(SECRET_C.encode()).hexdigest()
+    original = (f"# team keys\n\n  alice:{SECRET_A}\tconcurrency=4  rpm=5\r\n"
+                f"# bob below\nbob:{SECRET_B}   tpd=9\ncarol:sha256:{hashed}\n")
+    write_keys(path, original)
+    f = ["--file", str(path)]
+    store = KeyStore(str(path))
+    store.load()
+
+    rc, out, err = run_cli(capsys, *f, "set", "alice", "--role", "admin", "--models", "b,a",
+                           "--rpm", "60", "--tpm", "500")
+    assert rc == 0, err
+    assert "alice" in out and "rpm=60 concurrency=4 role=admin models=a,b tpm=500" in out
+    lines = path.read_text().split("\n")
+    assert lines[:2] == ["# team keys", ""]
+    assert lines[2] == f"alice:{SECRET_A} rpm=60 concurrency=4 role=admin models=a,b tpm=500"
+    assert "\n".join(lines[3:]) == (f"# bob below\nbob:{SECRET_B}   tpd=9\n"
+                                    f"carol:sha256:{hashed}\n")      # untouched, byte for byte
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert store.reload() is True
+    assert store.lookup(SECRET_A) == KeyInfo("alice", 60, 4, "admin", frozenset({"a", "b"}),
+                                             500, None)
+
+    # remove settings: back to the defaults
+    rc, out, err = run_cli(capsys, *f, "set", "alice", "--no-rpm", "--role", "user",
+                           "--all-models", "--no-tpm", "--no-concurrency")
+    assert rc == 0, err
+    assert path.read_text().split("\n")[2] == f"alice:{SECRET_A}"
+    assert "the gateway's defaults" in out
+    assert store.reload() is True and store.lookup(SECRET_A) == KeyInfo("alice")
+
+    # a hashed key keeps its hash; a plaintext one its secret
+    rc, _, _ = run_cli(capsys, *f, "set", "carol", "--tpd", "1000", "--models", "m1")
+    rc2, _, _ = run_cli(capsys, *f, "set", "bob", "--no-tpd", "--concurrency", "1")
+    assert rc == rc2 == 0
+    assert path.read_text().endswith(f"bob:{SECRET_B} concurrency=1\n"
+                                     f"carol:sha256:{hashed} models=m1 tpd=1000\n")
+    assert store.reload() is True
+    assert store.lookup(SECRET_C) == KeyInfo("carol", models=frozenset({"m1"}), tpd=1000)
+    assert store.lookup(SECRET_B) == KeyInfo("bob", concurrency=1)
+
+    rc, out, _ = run_cli(capsys, *f, "list")
+    rows = list_rows(out)
+    assert rows["carol"] == ["carol", "hashed", "user", "default", "default", "-", "1000", "m1"]
+    assert rows["bob"] == ["bob", "plaintext", "user", "default", "1", "-", "-", "all"]
+    assert [p.name for p in path.parent.iterdir()] == ["api_keys.txt"]  # no temp file left
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["set", "alice"], "nothing to change"),
+    (["set", "nobody", "--rpm", "3"], "no key named 'nobody'"),
+    (["set", "alice", "--rpm", "3", "--no-rpm"], "not allowed with"),
+    (["set", "alice", "--models", "a", "--all-models"], "not allowed with"),
+    (["set", "alice", "--models", ""], "models must name"),
+    (["set", "alice", "--models", "a,,b"], "is not a model name"),
+    (["set", "alice", "--models", "a,a"], "twice"),
+    (["set", "alice", "--role", "root"], "invalid choice"),
+    (["set", "alice", "--tpd", "0"], "tpd must be a whole number"),
+    (["set", "alice", "--tpm", "x"], "tpm must be a whole number"),
+    (["add", "zed", "--role", "Admin"], "invalid choice"),
+    (["add", "zed", "--models", "a b"], "is not a model name"),
+    (["add", "zed", "--tpm", "-1"], "tpm must be a whole number"),
+    (["add", "zed", "--no-rpm"], "unrecognized arguments"),
+    (["add", "zed", "--all-models"], "unrecognized arguments"),
+])
+def test_cli_setting_errors_exit_1_and_change_nothing(tmp_path, capsys, argv, fragment):
+    path = tmp_path / "api_keys.txt"
+    write_keys(path, f"alice:{SECRET_A} rpm=5\n")
+    before = path.read_text()
+    rc, out, err = run_cli(capsys, "--file", str(path), *argv)
+    assert rc == 1
+    assert fragment in err
+    assert path.read_text() == before
+    assert SECRET_A not in out + err
+
+
+def test_keyfile_api_for_the_admin_routes(tmp_path):
+    from llamagw.limits import keyfile
+    path = str(tmp_path / "api_keys.txt")
+    secret = keyfile.add_key(path, KeyInfo("ops", role="admin", models=frozenset({"m"})))
+    assert [(k.info.key_id, k.info.is_admin, k.hashed) for k in keyfile.list_keys(path)] == \
+        [("ops", True, False)]
+    info = keyfile.update_key(path, "ops", {"tpd": 10, "models": ["x", "y"], "role": None})
+    assert info == KeyInfo("ops", role="user", models=frozenset({"x", "y"}), tpd=10)
+    assert parse_key_file(open(path).read()) == {sha(secret): info}
+    with pytest.raises(keyfile.KeyEditError, match="unknown setting 'burst'"):
+        keyfile.update_key(path, "ops", {"burst": 3})
+    with pytest.raises(keyfile.KeyEditError, match="tpm must be a whole number"):
+        keyfile.update_key(path, "ops", {"tpm": 0})
+    with pytest.raises(keyfile.KeyEditError, match="models must be a list of model names"):
+        keyfile.update_key(path, "ops", {"models": ["x", 3]})
+    with pytest.raises(keyfile.KeyEditError, match="a key named 'ops' exists"):
+        keyfile.add_key(path, KeyInfo("ops"))
+    before = open(path).read()
+    for bad in (KeyInfo("x", rpm=0), KeyInfo("x", role="root"), KeyInfo("x", models=frozenset()),
+                KeyInfo("bad id")):
+        with pytest.raises(KeyFileError, match=f"{path}:2: "):   # checked as the gateway reads
+            keyfile.add_key(path, bad)
+    assert open(path).read() == before
+    new = keyfile.rotate_key(path, "ops")
+    assert parse_key_file(open(path).read()) == {sha(new): info}
+    keyfile.revoke_key(path, "ops")
+    assert keyfile.list_keys(path) == []
+
+
+def test_an_edit_racing_another_writer_writes_nothing(tmp_path, monkeypatch):
+    from llamagw.limits import keyfile
+    path = tmp_path / "api_keys.txt"
+    write_keys(path, f"alice:{SECRET_A}\n")
+    other = f"alice:{SECRET_A}\nbob:{SECRET_B}\n"
+    real_join = keyfile._join
+
+    def join_while_someone_writes(lines):
+        write_keys(path, other)         # another keys.py / the admin API / an editor
+        bump(path)
+        return real_join(lines)
+
+    monkeypatch.setattr(keyfile, "_join", join_while_someone_writes)
+    with pytest.raises(keyfile.KeyEditError, match="changed by someone else"):
+        keyfile.update_key(str(path), "alice", {"rpm": 3})
+    assert path.read_text() == other            # their write stands, ours is not half-applied
+
+
+# --- CLI: usage -----------------------------------------------------------------------------------
+DAY1 = 1_778_320_800.0      # 2026-05-09T10:00:00Z
+DAY2 = DAY1 + 86_400        # 2026-05-10T10:00:00Z
+OLD = DAY1 - 30 * 86_400    # 2026-04-09T10:00:00Z
+
+
+def _record(t, key_id, model, prompt, completion, status=200, outcome="ok"):
+    from llamagw.observe.usage import UsageRecord
+    return UsageRecord(time=t, request_id="r", key_id=key_id, model=model,
+                       route="/v1/chat/completions", status=status, outcome=outcome,
+                       prompt_tokens=prompt, completion_tokens=completion)
+
+
+@pytest.fixture
+def usage_data(tmp_path, monkeypatch):
+    """Two workers' ledger files under $DATA_DIR/usage, written by the gateway's own Ledger."""
+    from llamagw.observe.usage import Ledger, usage_path
+    workers = {
+        "worker-1": [_record(DAY1, "alice", "m1", 10, 5),
+                     _record(DAY1 + 60, "alice", "m2", 3, None, status=500, outcome="error"),
+                     _record(DAY2, "bob", "m1", 100, 50),
+                     _record(OLD, "alice", "m1", 1000, 1000)],
+        "worker-2": [_record(DAY1 + 120, "alice", "m1", 7, 8),
+                     _record(DAY2 + 60, "alice", "esc\x1b[2Jm", 1, 1, outcome="cut")],
+    }
+    for host, records in workers.items():
+        ledger = Ledger(usage_path(str(tmp_path), host), retention_days=None)
+        for rec in records:
+            ledger.record(rec)
+        assert ledger.close() and ledger.written == len(records)
+    assert sorted(p.name for p in (tmp_path / "usage").iterdir()) == \
+        ["worker-1.sqlite", "worker-2.sqlite"]
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("AUTH_KEYS_FILE", raising=False)
+    return tmp_path
+
+
+def table_rows(out: str, first: str) -> dict[str, list[int]]:
+    lines = out.splitlines()
+    assert lines[0].split() == [first, "REQUESTS", "PROMPT_TOKENS", "COMPLETION_TOKENS",
+                                "TOTAL_TOKENS", "ERRORS"]
+    rows = {}
+    for line in lines[1:]:
+        *name, requests, prompt, completion, total, errs = line.split()
+        rows[" ".join(name)] = [int(requests), int(prompt), int(completion), int(total), int(errs)]
+    return rows
+
+
+SPAN = ["--since", "2026-05-01", "--until", "2026-05-11"]
+
+
+def test_cli_usage_by_model_adds_up_every_worker(usage_data, capsys):
+    rc, out, err = run_cli(capsys, "usage", *SPAN, "--by", "model")
+    assert rc == 0, err
+    rows = table_rows(out, "MODEL")
+    assert rows == {
+        "esc\\x1b[2Jm": [1, 1, 1, 2, 1],                 # a cut stream counts as an error
+        "m1": [3, 117, 63, 180, 0],                       # worker-1 (2) + worker-2 (1)
+        "m2": [1, 3, 0, 3, 1],                            # unknown completion counts 0
+        "total": [5, 121, 64, 185, 2],
+    }
+    assert "\x1b" not in out + err                     # client text never reaches the terminal
+    assert str(usage_data / "usage") in err and "all keys" in err
+
+
+def test_cli_usage_by_day_and_key_and_one_key(usage_data, capsys):
+    rc, out, _ = run_cli(capsys, "usage", *SPAN, "--by", "day")
+    assert rc == 0
+    assert table_rows(out, "DAY") == {"2026-05-09": [3, 20, 13, 33, 1],
+                                      "2026-05-10": [2, 101, 51, 152, 1],
+                                      "total": [5, 121, 64, 185, 2]}
+    rc, out, _ = run_cli(capsys, "usage", *SPAN, "--by", "key")
+    assert table_rows(out, "KEY_ID") == {"alice": [4, 21, 14, 35, 2], "bob": [1, 100, 50, 150, 0],
+                                         "total": [5, 121, 64, 185, 2]}
+    rc, out, err = run_cli(capsys, "usage", "alice", "--since", "2026-04-01", "--until",
+                           "2026-05-11", "--by", "model")
+    assert rc == 0
+    assert table_rows(out, "MODEL") == {"esc\\x1b[2Jm": [1, 1, 1, 2, 1],
+                                        "m1": [3, 1017, 1013, 2030, 0],   # the old row is in
+                                        "m2": [1, 3, 0, 3, 1], "total": [5, 1021, 1014, 2035, 2]}
+    assert "key 'alice'" in err
+
+
+def test_cli_usage_defaults_to_the_last_week_by_day(usage_data, capsys):
+    from llamagw.observe.usage import Ledger, usage_path
+    ledger = Ledger(usage_path(str(usage_data), "worker-3"), retention_days=None)
+    ledger.record(_record(time.time() - 60, "carol", "m9", 4, 6))
+    ledger.record(_record(time.time() - 8 * 86_400, "carol", "m9", 1000, 1000))  # outside
+    assert ledger.close()
+    rc, out, _ = run_cli(capsys, "usage")
+    assert rc == 0
+    rows = table_rows(out, "DAY")
+    assert rows.pop("total") == [1, 4, 6, 10, 0]      # DAY1 / DAY2 rows are older than 7 days
+    assert list(rows.values()) == [[1, 4, 6, 10, 0]]
+
+
+def test_cli_usage_csv_and_dir(usage_data, capsys, monkeypatch):
+    monkeypatch.setenv("DATA_DIR", str(usage_data / "elsewhere"))
+    rc, out, _ = run_cli(capsys, "usage", "bob", *SPAN, "--by", "key", "--csv",
+                         "--dir", str(usage_data / "usage"))
+    assert rc == 0
+    assert out == "key_id,requests,prompt_tokens,completion_tokens,errors\r\nbob,1,100,50,0\r\n"
+
+
+def test_cli_usage_without_a_ledger_prints_zeros(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    rc, out, _ = run_cli(capsys, "usage", "--by", "model")
+    assert rc == 0
+    assert table_rows(out, "MODEL") == {"total": [0, 0, 0, 0, 0]}
+    assert not (tmp_path / "usage").exists()          # reading makes no folder
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["usage", "--since", "yesterday"], "not a time"),
+    (["usage", "--until", "-5"], "not a time"),
+    (["usage", "--by", "week"], "invalid choice"),
+    (["usage", "bad id!"], "must be 1-64 characters"),
+])
+def test_cli_usage_errors_exit_1(usage_data, capsys, argv, fragment):
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 1 and fragment in err and out == ""

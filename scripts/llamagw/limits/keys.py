@@ -6,6 +6,7 @@ Key file (AUTH_KEYS_FILE, default $DATA_DIR/api_keys.txt), one key per line:
     alice:sk-Q0bX...                       plaintext secret (at least 16 characters)
     bob:sha256:9f86d081884c7d65...         SHA-256 of the secret, 64 hex digits
     carol:sk-7Hq... rpm=30 concurrency=2   optional per-key settings after the secret
+    dave:sk-Xv2... role=admin models=qwen3-8b,llama-3.2-1b tpm=20000 tpd=2000000
 
 - key_id: [A-Za-z0-9._-]{1,64}. It is what logs, metrics and limits see; it is not secret.
 - The secret is everything after the first ':' up to the first space or tab: printable ASCII.
@@ -18,16 +19,24 @@ Key file (AUTH_KEYS_FILE, default $DATA_DIR/api_keys.txt), one key per line:
   nothing slows down guessing before a key is known, so a short or dictionary secret ("changeme")
   would be found; 16 random characters are >= 75 bits even from a lowercase alphabet. Keys made
   by `keys.py add` are "sk-" + 43 url-safe characters (256 random bits).
-- Settings: rpm=N (requests per minute) and concurrency=N (requests in flight), positive integers;
-  without them the gateway's defaults apply. Unknown settings are an error.
+- Settings, each at most once, in any order (`keys.py add` / `set` write them in this order):
+    rpm=N          requests per minute; concurrency=N  requests in flight: whole numbers from
+                   1 to MAX_SETTING_VALUE; without them the gateway's defaults apply
+    role=user|admin  admin keys may use the admin API; default user
+    models=a,b     the only models the key may use (names as router mode's model names,
+                   llamagw.models.preset.check_name); without it, every model
+    tpm=N tpd=N    tokens (prompt + completion) per minute / per UTC day, up to
+                   MAX_TOKEN_SETTING_VALUE; without them, no token limit
+  Unknown settings, a setting given twice and bad values are errors. check_setting() is the one
+  rule for a setting's value (the file, the CLI and the admin API all use it).
 - The file must not be readable or writable by group or others (chmod 600).
 
 Errors name the file and the line number and never contain the secret (nor the line's text: a
 malformed line may be a pasted key). Only SHA-256 digests of the secrets are kept in memory.
 
-CLI (stdlib only):  python3 scripts/keys.py [--file PATH] add NAME [--rpm N] [--concurrency N]
-[--hashed] | list | revoke NAME | rotate NAME.  The file is rewritten atomically with mode 600;
-comments and other lines are kept. A new key is printed once, on stdout, alone on its line.
+CLI (stdlib only): python3 scripts/keys.py [--file PATH] add | set | list | revoke | rotate | usage
+(see scripts/keys.py). Edits (llamagw/limits/keyfile.py) rewrite the file atomically with mode 600
+and keep comments and other lines. A new key is printed once, on stdout, alone on its line.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import re
 import stat
 
 from llamagw import errors
+from llamagw.models.preset import MAX_MODELS, MAX_NAME_LEN, check_name
 
 # --- limits -----------------------------------------------------------------------------------
 # 16: see the module docstring (guessing resistance of a plaintext secret).
@@ -53,6 +63,12 @@ MAX_PRESENTED_KEY_LEN = MAX_SECRET_LEN
 MAX_KEY_FILE_BYTES = 1 << 20
 # 10,000,000: the same upper bound config.py puts on MAX_REQUESTS_PER_MINUTE.
 MAX_SETTING_VALUE = 10_000_000
+# 10,000,000,000 for tpm / tpd: one GPU reads prompts at thousands of tokens a second, ~10^8-10^9
+# tokens a day, so rpm's bound would forbid a tpd above what one worker does; 10^10 is above any
+# real budget and still refuses the value with digits to spare that nobody means.
+MAX_TOKEN_SETTING_VALUE = 10_000_000_000
+# A key names at most as many models as router mode serves (preset.MAX_MODELS).
+MAX_KEY_MODELS = MAX_MODELS
 # 2 s: the issue's polling bound; a stat() every 2 s costs nothing.
 DEFAULT_POLL_INTERVAL = 2.0
 # 32 bytes = 256 random bits (>= 128 asked for), 43 url-safe characters.
@@ -64,8 +80,14 @@ HASHED_PREFIX = "sha256:"
 _HEX64_RE = re.compile(r"[0-9a-fA-F]{64}")
 _FIELD_SEP_RE = re.compile(r"[ \t]+")
 _DIGITS_RE = re.compile(r"[0-9]{1,12}")
-# name=value settings after the secret -> KeyInfo field.
-SETTINGS = ("rpm", "concurrency")
+# name=value settings after the secret, each a KeyInfo field, in the order keys.py writes them.
+SETTINGS = ("rpm", "concurrency", "role", "models", "tpm", "tpd")
+# Whole-number settings -> their upper bound (the lower is 1).
+NUMBER_SETTINGS = {"rpm": MAX_SETTING_VALUE, "concurrency": MAX_SETTING_VALUE,
+                   "tpm": MAX_TOKEN_SETTING_VALUE, "tpd": MAX_TOKEN_SETTING_VALUE}
+ROLE_USER = "user"
+ROLE_ADMIN = "admin"
+ROLES = (ROLE_USER, ROLE_ADMIN)
 
 log = logging.getLogger("gateway.keys")
 
@@ -82,9 +104,24 @@ class KeyFileError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class KeyInfo:
+    """A key's id and settings (never its secret). None: the setting is absent (the gateway's
+    default for rpm / concurrency, no limit for tpm / tpd, every model for models)."""
     key_id: str
     rpm: int | None = None
     concurrency: int | None = None
+    role: str = ROLE_USER
+    models: frozenset[str] | None = None
+    tpm: int | None = None
+    tpd: int | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        """The key may use the admin API (role=admin)."""
+        return self.role == ROLE_ADMIN
+
+    def allows_model(self, model: str) -> bool:
+        """The key may use `model` (no models= setting: every model)."""
+        return self.models is None or model in self.models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +142,36 @@ def _is_printable_ascii(text: str) -> bool:
     return all("\x21" <= ch <= "\x7e" for ch in text)
 
 
-def _parse_setting(token: str, seen: dict[str, int], source: str, lineno: int) -> None:
+def check_setting(name: str, value: str) -> int | str | frozenset[str]:
+    """The value of setting `name` from its text: an int for rpm / concurrency / tpm / tpd, the
+    role, or the frozenset of model names. ValueError for an unknown setting or a bad value; the
+    message never repeats the value (text after a secret may be the rest of a secret)."""
+    if name in NUMBER_SETTINGS:
+        bound = NUMBER_SETTINGS[name]
+        if not _DIGITS_RE.fullmatch(value) or not 1 <= int(value) <= bound:
+            raise ValueError(f"{name} must be a whole number from 1 to {bound}")
+        return int(value)
+    if name == "role":
+        if value not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        return value
+    if name == "models":
+        names = value.split(",")
+        if value == "" or len(names) > MAX_KEY_MODELS:
+            raise ValueError(f"models must name 1 to {MAX_KEY_MODELS} models, comma-separated "
+                             "(leave the setting out for every model)")
+        for i, model in enumerate(names, start=1):
+            if check_name(model, "model") is not None:
+                raise ValueError(f"models: name {i} is not a model name (letters, digits, '.', "
+                                 "'_', '+', '-', starting with a letter or digit, at most "
+                                 f"{MAX_NAME_LEN} characters)")
+        if len(set(names)) != len(names):
+            raise ValueError("models names a model twice")
+        return frozenset(names)
+    raise ValueError(f"unknown setting (known: {', '.join(SETTINGS)})")
+
+
+def _parse_setting(token: str, seen: dict, source: str, lineno: int) -> None:
     name, sep, value = token.partition("=")
     if not sep:
         # Don't echo the token: text after the secret may be the rest of a secret with a space.
@@ -115,10 +181,10 @@ def _parse_setting(token: str, seen: dict[str, int], source: str, lineno: int) -
         raise KeyFileError(f"unknown setting (known: {', '.join(SETTINGS)})", source, lineno)
     if name in seen:
         raise KeyFileError(f"setting {name} given twice", source, lineno)
-    if not _DIGITS_RE.fullmatch(value) or not 1 <= int(value) <= MAX_SETTING_VALUE:
-        raise KeyFileError(f"{name} must be a whole number from 1 to {MAX_SETTING_VALUE}",
-                           source, lineno)
-    seen[name] = int(value)
+    try:
+        seen[name] = check_setting(name, value)
+    except ValueError as exc:
+        raise KeyFileError(str(exc), source, lineno) from None
 
 
 def _parse_line(line: str, source: str, lineno: int) -> _Entry | None:
@@ -150,10 +216,10 @@ def _parse_line(line: str, source: str, lineno: int) -> _Entry | None:
         if len(secret) > MAX_SECRET_LEN:
             raise KeyFileError(f"secret longer than {MAX_SECRET_LEN} characters", source, lineno)
         digest, hashed = _digest(secret), False
-    seen: dict[str, int] = {}
+    seen: dict = {}
     for token in settings:
         _parse_setting(token, seen, source, lineno)
-    info = KeyInfo(key_id, seen.get("rpm"), seen.get("concurrency"))
+    info = KeyInfo(key_id, **seen)
     return _Entry(lineno, digest, hashed, info, hashed or bearer_token_ok(secret))
 
 
