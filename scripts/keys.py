@@ -58,13 +58,13 @@ def _cell(text: str) -> str:
     return text if text.isprintable() else repr(text)[1:-1]
 
 
-def _print_table(headers: list[str], rows: list[list[str]], left: int = 1) -> None:
-    """Columns sized to their longest cell; the first `left` columns left-aligned, the rest
-    (numbers) right-aligned; the last column is not padded."""
+def _print_table(headers: list[str], rows: list[list[str]], numbers: range) -> None:
+    """Columns sized to their longest cell; the columns in `numbers` right-aligned, the others
+    left-aligned; no trailing spaces."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     for row in [headers, *rows]:
-        cells = [c.ljust(w) if i < left else c.rjust(w)
+        cells = [c.rjust(w) if i in numbers else c.ljust(w)
                  for i, (c, w) in enumerate(zip(row, widths))]
         print("  ".join(cells).rstrip())
 
@@ -128,7 +128,7 @@ def _cmd_list(path: str, args) -> int:
             "-" if i.tpd is None else str(i.tpd),
             "all" if i.models is None else ",".join(sorted(i.models))])
     _print_table(["KEY_ID", "FORM", "ROLE", "RPM", "CONCURRENCY", "TPM", "TPD", "MODELS"], rows,
-                 left=3)
+                 numbers=range(3, 7))
     print(f"{len(listed)} key(s) in {path}", file=sys.stderr)
     return 0
 
@@ -155,7 +155,7 @@ def _cmd_usage(path: str, args) -> int:
         table.append([_cell(str(row[field])) or "-", *_numbers(counts)])
     table.append(["total", *_numbers(totals)])
     _print_table([field.upper(), "REQUESTS", "PROMPT_TOKENS", "COMPLETION_TOKENS",
-                  "TOTAL_TOKENS", "ERRORS"], table)
+                  "TOTAL_TOKENS", "ERRORS"], table, numbers=range(1, 6))
     span = f"since {usage.iso_utc(int(since))}" + (
         f" until {usage.iso_utc(int(until))}" if until is not None else "")
     who = f"key {args.key_id!r}" if args.key_id else "all keys"
