@@ -21,9 +21,12 @@ One thread, non-blocking sockets, one selector: a connection costs a descriptor 
 object, and nothing it does (send nothing, trickle, never read) holds up the others. At most
 MAX_CONNECTIONS are held; when a new one arrives at the cap, the oldest one still waiting for
 its head is dropped to make room (a probe sends its head at once, so the connections that wait
-longest are the idle ones of a flood). A head must arrive whole within HEAD_TIMEOUT and fit in
-MAX_HEAD_BYTES. The gateway check is a non-blocking connect too: probes that need it wait for
-it, up to GATEWAY_CONNECT_TIMEOUT, while the others are answered.
+longest are the idle ones of a flood), but only once it has been held MIN_HOLD: while every
+connection held is younger than that, no more are accepted (they wait in the listen queue, in
+order), so a flood that reconnects at once cannot push a probe out before its head is read. A
+head must arrive whole within HEAD_TIMEOUT and fit in MAX_HEAD_BYTES. The gateway check is a
+non-blocking connect too: probes that need it wait for it, up to GATEWAY_CONNECT_TIMEOUT, while
+the others are answered.
 """
 
 from __future__ import annotations
@@ -59,16 +62,23 @@ LINGER_RECV_SIZE = 16384
 # seconds), and under the usual descriptor limit of 1024 (see connection_cap). The cap only
 # matters against a flood: the oldest connection still waiting for its head makes room.
 MAX_CONNECTIONS = 512
+# A connection is not dropped to make room until it has been held this long; while all held are
+# younger, newcomers wait in the listen queue. Without it, a flood that reconnects each dropped
+# connection at once turns the cap over every millisecond or so, and a probe accepted a moment
+# before its head arrives (the head follows the handshake; a busy client takes a few ms to send
+# it) is pushed out unanswered. 50 ms is ten times the longest such delay seen on a loaded
+# 2-core machine, and well under HEAD_TIMEOUT. The price, only at the cap: a flood turns over at
+# most MAX_CONNECTIONS / MIN_HOLD connections a second, so a probe waits in the listen queue
+# behind at most LISTEN_BACKLOG others, LISTEN_BACKLOG / MAX_CONNECTIONS * MIN_HOLD = 0.1 s.
+MIN_HOLD = 0.05
 # Descriptors kept apart from the connections: stdio, the listener, the selector, the gateway
 # check's socket, the state file while it is read, and spares.
 FD_RESERVE = 16
-# Connections accepted per wake-up: a burst is taken in a few rounds, with the heads received
-# meanwhile read in between. At most 1/ACCEPT_ROUNDS_KEPT of the cap per round, so that a
-# connection accepted in one round outlives that many more rounds of a flood (each newcomer at
-# the cap pushing the oldest out) and its head is read before its turn to be dropped comes.
+# Connections accepted per wake-up: a burst is taken in rounds, with the heads received meanwhile
+# read in between (each round serves the readable connections first, then accepts).
 ACCEPT_BATCH = 64
-ACCEPT_ROUNDS_KEPT = 8
-# No descriptor left (EMFILE/ENFILE) and nothing of ours to close: stop accepting for this long.
+# No descriptor left (EMFILE/ENFILE) and nothing of ours that may make room (see _victim): stop
+# accepting for this long.
 ACCEPT_RETRY_DELAY = 0.1
 _ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # The gateway is on loopback: a connect either succeeds or is refused in well under a millisecond.
@@ -226,7 +236,6 @@ class HealthServer:
         self.listener = listener
         self.prober = prober
         self.max_connections = max_connections or connection_cap()
-        self.accept_batch = max(1, min(ACCEPT_BATCH, self.max_connections // ACCEPT_ROUNDS_KEPT))
         self.clock = clock
         self.sel = selectors.DefaultSelector()
         self.waiting: dict[int, _Conn] = {}
@@ -234,7 +243,8 @@ class HealthServer:
         self.closing: dict[int, _Conn] = {}
         self.dropped_at_cap = 0      # connections closed to make room for a newer one
         self._check: tuple[socket.socket, tuple[int, int, int], float] | None = None
-        self._accept_paused_until: float | None = None
+        self._accept_paused_until: float | None = None   # out of descriptors: retry then
+        self.accepting = True           # the listener is registered (see _gate_accepts)
         self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -249,14 +259,21 @@ class HealthServer:
         try:
             while not self._stopping:
                 events = self.sel.select(self._timeout(self.clock()))
+                # Connections first (a head that came is read before any newcomer may push its
+                # connection out), then the listener, the gateway check and the wake-up.
+                others = []
                 for key, _mask in events:
                     data = key.data
                     if type(data) is _Conn:
                         if data.phase is not _CLOSED:   # closed earlier in this round
                             self._on_conn(data)
                     else:
-                        data()
-                self._expire(self.clock())
+                        others.append(data)
+                for callback in others:
+                    callback()
+                now = self.clock()
+                self._expire(now)
+                self._gate_accepts(now)
         finally:
             self.close()
 
@@ -292,6 +309,8 @@ class HealthServer:
             deadlines.append(self._check[2])
         if self._accept_paused_until is not None:
             deadlines.append(self._accept_paused_until)
+        elif not self.accepting and self.waiting:     # at the cap: until one may make room
+            deadlines.append(self._evictable_at(next(iter(self.waiting.values()))))
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
@@ -307,23 +326,60 @@ class HealthServer:
             self._check_done(False)
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._accept_paused_until = None
+
+    def _gate_accepts(self, now: float) -> None:
+        """Listen while a newcomer can be held: below the cap, or at it with a connection that
+        may make room; otherwise newcomers wait in the listen queue, in their order."""
+        waiting = self.waiting
+        want = self._accept_paused_until is None and (
+            self._count() < self.max_connections or bool(self.closing)
+            or (bool(waiting) and self._evictable_at(next(iter(waiting.values()))) <= now))
+        if want is self.accepting:
+            return
+        if want:
             self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
+        else:
+            self.sel.unregister(self.listener)
+        self.accepting = want
 
     # -- connections --
     def _count(self) -> int:
         return len(self.waiting) + len(self.parked) + len(self.closing)
 
-    def _make_room(self) -> bool:
-        """Drop the oldest connection, idle ones (waiting for a head) first. False if none."""
-        for table in (self.waiting, self.closing, self.parked):
-            if table:
-                self._drop(next(iter(table.values())))
-                self.dropped_at_cap += 1
-                return True
-        return False
+    @staticmethod
+    def _evictable_at(conn: _Conn) -> float:
+        """When a connection waiting for its head may be dropped to make room (MIN_HOLD after
+        its accept; its deadline is HEAD_TIMEOUT after it)."""
+        return conn.deadline - HEAD_TIMEOUT + MIN_HOLD
+
+    def _victim(self, now: float) -> _Conn | None:
+        """At the cap: the connection to drop for a newcomer. The oldest one still waiting for
+        its head, once held MIN_HOLD (its socket read once more first: a head that came since
+        the select is answered, not dropped); else the oldest answered one (its answer is in
+        the socket's send buffer, only the lingering is cut short). Parked ones (a probe
+        waiting for the gateway check) are never dropped. None: nothing may go yet, or a read
+        made room."""
+        while self.waiting:
+            conn = next(iter(self.waiting.values()))
+            if self._evictable_at(conn) > now:
+                break
+            self._read_head(conn)
+            if conn.phase is _HEAD:
+                return conn
+            if self._count() < self.max_connections:
+                return None
+        if self.closing:
+            return next(iter(self.closing.values()))
+        return None
 
     def _accept(self) -> None:
-        for _ in range(self.accept_batch):
+        now = self.clock()
+        for _ in range(ACCEPT_BATCH):
+            victim = None
+            if self._count() >= self.max_connections:
+                victim = self._victim(now)
+                if victim is None and self._count() >= self.max_connections:
+                    return      # held at the cap until one may go (see _gate_accepts)
             try:
                 sock, _addr = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -331,12 +387,17 @@ class HealthServer:
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
-                if exc.errno in _ACCEPT_RESOURCE_ERRORS and not self._make_room():
-                    self.sel.unregister(self.listener)
-                    self._accept_paused_until = self.clock() + ACCEPT_RETRY_DELAY
+                if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                    victim = victim or self._victim(now)
+                    if victim is not None:
+                        self._drop(victim)
+                        self.dropped_at_cap += 1
+                    else:
+                        self._accept_paused_until = now + ACCEPT_RETRY_DELAY
                 return
-            if self._count() >= self.max_connections:
-                self._make_room()
+            if victim is not None:      # dropped only now that a newcomer takes its place
+                self._drop(victim)
+                self.dropped_at_cap += 1
             try:
                 sock.setblocking(False)
                 conn = _Conn(sock, self.clock() + HEAD_TIMEOUT)

@@ -420,7 +420,9 @@ def test_at_the_cap_the_oldest_idle_connection_makes_room(inproc):
     try:
         assert wait_for(lambda: len(srv.waiting) == 4)
         t0 = time.monotonic()
-        status, took = timed_probe(port)       # the fifth: the oldest idle one is dropped
+        # the fifth: the oldest idle one is dropped (once held MIN_HOLD, so the probe may wait
+        # that long in the listen queue)
+        status, took = timed_probe(port)
         assert status == 204
         idle[0].settimeout(IO_TIMEOUT)
         try:
@@ -435,6 +437,42 @@ def test_at_the_cap_the_oldest_idle_connection_makes_room(inproc):
             with pytest.raises(BlockingIOError):
                 s.recv(100)
     finally:
+        for s in idle:
+            s.close()
+
+
+def test_at_the_cap_a_young_connection_is_not_pushed_out_by_newer_ones(inproc, monkeypatch):
+    """A probe whose head comes a moment after its connect, while newer connections pile up
+    behind it at the cap: it is held MIN_HOLD whatever comes after it (the newcomers wait in the
+    listen queue), so it is answered; then the oldest idle connections make room."""
+    import health_server
+    monkeypatch.setattr(health_server, "MIN_HOLD", 0.5)   # ample for a loaded test machine
+    port, srv = inproc(4)
+    late = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    idle = []
+    try:
+        assert wait_for(lambda: len(srv.waiting) == 1)
+        t0 = time.monotonic()
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+                for _ in range(12)]
+        # at the cap with only young connections: no more accepted, none dropped
+        assert wait_for(lambda: not srv.accepting)
+        assert len(srv.waiting) == 4 and srv.dropped_at_cap == 0
+        late.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := late.recv(4096):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 204 ")
+        # the queued ones get in: the oldest idle one makes room before its head deadline
+        idle[0].settimeout(IO_TIMEOUT)
+        try:
+            assert idle[0].recv(100) == b""
+        except ConnectionResetError:
+            pass
+        assert srv.dropped_at_cap >= 1
+        assert time.monotonic() - t0 < health_server.HEAD_TIMEOUT
+    finally:
+        late.close()
         for s in idle:
             s.close()
 
