@@ -410,8 +410,8 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
-def setup_logging() -> None:
-    logging.basicConfig(stream=sys.stderr, level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+def setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -473,12 +473,12 @@ async def amain(cfg: config_mod.Config) -> int:
 
 
 def main() -> int:
-    setup_logging()
     try:
         cfg = config_mod.load_config()
     except config_mod.ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    setup_logging(cfg.log_level)
     try:
         return asyncio.run(amain(cfg))
     except keys.KeyFileError as exc:
