@@ -8,7 +8,8 @@
 # `ready` (health 200).
 #
 # State file $RUN_DIR/health (one word, replaced atomically; read by health_server.py and the
-# gateway): starting -> ready -> (starting while restarting) -> failed | stopping.
+# gateway; the contract: scripts/llamagw/backend_state.py): starting -> ready -> (starting while
+# restarting) -> failed | stopping.
 #
 # Restarts. llama-server exiting (or not ready within MODEL_LOAD_TIMEOUT) is a failure: the state
 # goes back to `starting`, so the health server answers 204 — RunPod reads 204 as "initializing"
