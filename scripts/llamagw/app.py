@@ -19,6 +19,7 @@ import sys
 import time
 
 from llamagw import config as config_mod
+from llamagw import errors
 from llamagw.backend_state import TAKES_REQUESTS, BackendState, State
 from llamagw.api import cors
 from llamagw.api import ollama as ollama_api
@@ -33,9 +34,6 @@ from llamagw.observe import metrics as metrics_mod
 
 log = logging.getLogger("gateway")
 
-# Retry-After while llama-server is (re)starting or has failed.
-STARTING_RETRY_AFTER = 5
-FAILED_RETRY_AFTER = 30
 # Listen backlog: bursts of new connections (load tests, many clients at once) queue here.
 LISTEN_BACKLOG = 2048
 # The cyclic garbage collector. asyncio's socket transports were each a reference cycle (one keeps
@@ -57,10 +55,10 @@ def backend_unavailable(state: str) -> GatewayError | None:
     if state in (State.STARTING, State.STOPPING):
         return GatewayError(503, f"The model backend is {state}; retry shortly",
                             "backend_" + state,
-                            headers=[("retry-after", str(STARTING_RETRY_AFTER))])
+                            headers=[("retry-after", str(errors.RETRY_AFTER_STARTING))])
     if state == State.FAILED:
         return GatewayError(503, "The model backend has failed", "backend_failed",
-                            headers=[("retry-after", str(FAILED_RETRY_AFTER))])
+                            headers=[("retry-after", str(errors.RETRY_AFTER_FAILED))])
     return None
 
 
@@ -294,8 +292,8 @@ MAX_LINGERING_REFUSALS = 256
 _REFUSAL_BODY = (b'{"error":{"message":"Too many connections","type":"service_unavailable",'
                  b'"code":"too_many_connections"}}')
 _REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-            b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
-            % len(_REFUSAL_BODY) + _REFUSAL_BODY)
+            b"retry-after: %d\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+            % (errors.RETRY_AFTER_CONNECTIONS, len(_REFUSAL_BODY)) + _REFUSAL_BODY)
 
 
 class _Refuse(asyncio.Protocol):
