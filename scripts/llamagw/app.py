@@ -221,12 +221,7 @@ class Gateway:
         if ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
             self.metrics.add_tokens(ctx.key_id, ctx.prompt_tokens or 0, ctx.completion_tokens or 0)
         if self.access_log is not None:
-            # accesslog.ACCESS_FIELDS, in order
-            self.access_log.write((
-                time.time(), ctx.request_id, ctx.key_id, ctx.client, ctx.method, ctx.path,
-                ctx.status, ctx.bytes_in, ctx.bytes_out, ctx.duration * 1000,
-                None if ttfb is None else ttfb * 1000, ctx.stream, ctx.prompt_tokens,
-                ctx.completion_tokens, ctx.outcome))
+            self.access_log.request(ctx)
 
     def observe_protocol_error(self, peer: str, err: GatewayError) -> None:
         self.metrics.observe_request("-", err.status, "-", 0.0, None)
