@@ -8,7 +8,8 @@
 # `ready` (health 200).
 #
 # State file $RUN_DIR/health (one word, replaced atomically; read by health_server.py and the
-# gateway): starting -> ready -> (starting while restarting) -> failed | stopping.
+# gateway; the contract: scripts/llamagw/backend_state.py): starting -> ready -> (starting while
+# restarting) -> failed | stopping.
 #
 # Restarts. llama-server exiting (or not ready within MODEL_LOAD_TIMEOUT) is a failure: the state
 # goes back to `starting`, so the health server answers 204 — RunPod reads 204 as "initializing"
@@ -24,25 +25,27 @@
 # GRACEFUL_TIMEOUT+2 s), then llama-server (TERM, KILL after LLAMA_STOP_TIMEOUT s), then the health
 # server; exit 0.
 #
-# Environment (defaults in brackets):
-#   DATA_DIR        [/runpod-volume or /workspace when present, else /data] logs, models, keys
-#   RUN_DIR         [/tmp/llama-gguf-inference] per-worker runtime state: state file, pid files.
+# Environment (defaults in brackets; "config" for a setting this script shares with the gateway
+# and the health server, whose default is written in scripts/llamagw/config.py only):
+#   DATA_DIR        [config: /runpod-volume or /workspace when present, else /data] logs, models,
+#                   keys
+#   RUN_DIR         [config] per-worker runtime state: state file, pid files.
 #                   Never under DATA_DIR: on RunPod that is a network volume shared by workers.
 #   MODEL_PATH      a .gguf file; else MODEL_NAME, a file under $DATA_DIR/models
 #   LLAMA_SERVER_BIN  [llama-server on PATH, else next to this script, else /app/llama-server
 #                   (the llama.cpp image keeps it in /app)]
-#   PORT [8000] gateway, PORT_HEALTH [8001] health server, PORT_BACKEND [8080] llama-server
-#   (BACKEND_TRANSPORT=tcp only), HOST [0.0.0.0] where the gateway and the health server listen.
+#   PORT [config] gateway, PORT_HEALTH [config] health server, PORT_BACKEND [config] llama-server
+#   (BACKEND_TRANSPORT=tcp only), HOST [config] where the gateway and the health server listen.
 #   BACKEND_TRANSPORT [unix] how the gateway reaches llama-server: `unix`, a Unix socket at
-#                   BACKEND_SOCKET [$RUN_DIR/llama-server.sock], created 0600: no other user can
-#                   reach llama-server around the gateway's keys, and a send and its receive cost
-#                   a third of loopback TCP's CPU; `tcp`, 127.0.0.1:PORT_BACKEND.
+#                   BACKEND_SOCKET [config: $RUN_DIR/llama-server.sock], created 0600: no other
+#                   user can reach llama-server around the gateway's keys, and a send and its
+#                   receive cost a third of loopback TCP's CPU; `tcp`, 127.0.0.1:PORT_BACKEND.
 #   CTX [16384] context size, NGL [99] layers on the GPU (llama-server runs on the CPU when there is
 #   no GPU), PARALLEL [1] llama-server slots: the context is split between slots, so 1 gives every
 #   request the whole CTX; raise PARALLEL together with CTX for throughput.
 #   EXTRA_ARGS      more llama-server flags, split on whitespace on purpose (no quoting, no globbing)
-#   WORKER_TYPE [instruct] names the server log folder.
-#   MODEL_LOAD_TIMEOUT [600] GRACEFUL_TIMEOUT [30] LLAMA_STOP_TIMEOUT [10]
+#   WORKER_TYPE [config] names the server log folder.
+#   MODEL_LOAD_TIMEOUT [600] GRACEFUL_TIMEOUT [config] LLAMA_STOP_TIMEOUT [10]
 #   RESTART_BACKOFF_INITIAL [1] RESTART_BACKOFF_MAX [30] RESTART_WINDOW [600] (seconds, decimals ok)
 #   MAX_RESTARTS [5]
 #   PYTHON [python3] the interpreter for the health server and the gateway
@@ -56,9 +59,9 @@
 #                   $RUN_DIR/models-preset.ini. CTX, NGL and PARALLEL become its [*] defaults
 #                   (never router flags: those would override every model's own settings).
 #                   llama-server runs with --no-models-autoload: the gateway decides every load.
-# Numbers are checked here (a bad one: FATAL naming the variable, exit 2); the gateway's own
-# settings are checked by scripts/llamagw/config.py in the health server and the gateway (exit 2 as
-# well).
+# Every setting is checked before anything starts (a bad one: FATAL naming the variable, exit 2):
+# this script's own here, all of the gateway's by scripts/llamagw/config.py, asked once (see
+# "configuration" below; the health server and the gateway check them again as they start).
 #
 # Logs, everything also mirrored to stdout for platform log viewers:
 #   $DATA_DIR/logs/_boot/<ts>_boot_<host>.log            this script, health server, gateway
@@ -148,9 +151,9 @@ describe_exit() {  # describe_exit STATUS -> "exit code N" or "signal NAME"
 }
 
 set_state() {  # atomic replace: readers never see an empty or half-written file
-  local tmp="$RUN_DIR/.health.$$"
+  local tmp="${HEALTH_FILE%/*}/.health.$$"
   printf '%s\n' "$1" > "$tmp"
-  mv -f "$tmp" "$RUN_DIR/health"
+  mv -f "$tmp" "$HEALTH_FILE"
   STATE=$1
 }
 
@@ -220,9 +223,10 @@ finish() {  # finish CODE: last words, then exit with no child left behind
   # log line (1 stop in ~40 under load).
   if [[ $BASHPID != "$$" ]]; then exit "$1"; fi
   trap - EXIT
-  stop_pid "$GATEWAY_PID" gateway "$(( ${GRACEFUL_TIMEOUT_MS:-30000} + GATEWAY_KILL_MARGIN_MS ))"
+  # (A pid is set only once the configuration that gives these timeouts has been read.)
+  stop_pid "$GATEWAY_PID" gateway "$(( ${GRACEFUL_TIMEOUT_MS:-0} + GATEWAY_KILL_MARGIN_MS ))"
   GATEWAY_PID=""
-  stop_pid "$LLAMA_PID" llama-server "${LLAMA_STOP_TIMEOUT_MS:-10000}"
+  stop_pid "$LLAMA_PID" llama-server "${LLAMA_STOP_TIMEOUT_MS:-0}"
   LLAMA_PID=""
   # Only a socket our llama-server made: a path we never used may be someone else's.
   if [[ -n $SOCKET_OURS && -S $BACKEND_SOCKET ]]; then rm -f "$BACKEND_SOCKET"; fi
@@ -249,7 +253,7 @@ on_exit() {  # an unexpected error (set -e): don't leave children running
   local rc=$?
   if [[ $BASHPID != "$$" ]]; then exit "$rc"; fi   # a forked child: see finish
   log ERROR "entrypoint aborted ($(describe_exit "$rc"))"
-  if [[ -n ${RUN_DIR:-} && -d ${RUN_DIR:-} ]]; then set_state failed || true; fi
+  if [[ -n ${HEALTH_FILE:-} && -d ${RUN_DIR:-} ]]; then set_state failed || true; fi
   finish "$(( rc == 0 ? 1 : rc ))"
 }
 trap on_exit EXIT
@@ -257,16 +261,33 @@ trap 'STOP_REQUESTED=TERM' TERM
 trap 'STOP_REQUESTED=INT' INT
 
 # ---- configuration ------------------------------------------------------------------------------
-if [[ -z ${DATA_DIR:-} ]]; then
-  DATA_DIR=/data
-  for candidate in /runpod-volume /workspace; do
-    if [[ -d $candidate ]]; then DATA_DIR=$candidate; break; fi
-  done
+# The settings the gateway shares with this script are resolved and checked once, by
+# scripts/llamagw/config.py (the health server and the gateway read the same): every one of its
+# checks runs here, before anything starts, and this script keeps no copy of its defaults. It
+# prints NAME=value lines, or one error=MESSAGE line and exits 2.
+BACKEND_TRANSPORT=${BACKEND_TRANSPORT:-unix}
+case $BACKEND_TRANSPORT in
+  unix|tcp) ;;
+  *) fatal 2 "BACKEND_TRANSPORT must be unix or tcp, got '$BACKEND_TRANSPORT'" ;;
+esac
+settings_rc=0
+# shellcheck disable=SC2016  # Python code, not shell
+settings=$("$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from llamagw import config
+sys.exit(config.print_supervisor_settings(sys.argv[2:]))' "$SCRIPTS" "$BACKEND_TRANSPORT") \
+  || settings_rc=$?
+HEALTH_FILE="" LOGS_DIR=""
+while IFS= read -r line; do
+  case ${line%%=*} in
+    error) fatal 2 "${line#*=}" ;;
+    DATA_DIR|RUN_DIR|LOGS_DIR|HEALTH_FILE|HOST|PORT|PORT_HEALTH|PORT_BACKEND|BACKEND_SOCKET|\
+    WORKER_TYPE|GRACEFUL_TIMEOUT|GRACEFUL_TIMEOUT_MS) printf -v "${line%%=*}" '%s' "${line#*=}" ;;
+  esac
+done <<< "$settings"
+if (( settings_rc != 0 )) || [[ -z $HEALTH_FILE ]]; then
+  fatal 1 "cannot read the configuration with $PYTHON (exit code $settings_rc, see above)"
 fi
-RUN_DIR=${RUN_DIR:-/tmp/llama-gguf-inference}
-WORKER_TYPE=${WORKER_TYPE:-instruct}
-HOST=${HOST:-0.0.0.0}
-export DATA_DIR RUN_DIR WORKER_TYPE HOST
+export DATA_DIR RUN_DIR WORKER_TYPE HOST PORT PORT_HEALTH PORT_BACKEND GRACEFUL_TIMEOUT \
+  BACKEND_TRANSPORT BACKEND_SOCKET
 
 mkdir -p "$RUN_DIR" || fatal 1 "cannot create RUN_DIR $RUN_DIR"
 HOST_TAG=${HOSTNAME:-$(uname -n)}
@@ -274,10 +295,6 @@ HOST_TAG=${HOST_TAG//[!A-Za-z0-9._-]/_}
 printf -v TS '%(%Y%m%d_%H%M%S)T' -1
 
 # Logs: everything this script and its helpers print goes to stdout and to the boot log.
-if [[ ! $WORKER_TYPE =~ ^[A-Za-z0-9._-]{1,64}$ ]]; then
-  fatal 2 "WORKER_TYPE must be 1-64 letters, digits, '.', '_' or '-', got '$WORKER_TYPE'"
-fi
-LOGS_DIR="$DATA_DIR/logs"
 BOOT_DIR="$LOGS_DIR/_boot"
 SERVER_DIR="$LOGS_DIR/llama-$WORKER_TYPE"
 if ! mkdir -p "$BOOT_DIR" "$SERVER_DIR" 2>/dev/null; then
@@ -297,45 +314,29 @@ BOOT_TEE_PID=$!
 
 log INFO "boot on $HOST_TAG: DATA_DIR=$DATA_DIR RUN_DIR=$RUN_DIR boot log $BOOT_LOG"
 
-int_var PORT 8000 1 65535
-int_var PORT_HEALTH 8001 1 65535
-int_var PORT_BACKEND 8080 1 65535
-if (( PORT == PORT_HEALTH || PORT == PORT_BACKEND || PORT_HEALTH == PORT_BACKEND )); then
-  fatal 2 "PORT ($PORT), PORT_HEALTH ($PORT_HEALTH) and PORT_BACKEND ($PORT_BACKEND) must differ"
-fi
+# llama-server's own settings: only this script reads them.
 int_var CTX 16384 1 100000000
 int_var NGL 99 0 100000
 int_var PARALLEL 1 1 4096
 int_var MAX_RESTARTS 5 0 1000000
 secs_var MODEL_LOAD_TIMEOUT 600 1
-secs_var GRACEFUL_TIMEOUT 30 0
 secs_var LLAMA_STOP_TIMEOUT 10 1
 secs_var RESTART_BACKOFF_INITIAL 1 1
 secs_var RESTART_BACKOFF_MAX 30 1
 secs_var RESTART_WINDOW 600 1
-export PORT PORT_HEALTH PORT_BACKEND GRACEFUL_TIMEOUT
-BACKEND_TRANSPORT=${BACKEND_TRANSPORT:-unix}
-case $BACKEND_TRANSPORT in
-  unix)
-    BACKEND_SOCKET=${BACKEND_SOCKET:-$RUN_DIR/llama-server.sock}
-    # llama-server reads --host as a socket path only when it ends in .sock; sun_path holds 107
-    # bytes plus NUL.
-    if [[ $BACKEND_SOCKET != /*.sock ]]; then
-      fatal 2 "BACKEND_SOCKET must be an absolute path ending in .sock, got '$BACKEND_SOCKET'"
-    fi
-    if (( $(LC_ALL=C; printf '%s' "${#BACKEND_SOCKET}") > 107 )); then
-      fatal 2 "BACKEND_SOCKET is longer than 107 bytes (a Unix socket path): $BACKEND_SOCKET"
-    fi
-    if [[ -e $BACKEND_SOCKET && ! -S $BACKEND_SOCKET ]]; then
-      fatal 2 "BACKEND_SOCKET=$BACKEND_SOCKET exists and is not a socket"
-    fi
-    BACKEND_ADDR="unix:$BACKEND_SOCKET" ;;
-  tcp)
-    BACKEND_SOCKET=""
-    BACKEND_ADDR="127.0.0.1:$PORT_BACKEND" ;;
-  *) fatal 2 "BACKEND_TRANSPORT must be unix or tcp, got '$BACKEND_TRANSPORT'" ;;
-esac
-export BACKEND_TRANSPORT BACKEND_SOCKET
+if [[ -n $BACKEND_SOCKET ]]; then
+  # llama-server reads --host as a socket path only when it ends in .sock (config.py has checked
+  # the rest: an absolute path that fits a Unix socket address).
+  if [[ $BACKEND_SOCKET != /*.sock ]]; then
+    fatal 2 "BACKEND_SOCKET must be an absolute path ending in .sock, got '$BACKEND_SOCKET'"
+  fi
+  if [[ -e $BACKEND_SOCKET && ! -S $BACKEND_SOCKET ]]; then
+    fatal 2 "BACKEND_SOCKET=$BACKEND_SOCKET exists and is not a socket"
+  fi
+  BACKEND_ADDR="unix:$BACKEND_SOCKET"
+else
+  BACKEND_ADDR="127.0.0.1:$PORT_BACKEND"
+fi
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 
 case $HOST in  # where to reach our own listeners

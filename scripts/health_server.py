@@ -40,6 +40,7 @@ import sys
 import time
 
 from llamagw import config
+from llamagw.backend_state import read_state
 
 # A probe's request head is ~100 bytes; 8 KiB is the common server default for a request head
 # (nginx large_client_header_buffers, h11) and far more than any probe needs.
@@ -85,27 +86,13 @@ _ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 GATEWAY_CONNECT_TIMEOUT = 0.5
 # Probes may come several times a second; one TCP connect per second at most is plenty.
 GATEWAY_CHECK_TTL = 1.0
-# The state file holds one short word.
-MAX_STATE_BYTES = 64
 # Connections waiting to be accepted; a flood's reconnects come in bursts (all the connections
 # dropped at one head deadline reconnect together), and a full queue drops a probe's SYN (its
 # client resends it 1 s later). The kernel caps it at net.core.somaxconn (4096 by default).
 LISTEN_BACKLOG = 1024
 
-STATES = ("starting", "ready", "failed", "stopping")
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 405: "Method Not Allowed",
            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
-
-
-def read_state(path: str) -> str:
-    """The state word in `path`; `starting` when missing, unreadable or not a known state."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_STATE_BYTES)
-    except OSError:
-        return "starting"
-    word = raw.strip().decode("ascii", "replace")
-    return word if word in STATES else "starting"
 
 
 def probe_address(host: str) -> str:

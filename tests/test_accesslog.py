@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from llamagw.net.connection import RequestContext
 from llamagw.observe import accesslog
 from llamagw.observe.accesslog import ACCESS_FIELDS, AccessLog
 
@@ -196,19 +197,41 @@ def test_lines_reach_the_file_without_close_within_the_flush_interval(tmp_path):
         alog.close()
 
 
-# ---- write(tuple): the gateway's per-request tuple, formatted by one template ----------------
-def request_values(**changes) -> tuple:
+# ---- request(ctx): the gateway's line per request, read from its RequestContext ---------------
+def request_context(**changes) -> tuple[float, RequestContext]:
+    """(wall clock, context) of full_record(0) with `changes` (the line's field names; the
+    durations in ms, as the line has them, kept in seconds by the context)."""
     record = full_record(0)
     record.update(changes)
-    return tuple(record[name] for name in ACCESS_FIELDS)
+    ctx = RequestContext(record["client"], record["method"], record["path"],
+                         record["request_id"])
+    for name in ACCESS_FIELDS[1:]:
+        value = record[name]
+        if name in ("duration_ms", "ttfb_ms"):
+            name = name[:-3]
+            if type(value) in (int, float):
+                value = value / 1000
+        setattr(ctx, name, value)
+    return record["time"], ctx
 
 
-def test_write_tuple_lines_equal_the_dict_path(tmp_path):
+def request_log(path, when: float, **kwargs) -> AccessLog:
+    return AccessLog(str(path), max_bytes=1_000_000, backups=1, clock=lambda: when, **kwargs)
+
+
+def request_values(**changes) -> tuple[float, tuple]:
+    """format_request's arguments: what request() queues."""
+    when, ctx = request_context(**changes)
+    return when, accesslog._context_values(ctx)
+
+
+def test_request_lines_equal_the_dict_path(tmp_path):
     path = tmp_path / "a.log"
-    alog = AccessLog(str(path), max_bytes=1_000_000, backups=1)
-    alog.write(request_values())
-    alog.write(request_values(ttfb_ms=None, prompt_tokens=None, completion_tokens=None,
-                                      stream=False, duration_ms=0.0004))
+    when, ctx = request_context()
+    alog = request_log(path, when)
+    alog.request(ctx)
+    alog.request(request_context(ttfb_ms=None, prompt_tokens=None, completion_tokens=None,
+                                 stream=False, duration_ms=0.0004)[1])
     alog.close()
     lines = read_lines(path)
     assert lines[0] == full_record(0)
@@ -218,8 +241,36 @@ def test_write_tuple_lines_equal_the_dict_path(tmp_path):
     assert alog.written == 2
 
 
+def test_request_line_bytes(tmp_path):
+    """The line, byte for byte: field order, number formats (time to the us, ms to the us)."""
+    path = tmp_path / "a.log"
+    when, ctx = request_context()
+    ctx.duration, ctx.ttfb = 0.0123456, None
+    alog = request_log(path, when)
+    alog.request(ctx)
+    alog.close()
+    assert path.read_bytes() == (
+        b'{"time":1700000000.500000,"request_id":"req-0","key_id":"alice","client":"10.0.0.1",'
+        b'"method":"POST","path":"/v1/chat/completions","status":200,"bytes_in":123,'
+        b'"bytes_out":456,"duration_ms":12.346,"ttfb_ms":null,"stream":true,"prompt_tokens":10,'
+        b'"completion_tokens":20,"outcome":"ok"}\n')
+
+
+def test_request_reads_the_context_when_called(tmp_path):
+    """The context may change (or be reused) once the request is logged: the line keeps what it
+    said then, and nothing is formatted on the caller's side."""
+    path = tmp_path / "a.log"
+    when, ctx = request_context()
+    alog = StalledLog(str(path), max_bytes=1_000_000, backups=1, clock=lambda: when)
+    alog.request(ctx)
+    ctx.status, ctx.outcome, ctx.bytes_out = 500, "error", 0
+    alog.gate.set()
+    alog.close()
+    assert read_lines(path) == [full_record(0)]
+
+
 def test_format_request_escapes_strings_and_strips_the_query():
-    line = accesslog.format_request(request_values(
+    line = accesslog.format_request(*request_values(
         client='1.2.3.4\n{"forged":1}', path="/v1/models?api_key=sk-secret-value-123",
         key_id="k\u00e9y", method="G" * 10_000))
     assert line.endswith("}\n") and line.count("\n") == 1 and line.isascii()
@@ -234,13 +285,13 @@ def test_format_request_memo_keeps_each_field_its_own_rules(monkeypatch):
     """Repeated strings come from a memo: the same text stays whole as a key id and loses its
     query string as a path, however often it repeats; past the memo's bound, still right."""
     for _ in range(3):
-        record = json.loads(accesslog.format_request(request_values(
+        record = json.loads(accesslog.format_request(*request_values(
             key_id="a?b", client="a?b", outcome="a?b", path="a?b")))
         assert (record["key_id"], record["client"], record["outcome"], record["path"]) == \
             ("a?b", "a?b", "a?b", "a")
     monkeypatch.setattr(accesslog, "_QUOTED_MAX", len(accesslog._QUOTED))
     for i in range(3):
-        record = json.loads(accesslog.format_request(request_values(client=f"10.0.0.{i}\n")))
+        record = json.loads(accesslog.format_request(*request_values(client=f"10.0.0.{i}\n")))
         assert record["client"] == f"10.0.0.{i}\n"
     assert "10.0.0.0\n" not in accesslog._QUOTED
 
@@ -250,7 +301,7 @@ def test_format_request_memo_keeps_no_long_strings():
     long paths cannot grow the memo to megabytes."""
     long_path = "/" + "x" * 8000
     for _ in range(2):
-        record = json.loads(accesslog.format_request(request_values(path=long_path)))
+        record = json.loads(accesslog.format_request(*request_values(path=long_path)))
         assert record["path"] == long_path[:accesslog.MAX_VALUE_CHARS]
     assert long_path not in accesslog._QUOTED_PATHS
     assert all(len(k) <= accesslog._QUOTED_MEMO_LEN
@@ -261,12 +312,13 @@ def test_format_request_memo_keeps_no_long_strings():
     {"duration_ms": float("nan")}, {"ttfb_ms": float("inf")}, {"status": "200"},
     {"prompt_tokens": 1.5}, {"stream": 1}, {"time": None}, {"path": None},
 ])
-def test_write_tuple_with_a_bad_value_falls_back_to_the_cleaned_dict(tmp_path, changes):
+def test_request_with_a_bad_value_falls_back_to_the_cleaned_dict(tmp_path, changes):
     with pytest.raises((ValueError, TypeError, AttributeError)):
-        accesslog.format_request(request_values(**changes))
+        accesslog.format_request(*request_values(**changes))
     path = tmp_path / "a.log"
-    alog = AccessLog(str(path), max_bytes=1_000_000, backups=1)
-    alog.write(request_values(**changes))
+    when, ctx = request_context(**changes)
+    alog = request_log(path, when)
+    alog.request(ctx)
     alog.close()
     (record,) = read_lines(path)          # still one valid JSON line
     assert record["request_id"] == "req-0" and alog.write_errors == 0
@@ -279,10 +331,10 @@ def test_write_tuple_with_a_bad_value_falls_back_to_the_cleaned_dict(tmp_path, c
             assert record[name] == value  # kept as given, by json
 
 
-def test_write_tuple_is_bounded_like_write(tmp_path):
+def test_request_is_bounded_like_write(tmp_path):
     alog = StalledLog(str(tmp_path / "a.log"), max_bytes=1_000_000, backups=1, queue_size=2)
     for _ in range(5):
-        alog.write(request_values())
+        alog.request(request_context()[1])
     assert alog.dropped == 3
     alog.gate.set()
     alog.close()

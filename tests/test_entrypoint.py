@@ -201,7 +201,7 @@ def test_missing_llama_server_is_fatal(stack, tmp_path):
 @pytest.mark.parametrize("var,value", [
     ("PORT", "80a"), ("PORT_HEALTH", "70000"), ("PORT_BACKEND", "-1"), ("CTX", "big"),
     ("NGL", "1.5"), ("PARALLEL", "0"), ("MODEL_LOAD_TIMEOUT", "soon"), ("GRACEFUL_TIMEOUT", "-3"),
-    ("MAX_RESTARTS", "x"), ("WORKER_TYPE", "../evil"),
+    ("MAX_RESTARTS", "x"), ("WORKER_TYPE", "../evil"), ("LOG_LEVEL", "loud"),
 ])
 def test_bad_env_exits_2_naming_the_variable(stack, var, value):
     rc, out = stack(**{var: value}).run()
@@ -218,10 +218,12 @@ def test_equal_ports_exit_2(stack):
 
 
 def test_bad_gateway_config_exits_2(stack):
-    # Checked by scripts/llamagw/config.py (health server, gateway), not by the entrypoint itself.
-    rc, out = stack(CLIENT_HEADER_TIMEOUT="never").run()
+    # Checked by scripts/llamagw/config.py, which the entrypoint asks before it starts anything.
+    s = stack(CLIENT_HEADER_TIMEOUT="never")
+    rc, out = s.run()
     assert rc == 2
     assert "CLIENT_HEADER_TIMEOUT" in out
+    assert not (s.run_dir / "health").exists()
 
 
 # ---- the life of a worker -----------------------------------------------------------------------

@@ -19,6 +19,8 @@ import sys
 import time
 
 from llamagw import config as config_mod
+from llamagw import errors
+from llamagw.backend_state import TAKES_REQUESTS, BackendState, State
 from llamagw.api import cors
 from llamagw.api import ollama as ollama_api
 from llamagw.api import ollama_handlers as ollama_routes
@@ -32,14 +34,6 @@ from llamagw.observe import metrics as metrics_mod
 
 log = logging.getLogger("gateway")
 
-# Backend states written by the supervisor (entrypoint.sh) into $RUN_DIR/health.
-BACKEND_STATES = ("starting", "ready", "failed", "stopping")
-# How long a `ready` read from the state file is trusted (seconds): requests share one read.
-# States that refuse requests, and a refused connection, re-read it at once (Gateway).
-STATE_FILE_TTL = 0.5
-# Retry-After while llama-server is (re)starting or has failed.
-STARTING_RETRY_AFTER = 5
-FAILED_RETRY_AFTER = 30
 # Listen backlog: bursts of new connections (load tests, many clients at once) queue here.
 LISTEN_BACKLOG = 2048
 # The cyclic garbage collector. asyncio's socket transports were each a reference cycle (one keeps
@@ -56,45 +50,15 @@ GC_GEN0_THRESHOLD = 10_000
 KEY_POLL_INTERVAL = 1.0
 
 
-class BackendState:
-    """The supervisor's view of llama-server, read from a one-word file. Missing file: 'unknown'
-    (the gateway runs without a supervisor, e.g. in front of a llama-server started by hand)."""
-
-    def __init__(self, path: str, clock=time.monotonic):
-        self.path = path
-        self.clock = clock
-        self._value = "unknown"
-        self._read_at = -1e9
-
-    def get(self) -> str:
-        now = self.clock()
-        if now - self._read_at >= STATE_FILE_TTL:
-            self._read_at = now
-            try:
-                with open(self.path, "rb") as f:
-                    word = f.read(32).strip().decode("ascii", "replace")
-                self._value = word if word in BACKEND_STATES else "starting"
-            except FileNotFoundError:
-                self._value = "unknown"
-            except OSError:
-                self._value = "starting"
-        return self._value
-
-    def refresh(self) -> str:
-        """The state read now, whatever the cached value's age (at most one read per call)."""
-        self._read_at = -1e9
-        return self.get()
-
-
 def backend_unavailable(state: str) -> GatewayError | None:
     """The 503 for a backend state that takes no requests, or None (ready, unknown)."""
-    if state in ("starting", "stopping"):
+    if state in (State.STARTING, State.STOPPING):
         return GatewayError(503, f"The model backend is {state}; retry shortly",
                             "backend_" + state,
-                            headers=[("retry-after", str(STARTING_RETRY_AFTER))])
-    if state == "failed":
+                            headers=[("retry-after", str(errors.RETRY_AFTER_STARTING))])
+    if state == State.FAILED:
         return GatewayError(503, "The model backend has failed", "backend_failed",
-                            headers=[("retry-after", str(FAILED_RETRY_AFTER))])
+                            headers=[("retry-after", str(errors.RETRY_AFTER_FAILED))])
     return None
 
 
@@ -125,7 +89,7 @@ class Gateway:
             self, ollama_routes.ModelCatalog(config.model_path, config.model_name))
         self.metrics.set_gauge_sources(
             queue_depth=lambda: self.admission.slots.waiting,
-            backend_up=lambda: 1 if self.backend.get() in ("ready", "unknown") else 0,
+            backend_up=lambda: 1 if self.backend.get() in TAKES_REQUESTS else 0,
             keys_loaded=lambda: len(self.store) if self.store is not None else 0,
         )
         self.metrics.in_flight = 0
@@ -153,7 +117,7 @@ class Gateway:
         try:
             return self.admission.try_backend_slot()
         except ratelimit.SlotsClosed:
-            raise backend_unavailable("stopping") from None
+            raise backend_unavailable(State.STOPPING) from None
 
     async def backend_slot(self, ctx):
         """Wait in the queue. At shutdown every waiter is answered backend_stopping at once."""
@@ -162,17 +126,15 @@ class Gateway:
         try:
             return await self.admission.backend_slot(ctx)
         except ratelimit.SlotsClosed:
-            raise backend_unavailable("stopping") from None
+            raise backend_unavailable(State.STOPPING) from None
 
     def _check_backend(self) -> None:
-        """503 unless the backend takes requests. A cached `ready` is trusted for
-        STATE_FILE_TTL (a refused connection re-reads it: unreachable()); a refusal is made
-        from the file as it is now, so the first request after the supervisor writes `ready`
-        goes through. That is one small read per refused request, which admission bounds."""
-        state = self.backend.get()
-        if state in ("ready", "unknown"):
+        """503 unless the backend takes requests (BackendState.serving: a refusal is made from
+        the file as it is now; a refused connection re-reads it too: unreachable())."""
+        state = self.backend.serving()
+        if state in TAKES_REQUESTS:
             return
-        err = backend_unavailable(self.backend.refresh())
+        err = backend_unavailable(state)
         if err is not None:
             raise err
 
@@ -180,8 +142,8 @@ class Gateway:
         """The error for a connect to llama-server that failed (proxy.forward).
 
         A refused connection (ECONNREFUSED; ENOENT for a missing Unix socket file) is what a
-        dead llama-server answers, before the supervisor has noticed, or within STATE_FILE_TTL
-        of the `starting` it wrote: the state file is read at once and answered from. A
+        dead llama-server answers, before the supervisor has noticed, or within the state
+        file's TTL of the `starting` it wrote: the state file is read at once and answered from. A
         supervised llama-server that refuses while the file still says `ready` is dead and
         about to be restarted (the supervisor restarts every dead one, or writes `failed`):
         503 backend_starting with its Retry-After, as a moment later, since nothing reached
@@ -189,9 +151,9 @@ class Gateway:
         it: 502 upstream_unavailable, and no Retry-After to promise."""
         state = self.backend.refresh()
         err = backend_unavailable(state)
-        if err is None and state == "ready" and isinstance(
+        if err is None and state == State.READY and isinstance(
                 exc, (ConnectionRefusedError, FileNotFoundError)):
-            err = backend_unavailable("starting")
+            err = backend_unavailable(State.STARTING)
         if err is None:
             err = GatewayError(502, "llama-server is not reachable", "upstream_unavailable")
         return err
@@ -259,12 +221,7 @@ class Gateway:
         if ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
             self.metrics.add_tokens(ctx.key_id, ctx.prompt_tokens or 0, ctx.completion_tokens or 0)
         if self.access_log is not None:
-            # accesslog.ACCESS_FIELDS, in order
-            self.access_log.write((
-                time.time(), ctx.request_id, ctx.key_id, ctx.client, ctx.method, ctx.path,
-                ctx.status, ctx.bytes_in, ctx.bytes_out, ctx.duration * 1000,
-                None if ttfb is None else ttfb * 1000, ctx.stream, ctx.prompt_tokens,
-                ctx.completion_tokens, ctx.outcome))
+            self.access_log.request(ctx)
 
     def observe_protocol_error(self, peer: str, err: GatewayError) -> None:
         self.metrics.observe_request("-", err.status, "-", 0.0, None)
@@ -330,8 +287,8 @@ MAX_LINGERING_REFUSALS = 256
 _REFUSAL_BODY = (b'{"error":{"message":"Too many connections","type":"service_unavailable",'
                  b'"code":"too_many_connections"}}')
 _REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-            b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
-            % len(_REFUSAL_BODY) + _REFUSAL_BODY)
+            b"retry-after: %d\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+            % (errors.RETRY_AFTER_CONNECTIONS, len(_REFUSAL_BODY)) + _REFUSAL_BODY)
 
 
 class _Refuse(asyncio.Protocol):
@@ -410,8 +367,8 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
-def setup_logging() -> None:
-    logging.basicConfig(stream=sys.stderr, level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+def setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -473,12 +430,12 @@ async def amain(cfg: config_mod.Config) -> int:
 
 
 def main() -> int:
-    setup_logging()
     try:
         cfg = config_mod.load_config()
     except config_mod.ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    setup_logging(cfg.log_level)
     try:
         return asyncio.run(amain(cfg))
     except keys.KeyFileError as exc:

@@ -8,6 +8,26 @@ from __future__ import annotations
 
 import json
 
+# ---- Retry-After (whole seconds) ---------------------------------------------------------------
+# Every 503 and 429 the gateway sends says when to come back. The rate limit's and the token
+# budget's are computed from their buckets (limits/ratelimit.py, limits/budget.py); these are the
+# fixed ones, all of them, each with its reason (README "Gateway behaviour" lists them).
+# backend_starting / backend_stopping: llama-server is (re)starting, which takes seconds; a
+# stopping worker is taken off the load balancer, so a retry lands on another one.
+RETRY_AFTER_STARTING = 5
+# backend_failed: the supervisor gave up; the platform replaces the worker, which takes longer.
+RETRY_AFTER_FAILED = 30
+# model_loading: llama-server said "Loading model"; a small model loads in well under a second,
+# a big one in tens of seconds, and each retry waits again.
+RETRY_AFTER_LOADING = 5
+# concurrency_limit_exceeded: a key's slot frees when one of its own requests ends.
+RETRY_AFTER_CONCURRENCY = 1
+# queue_full / queue_timeout: the backend slots were all busy for QUEUE_TIMEOUT (or the queue was
+# full): longer than a per-key wait, shorter than a restart.
+RETRY_AFTER_QUEUE = 2
+# too_many_connections (over MAX_CONNECTIONS): connections close all the time; try again soon.
+RETRY_AFTER_CONNECTIONS = 1
+
 # status -> OpenAI error "type". Reviewed at a glance; anything missing falls back by class.
 ERROR_TYPES: dict[int, str] = {
     400: "invalid_request_error",

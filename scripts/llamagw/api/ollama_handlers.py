@@ -18,6 +18,7 @@ import logging
 import os
 import time
 
+from llamagw import config
 from llamagw.api import ollama as ollama_api
 from llamagw.api.routes import Route
 from llamagw.models import gguf as gguf_meta
@@ -29,8 +30,8 @@ log = logging.getLogger("gateway")
 
 # Non-streamed answers (and upstream error bodies) are collected whole before translation; an
 # embeddings batch is the largest legitimate one (2048 inputs x 4096 floats as JSON ~ 100 MB is
-# far beyond what RunPod carries: 30 MB).
-MAX_COLLECTED_BODY = 30_000_000
+# far beyond what RunPod carries: its payload limit).
+MAX_COLLECTED_BODY = config.PAYLOAD_LIMIT
 
 
 # Handlers that never call llama-server: answered without taking a backend slot.

@@ -12,15 +12,11 @@ import hmac
 import logging
 import time
 
-from llamagw.errors import GatewayError
+from llamagw.errors import RETRY_AFTER_CONCURRENCY, RETRY_AFTER_QUEUE, GatewayError
 from llamagw.limits import keys, ratelimit
 
 log = logging.getLogger("gateway")
 
-# Retry-After for a per-key concurrency refusal: a slot frees when one of the key's own requests ends.
-CONCURRENCY_RETRY_AFTER = 1
-# Retry-After when llama-server's queue is full or the wait timed out.
-QUEUE_RETRY_AFTER = 2
 ANONYMOUS = "anonymous"
 
 
@@ -97,7 +93,7 @@ class Admission:
             self.metrics.inc_rate_limited(key_id)
             raise GatewayError(429, f"Too many concurrent requests for key '{key_id}'",
                                "concurrency_limit_exceeded",
-                               headers=[("retry-after", str(CONCURRENCY_RETRY_AFTER))])
+                               headers=[("retry-after", str(RETRY_AFTER_CONCURRENCY))])
         return Ticket(self.concurrency, key_id)
 
     def check_metrics_key(self, req) -> None:
@@ -135,4 +131,4 @@ class Admission:
 
 def _busy(code: str, why: str) -> GatewayError:
     return GatewayError(503, f"The server is busy ({why}); retry shortly", code,
-                        headers=[("retry-after", str(QUEUE_RETRY_AFTER))])
+                        headers=[("retry-after", str(RETRY_AFTER_QUEUE))])

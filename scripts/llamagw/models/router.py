@@ -45,6 +45,7 @@ import json
 import logging
 from typing import AsyncIterator, Iterable, Protocol
 
+from llamagw.errors import RETRY_AFTER_LOADING
 from llamagw.models import preset
 from llamagw.models.catalog import Catalog, CatalogError, MAX_MODELS_BODY, State
 
@@ -88,9 +89,6 @@ DEFAULT_LOAD_TIMEOUT = 600.0
 DEFAULT_DRAIN_TIMEOUT = 300.0
 # After POST /models/unload, the instance exits within the preset's stop-timeout (killed then).
 UNLOAD_TIMEOUT = preset.ROUTER_STOP_TIMEOUT + 10.0
-# Retry-After (s) for 503 model_loading: a small model loads in well under a second, a big one
-# in tens of seconds; clients retry, and each retry waits up to the load wait again.
-RETRY_AFTER_LOADING = 5
 # After the router said "model limit reached" (its count and ours disagreed for a moment).
 LIMIT_RETRY_DELAY = 0.2
 

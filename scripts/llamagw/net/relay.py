@@ -26,7 +26,7 @@ import json
 import re
 import time
 
-from llamagw.errors import GatewayError, error_body
+from llamagw.errors import RETRY_AFTER_LOADING, GatewayError, error_body
 from llamagw.net.upstream import UpstreamClosed
 from llamagw.wire import http11
 
@@ -41,8 +41,6 @@ RESPONSE_HEADERS = frozenset({"content-type"})
 USAGE_BODY_LIMIT = 256 * 1024
 # Tail of an SSE stream kept to find the last event carrying `usage` (a few events' worth).
 SSE_TAIL_BYTES = 16 * 1024
-# llama-server "Loading model" 503: how long a client should wait before retrying.
-LOADING_RETRY_AFTER = 5
 
 _UPSTREAM_CLOSED_EVENT = (b"data: " + error_body(
     "llama-server closed the stream before it was complete", "upstream_error",
@@ -247,7 +245,7 @@ class Exchange:
         if self.swallow:
             self._finish(exc=GatewayError(
                 503, "The model is still loading; retry shortly", "model_loading",
-                headers=[("retry-after", str(LOADING_RETRY_AFTER))]), pool=True)
+                headers=[("retry-after", str(RETRY_AFTER_LOADING))]), pool=True)
             return
         transform = self.transform
         if transform is not None:
