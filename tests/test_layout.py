@@ -33,7 +33,6 @@ MAX_LINES = 550
 TO_SPLIT = {
     "llamagw/net/connection.py",  # 758 lines at the move: to split
     "llamagw/net/relay.py",  # 567 lines at the move: to split
-    "llamagw/observe/usage.py",  # 811 lines when it joined: to split
 }
 # Run in a fresh interpreter: load a program by path as `python3 scripts/x.py` does (its folder
 # first on sys.path), without running main; print the package's modules it loaded.
