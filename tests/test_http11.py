@@ -12,7 +12,7 @@ import time
 import pytest
 
 from llamagw.errors import ProtocolError
-from llamagw.wire import http11
+from llamagw.wire import grammar, http11, request, response
 from llamagw.wire.http11 import (
     CONTINUE_100, END_OF_MESSAGE, LAST_CHUNK, NEED_DATA, Data, EndOfMessage, Request,
     RequestParser, Response, ResponseParser, chunk, request_head, response_head,
@@ -396,13 +396,13 @@ def test_remembered_name_still_needs_its_colon():
 def test_name_and_host_memos_are_bounded(monkeypatch):
     """Past their bound the memos stop growing; names and hosts are still checked, and
     still parsed, one by one."""
-    monkeypatch.setattr(http11, "_NAMES", {})
-    monkeypatch.setattr(http11, "_GOOD_HOSTS", set())
-    for i in range(http11._NAMES_MAX + 50):
+    monkeypatch.setattr(grammar, "_NAMES", {})
+    monkeypatch.setattr(request, "_GOOD_HOSTS", set())
+    for i in range(grammar._NAMES_MAX + 50):
         r = parse_one(b"GET / HTTP/1.1\r\nHost: h%d\r\nX-N%d: v\r\n\r\n" % (i, i))
         assert r.get("x-n%d" % i) == "v" and r.host == "h%d" % i
-    assert len(http11._NAMES) == http11._NAMES_MAX
-    assert len(http11._GOOD_HOSTS) == http11._GOOD_HOSTS_MAX
+    assert len(grammar._NAMES) == grammar._NAMES_MAX
+    assert len(request._GOOD_HOSTS) == request._GOOD_HOSTS_MAX
     for bad in (b"X(Y): v\r\n", b"X-New\r\n", b"X-New : v\r\n"):
         with pytest.raises(ProtocolError):
             feed_request(req(bad), "whole")
@@ -413,14 +413,14 @@ def test_name_and_host_memos_are_bounded(monkeypatch):
 def test_name_and_host_memos_keep_no_long_values(monkeypatch):
     """A long (valid) name or Host is checked and parsed but not remembered, so clients cannot
     fill the memos with kilobytes per entry."""
-    monkeypatch.setattr(http11, "_NAMES", {})
-    monkeypatch.setattr(http11, "_GOOD_HOSTS", set())
+    monkeypatch.setattr(grammar, "_NAMES", {})
+    monkeypatch.setattr(request, "_GOOD_HOSTS", set())
     name, host = "X" * 5000, "h" * 3000
     r = parse_one(b"GET / HTTP/1.1\r\nHost: %s\r\n%s: v\r\n\r\n" % (host.encode(), name.encode()),
                   max_header_bytes=16384)
     assert r.get(name.lower()) == "v" and r.host == host
-    assert name not in http11._NAMES and host not in http11._GOOD_HOSTS
-    assert "Host" in http11._NAMES
+    assert name not in grammar._NAMES and host not in request._GOOD_HOSTS
+    assert "Host" in grammar._NAMES
 
 
 def test_field_values_keep_inner_whitespace_and_obs_text():
@@ -1010,7 +1010,7 @@ def test_long_request_heads_are_not_remembered():
 def test_response_head_memo_keys_on_method_and_head(monkeypatch):
     """llama-server's heads are shared across connections, per request method: the same head
     answering HEAD has no body. Distinct heads keep their own framing."""
-    monkeypatch.setattr(http11, "_RESPONSE_MEMO", {})
+    monkeypatch.setattr(response, "_RESPONSE_MEMO", {})
     raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n"
     _, a = feed_response(raw + b"{}", "whole", "POST")
     _, b = feed_response(raw + b"{}", "whole", "POST")
@@ -1025,19 +1025,19 @@ def test_response_head_memo_keys_on_method_and_head(monkeypatch):
 
 
 def test_response_head_memo_is_bounded(monkeypatch):
-    monkeypatch.setattr(http11, "_RESPONSE_MEMO", {})
-    for i in range(http11._RESPONSE_MEMO_MAX * 3):
+    monkeypatch.setattr(response, "_RESPONSE_MEMO", {})
+    for i in range(response._RESPONSE_MEMO_MAX * 3):
         body = b"x" * i
         _, events = feed_response(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b"
                                   % (i, body), "whole")
         assert events[0].content_length == i and b"".join(
             e.data for e in events if isinstance(e, Data)) == body
-        assert len(http11._RESPONSE_MEMO) <= http11._RESPONSE_MEMO_MAX
+        assert len(response._RESPONSE_MEMO) <= response._RESPONSE_MEMO_MAX
     # Interim 1xx heads are never remembered (they parse to "skip").
     _, events = feed_response(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
                               "whole")
     assert events[0].status == 204
-    assert all(r is not None for r in http11._RESPONSE_MEMO.values())
+    assert all(r is not None for r in response._RESPONSE_MEMO.values())
 
 
 # ---- take_chunks: whole canonical chunks, as received, in one call ---------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from llamagw.api import ollama as oa
+from llamagw.api import ollama_requests, ollama_stream
 from llamagw.models.gguf import ArraySummary, ModelInfo
 
 DATA = Path(__file__).parent / "data" / "ollama"
@@ -126,7 +127,7 @@ def test_stream_error_line_ends_the_stream():
 
 
 def test_stream_tool_call_arguments_are_bounded(monkeypatch):
-    monkeypatch.setattr(oa, "MAX_TOOL_ARGUMENT_BYTES", 10)
+    monkeypatch.setattr(ollama_stream, "MAX_TOOL_ARGUMENT_BYTES", 10)
     stream = oa.ChatStream("m", "chat", clock_ns=fake_clock(0, 1))
     ev = {"choices": [{"index": 0, "delta": {"tool_calls": [
         {"index": 0, "id": "c", "function": {"name": "f", "arguments": '{"a": "0123456789"}'}}]}}]}
@@ -153,7 +154,7 @@ def test_tool_call_arguments_nested_past_the_stack_are_an_error_not_a_crash():
 
 
 def test_stream_tool_call_count_is_bounded(monkeypatch):
-    monkeypatch.setattr(oa, "MAX_TOOL_CALLS", 2)
+    monkeypatch.setattr(ollama_stream, "MAX_TOOL_CALLS", 2)
     stream = oa.ChatStream("m", "chat", clock_ns=fake_clock(0, 1))
     lines = []
     for i in range(3):
@@ -274,7 +275,7 @@ def test_embed_request_rejects(body, legacy, fragment):
 
 
 def test_embed_request_input_count_is_bounded(monkeypatch):
-    monkeypatch.setattr(oa, "MAX_EMBED_INPUTS", 3)
+    monkeypatch.setattr(ollama_requests, "MAX_EMBED_INPUTS", 3)
     oa.embed_request({"model": "m", "input": ["a"] * 3}, "m")
     with pytest.raises(oa.OllamaError) as exc:
         oa.embed_request({"model": "m", "input": ["a"] * 4}, "m")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from llamagw.observe import usage
+from llamagw.observe import usage, usage_query, usage_schema
 from llamagw.observe.usage import Ledger, UsageRecord
 
 SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
@@ -131,8 +131,9 @@ def test_migrate_is_idempotent_and_stepwise(tmp_path):
 
 def test_a_failing_migration_step_leaves_the_old_version(tmp_path, monkeypatch):
     conn = sqlite3.connect(tmp_path / "x.sqlite", isolation_level=None)
-    monkeypatch.setattr(usage, "MIGRATIONS", usage.MIGRATIONS + (("CREATE TABLE usage (x)",),))
-    monkeypatch.setattr(usage, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(usage_schema, "MIGRATIONS",
+                        usage.MIGRATIONS + (("CREATE TABLE usage (x)",),))
+    monkeypatch.setattr(usage_schema, "SCHEMA_VERSION", 3)
     with pytest.raises(sqlite3.OperationalError):
         usage.migrate(conn)                          # step 3 fails ...
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 2   # ... 1 and 2 stay done
@@ -676,15 +677,15 @@ def test_query_skips_files_not_written_since(tmp_path):
     old = time.time() - 10 * DAY
     os.utime(d / "w1.sqlite", (old, old))
     seen = []
-    orig = usage._read_file
+    orig = usage_query._read_file
     try:
-        usage._read_file = lambda p, *a: seen.append(p) or orig(p, *a)
+        usage_query._read_file = lambda p, *a: seen.append(p) or orig(p, *a)
         usage.query(str(d), since=time.time() - DAY)
         assert seen == []                            # not even opened
         usage.query(str(d), since=old - DAY)
         assert len(seen) == 1
     finally:
-        usage._read_file = orig
+        usage_query._read_file = orig
 
 
 def test_tokens_since_per_key_from_a_file_or_a_folder(two_workers):

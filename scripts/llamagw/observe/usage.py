@@ -59,31 +59,47 @@ chunks, so a large first cleanup never stalls the ledger.
 
 Queries (query, tokens_since, to_csv, parse_time) are synchronous and read files: call them from a
 thread (asyncio.to_thread) in the gateway, never on the event loop.
+
+Layout: this module holds the writer (Ledger) and its limits; observe/usage_schema.py the row,
+the schema, migrations and paths; observe/usage_query.py the readers (query, tokens_since,
+to_csv, parse_time). Their public names are importable from here.
 """
 
 from __future__ import annotations
 
 import collections
-import csv
-import dataclasses
-import datetime as _dt
-import glob
-import io
 import logging
-import math
-import operator
 import os
-import re
-import socket
 import sqlite3
 import threading
 import time
-import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
+
+from llamagw.observe.usage_query import (
+    COUNT_FIELDS, GROUP_FIELD, GROUPS, MAX_QUERY_FILES, MTIME_SLACK_S, QUERY_BUSY_TIMEOUT_S,
+    iso_utc, ledger_files, parse_time, query, to_csv, tokens_since,
+)
+from llamagw.observe.usage_schema import (
+    _DATA_ERRORS, _INSERT, FILE_SUFFIX, MAX_HOST_CHARS, MAX_KEY_ID_CHARS, MAX_MODEL_CHARS,
+    MAX_OUTCOME_CHARS, MAX_REQUEST_ID_CHARS, MAX_ROUTE_CHARS, MIGRATIONS, RECORD_FIELDS,
+    SCHEMA_VERSION, SchemaError, UsageRecord, _rollback, _values, migrate, usage_dir, usage_path,
+)
+
+__all__ = [
+    "Ledger", "FLUSH_INTERVAL_S", "MAX_FLUSH_INTERVAL_S", "MAX_PENDING", "BATCH_ROWS",
+    "RETENTION_DAYS", "RETENTION_INTERVAL_S", "RETENTION_RETRY_S", "RETENTION_CHUNK_ROWS",
+    "BUSY_TIMEOUT_S", "REOPEN_BACKOFF_INITIAL_S", "REOPEN_BACKOFF_MAX_S", "LOG_INTERVAL_S",
+    "JOURNAL_SIZE_LIMIT_BYTES",
+    "COUNT_FIELDS", "GROUP_FIELD", "GROUPS", "MAX_QUERY_FILES", "MTIME_SLACK_S",
+    "QUERY_BUSY_TIMEOUT_S", "iso_utc", "ledger_files", "parse_time", "query", "to_csv",
+    "tokens_since",
+    "FILE_SUFFIX", "MAX_HOST_CHARS", "MAX_KEY_ID_CHARS", "MAX_MODEL_CHARS", "MAX_OUTCOME_CHARS",
+    "MAX_REQUEST_ID_CHARS", "MAX_ROUTE_CHARS", "MIGRATIONS", "RECORD_FIELDS", "SCHEMA_VERSION",
+    "SchemaError", "UsageRecord", "migrate", "usage_dir", "usage_path",
+]
 
 log = logging.getLogger("gateway.usage")
 
-# --- limits, each with its reason ---------------------------------------------------------------
 # The writer wakes this often: the rows of one interval are what kill -9 may lose (the issue
 # allows one second). 0.25 s: four small transactions a second, each a few ms at 2,000 req/s.
 FLUSH_INTERVAL_S = 0.25
@@ -107,8 +123,7 @@ RETENTION_CHUNK_ROWS = 5_000
 # SQLite busy timeout: the writer is the file's only writer, so only a reader's lock (rollback
 # journal) or a checkpoint can make it wait; a query takes milliseconds.
 BUSY_TIMEOUT_S = 2.0
-# Readers wait at most this for a writer's commit (rollback journal) before skipping a file.
-QUERY_BUSY_TIMEOUT_S = 1.0
+
 # After a failed open or write the writer waits before trying the file again: from 1 s doubling
 # to 30 s, so a read-only or full disk costs one failed attempt per 30 s, not 4 per second.
 REOPEN_BACKOFF_INITIAL_S = 1.0
@@ -117,153 +132,6 @@ REOPEN_BACKOFF_MAX_S = 30.0
 LOG_INTERVAL_S = 60.0
 # The -wal file is truncated back to this after a checkpoint (it otherwise keeps its peak size).
 JOURNAL_SIZE_LIMIT_BYTES = 4 << 20
-# Text fields are cut in SQL to these lengths: a request id is <= 128 characters (the gateway's
-# X-Request-Id rule), key ids <= 64 (keys.KEY_ID_RE), the rest is client- or route-chosen text
-# whose length must not be the client's to choose.
-MAX_REQUEST_ID_CHARS = 128
-MAX_KEY_ID_CHARS = 64
-MAX_MODEL_CHARS = 256
-MAX_ROUTE_CHARS = 128
-MAX_OUTCOME_CHARS = 64
-# A query reads at most this many worker files (one per host name that ever ran; files whose
-# last write is older than `since` are skipped without being opened).
-MAX_QUERY_FILES = 4_096
-# A file whose last write is older than `since` by more than this is not opened: its mtime is
-# set by the file server, whose clock may differ from the workers' (network volume).
-MTIME_SLACK_S = 3_600.0
-# Length of a sanitized host name in a file name.
-MAX_HOST_CHARS = 128
-
-FILE_SUFFIX = ".sqlite"
-GROUPS = ("key", "model", "hour", "day")
-COUNT_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "errors")
-# Output field that carries each group's value.
-GROUP_FIELD = {"key": "key_id", "model": "model", "hour": "hour", "day": "day"}
-
-_MS_PER_HOUR = 3_600_000
-_MS_PER_DAY = 86_400_000
-
-
-@dataclasses.dataclass(slots=True)
-class UsageRecord:
-    """One finished keyed request. Build it once, hand it to Ledger.record(), never touch it
-    again. `time` is epoch seconds (time.time()) at the end of the request; *_ms are
-    milliseconds; token counts are None when llama-server did not report them."""
-    time: float
-    request_id: str
-    key_id: str
-    model: str | None
-    route: str
-    status: int
-    outcome: str
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cached_tokens: int | None = None
-    duration_ms: float = 0.0
-    ttfb_ms: float | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-
-
-RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
-# A record's values in RECORD_FIELDS order, in C (the writer thread's per-row cost under the GIL).
-_ROW = operator.attrgetter(*RECORD_FIELDS)
-
-
-def _values(rec) -> tuple:
-    """The row of a UsageRecord, or of a plain tuple of its values in RECORD_FIELDS order (the
-    hot-path form: a 14-field dataclass costs ~0.8 us to build, a tuple ~0.1 us)."""
-    return rec if rec.__class__ is tuple else _ROW(rec)
-
-# --- schema -------------------------------------------------------------------------------------
-# MIGRATIONS[n]: the statements that take a file from user_version n to n + 1. Only add.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    # v1: the table and the time index (retention and every time-bounded query use it).
-    ("""CREATE TABLE usage (
-            id INTEGER PRIMARY KEY,
-            ts_ms INTEGER NOT NULL,
-            request_id TEXT,
-            key_id TEXT NOT NULL,
-            model TEXT,
-            route TEXT,
-            status INTEGER,
-            outcome TEXT,
-            prompt_tokens INTEGER,
-            completion_tokens INTEGER,
-            cached_tokens INTEGER,
-            duration_ms REAL,
-            ttfb_ms REAL,
-            bytes_in INTEGER,
-            bytes_out INTEGER)""",
-     "CREATE INDEX usage_ts ON usage (ts_ms)"),
-    # v2: per-key time index, for the budget seed at start (tokens_since) and ?key_id= queries.
-    # Kept as its own step so the migration path is exercised by every v1 file (and the tests).
-    ("CREATE INDEX usage_key_ts ON usage (key_id, ts_ms)",),
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-_INSERT = (
-    "INSERT INTO usage (ts_ms, request_id, key_id, model, route, status, outcome, prompt_tokens,"
-    " completion_tokens, cached_tokens, duration_ms, ttfb_ms, bytes_in, bytes_out) VALUES ("
-    f"CAST(round(?1 * 1000) AS INTEGER), substr(?2, 1, {MAX_REQUEST_ID_CHARS}),"
-    f" substr(?3, 1, {MAX_KEY_ID_CHARS}), substr(?4, 1, {MAX_MODEL_CHARS}),"
-    f" substr(?5, 1, {MAX_ROUTE_CHARS}), ?6, substr(?7, 1, {MAX_OUTCOME_CHARS}),"
-    " ?8, ?9, ?10, ?11, ?12, ?13, ?14)")
-
-# Errors that mean "this record is malformed" (a caller's bug), not "the disk failed": the batch
-# is retried row by row and only the bad rows are dropped.
-_DATA_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
-                sqlite3.DataError, TypeError, ValueError, OverflowError, AttributeError)
-
-
-class SchemaError(Exception):
-    """The file's schema is newer than this build (or not a usage ledger)."""
-
-
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring `conn`'s file to SCHEMA_VERSION, one transaction per step (the version is read
-    again inside each, under the write lock); return the version. `conn` must be in autocommit
-    mode (isolation_level=None). SchemaError when the file is newer than this build."""
-    while True:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise SchemaError(f"schema version {version} is newer than this build's "
-                                  f"{SCHEMA_VERSION}")
-            if version == SCHEMA_VERSION:
-                conn.execute("COMMIT")
-                return version
-            for statement in MIGRATIONS[version]:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {version + 1:d}")
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    try:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-    except sqlite3.Error:
-        pass
-
-
-# --- paths --------------------------------------------------------------------------------------
-_HOST_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def usage_dir(data_dir: str) -> str:
-    return os.path.join(data_dir, "usage")
-
-
-def usage_path(data_dir: str, host: str | None = None) -> str:
-    """$DATA_DIR/usage/<host>.sqlite, host = this machine's name made file-name safe."""
-    name = _HOST_UNSAFE.sub("_", host if host is not None else socket.gethostname())
-    name = name.strip(".")[:MAX_HOST_CHARS] or "worker"
-    return os.path.join(usage_dir(data_dir), name + FILE_SUFFIX)
 
 
 def _default_connect(path: str) -> sqlite3.Connection:
@@ -271,15 +139,6 @@ def _default_connect(path: str) -> sqlite3.Connection:
                            check_same_thread=False)
 
 
-def _connect_ro(path: str) -> sqlite3.Connection:
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=QUERY_BUSY_TIMEOUT_S, isolation_level=None,
-                           check_same_thread=False)
-    conn.execute("PRAGMA query_only = 1")
-    return conn
-
-
-# --- the ledger ---------------------------------------------------------------------------------
 class Ledger:
     """Batched, bounded, never-blocking usage writer for one file (see the module docstring).
 
@@ -608,204 +467,3 @@ class Ledger:
             except sqlite3.Error:
                 pass                      # a reader holds it: the file stays in WAL, still fine
         self._close_conn()
-
-
-# --- reading: queries across every worker's file ------------------------------------------------
-def ledger_files(path: str, since: float | None = None) -> list[str]:
-    """The ledger files a reader should open: `path` itself when it is a file, else every
-    *.sqlite in that folder, skipping files whose last write (main file or -wal) is older than
-    `since` by MTIME_SLACK_S (they cannot hold a later row). At most MAX_QUERY_FILES (the most
-    recently written), in name order."""
-    if os.path.isfile(path):
-        return [path]
-    found = []
-    for name in glob.glob(os.path.join(glob.escape(path), "*" + FILE_SUFFIX)):
-        try:
-            mtime = os.stat(name).st_mtime
-        except OSError:
-            continue
-        try:
-            mtime = max(mtime, os.stat(name + "-wal").st_mtime)
-        except OSError:
-            pass
-        if since is not None and mtime < since - MTIME_SLACK_S:
-            continue
-        found.append((mtime, name))
-    found.sort(reverse=True)
-    if len(found) > MAX_QUERY_FILES:
-        log.warning("usage: %d ledger files in %s; reading the %d most recent", len(found), path,
-                    MAX_QUERY_FILES)
-    return sorted(name for _, name in found[:MAX_QUERY_FILES])
-
-
-def _where(since: float | None, until: float | None, key_id: str | None,
-           model: str | None) -> tuple[str, list]:
-    clauses, args = [], []
-    if since is not None:
-        clauses.append("ts_ms >= ?")
-        args.append(int(math.floor(since * 1000)))
-    if until is not None:
-        clauses.append("ts_ms < ?")
-        args.append(int(math.floor(until * 1000)))
-    if key_id is not None:
-        clauses.append("key_id = ?")
-        args.append(key_id)
-    if model is not None:
-        clauses.append("model = ?")
-        args.append(model)
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
-
-
-_GROUP_SQL = {
-    "key": "key_id",
-    "model": "COALESCE(model, '')",
-    "hour": f"(ts_ms / {_MS_PER_HOUR}) * {_MS_PER_HOUR}",
-    "day": f"(ts_ms / {_MS_PER_DAY}) * {_MS_PER_DAY}",
-}
-
-
-def _read_file(path: str, sql: str, args: list,
-               on_skip: Callable[[str, Exception], None] | None) -> list[tuple]:
-    try:
-        conn = _connect_ro(path)
-    except sqlite3.Error as exc:
-        _skipped(path, exc, on_skip)
-        return []
-    try:
-        if conn.execute("PRAGMA user_version").fetchone()[0] < 1:
-            return []                     # created but never migrated: nothing in it
-        return conn.execute(sql, args).fetchall()
-    except sqlite3.Error as exc:
-        _skipped(path, exc, on_skip)
-        return []
-    finally:
-        conn.close()
-
-
-def _skipped(path: str, exc: Exception, on_skip) -> None:
-    log.warning("usage: skipped %s: %s", path, exc)
-    if on_skip is not None:
-        on_skip(path, exc)
-
-
-def iso_utc(epoch_s: float) -> str:
-    """2026-05-09T13:00:00Z (whole seconds; milliseconds when there are any)."""
-    when = _dt.datetime.fromtimestamp(epoch_s, _dt.timezone.utc)
-    text = when.isoformat(timespec="milliseconds" if when.microsecond else "seconds")
-    return text.replace("+00:00", "Z")
-
-
-def query(usage_dir: str, *, since: float | None = None, until: float | None = None,
-          group: str = "key", key_id: str | None = None, model: str | None = None,
-          on_skip: Callable[[str, Exception], None] | None = None) -> list[dict]:
-    """Usage per group, added up over every worker's file under `usage_dir` (or one file).
-
-    since / until: epoch seconds, [since, until). group: key | model | hour | day. Each row:
-    the group's field (key_id, model, hour as ISO-8601 UTC, day as YYYY-MM-DD) then requests,
-    prompt_tokens, completion_tokens, errors (status >= 400, or an outcome other than "ok":
-    cut streams, timeouts). Ordered by the group's value. A file that cannot be read is skipped
-    (logged, and on_skip(path, exc))."""
-    if group not in GROUPS:
-        raise ValueError(f"group must be one of {', '.join(GROUPS)}")
-    where, args = _where(since, until, key_id, model)
-    sql = (f"SELECT {_GROUP_SQL[group]} AS g, COUNT(*), COALESCE(SUM(prompt_tokens), 0),"
-           " COALESCE(SUM(completion_tokens), 0),"
-           " SUM(CASE WHEN status >= 400 OR outcome IS NOT 'ok' THEN 1 ELSE 0 END)"
-           f" FROM usage{where} GROUP BY g")
-    totals: dict = {}
-    for path in ledger_files(usage_dir, since):
-        for g, requests, prompt, completion, errors in _read_file(path, sql, args, on_skip):
-            acc = totals.get(g)
-            if acc is None:
-                totals[g] = [requests, prompt, completion, errors]
-            else:
-                acc[0] += requests
-                acc[1] += prompt
-                acc[2] += completion
-                acc[3] += errors
-    field = GROUP_FIELD[group]
-    rows = []
-    for g in sorted(totals, key=lambda v: (v is None, v)):
-        if group == "hour":
-            value = iso_utc(g / 1000)
-        elif group == "day":
-            value = iso_utc(g / 1000)[:10]
-        else:
-            value = g
-        requests, prompt, completion, errors = totals[g]
-        rows.append({field: value, "requests": int(requests), "prompt_tokens": int(prompt),
-                     "completion_tokens": int(completion), "errors": int(errors)})
-    return rows
-
-
-def tokens_since(path: str, since: float, until: float | None = None,
-                 on_skip: Callable[[str, Exception], None] | None = None) -> dict[str, int]:
-    """{key_id: prompt + completion tokens} of rows in [since, until), from one ledger file or
-    every file in a folder. At start: seed a TokenBudget with this worker's own file since the
-    UTC day began (TokenBudget.day_start()) -- the budget is per worker, so its own file."""
-    where, args = _where(since, until, None, None)
-    sql = ("SELECT key_id, COALESCE(SUM(prompt_tokens), 0) + COALESCE(SUM(completion_tokens), 0)"
-           f" FROM usage{where} GROUP BY key_id")
-    out: dict[str, int] = {}
-    for name in ledger_files(path, since):
-        for key_id, tokens in _read_file(name, sql, args, on_skip):
-            out[key_id] = out.get(key_id, 0) + int(tokens)
-    return out
-
-
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def to_csv(rows: Iterable[Mapping], group: str | None = None) -> str:
-    """query() rows as CSV (RFC 4180, CRLF), header first. `group` names the columns when there
-    are no rows. A text cell that a spreadsheet would run as a formula (=, +, -, @ first: a model
-    name is the client's text) is prefixed with a single quote."""
-    rows = list(rows)
-    if rows:
-        columns = list(rows[0].keys())
-    elif group is not None:
-        columns = [GROUP_FIELD[group], *COUNT_FIELDS]
-    else:
-        columns = list(COUNT_FIELDS)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\r\n")
-    writer.writerow(columns)
-    for row in rows:
-        out = []
-        for name in columns:
-            value = row.get(name)
-            if isinstance(value, str) and value.startswith(_FORMULA_START):
-                value = "'" + value
-            out.append("" if value is None else value)
-        writer.writerow(out)
-    return buf.getvalue()
-
-
-_RELATIVE = re.compile(r"([0-9]{1,9})([smhdw])")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-
-
-def parse_time(text: str, *, now: float | None = None) -> float:
-    """Epoch seconds from a query parameter or CLI flag: "7d" / "24h" / "30m" / "90s" / "2w"
-    (that long before `now`), epoch seconds ("1715260800"), an ISO date ("2026-05-09", UTC
-    midnight) or date-time ("2026-05-09T13:00:00Z"; no zone means UTC). ValueError otherwise."""
-    text = text.strip()
-    match = _RELATIVE.fullmatch(text)
-    if match:
-        base = time.time() if now is None else now
-        return base - int(match.group(1)) * _UNIT_S[match.group(2)]
-    try:
-        value = float(text)
-    except ValueError:
-        pass
-    else:
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"not a time: {text!r}")
-        return value
-    try:
-        when = _dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"not a time: {text!r} (use 7d, 24h, an epoch or ISO-8601)") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=_dt.timezone.utc)
-    return when.timestamp()
