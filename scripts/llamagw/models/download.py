@@ -299,6 +299,27 @@ def progress_line(name: str, total: int | None, done: int, rate: float) -> str:
     return f"{name}: {100 * done / total:.1f}% of {mb(total)}, {speed}, ETA {eta}"
 
 
+@dataclasses.dataclass
+class _Transfer:
+    """The partial file being written: its descriptor, bytes written (`have`), their sha256 state,
+    and the file's size once known. Kept across tries, updated in place: a try that fails half-way
+    leaves it exact."""
+
+    fd: int
+    have: int
+    hasher: "hashlib._Hash"
+    total: int | None
+
+    def restart(self) -> None:
+        os.ftruncate(self.fd, 0)
+        self.have, self.hasher = 0, hashlib.sha256()
+
+    def append(self, block: bytes) -> None:
+        _write_all(self.fd, block, self.have)
+        self.hasher.update(block)
+        self.have += len(block)
+
+
 def download_file(url: str, dest: Path, *, sha256: str | None = None, size: int | None = None,
                   auth: Auth | None = None, max_bytes: int | None = None,
                   progress: Progress | None = None, log: Log | None = None,
@@ -318,62 +339,34 @@ def download_file(url: str, dest: Path, *, sha256: str | None = None, size: int 
     part = partial_path(dest)
     meter = _Meter(dest.name, progress, log, log_every)
     sha256 = sha256.lower() if sha256 else None
-    total = size
-    if total is not None and max_bytes is not None and total > max_bytes:
-        raise DownloadError(f"{dest.name}: {total} bytes, more than the {max_bytes} allowed")
+    if size is not None and max_bytes is not None and size > max_bytes:
+        raise DownloadError(f"{dest.name}: {size} bytes, more than the {max_bytes} allowed")
     fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        have = os.fstat(fd).st_size
-        if total is not None and have > total:
-            os.ftruncate(fd, 0)
-            have = 0
-        if have:
-            meter(total, have, STATUS_HASHING)
+        t = _Transfer(fd, os.fstat(fd).st_size, hashlib.sha256(), size)
+        if size is not None and t.have > size:
+            t.restart()
+        if t.have:
+            meter(size, t.have, STATUS_HASHING)
             if log:
-                log(f"{dest.name}: resuming at {mb(have)} of {mb(total) if total else '?'}")
-            hasher = sha256_file(part, upto=have, cancelled=cancelled)
-        else:
-            hasher = hashlib.sha256()
-        if total is not None:
-            check_disk(dest.parent, total - have, disk_margin)
-        failures, disk_checked = 0, total is not None
-        while True:
-            before = have
-            try:
-                have, hasher, total, complete = _one_try(
-                    url, fd, have, hasher, total, auth, meter, cancelled, deadline, max_bytes)
-                if complete:
-                    break
-                raise DownloadError(f"GET {shown(url)}: connection closed at {mb(have)} of "
-                                    f"{mb(total) if total else '?'}", retryable=True)
-            except DownloadError as exc:
-                if isinstance(exc, DownloadCancelled) or not exc.retryable:
-                    raise
-                if total is not None and not disk_checked:
-                    check_disk(dest.parent, total - have, disk_margin)
-                    disk_checked = True
-                failures = 1 if have > before else failures + 1
-                if failures >= attempts:
-                    raise DownloadError(f"{exc} (gave up after {failures} tries in a row "
-                                        f"without progress)", retryable=True) from None
-                delay = retry_delay(failures, exc.retry_after, backoff)
-                if deadline is not None and time.monotonic() + delay > deadline:
-                    raise DownloadError(f"{exc} (no time left to retry)", retryable=True) from None
-                if log:
-                    log(f"{dest.name}: {exc}; retrying in {delay:g} s (at {mb(have)})")
-                meter(total, have, STATUS_RETRYING)
-                _sleep(delay, cancelled)
-        if total is not None and have != total:
-            os.ftruncate(fd, 0)
-            raise DownloadError(f"{dest.name}: got {have} bytes, expected {total}")
-        meter(total, have, STATUS_VERIFYING)
-        got = hasher.hexdigest()
+                log(f"{dest.name}: resuming at {mb(t.have)} of {mb(size) if size else '?'}")
+            t.hasher = sha256_file(part, upto=t.have, cancelled=cancelled)
+        if size is not None:
+            check_disk(dest.parent, size - t.have, disk_margin)
+        _transfer(url, t, auth=auth, meter=meter, log=log, cancelled=cancelled,
+                  deadline=deadline, max_bytes=max_bytes, attempts=attempts, backoff=backoff,
+                  disk_margin=disk_margin, folder=dest.parent)
+        if t.total is not None and t.have != t.total:
+            t.restart()
+            raise DownloadError(f"{dest.name}: got {t.have} bytes, expected {t.total}")
+        meter(t.total, t.have, STATUS_VERIFYING)
+        got = t.hasher.hexdigest()
         if sha256 and got != sha256:
-            os.ftruncate(fd, 0)
+            t.restart()
             raise DownloadError(f"{dest.name}: sha256 {got}, expected {sha256} "
                                 f"(the download is discarded)")
         os.fsync(fd)
-        result = Downloaded(dest, have, got)
+        result = Downloaded(dest, t.have, got)
         if on_verified:
             on_verified(result)
     except BaseException:
@@ -385,8 +378,38 @@ def download_file(url: str, dest: Path, *, sha256: str | None = None, size: int 
     os.close(fd)
     os.replace(part, dest)
     _fsync_dir(dest.parent)
-    meter(total, have, STATUS_DONE)
+    meter(result.size, result.size, STATUS_DONE)
     return result
+
+
+def _transfer(url: str, t: _Transfer, *, auth, meter, log, cancelled, deadline, max_bytes,
+              attempts, backoff, disk_margin, folder: Path) -> None:
+    """Tries until t holds the whole file, with backoff between tries."""
+    failures, disk_checked = 0, t.total is not None
+    while True:
+        before = t.have
+        try:
+            if _one_try(url, t, auth, meter, cancelled, deadline, max_bytes):
+                return
+            raise DownloadError(f"GET {shown(url)}: connection closed at {mb(t.have)} of "
+                                f"{mb(t.total) if t.total else '?'}", retryable=True)
+        except DownloadError as exc:
+            if isinstance(exc, DownloadCancelled) or not exc.retryable:
+                raise
+            if t.total is not None and not disk_checked:
+                check_disk(folder, t.total - t.have, disk_margin)
+                disk_checked = True
+            failures = 1 if t.have > before else failures + 1
+            if failures >= attempts:
+                raise DownloadError(f"{exc} (gave up after {failures} tries in a row "
+                                    f"without progress)", retryable=True) from None
+            delay = retry_delay(failures, exc.retry_after, backoff)
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise DownloadError(f"{exc} (no time left to retry)", retryable=True) from None
+            if log:
+                log(f"{meter.name}: {exc}; retrying in {delay:g} s (at {mb(t.have)})")
+            meter(t.total, t.have, STATUS_RETRYING)
+            _sleep(delay, cancelled)
 
 
 def save_verified(body: bytes, dest: Path, sha256: str | None = None) -> Downloaded:
@@ -411,20 +434,22 @@ def _sleep(delay: float, cancelled) -> None:
         time.sleep(min(left, 0.2))
 
 
-def _one_try(url, fd, have, hasher, total, auth, meter, cancelled, deadline, max_bytes):
-    """One GET from `have` on; (have, hasher, total, complete)."""
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    meter(total, have, STATUS_CONNECTING)
+def _one_try(url: str, t: _Transfer, auth, meter, cancelled, deadline, max_bytes) -> bool:
+    """One GET from t.have on; whether t now holds the whole file."""
+    headers = {"Range": f"bytes={t.have}-"} if t.have else {}
+    meter(t.total, t.have, STATUS_CONNECTING)
     try:
         resp = open_url(url, headers, auth=auth)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416:                   # nothing from `have` on: complete, or not ours
+        if exc.code == 416:                   # nothing from t.have on: complete, or not ours
             _, known = _content_range(exc.headers.get("Content-Range"))
             exc.close()
-            if known is not None and known == have and (total is None or total == have):
-                return have, hasher, known, True
-            os.ftruncate(fd, 0)
-            raise DownloadError(f"GET {shown(url)}: HTTP 416 at byte {have} (the file is "
+            if known is not None and known == t.have and t.total in (None, known):
+                t.total = known
+                return True
+            at = t.have
+            t.restart()
+            raise DownloadError(f"GET {shown(url)}: HTTP 416 at byte {at} (the file is "
                                 f"{known if known is not None else '?'} bytes): starting over",
                                 retryable=True) from None
         err = describe(exc, url)
@@ -435,52 +460,49 @@ def _one_try(url, fd, have, hasher, total, auth, meter, cancelled, deadline, max
     with resp:
         if resp.status == 206:
             first, whole = _content_range(resp.headers.get("Content-Range"))
-            if first != have:
-                os.ftruncate(fd, 0)
-                raise DownloadError(f"GET {shown(url)}: asked for byte {have}, got a range from "
+            if first != t.have:
+                at = t.have
+                t.restart()
+                raise DownloadError(f"GET {shown(url)}: asked for byte {at}, got a range from "
                                     f"{first}: starting over", retryable=True)
         elif resp.status == 200:
-            if have:                           # the server ignored Range: start over
-                os.ftruncate(fd, 0)
-                have, hasher = 0, hashlib.sha256()
+            if t.have:                         # the server ignored Range: start over
+                t.restart()
             length = resp.headers.get("Content-Length")
             whole = int(length) if length and length.isdigit() else None
         else:
-            raise DownloadError(f"GET {shown(url)}: HTTP {resp.status}", retryable=False)
+            raise DownloadError(f"GET {shown(url)}: HTTP {resp.status}", status=resp.status)
         if whole is not None:
-            if total is not None and whole != total:
-                os.ftruncate(fd, 0)
+            if t.total is not None and whole != t.total:
+                t.restart()
                 raise DownloadError(f"GET {shown(url)}: the file is {whole} bytes, expected "
-                                    f"{total}")
-            total = whole
-        if total is not None and max_bytes is not None and total > max_bytes:
-            raise DownloadError(f"GET {shown(url)}: {total} bytes, more than {max_bytes}")
-        meter(total, have, STATUS_DOWNLOADING)
+                                    f"{t.total}")
+            t.total = whole
+        if t.total is not None and max_bytes is not None and t.total > max_bytes:
+            raise DownloadError(f"GET {shown(url)}: {t.total} bytes, more than {max_bytes}")
+        meter(t.total, t.have, STATUS_DOWNLOADING)
         while True:
             if cancelled and cancelled():
-                raise DownloadCancelled(f"GET {shown(url)}: cancelled at {mb(have)}")
+                raise DownloadCancelled(f"GET {shown(url)}: cancelled at {mb(t.have)}")
             if deadline is not None and time.monotonic() > deadline:
                 raise DownloadError(f"GET {shown(url)}: not done by the deadline "
-                                    f"({mb(have)} of {mb(total) if total else '?'})")
+                                    f"({mb(t.have)} of {mb(t.total) if t.total else '?'})")
             try:
-                block = resp.read1(CHUNK_BYTES) if hasattr(resp, "read1") else \
-                    resp.read(CHUNK_BYTES)
+                block = resp.read1(CHUNK_BYTES)
             except (OSError, http.client.HTTPException) as exc:
-                raise DownloadError(f"GET {shown(url)}: {type(exc).__name__} at {mb(have)}",
+                raise DownloadError(f"GET {shown(url)}: {type(exc).__name__} at {mb(t.have)}",
                                     retryable=True) from None
             if not block:
                 break
-            if max_bytes is not None and have + len(block) > max_bytes:
-                os.ftruncate(fd, 0)
+            if max_bytes is not None and t.have + len(block) > max_bytes:
+                t.restart()
                 raise DownloadError(f"GET {shown(url)}: more than {max_bytes} bytes")
-            if total is not None and have + len(block) > total:
-                os.ftruncate(fd, 0)
-                raise DownloadError(f"GET {shown(url)}: more bytes than the {total} announced")
-            _write_all(fd, block, have)
-            hasher.update(block)
-            have += len(block)
-            meter(total, have, STATUS_DOWNLOADING)
-    return have, hasher, total, total is None or have == total
+            if t.total is not None and t.have + len(block) > t.total:
+                t.restart()
+                raise DownloadError(f"GET {shown(url)}: more bytes than the {t.total} announced")
+            t.append(block)
+            meter(t.total, t.have, STATUS_DOWNLOADING)
+    return t.total is None or t.have == t.total
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:
