@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         log("ERROR", f"{args.dir}: {exc}")
         return 1
     for path in paths:
-        print(path.resolve())
+        print(path.absolute())
     return 0
 
 

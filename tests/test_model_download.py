@@ -242,6 +242,15 @@ def test_not_enough_disk_space_fails_before_any_byte(h, tmp_path):
     assert h.cdn_gets == 0 and not (tmp_path / ".m-Q4_K_M.gguf.partial").exists()
 
 
+def test_a_size_learnt_from_the_answer_is_checked_against_the_free_space(h, tmp_path):
+    h.files["plain.gguf"] = DATA
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    with pytest.raises(DownloadError, match="not enough disk space"):
+        fetch.ensure(source(h, f"{h.cdn}/files/plain.gguf"), tmp_path,
+                     disk_margin=free - len(DATA) // 2, **FAST)
+    assert not list(tmp_path.glob("*.partial"))        # stopped before writing a byte
+
+
 def test_progress_reports_total_completed_and_status(h, tmp_path):
     seen = []
     h.faults = ["cut"]
@@ -257,10 +266,13 @@ def test_progress_reports_total_completed_and_status(h, tmp_path):
 
 def test_a_cancel_stops_within_a_chunk_and_the_next_try_resumes(h, tmp_path):
     h.rate = 4e6                                          # 0.5 s for the file
-    stop = threading.Event()
-    threading.Timer(0.15, stop.set).start()
+    partial = tmp_path / ".m-Q4_K_M.gguf.partial"
+
+    def stop() -> bool:                                   # asked between chunks
+        return partial.exists() and partial.stat().st_size >= 100_000
+
     with pytest.raises(DownloadCancelled):
-        fetch.ensure(source(h), tmp_path, cancelled=stop.is_set, **FAST)
+        fetch.ensure(source(h), tmp_path, cancelled=stop, **FAST)
     have = (tmp_path / ".m-Q4_K_M.gguf.partial").stat().st_size
     assert 0 < have < len(DATA)
     assert not (tmp_path / ".m-Q4_K_M.gguf.lock").exists()

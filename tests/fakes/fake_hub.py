@@ -63,7 +63,8 @@ class FakeHub:
         for role in ("hub", "cdn"):
             server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, role))
             server.daemon_threads = True
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                             daemon=True).start()
             self._servers.append(server)
         return self
 

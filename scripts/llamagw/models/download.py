@@ -309,6 +309,15 @@ class _Transfer:
     have: int
     hasher: "hashlib._Hash"
     total: int | None
+    folder: Path
+    disk_margin: int
+    disk_checked: bool = False
+
+    def check_room(self) -> None:
+        """Once the size is known, before the bytes come: is there room for the rest?"""
+        if self.total is not None and not self.disk_checked:
+            check_disk(self.folder, self.total - self.have, self.disk_margin)
+            self.disk_checked = True
 
     def restart(self) -> None:
         os.ftruncate(self.fd, 0)
@@ -343,7 +352,7 @@ def download_file(url: str, dest: Path, *, sha256: str | None = None, size: int 
         raise DownloadError(f"{dest.name}: {size} bytes, more than the {max_bytes} allowed")
     fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        t = _Transfer(fd, os.fstat(fd).st_size, hashlib.sha256(), size)
+        t = _Transfer(fd, os.fstat(fd).st_size, hashlib.sha256(), size, dest.parent, disk_margin)
         if size is not None and t.have > size:
             t.restart()
         if t.have:
@@ -351,11 +360,9 @@ def download_file(url: str, dest: Path, *, sha256: str | None = None, size: int 
             if log:
                 log(f"{dest.name}: resuming at {mb(t.have)} of {mb(size) if size else '?'}")
             t.hasher = sha256_file(part, upto=t.have, cancelled=cancelled)
-        if size is not None:
-            check_disk(dest.parent, size - t.have, disk_margin)
+        t.check_room()
         _transfer(url, t, auth=auth, meter=meter, log=log, cancelled=cancelled,
-                  deadline=deadline, max_bytes=max_bytes, attempts=attempts, backoff=backoff,
-                  disk_margin=disk_margin, folder=dest.parent)
+                  deadline=deadline, max_bytes=max_bytes, attempts=attempts, backoff=backoff)
         if t.total is not None and t.have != t.total:
             t.restart()
             raise DownloadError(f"{dest.name}: got {t.have} bytes, expected {t.total}")
@@ -383,9 +390,9 @@ def download_file(url: str, dest: Path, *, sha256: str | None = None, size: int 
 
 
 def _transfer(url: str, t: _Transfer, *, auth, meter, log, cancelled, deadline, max_bytes,
-              attempts, backoff, disk_margin, folder: Path) -> None:
+              attempts, backoff) -> None:
     """Tries until t holds the whole file, with backoff between tries."""
-    failures, disk_checked = 0, t.total is not None
+    failures = 0
     while True:
         before = t.have
         try:
@@ -396,9 +403,6 @@ def _transfer(url: str, t: _Transfer, *, auth, meter, log, cancelled, deadline, 
         except DownloadError as exc:
             if isinstance(exc, DownloadCancelled) or not exc.retryable:
                 raise
-            if t.total is not None and not disk_checked:
-                check_disk(folder, t.total - t.have, disk_margin)
-                disk_checked = True
             failures = 1 if t.have > before else failures + 1
             if failures >= attempts:
                 raise DownloadError(f"{exc} (gave up after {failures} tries in a row "
@@ -480,6 +484,7 @@ def _one_try(url: str, t: _Transfer, auth, meter, cancelled, deadline, max_bytes
             t.total = whole
         if t.total is not None and max_bytes is not None and t.total > max_bytes:
             raise DownloadError(f"GET {shown(url)}: {t.total} bytes, more than {max_bytes}")
+        t.check_room()
         meter(t.total, t.have, STATUS_DOWNLOADING)
         while True:
             if cancelled and cancelled():

@@ -60,7 +60,7 @@ def write_record(dest: Path, source: hub.Source, *, complete: bool, size: int | 
     doc = {"source": source.spec.shown, "file": dest.name, "size": size, "sha256": sha256,
            "complete": complete, "host": fetchlock.host_id()[0], "time": round(time.time())}
     path = record_path(dest)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{doc['host']}.{os.getpid()}.tmp")  # unique on a shared volume
     tmp.write_text(json.dumps(doc) + "\n")
     os.replace(tmp, path)
 
