@@ -712,29 +712,37 @@ supervise() {  # returns when llama-server dies; LOAD_FAILURE says why
 }
 
 # ---- models by URL (issue 30): downloaded while the health server answers 204 --------------------
-FETCH_POLL_INTERVAL=0.1   # s between "is the download done" checks (adds at most this to a boot)
 fetch_models() {  # download FETCH_SPECS into FETCH_DIR, then set MODEL or generate the preset
   [[ -n $FETCH_SPECS ]] || return 0
-  local out="$RUN_DIR/fetched-models" rc pid
+  local out="$RUN_DIR/fetched-models" rc pid which
   log INFO "downloading $FETCH_SHOWN into $FETCH_DIR (health 204 meanwhile)"
   "$PYTHON" "$SCRIPTS/fetch_model.py" --dir "$FETCH_DIR" "${FETCH_ARGS[@]}" "$FETCH_SPECS" \
     > "$out" 3>&- &
   pid=$!
-  while kill -0 "$pid" 2>/dev/null; do
+  while :; do  # until the download ends; a signal or the health server's exit wakes us
+    which="" rc=0
+    wait -n -p which "$pid" ${HEALTH_PID:+"$HEALTH_PID"} 2>/dev/null || rc=$?
+    which=${which:-}  # wait -p leaves it unset when a signal cut the wait short
+    if [[ $which == "$pid" ]]; then break; fi
     if [[ -n $STOP_REQUESTED ]]; then  # the partial download is kept: the next boot resumes it
       stop_pid "$pid" "model download" "$HELPER_STOP_TIMEOUT_MS"
       check_stop
     fi
-    check_helpers
-    nap "$FETCH_POLL_INTERVAL"
+    if [[ -n $which ]]; then  # the health server (wait consumed its status): as in supervise
+      HEALTH_PID=""
+      record_failure HEALTH_FAILS "health server" "exited ($(describe_exit "$rc"))"
+      backoff; check_stop; start_health
+    elif ! kill -0 "$pid" 2>/dev/null; then  # gone before wait -n saw it: collect its status
+      reap "$pid"; rc=$LAST_EXIT
+      break
+    fi
   done
-  reap "$pid"; rc=$LAST_EXIT
   check_stop
   if (( rc != 0 )); then
     set_state failed
     log ERROR "model download failed ($(describe_exit "$rc"), reason above): health 503 for $DOWNLOAD_FAIL_HOLD s, then exit"
     now_ms; local until=$(( NOW_MS + DOWNLOAD_FAIL_HOLD_MS ))
-    while (( NOW_MS < until )); do check_stop; nap "$FETCH_POLL_INTERVAL"; now_ms; done
+    while (( NOW_MS < until )); do check_stop; nap 0.1; now_ms; done
     check_stop
     fatal "$(( rc == 2 ? 2 : 1 ))" "model download failed: $FETCH_SHOWN"
   fi

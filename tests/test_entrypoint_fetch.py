@@ -5,6 +5,8 @@ good, and the downloaded file handed to the (fake) llama-server."""
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import time
 
 import pytest
@@ -135,6 +137,12 @@ def test_sigterm_during_the_download_exits_0_and_keeps_the_partial_file(stack, h
     end = time.monotonic() + BOOT_DEADLINE
     while not (partial.exists() and partial.stat().st_size) and time.monotonic() < end:
         time.sleep(0.05)
+    # the health server dies meanwhile: restarted at once, the download goes on
+    hs = s.pid_of("health_server")
+    os.kill(hs, signal.SIGKILL)
+    s.wait_health(204, deadline=5)
+    assert s.pid_of("health_server") != hs
+    assert "health server: exited (signal KILL)" in s.output()
     t = time.monotonic()
     assert s.stop() == 0
     assert time.monotonic() - t < 5
