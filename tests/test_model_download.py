@@ -325,8 +325,13 @@ def test_without_a_digest_a_hand_placed_file_is_taken_and_a_changed_url_download
 
 
 # ---- locks -----------------------------------------------------------------------------------
-def test_a_waiter_takes_the_file_another_worker_downloads(h, tmp_path):
+def test_a_waiter_takes_the_file_another_worker_downloads(h, tmp_path, monkeypatch):
     src = source(h)
+    (tmp_path / src.filename).write_bytes(bytes(len(DATA)))   # wrong: the other one replaces it
+    hashed = []
+    real_hash = download.sha256_file
+    monkeypatch.setattr(download, "sha256_file", lambda p, **kw: hashed.append(p) or
+                        real_hash(p, **kw))
     lock = fetchlock.DownloadLock(fetch.lock_path(tmp_path / src.filename), heartbeat_s=0.05)
     assert lock.acquire()
 
@@ -345,6 +350,8 @@ def test_a_waiter_takes_the_file_another_worker_downloads(h, tmp_path):
     t.join()
     assert path.read_bytes() == DATA and h.cdn_gets == 1
     assert any(f"{socket.gethostname()} pid {os.getpid()} is downloading it" in x for x in logs)
+    assert hashed == [tmp_path / src.filename]              # the wrong file: hashed once
+    assert sum("downloading it again" in x for x in logs) == 1
 
 
 def test_a_dead_holders_lock_on_this_host_is_taken_over_at_once(h, tmp_path):

@@ -29,6 +29,7 @@ import hashlib
 import http.client
 import os
 import shutil
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -168,7 +169,11 @@ def describe(exc: BaseException, url: str) -> DownloadError:
                              retryable=exc.code in RETRY_STATUSES, status=exc.code,
                              retry_after=exc.headers.get("Retry-After") if exc.headers else None)
     if isinstance(exc, urllib.error.URLError):
-        return DownloadError(f"GET {shown(url)}: {exc.reason}", retryable=True)
+        # a certificate that does not verify will not verify on the next try either
+        lasting = isinstance(exc.reason, ssl.SSLCertVerificationError)
+        return DownloadError(f"GET {shown(url)}: {exc.reason}", retryable=not lasting)
+    if isinstance(exc, ValueError):                     # a malformed URL
+        return DownloadError(f"GET {shown(url)}: {exc}")
     return DownloadError(f"GET {shown(url)}: {type(exc).__name__}: {exc}", retryable=True)
 
 
@@ -196,19 +201,20 @@ def retry_delay(failures: int, retry_after: str | None = None,
 
 def with_retries(what: Callable[[], bytes], *, attempts: int = MAX_ATTEMPTS,
                  backoff: float = BACKOFF_INITIAL_S, log: Log | None = None,
-                 deadline: float | None = None) -> bytes:
+                 deadline: float | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> bytes:
     """what() until it succeeds, raises a non-retryable DownloadError, or attempts run out."""
     for n in range(1, attempts + 1):
         try:
             return what()
         except DownloadError as exc:
-            delay = retry_delay(n, initial=backoff)
+            delay = retry_delay(n, exc.retry_after, backoff)
             late = deadline is not None and time.monotonic() + delay > deadline
             if not exc.retryable or n == attempts or late:
                 raise
             if log:
                 log(f"{exc}; try {n + 1} of {attempts} in {delay:g} s")
-            time.sleep(delay)
+            _sleep(delay, cancelled)
     raise AssertionError("unreachable")
 
 
@@ -275,10 +281,10 @@ class _Meter:
         self.t_cb = self.t_log = time.monotonic()
         self.done_at_log = 0
 
-    def __call__(self, total: int | None, done: int, status: str, force: bool = False) -> None:
+    def __call__(self, total: int | None, done: int, status: str) -> None:
         now = time.monotonic()
         changed = status != self.status
-        if self.progress and (changed or force or now - self.t_cb >= PROGRESS_CALLBACK_S):
+        if self.progress and (changed or now - self.t_cb >= PROGRESS_CALLBACK_S):
             self.progress(total, done, status)
             self.t_cb = now
         self.status = status

@@ -72,13 +72,27 @@ def _same_source(rec: dict, source: hub.Source) -> bool:
 
 
 def present(dest: Path, source: hub.Source, *, log: Log | None = None,
-            progress: Progress | None = None, cancelled=None) -> bool:
-    """Whether dest is there and verified (see the module doc); False means: download it."""
+            progress: Progress | None = None, cancelled=None,
+            rejected: set | None = None) -> bool:
+    """Whether dest is there and verified (see the module doc); False means: download it.
+
+    rejected: the identities (inode, size, mtime) of files found wrong, not looked at again (a
+    waiter asks every second while someone replaces a wrong file: no re-hashing, no re-logging).
+    """
     try:
-        size = dest.stat().st_size
+        st = dest.stat()
     except FileNotFoundError:
         return False
-    say = log or (lambda _msg: None)
+    size, ident = st.st_size, (st.st_ino, st.st_size, st.st_mtime_ns)
+    if rejected is not None and ident in rejected:
+        return False
+    ok = _verified(dest, size, source, log or (lambda _msg: None), progress, cancelled)
+    if not ok and rejected is not None:
+        rejected.add(ident)
+    return ok
+
+
+def _verified(dest: Path, size: int, source: hub.Source, say: Log, progress, cancelled) -> bool:
     if source.size is not None and size != source.size:
         say(f"{dest.name}: {size} bytes, the source has {source.size}: downloading it again")
         return False
@@ -150,9 +164,10 @@ def ensure(source: hub.Source, folder: Path, *, progress: Progress | None = None
     dest = folder / source.filename
     lock = fetchlock.DownloadLock(lock_path(dest), heartbeat_s=heartbeat)
     watch = fetchlock.LockWatch(lock.path, stale_after=stale_after)
-    said_wait = 0.0
+    said_wait, rejected = 0.0, set()
     while True:
-        if present(dest, source, log=log, progress=progress, cancelled=cancelled):
+        if present(dest, source, log=log, progress=progress, cancelled=cancelled,
+                   rejected=rejected):
             return dest
         if not source.url:
             raise DownloadError(f"{dest.name}: not in {folder} and the hub cannot be reached")
@@ -162,7 +177,7 @@ def ensure(source: hub.Source, folder: Path, *, progress: Progress | None = None
             raise DownloadError(f"{dest.name}: not there by the deadline")
         if lock.acquire():
             try:
-                if present(dest, source, log=log):      # finished while we looked elsewhere
+                if present(dest, source, rejected=rejected):  # done while we looked away
                     return dest
                 return _download(source, dest, lock, progress=progress, log=log,
                                  log_every=log_every, cancelled=cancelled, deadline=deadline,
