@@ -65,6 +65,7 @@ def test_parse_accepts_the_three_forms(text, kind, name):
 
 @pytest.mark.parametrize("text,why", [
     ("ftp://host/m.gguf", "a model URL is http(s)://"),
+    ("s3://bucket/m.gguf?X-Amz-Signature=secret", "'s3://bucket/m.gguf': a model URL is"),
     ("https://host/dl?id=7", "cannot be the local file name"),
     ("https://host/m.gguf#name=../x.gguf", "cannot be the local file name"),
     ("https://host/m.gguf#sha256=xyz", "unknown or malformed option"),

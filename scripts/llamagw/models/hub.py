@@ -102,13 +102,18 @@ def _options(fragment: str, text: str) -> tuple[str | None, str | None]:
     return sha, name
 
 
+def _safe(text: str) -> str:
+    """Some of a refused spec, for the error: no query string (it may carry a signature)."""
+    return text.partition("#")[0].partition("?")[0][:80]
+
+
 def parse(text: str) -> Spec:
     """One spec, checked without the network. Raises SourceError."""
     text = text.strip()
     if not text:
         raise SourceError("an empty model URL")
     if len(text) > MAX_SPEC_LEN or any(ord(c) < 0x21 or c == "\x7f" for c in text):
-        raise SourceError(f"{text[:60]!r}: longer than {MAX_SPEC_LEN} or holds spaces or "
+        raise SourceError(f"{_safe(text)!r}: longer than {MAX_SPEC_LEN} or holds spaces or "
                           f"control characters")
     main, _, fragment = text.partition("#")
     sha, name = _options(fragment, download.shown(main) if "://" in main else main)
@@ -122,7 +127,7 @@ def parse(text: str) -> Spec:
             name = check_filename(last, download.shown(main))
         return Spec(text, "url", url=main, sha256=sha, name=name)
     if scheme != "hf":
-        raise SourceError(f"{text.partition('#')[0][:80]!r}: a model URL is http(s)://..., "
+        raise SourceError(f"{_safe(main)!r}: a model URL is http(s)://..., "
                           f"hf://OWNER/REPO/FILE.gguf or hf://OWNER/REPO:QUANT")
     rest = main[len("hf://"):]
     owner, _, rest = rest.partition("/")
