@@ -86,6 +86,21 @@ def test_a_model_already_downloaded_is_used_without_the_hub(stack, hub, tmp_path
     assert s.stop() == 0
 
 
+def test_model_path_says_where_a_plain_url_goes(stack, hub, tmp_path):
+    hub.files["tiny.gguf"] = MODEL
+    target = tmp_path / "elsewhere" / "custom.gguf"
+    s = url_stack(stack, hub, MODEL_URL=f"{hub.cdn}/files/tiny.gguf?sig=abc",
+                  MODEL_PATH=str(target), MODEL_SHA256=hashlib.sha256(MODEL).hexdigest())
+    s.start()
+    s.wait_health(200)
+    assert target.read_bytes() == MODEL
+    args = llama_args(s)
+    assert args[args.index("-m") + 1] == str(target)
+    assert args[args.index("--alias") + 1] == "custom"
+    assert "sig=abc" not in s.output()
+    assert s.stop() == 0
+
+
 def test_a_failed_download_answers_503_then_exits_1(stack, hub):
     hub.add("acme/tiny-GGUF", "tiny-Q4_K_M.gguf", MODEL)
     hub.faults = ["wrong"]                                 # the CDN sends the wrong bytes
@@ -119,6 +134,8 @@ def test_a_url_naming_nothing_usable_exits_2(stack, hub):
     ({"MODEL_URL": "https://host/m.gguf", "MODEL_SHA256": "abc"}, "not 64 hex digits"),
     ({"MODEL_SHA256": "0" * 64}, "MODEL_SHA256 goes with MODEL_URL"),
     ({"MODELS_URLS": "https://host/m.gguf"}, "MODELS_URLS needs MODELS_DIR"),
+    ({"MODELS_DIR": "/nonexistent", "MODEL_URL": "https://h/m.gguf"}, "MODEL_URL is for one model"),
+    ({"MODEL_URL": "https://h/m.gguf", "MODEL_NAME": "../m.gguf"}, "cannot be the local file name"),
     ({"DOWNLOAD_FAIL_HOLD": "x", "MODEL_URL": "https://h/m.gguf"}, "DOWNLOAD_FAIL_HOLD must be"),
 ])
 def test_bad_download_settings_exit_2_before_starting(stack, hub, env, message):
