@@ -362,7 +362,7 @@ if [[ -n ${MODEL_URL:-} ]]; then
   if [[ -n ${MODELS_DIR:-} ]]; then
     fatal 2 "MODEL_URL is for one model; in router mode (MODELS_DIR) list URLs in MODELS_URLS"
   fi
-  FETCH_SPECS=$MODEL_URL FETCH_DIR="$DATA_DIR/models"
+  FETCH_SPECS=$MODEL_URL FETCH_DIR="$DATA_DIR/models" FETCH_ARGS=(--one)  # commas and all
   if [[ -n ${MODEL_PATH:-} ]]; then  # the download goes there
     FETCH_DIR=$(dirname -- "$MODEL_PATH")
     FETCH_ARGS+=(--name "$(basename -- "$MODEL_PATH")")

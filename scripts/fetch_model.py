@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Download models named by URL or hub name into a folder, once, before llama-server starts.
 
-    python3 scripts/fetch_model.py --dir DIR [--name FILE.gguf] [--sha256 HEX] SPEC
+    python3 scripts/fetch_model.py --dir DIR [--name FILE.gguf] [--sha256 HEX] --one SPEC
     python3 scripts/fetch_model.py --dir DIR SPEC,SPEC,...        (MODELS_URLS: several models)
     python3 scripts/fetch_model.py --check SPEC,SPEC,...          (no network: is it well formed?)
 
@@ -78,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, help="where the models go")
     p.add_argument("--name", help="the local file name (one SPEC only)")
     p.add_argument("--sha256", help="the expected sha256 (one SPEC only)")
+    p.add_argument("--one", action="store_true",
+                   help="SPECS is a single SPEC, commas included (MODEL_URL)")
     p.add_argument("--check", action="store_true", help="check the SPECs without the network")
     p.add_argument("--timeout", type=float, default=DEADLINE_S, help="seconds for everything")
     p.add_argument("--progress-every", type=float, default=5.0, help="seconds between lines")
     args = p.parse_args(argv)
     try:
-        specs = hub.parse_list(args.specs)
+        specs = [hub.parse(args.specs)] if args.one else hub.parse_list(args.specs)
         if (args.name or args.sha256) and len(specs) != 1:
             raise hub.SourceError("--name and --sha256 go with a single SPEC")
         if args.name or args.sha256:

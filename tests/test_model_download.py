@@ -437,6 +437,8 @@ def test_cli_exit_codes_and_check(h, tmp_path):
     assert proc.returncode == 2 and "needs a QUANT" in proc.stderr
     proc = run_cli("--check", "--sha256", "0" * 64, "https://a/m.gguf,https://b/n.gguf")
     assert proc.returncode == 2 and "single SPEC" in proc.stderr
+    proc = run_cli("--check", "--one", "https://a/dl?x=1,2#name=m.gguf")
+    assert (proc.returncode, proc.stdout) == (0, "https://a/dl\n")
     proc = run_cli("--dir", str(tmp_path), "hf://acme/m-GGUF:gguf", env=env)
     assert proc.returncode == 2 and "3 .gguf files hold" not in proc.stderr \
         and "2 .gguf files hold 'gguf'" in proc.stderr
