@@ -59,6 +59,14 @@
 #                   $RUN_DIR/models-preset.ini. CTX, NGL and PARALLEL become its [*] defaults
 #                   (never router flags: those would override every model's own settings).
 #                   llama-server runs with --no-models-autoload: the gateway decides every load.
+#   Models by URL (scripts/fetch_model.py; downloaded after the health server starts, so the
+#   probe answers 204 meanwhile; a failed download: state `failed`, health 503 for
+#   DOWNLOAD_FAIL_HOLD [10] s, exit 1, or 2 when the URL names nothing usable):
+#   MODEL_URL       http(s)://.../NAME.gguf, hf://OWNER/REPO/PATH.gguf or hf://OWNER/REPO:QUANT,
+#                   downloaded into $DATA_DIR/models (as MODEL_NAME, or to MODEL_PATH, when set)
+#   MODEL_SHA256    its expected sha256 (hf:// files are checked against the hub's digest anyway)
+#   MODELS_URLS     router mode: comma-separated, downloaded into MODELS_DIR before the preset
+#   HF_ENDPOINT [https://huggingface.co] HF_TOKEN (sent to HF_ENDPOINT's host only, never logged)
 # Every setting is checked before anything starts (a bad one: FATAL naming the variable, exit 2):
 # this script's own here, all of the gateway's by scripts/llamagw/config.py, asked once (see
 # "configuration" below; the health server and the gateway check them again as they start).
@@ -345,6 +353,34 @@ case $HOST in  # where to reach our own listeners
   *) LOCAL_ADDR=$HOST ;;
 esac
 
+# ---- models by URL (issue 30): checked here, downloaded at boot by fetch_models ----------------
+FETCH_SPECS="" FETCH_DIR="" FETCH_SHOWN="" FETCH_ARGS=()
+if [[ -n ${MODELS_URLS:-} ]]; then
+  if [[ -z ${MODELS_DIR:-} ]]; then fatal 2 "MODELS_URLS needs MODELS_DIR (router mode)"; fi
+  FETCH_SPECS=$MODELS_URLS FETCH_DIR=$MODELS_DIR
+fi
+if [[ -n ${MODEL_URL:-} ]]; then
+  if [[ -n ${MODELS_DIR:-} ]]; then
+    fatal 2 "MODEL_URL is for one model; in router mode (MODELS_DIR) list URLs in MODELS_URLS"
+  fi
+  FETCH_SPECS=$MODEL_URL FETCH_DIR="$DATA_DIR/models" FETCH_ARGS=(--one)  # commas and all
+  if [[ -n ${MODEL_PATH:-} ]]; then  # the download goes there
+    FETCH_DIR=$(dirname -- "$MODEL_PATH")
+    FETCH_ARGS+=(--name "$(basename -- "$MODEL_PATH")")
+  elif [[ -n ${MODEL_NAME:-} ]]; then
+    FETCH_ARGS+=(--name "$MODEL_NAME")
+  fi
+  if [[ -n ${MODEL_SHA256:-} ]]; then FETCH_ARGS+=(--sha256 "$MODEL_SHA256"); fi
+elif [[ -n ${MODEL_SHA256:-} ]]; then
+  fatal 2 "MODEL_SHA256 goes with MODEL_URL (a download), which is not set"
+fi
+secs_var DOWNLOAD_FAIL_HOLD 10 0
+if [[ -n $FETCH_SPECS ]]; then
+  FETCH_SHOWN=$("$PYTHON" "$SCRIPTS/fetch_model.py" --check "${FETCH_ARGS[@]}" "$FETCH_SPECS") \
+    || fatal 2 "MODEL_URL / MODELS_URLS / MODEL_SHA256 invalid (see above)"
+fi
+# ---- end of models by URL -----------------------------------------------------------------------
+
 # Router mode: the model list is checked (and llama-server's preset generated) before anything
 # starts; a bad MODELS_DIR, MODELS_PRESET or MODELS_PRELOAD is exit 2.
 ROUTER_MODE="" ROUTER_PRESET="" ROUTER_WAIT="" ROUTER_LOAD=""
@@ -354,6 +390,9 @@ if [[ -n ${MODELS_DIR:-} ]]; then
   if [[ -z ${MODELS_PRESET+x} && -f $DATA_DIR/models.ini ]]; then
     MODELS_PRESET=$DATA_DIR/models.ini
   fi
+  # The preset generator (body left unindented: unchanged): run now, or with MODELS_URLS once
+  # they are downloaded (fetch_models, at boot).
+  router_preset() {
   ROUTER_PRESET="$RUN_DIR/models-preset.ini"
   gen_args=(--models-dir "$MODELS_DIR" --out "$ROUTER_PRESET" --max "$MODELS_MAX"
     --ctx "$CTX" --ngl "$NGL" --parallel "$PARALLEL")
@@ -386,7 +425,15 @@ if [[ -n ${MODELS_DIR:-} ]]; then
   export MODELS_PRESET_FILE=$ROUTER_PRESET
   unset MODEL_NAME MODEL_PATH MODEL_ALIAS
   MODEL="$MODELS_DIR (router mode, MODELS_MAX=$MODELS_MAX, preload: ${ROUTER_WAIT:-none})"
-# The model: checked before anything starts.
+  }
+  if [[ -z $FETCH_SPECS ]]; then
+    router_preset
+  else
+    MODEL="$MODELS_DIR (router mode, MODELS_MAX=$MODELS_MAX; MODELS_URLS downloaded first)"
+  fi
+# The model: checked before anything starts (a MODEL_URL one: once downloaded, fetch_models).
+elif [[ -n $FETCH_SPECS ]]; then
+  MODEL="$FETCH_SHOWN (downloaded at boot into $FETCH_DIR)"
 elif [[ -n ${MODEL_PATH:-} ]]; then
   MODEL=$MODEL_PATH
   WHAT="MODEL_PATH=$MODEL_PATH"
@@ -396,7 +443,7 @@ elif [[ -n ${MODEL_NAME:-} ]]; then
 else
   fatal 1 "no model: set MODEL_PATH to a .gguf file or MODEL_NAME to a file in $DATA_DIR/models"
 fi
-if [[ -z $ROUTER_MODE ]]; then
+if [[ -z $ROUTER_MODE && -z $FETCH_SPECS ]]; then
   if [[ ! -f $MODEL || ! -r $MODEL ]]; then
     fatal 1 "model not found or not readable: $MODEL ($WHAT)"
   fi
@@ -665,6 +712,56 @@ supervise() {  # returns when llama-server dies; LOAD_FAILURE says why
   done
 }
 
+# ---- models by URL (issue 30): downloaded while the health server answers 204 --------------------
+fetch_models() {  # download FETCH_SPECS into FETCH_DIR, then set MODEL or generate the preset
+  [[ -n $FETCH_SPECS ]] || return 0
+  local out="$RUN_DIR/fetched-models" rc pid which
+  log INFO "downloading $FETCH_SHOWN into $FETCH_DIR (health 204 meanwhile)"
+  "$PYTHON" "$SCRIPTS/fetch_model.py" --dir "$FETCH_DIR" "${FETCH_ARGS[@]}" "$FETCH_SPECS" \
+    > "$out" 3>&- &
+  pid=$!
+  while :; do  # until the download ends; a signal or the health server's exit wakes us
+    which="" rc=0
+    wait -n -p which "$pid" ${HEALTH_PID:+"$HEALTH_PID"} 2>/dev/null || rc=$?
+    which=${which:-}  # wait -p leaves it unset when a signal cut the wait short
+    if [[ $which == "$pid" ]]; then break; fi
+    if [[ -n $STOP_REQUESTED ]]; then  # the partial download is kept: the next boot resumes it
+      stop_pid "$pid" "model download" "$HELPER_STOP_TIMEOUT_MS"
+      check_stop
+    fi
+    if [[ -n $which ]]; then  # the health server (wait consumed its status): as in supervise
+      HEALTH_PID=""
+      record_failure HEALTH_FAILS "health server" "exited ($(describe_exit "$rc"))"
+      backoff; check_stop; start_health
+    elif ! kill -0 "$pid" 2>/dev/null; then  # gone before wait -n saw it: collect its status
+      reap "$pid"; rc=$LAST_EXIT
+      break
+    fi
+  done
+  check_stop
+  if (( rc != 0 )); then
+    set_state failed
+    log ERROR "model download failed ($(describe_exit "$rc"), reason above): health 503 for $DOWNLOAD_FAIL_HOLD s, then exit"
+    now_ms; local until=$(( NOW_MS + DOWNLOAD_FAIL_HOLD_MS ))
+    while (( NOW_MS < until )); do check_stop; nap 0.1; now_ms; done
+    check_stop
+    fatal "$(( rc == 2 ? 2 : 1 ))" "model download failed: $FETCH_SHOWN"
+  fi
+  if [[ -n $ROUTER_MODE ]]; then
+    router_preset
+    log INFO "models downloaded; router mode: $MODEL"
+  else
+    MODEL=$(head -n 1 "$out")
+    [[ -f $MODEL && -r $MODEL ]] || fatal 1 "the downloaded model is not readable: '$MODEL'"
+    export MODEL_NAME="${MODEL_NAME:-$(basename "$MODEL")}"
+    export MODEL_PATH="$MODEL"
+    MODEL_ALIAS="${MODEL_ALIAS:-$(basename "$MODEL" .gguf)}"
+    log INFO "model ready: $MODEL"
+  fi
+  rm -f "$out"
+}
+# ---- end of models by URL -----------------------------------------------------------------------
+
 # ---- boot ---------------------------------------------------------------------------------------
 set_state starting
 start_health
@@ -677,6 +774,7 @@ if ! wait_port "$HEALTH_PID" "health server" "$PORT_HEALTH" "$HEALTH_START_TIMEO
   fatal 1 "health server not accepting on port $PORT_HEALTH"
 fi
 log INFO "health server up (pid $HEALTH_PID) on $HOST:$PORT_HEALTH: 204 while starting"
+fetch_models  # models by URL (issue 30): before the gateway, which reads the model settings
 start_gateway
 
 while :; do

