@@ -121,8 +121,8 @@ class Gateway:
         self.backend_hostport = ("localhost" if config.backend_socket
                                  else f"{config.backend_host}:{config.port_backend}")
         self.listeners: list[fastio.Listener] = []
-        self.ollama = ollama_routes.OllamaAPI(
-            self, ollama_routes.ModelCatalog(config.model_path, config.model_name))
+        self.catalog = ollama_routes.ModelCatalog(config.model_path, config.model_name)
+        self.ollama = ollama_routes.OllamaAPI(self, self.catalog)
         self.metrics.set_gauge_sources(
             queue_depth=lambda: self.admission.slots.waiting,
             backend_up=lambda: 1 if self.backend.get() in ("ready", "unknown") else 0,
@@ -200,23 +200,14 @@ class Gateway:
         """Answered by the gateway itself, without a llama-server slot."""
         return route.kind == "local" or (route.kind == "ollama" and self.ollama.is_local(route))
 
-    async def dispatch(self, client, ctx, req, route, body: bytes, fresh: bool = False) -> None:
-        try:
-            if route.kind == "proxy":
-                await proxy.forward(self, client, ctx, req, route, body, fresh=fresh)
-            else:
-                try:
-                    await self.ollama.handle(self, client, ctx, req, route, body)
-                except ollama_api.OllamaError as err:
-                    raise GatewayError(err.status, err.message, "ollama_error") from None
-        except GatewayError as err:
-            self.upstream_failed(err, ctx)
-            raise
-
-    def upstream_failed(self, err: GatewayError, ctx) -> None:
-        """Mark a request that llama-server failed (502 / 504); observe() counts it."""
-        if err.status in (502, 504):
-            ctx.upstream_error = err.code
+    async def dispatch(self, call) -> None:
+        if call.route.kind == "proxy":
+            await proxy.forward(call)
+        else:
+            try:
+                await self.ollama.handle(call)
+            except ollama_api.OllamaError as err:
+                raise GatewayError(err.status, err.message, "ollama_error") from None
 
     def local(self, route, req, ctx, body: bytes = b"") -> tuple[int, list[tuple[str, str]], bytes]:
         if route.kind == "ollama":

@@ -212,9 +212,10 @@ class OllamaAPI:
             501, "models are managed by the container")
         raise err
 
-    async def handle(self, gw, client, ctx, req, route: Route, body: bytes) -> None:
+    async def handle(self, call) -> None:
         """Inference routes: translate, call llama-server, transform the answer back."""
-        data = _parse(body)
+        data = _parse(call.body)
+        route = call.route
         model = self.catalog.name
         requested = data.get("model")
         if isinstance(requested, str) and requested:
@@ -233,9 +234,8 @@ class OllamaAPI:
         else:
             upstream_body = ollama_api.embed_request(data, model, legacy=kind == "embeddings")
         if isinstance(upstream_body, ollama_api.ModelLoad):
-            status, headers, payload = _json(200, ollama_api.load_response(upstream_body, model))
-            client.respond(ctx, req, status, headers, payload)
-            ctx.outcome = "ok"
+            call.respond(*_json(200, ollama_api.load_response(upstream_body, model)))
+            call.ctx.outcome = "ok"
             return
         if kind in ("chat", "generate"):
             gen_kind = "chat" if kind == "chat" else "generate"
@@ -250,7 +250,6 @@ class OllamaAPI:
             transform = _Collect(lambda resp: ollama_api.embed_response(
                 resp, model, legacy, started_ns=started, dimensions=dims))
         payload = json.dumps(upstream_body, separators=(",", ":")).encode()
-        await proxy.forward(gw, client, ctx, req, route, payload,
-                            upstream_path=ollama_api.upstream_path(upstream_body),
-                            transform=transform, method="POST",
+        await proxy.forward(call, upstream_path=ollama_api.upstream_path(upstream_body),
+                            transform=transform, method="POST", body=payload,
                             headers=[("content-type", "application/json")])

@@ -498,14 +498,15 @@ def closed_without_answer() -> GatewayError:
                         "upstream_closed")
 
 
-def _launch(gw, client, ctx, req, route, conn, method: str, payload: bytes, transform=None,
-            on_done=None) -> Exchange:
-    """Bind a new Exchange to the client and to `conn`, and send the request."""
-    cfg = gw.config
-    ex = Exchange(client, ctx, head_only=req.method == "HEAD", http10=req.version == (1, 0),
+def _launch(call, conn, method: str, payload: bytes, transform=None, on_done=None) -> Exchange:
+    """Bind a new Exchange to the call's client and to `conn`, and send the request."""
+    cfg = call.services.config
+    client = call.client
+    req = call.req
+    ex = Exchange(client, call.ctx, head_only=req.method == "HEAD", http10=req.version == (1, 0),
                   first_byte_timeout=cfg.request_timeout, idle_timeout=cfg.stream_idle_timeout,
-                  write_timeout=cfg.client_write_timeout, account=route.name != "models",
-                  transform=transform, loop=client._loop, on_done=on_done)
+                  write_timeout=cfg.client_write_timeout, account=call.route.name != "models",
+                  transform=transform, loop=client.loop, on_done=on_done)
     ex.conn = conn
     client.exchange = ex
     if client.write_paused:
@@ -514,47 +515,56 @@ def _launch(gw, client, ctx, req, route, conn, method: str, payload: bytes, tran
     return ex
 
 
-def start(gw, client, ctx, req, route, body: bytes, conn, on_done) -> Exchange:
+def _payload(call, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    return build_upstream_request(method, path, headers, body, call.services.backend_hostport,
+                                  call.client.peer_host, call.ctx.request_id)
+
+
+def start(call, conn, on_done) -> Exchange:
     """forward() without a coroutine, for a connection already at hand (a pooled one): the end,
     failures before the head included, is told to on_done(exchange, exc), which also decides on
     the retry of a stale connection (UpstreamClosed without bytes)."""
+    req = call.req
     method = "GET" if req.method == "HEAD" else req.method
-    payload = build_upstream_request(method, route.upstream, req.headers, body,
-                                     gw.backend_hostport, client.peer_host, ctx.request_id)
-    return _launch(gw, client, ctx, req, route, conn, method, payload, on_done=on_done)
+    payload = _payload(call, method, call.route.upstream, req.headers, call.body)
+    return _launch(call, conn, method, payload, on_done=on_done)
 
 
-async def forward(gw, client, ctx, req: http11.Request, route, body: bytes, *,
-                  upstream_path: str | None = None, method: str | None = None,
-                  headers: list[tuple[str, str]] | None = None, transform=None,
-                  fresh: bool = False) -> None:
-    """Send the rebuilt request to llama-server and relay the response to `client`.
+async def forward(call, *, upstream_path: str | None = None, method: str | None = None,
+                  headers: list[tuple[str, str]] | None = None, body: bytes | None = None,
+                  transform=None) -> None:
+    """Send the rebuilt request to llama-server and relay the response to the call's client.
 
-    API translators pass their own upstream path, method, headers and a response transform.
-    fresh: the retry after a stale pooled connection (start()): one attempt, on a new connection.
-    Raises GatewayError before the response head is written (the caller renders it); after that,
-    failures are handled in-band by the Exchange and recorded in ctx.outcome."""
+    API translators pass their own upstream path, method, headers, body and a response
+    transform. call.fresh: the retry after a stale pooled connection (start()): one attempt, on a
+    new connection. Raises GatewayError before the response head is written (the caller renders
+    it); after that, failures are handled in-band by the Exchange and recorded in ctx.outcome."""
+    req = call.req
+    ctx = call.ctx
+    client = call.client
+    services = call.services
+    pool = services.pool
     if method is None:
         method = "GET" if req.method == "HEAD" else req.method
-    payload = build_upstream_request(method, upstream_path or route.upstream,
-                                     req.headers if headers is None else headers, body,
-                                     gw.backend_hostport, client.peer_host, ctx.request_id)
-    for attempt in ((1,) if fresh else (0, 1)):
+    payload = _payload(call, method, upstream_path or call.route.upstream,
+                       req.headers if headers is None else headers,
+                       call.body if body is None else body)
+    for attempt in ((1,) if call.fresh else (0, 1)):
         try:
-            conn = None if attempt else gw.pool.take_idle()   # no await when one is idle
+            conn = None if attempt else pool.take_idle()   # no await when one is idle
             if conn is None:
-                conn = await gw.pool.acquire(fresh=True)
+                conn = await pool.acquire(fresh=True)
         except TimeoutError:
             raise GatewayError(504, "llama-server did not accept the connection in time",
                                "upstream_connect_timeout") from None
         except OSError as exc:
-            raise gw.unreachable(exc) from None     # 503 from the state file, or 502
+            raise services.unreachable(exc) from None     # 503 from the state file, or 502
         if client.gone or client.eof:
             # The client left while we connected: send nothing; the unused connection is pooled.
-            gw.pool.release(conn, True)
+            pool.release(conn, True)
             ctx.outcome = "client_closed"
             return
-        ex = _launch(gw, client, ctx, req, route, conn, method, payload, transform)
+        ex = _launch(call, conn, method, payload, transform)
         try:
             await ex.done
             return
