@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import os
 import signal
@@ -19,13 +18,10 @@ import sys
 import time
 
 from llamagw import config as config_mod
-from llamagw.api import cors
-from llamagw.api import ollama as ollama_api
-from llamagw.api import ollama_handlers as ollama_routes
+from llamagw.api import cors, ollama_handlers
 from llamagw.errors import GatewayError
 from llamagw.limits import admission, keys, ratelimit
 from llamagw.net import fastio, upstream
-from llamagw.net import relay as proxy
 from llamagw.net.connection import ClientConnection
 from llamagw.observe import accesslog
 from llamagw.observe import metrics as metrics_mod
@@ -121,8 +117,8 @@ class Gateway:
         self.backend_hostport = ("localhost" if config.backend_socket
                                  else f"{config.backend_host}:{config.port_backend}")
         self.listeners: list[fastio.Listener] = []
-        self.catalog = ollama_routes.ModelCatalog(config.model_path, config.model_name)
-        self.ollama = ollama_routes.OllamaAPI(self, self.catalog)
+        # The served model, described for the Ollama API.
+        self.catalog = ollama_handlers.ModelCatalog(config.model_path, config.model_name)
         self.metrics.set_gauge_sources(
             queue_depth=lambda: self.admission.slots.waiting,
             backend_up=lambda: 1 if self.backend.get() in ("ready", "unknown") else 0,
@@ -145,7 +141,7 @@ class Gateway:
             self.metrics.set_known_keys(ids)
         return changed
 
-    # ---------------- the request path (called by ClientConnection) ----------------
+    # ---------------- request services (context.Services: the request code's view) ----------
     def try_backend_slot(self):
         """The backend check and a free slot without waiting; None when the caller must wait in
         the queue (backend_slot). Raises GatewayError (503) like backend_slot."""
@@ -195,50 +191,6 @@ class Gateway:
         if err is None:
             err = GatewayError(502, "llama-server is not reachable", "upstream_unavailable")
         return err
-
-    def is_local(self, route) -> bool:
-        """Answered by the gateway itself, without a llama-server slot."""
-        return route.kind == "local" or (route.kind == "ollama" and self.ollama.is_local(route))
-
-    async def dispatch(self, call) -> None:
-        if call.route.kind == "proxy":
-            await proxy.forward(call)
-        else:
-            try:
-                await self.ollama.handle(call)
-            except ollama_api.OllamaError as err:
-                raise GatewayError(err.status, err.message, "ollama_error") from None
-
-    def local(self, route, req, ctx, body: bytes = b"") -> tuple[int, list[tuple[str, str]], bytes]:
-        if route.kind == "ollama":
-            try:
-                return self.ollama.local(route, req, body)
-            except ollama_api.OllamaError as err:
-                raise GatewayError(err.status, err.message, "ollama_error") from None
-        if route.handler == "ping":
-            return 200, [("content-type", "application/json")], b'{"status":"ok"}'
-        if route.handler == "health":
-            state = self.backend.get()
-            body = {
-                "status": "ok" if state in ("ready", "unknown") else state,
-                "backend": state,
-                "uptime_s": round(time.monotonic() - self.started, 3),
-                "in_flight": self.in_flight,
-                "queue": self.admission.slots.waiting,
-                "backend_active": self.admission.slots.active,
-                "connections": len(self.connections),
-                "shutting_down": self.shutting_down,
-            }
-            return 200, [("content-type", "application/json"),
-                         ("cache-control", "no-store")], json.dumps(body).encode()
-        if route.handler == "metrics":      # METRICS_KEY was checked by admission
-            self.metrics.in_flight = self.in_flight
-            accept = req.get("accept") or ""
-            if "application/json" in accept:
-                return 200, [("content-type", "application/json")], self.metrics.render_json()
-            return 200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], \
-                self.metrics.render_prometheus()
-        raise GatewayError(500, "No handler", "no_handler")
 
     def observe(self, ctx) -> None:
         ttfb = ctx.ttfb
@@ -442,7 +394,7 @@ async def amain(cfg: config_mod.Config) -> int:
     log.info("gateway listening on %s:%d, backend %s", cfg.host, cfg.port, gw.pool.address)
     tune_gc()
     # The model's GGUF header (and digest) for the Ollama API, read off the event loop.
-    catalog_task = asyncio.create_task(gw.ollama.catalog.load())
+    catalog_task = asyncio.create_task(gw.catalog.load())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -8,16 +8,19 @@ pipeline, the relay, the handlers) depends on them, not on the modules that impl
 - Services: what request code uses of the gateway (app.Gateway implements it);
 - Client: what the relay and the request cycle use of a client connection (net/connection.py);
 - Call: what a route handler is given (net/pipeline.PendingRequest).
+Response / StreamResponse: what a local handler answers, whole or streamed.
 
 This module imports nothing of the package but the wire types, so every layer may import it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import secrets
 import time
+from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:   # annotations only
@@ -74,6 +77,7 @@ class Client(Protocol):
     """A client connection, as the request cycle and the relay see it."""
 
     loop: asyncio.AbstractEventLoop
+    parser: Any               # wire.http11.RequestParser: the request's events
     peer_host: str
     keep_alive: bool          # False: the connection closes after this answer
     gone: bool                # the client went away
@@ -87,6 +91,7 @@ class Client(Protocol):
     def close_after_write(self) -> None: ...
     def abort(self) -> None: ...
     def arm(self, when: float) -> None: ...
+    async def wait_data(self, deadline: float) -> bool: ...
     async def drained(self, timeout: float) -> bool: ...
 
 
@@ -123,3 +128,32 @@ class Call(Protocol):
     route: Any                # api.routes.Route
     body: bytes
     fresh: bool               # relay: on a new llama-server connection only (a retry)
+
+
+@dataclasses.dataclass(slots=True)
+class Response:
+    """A whole answer. The gateway adds Content-Length, the connection header, the request id
+    and CORS headers; HEAD gets the same head without the body."""
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+
+@dataclasses.dataclass(slots=True)
+class StreamResponse:
+    """A streamed answer (SSE, NDJSON): the head, then each chunk of `chunks` as it comes.
+
+    Written with chunked framing (to an HTTP/1.0 client: until the connection closes), with
+    Cache-Control: no-cache and X-Accel-Buffering: no added. Backpressure: while the client's
+    transport buffer is over its high-water mark the next chunk is not asked for; a client that
+    reads nothing for CLIENT_WRITE_TIMEOUT is dropped. A client that goes away (or half-closes)
+    cancels the iterator where it waits, and the iterator is closed on every exit.
+
+    Every stream is bounded: `idle_timeout` (seconds; None: STREAM_IDLE_TIMEOUT) is the longest
+    wait for the next chunk, past which the stream is cut (closed without its last chunk). A
+    stream that may be silent for longer yields a heartbeat within it (an SSE comment line
+    b": ping\\n\\n"), which also finds a client that vanished without a word."""
+    status: int
+    headers: list[tuple[str, str]]
+    chunks: AsyncIterable[bytes]
+    idle_timeout: float | None = None

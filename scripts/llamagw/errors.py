@@ -6,7 +6,15 @@ Every error the gateway sends is OpenAI-shaped: {"error": {"message", "type", "c
 
 from __future__ import annotations
 
+import enum
 import json
+
+
+class Envelope(enum.Enum):
+    """The shape of a route's error bodies: the API its clients speak."""
+    OPENAI = "openai"    # {"error": {"message", "type", "code"}}
+    OLLAMA = "ollama"    # {"error": "message"}
+    ADMIN = "admin"      # {"error": {"message", "type", "code"}}, as OpenAI's
 
 # status -> OpenAI error "type". Reviewed at a glance; anything missing falls back by class.
 ERROR_TYPES: dict[int, str] = {
@@ -76,6 +84,20 @@ class ProtocolError(GatewayError):
 
     def __init__(self, message: str, status: int = 400, code: str = "bad_request"):
         super().__init__(status, message, code, close=True)
+
+
+class OllamaError(GatewayError):
+    """Raised by the Ollama translation (api/ollama.py): answered in Ollama's shape
+    {"error": message}, which body() gives."""
+
+    def __init__(self, status: int, message: str, code: str = "ollama_error"):
+        super().__init__(status, message, code)
+
+    def body(self) -> bytes:
+        return json.dumps({"error": self.message}, separators=(",", ":")).encode()
+
+    def __repr__(self) -> str:
+        return f"OllamaError({self.status}, {self.message!r})"
 
 
 def error_body(message: str, error_type: str, code: str | None) -> bytes:

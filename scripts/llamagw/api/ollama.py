@@ -69,6 +69,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from llamagw.errors import OllamaError
 from llamagw.models.gguf import ArraySummary, ModelInfo, rfc3339
 
 # --- constants and limits ---------------------------------------------------------------------
@@ -138,21 +139,6 @@ UPSTREAM_EMBEDDINGS = "/v1/embeddings"
 
 
 # --- errors -----------------------------------------------------------------------------------
-
-class OllamaError(Exception):
-    """An error answered in Ollama's shape {"error": message} with `status`."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-    def body(self) -> bytes:
-        return error_body(self.message)
-
-    def __repr__(self) -> str:
-        return f"OllamaError({self.status}, {self.message!r})"
-
 
 def error_body(message: str) -> bytes:
     return dumps({"error": message})

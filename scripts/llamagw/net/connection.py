@@ -1,4 +1,4 @@
-"""One client connection: deadlines, keep-alive, pipelining, dispatch, close.
+"""One client connection: deadlines, keep-alive, pipelining, the two executors, close.
 
 ClientConnection is an asyncio Protocol that feeds every received byte to a sans-IO RequestParser.
 Requests are taken off the parser in order, so pipelined requests are answered in order. The
@@ -6,21 +6,24 @@ transport's flow-control callbacks (pause_writing / resume_writing) and connecti
 forwarded to the proxy exchange in flight, which is how a slow reader slows llama-server and a
 vanished client closes the upstream socket at once.
 
-Two ways to serve, one request at a time:
-- callbacks (the common request, no task): the bytes of a whole API request arrive, data_received
-  parses it, authenticates it, takes a free backend slot and a pooled llama-server connection and
-  sends it; the exchange's end (_exchange_done) answers errors, releases everything and takes the
-  next request. No coroutine, no task wake-up, no future per request.
+Each request is a PendingRequest (net/pipeline.py: the steps both executors share, one release).
+Two executors, one request at a time:
+- callbacks (the common request, no task): the bytes of a whole proxied request arrive,
+  data_received parses it, prepares it (key, limits), takes a free backend slot and a pooled
+  llama-server connection and sends it; the exchange's end (_exchange_done) answers errors,
+  releases the request and takes the next one. No coroutine, no task wake-up, no future.
 - the connection's task (run): anything that must wait (a head or body still arriving, 100
   Continue, the backend queue, a connect, the retry after a stale pooled connection) and the
-  routes that are not plain proxying (Ollama, OPTIONS, local answers). The task serves until the
-  connection is idle again, then ends; the next request starts on the callback path again.
+  route handlers that are not plain proxying (Ollama, OPTIONS, local and streamed answers). The
+  task serves until the connection is idle again, then ends; the next request starts on the
+  callback path again.
 _serve_fast only takes a request when nothing can make it wait; everything else goes to the task,
 which is the reference behaviour.
 
 A client that closes or half-closes (EOF) while its API request waits in the queue or is being
 answered is treated as gone (as nginx does): the request never reaches llama-server, or its
-upstream socket is closed so the generation stops. Local answers (/ping, /health) still go out.
+upstream socket is closed so the generation stops, or its stream is cancelled. Whole local
+answers (/ping, /health) still go out.
 
 Deadlines (config):
 - CLIENT_HEADER_TIMEOUT: from the first byte of a request head to its end (trickling bytes do not
@@ -28,7 +31,8 @@ Deadlines (config):
   connection that sends nothing is closed silently.
 - CLIENT_BODY_TIMEOUT (whole body) and CLIENT_BODY_IDLE_TIMEOUT (between body bytes): 408, close.
 - KEEPALIVE_TIMEOUT: idle time between requests; expiry closes silently.
-- CLIENT_WRITE_TIMEOUT: a response the client does not read for this long is dropped (proxy).
+- CLIENT_WRITE_TIMEOUT: a response the client does not read for this long is dropped (relayed
+  and streamed answers).
 """
 
 from __future__ import annotations
@@ -89,8 +93,9 @@ class ClientConnection(asyncio.Protocol):
         # The current request's body is in: bytes arriving now are pipelined requests, bounded
         # by MAX_PIPELINED_BYTES while it is answered (queue wait included).
         self.body_read = False
-        # The task waits for this client only (a queue place): a client that leaves cancels it.
+        # The task waits for this client only (a queue place, a stream): its leaving cancels it.
         self.stop_if_gone = False
+        self._drain_waiter: asyncio.Future | None = None   # drained()
         # The request served on the callback path until its exchange ends (_exchange_done), and
         # one handed to a task that has not started yet (_resume).
         self._current: PendingRequest | None = None
@@ -155,8 +160,10 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         if self.exchange is not None:
             self.exchange.on_client_resumed()
+        elif self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)         # drained()
 
-    # ---------------- used by the proxy ----------------
+    # ---------------- used by the request (context.Client) ----------------
     def write(self, data: bytes) -> None:
         if not self.gone:
             self.transport.write(data)
@@ -179,13 +186,28 @@ class ClientConnection(asyncio.Protocol):
         if self.task is not None:
             self.task.cancel()
 
+    async def drained(self, timeout: float) -> bool:
+        """Wait until the transport's buffer is below its low-water mark again (a streamed
+        answer's backpressure): False if it is not within `timeout` (the client reads nothing)."""
+        if not self.write_paused:
+            return True
+        waiter = self._drain_waiter = self.loop.create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._drain_waiter = None
+
     # ---------------- waiting ----------------
     def _wake(self, value: bool) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(value)
 
-    async def _wait_data(self, deadline: float) -> bool:
+    async def wait_data(self, deadline: float) -> bool:
         """The task waits for more bytes (True) until the loop-time deadline (False)."""
         if self.gone or self.eof:
             return False
@@ -304,7 +326,7 @@ class ClientConnection(asyncio.Protocol):
         if req.chunked or req.expect_continue or self.gone or self.eof or services.shutting_down:
             return False
         route = routes.ROUTES.get((req.method, req.path))
-        if route is None or route.kind != "proxy":
+        if route is None or not route.upstream:    # not plain proxying
             return False
         if req.content_length:
             body = self.parser.take_whole_body()    # None, and nothing taken, while arriving
@@ -455,7 +477,7 @@ class ClientConnection(asyncio.Protocol):
                 if not (req.chunked or req.content_length):
                     self._end_bodiless()
                 p.prepare()                              # CORS, route, key, limits; raises
-                p.check_body(await self._read_body(req, p.ctx))
+                p.check_body(await p.read_body())
             await p.execute()
         except GatewayError as err:
             p.fail(err)
@@ -485,7 +507,7 @@ class ClientConnection(asyncio.Protocol):
             while (event := parser.next_event()) is http11.NEED_DATA:
                 if self.gone or self.eof:
                     return None
-                if not await self._wait_data(deadline) and loop.time() >= deadline:
+                if not await self.wait_data(deadline) and loop.time() >= deadline:
                     raise ProtocolError("Request header not received in time", 408,
                                         "header_timeout")
         if type(event) is not http11.Request:   # parser contract: a head comes first
@@ -498,44 +520,6 @@ class ClientConnection(asyncio.Protocol):
         if type(self.parser.next_event()) is not http11.EndOfMessage:
             raise ProtocolError("Unexpected body framing", 400)
         self.body_read = True
-
-    def _drain_body(self, parts: list[bytes], ctx) -> bool:
-        """Take the body pieces already parsed into parts; True once END_OF_MESSAGE is taken."""
-        parser = self.parser
-        while True:
-            event = parser.next_event()
-            if type(event) is http11.Data:
-                parts.append(event.data)
-                ctx.bytes_in += len(event.data)
-            elif type(event) is http11.EndOfMessage:
-                self.body_read = True
-                return True
-            else:
-                return False
-
-    async def _read_body(self, req: http11.Request, ctx) -> bytes:
-        if not req.chunked and not req.content_length:
-            self.body_read = True
-            return b""          # END_OF_MESSAGE already taken by _handle (_end_bodiless)
-        if req.expect_continue and not ctx.continued:
-            # Only now, once the request is accepted: a refused one gets its final status
-            # instead (RFC 9110 10.1.1), and the client never sends the body.
-            ctx.continued = True
-            self.write(http11.CONTINUE_100)
-        cfg = self.services.config
-        loop = self.loop
-        total_deadline = loop.time() + cfg.client_body_timeout
-        parts: list[bytes] = []
-        while not self._drain_body(parts, ctx):
-            if self.gone:
-                raise ClientGone()
-            if self.eof:
-                # feed_eof makes the parser raise for an incomplete body; be explicit anyway
-                raise ProtocolError("Request body incomplete", 400, "incomplete_request")
-            deadline = min(loop.time() + cfg.client_body_idle_timeout, total_deadline)
-            if not await self._wait_data(deadline) and loop.time() >= deadline:
-                raise ProtocolError("Request body not received in time", 408, "body_timeout")
-        return b"".join(parts) if len(parts) != 1 else parts[0]
 
     def _send_error_simple(self, err: GatewayError) -> None:
         """A protocol error outside any request: answer and close."""

@@ -22,14 +22,19 @@ Hot path: the callback path runs this for every proxied request (slots, few call
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from llamagw.api import routes
 from llamagw.api.ollama import error_body as ollama_error_body
-from llamagw.context import REQUEST_ID_RE, RequestContext, new_request_id
-from llamagw.errors import GatewayError
+from llamagw.context import (REQUEST_ID_RE, RequestContext, Response, StreamResponse,
+                             new_request_id)
+from llamagw.errors import Envelope, GatewayError, ProtocolError
 from llamagw.limits import admission
 from llamagw.wire import http11, jsonguard
+
+# Added to every streamed answer: no cache and no proxy buffering may hold its chunks back.
+STREAM_HEADERS = [("cache-control", "no-cache"), ("x-accel-buffering", "no")]
 
 
 class ClientGone(Exception):
@@ -48,7 +53,7 @@ class PendingRequest:
     """A request being served: what the executors and the handler share (the handler's Call)."""
 
     __slots__ = ("client", "services", "req", "ctx", "route", "ticket", "slot", "body", "fresh",
-                 "ollama", "released")
+                 "released")
 
     def __init__(self, client, req: http11.Request):
         services = client.services
@@ -66,7 +71,6 @@ class PendingRequest:
         self.slot = None
         self.body = b""
         self.fresh = False       # relay: a new llama-server connection only (the retry)
-        self.ollama = False      # errors in Ollama's shape {"error": "..."}
         self.released = False
         if not req.keep_alive or services.shutting_down:
             client.keep_alive = False
@@ -81,11 +85,7 @@ class PendingRequest:
         if origin is not None:
             self.ctx.response_headers.extend(self.services.cors.headers_for(origin))
         if route is None:
-            # Ollama clients get Ollama-shaped errors, unknown /api/* paths (404/405) included.
-            self.ollama = req.path == "/" or req.path.startswith("/api/")
-            if req.method == "OPTIONS":
-                return                   # a preflight: answered by execute
-            route = routes.match(req.method, req.path)
+            route = routes.match(req.method, req.path)     # 404 / 405; OPTIONS: the preflight
         self.route = route
         self.ctx.route = route.name
         self.ticket = self.services.admission.admit(req, route, self.ctx)
@@ -93,8 +93,44 @@ class PendingRequest:
     def check_body(self, body: bytes) -> None:
         """The body is in: 400 for a JSON body out of jsonguard's limits, before any slot."""
         self.body = body
-        if self.route is not None and self.route.json_body:
+        if self.route.json_body:
             jsonguard.check(body)
+
+    async def read_body(self) -> bytes:
+        """The body, in the task: CLIENT_BODY_TIMEOUT in all, CLIENT_BODY_IDLE_TIMEOUT between
+        bytes (408, close). 100 Continue is sent only now, once the request is accepted: a
+        refused one gets its final status instead (RFC 9110 10.1.1), and no body is sent."""
+        client = self.client
+        req = self.req
+        ctx = self.ctx
+        if not req.chunked and not req.content_length:
+            client.body_read = True
+            return b""          # its END_OF_MESSAGE is already taken (the connection did)
+        if req.expect_continue and not ctx.continued:
+            ctx.continued = True
+            client.write(http11.CONTINUE_100)
+        config = self.services.config
+        loop = client.loop
+        parser = client.parser
+        total_deadline = loop.time() + config.client_body_timeout
+        parts: list[bytes] = []
+        while True:
+            event = parser.next_event()
+            if type(event) is http11.Data:
+                parts.append(event.data)
+                ctx.bytes_in += len(event.data)
+                continue
+            if type(event) is http11.EndOfMessage:
+                client.body_read = True
+                return b"".join(parts) if len(parts) != 1 else parts[0]
+            if client.gone:
+                raise ClientGone()
+            if client.eof:
+                # feed_eof makes the parser raise for an incomplete body; be explicit anyway
+                raise ProtocolError("Request body incomplete", 400, "incomplete_request")
+            deadline = min(loop.time() + config.client_body_idle_timeout, total_deadline)
+            if not await client.wait_data(deadline) and loop.time() >= deadline:
+                raise ProtocolError("Request body not received in time", 408, "body_timeout")
 
     def take_slot(self) -> bool:
         """The backend check and a free backend slot, without waiting; False when the request
@@ -104,29 +140,29 @@ class PendingRequest:
         return slot is not None
 
     async def execute(self) -> None:
-        """The task's part, once the body is in: a local answer, or a backend slot (waiting in
-        the bounded queue if need be) and llama-server."""
+        """The task's part, once the body is in: a backend slot unless the route is local
+        (waiting in the bounded queue if need be), then its handler, and its answer."""
         client = self.client
-        services = self.services
         route = self.route
-        ctx = self.ctx
-        if route is None:                          # a CORS preflight
-            self.respond(*services.cors.preflight(self.req))
-            ctx.outcome = "ok"
+        if not route.local:
+            if self.slot is None and not self.take_slot():
+                client.stop_if_gone = True         # a client that leaves gives up its place
+                try:
+                    self.slot = await self.services.backend_slot(self.ctx)
+                finally:
+                    client.stop_if_gone = False
+            if client.gone or client.eof:
+                raise ClientGone()
+        answer = await route.handler(self)
+        if answer is None:                         # answered through the relay
             return
-        if services.is_local(route):
-            self.respond(*services.local(route, self.req, ctx, self.body))
-            ctx.outcome = "ok"
-            return
-        if self.slot is None and not self.take_slot():
-            client.stop_if_gone = True             # a client that leaves gives up its place
-            try:
-                self.slot = await services.backend_slot(ctx)
-            finally:
-                client.stop_if_gone = False
-        if client.gone or client.eof:
-            raise ClientGone()
-        await services.dispatch(self)
+        if type(answer) is Response:
+            self.respond(answer.status, answer.headers, answer.body)
+            self.ctx.outcome = "ok"
+        elif type(answer) is StreamResponse and route.streams:
+            await self._stream(answer)
+        else:
+            raise TypeError(f"route {route.name}: its handler answered {answer!r}")
 
     # ---------------- the end ----------------
     def fail(self, err: GatewayError) -> None:
@@ -146,8 +182,15 @@ class PendingRequest:
             headers.extend(err.headers)
             if not ctx.outcome:
                 ctx.outcome = err.code
-            body = ollama_error_body(err.message) if self.ollama else err.body()
+            body = ollama_error_body(err.message) if self.envelope is Envelope.OLLAMA \
+                else err.body()
             self.respond(err.status, headers, body)
+
+    @property
+    def envelope(self) -> Envelope:
+        """Its route's error shape; for a path no route serves, the one of the API asked."""
+        route = self.route
+        return route.envelope if route is not None else routes.envelope_for(self.req.path)
 
     def release(self) -> None:
         """Free the backend slot and the key's ticket, end the request and observe it. Called by
@@ -190,3 +233,59 @@ class PendingRequest:
             body = b""
         ctx.bytes_out += len(body)
         client.write(http11.response_head(status, out) + body)
+
+    async def _stream(self, answer: StreamResponse) -> None:
+        """Write a streamed answer (context.StreamResponse: framing, backpressure, bounds)."""
+        client = self.client
+        req = self.req
+        ctx = self.ctx
+        config = self.services.config
+        chunks = aiter(answer.chunks)
+        try:
+            headers = list(answer.headers)
+            headers.extend(STREAM_HEADERS)
+            headers.extend(ctx.response_headers)
+            chunked = req.version != (1, 0)
+            if chunked:
+                headers.append(("transfer-encoding", "chunked"))
+            else:
+                client.keep_alive = False          # the end of the body is the connection's
+            if not client.keep_alive:
+                headers.append(("connection", "close"))
+            ctx.status = answer.status
+            ctx.stream = True
+            client.write(http11.response_head(answer.status, headers))
+            if req.method == "HEAD":
+                ctx.outcome = "ok"
+                return
+            idle = answer.idle_timeout or config.stream_idle_timeout
+            client.stop_if_gone = True             # a client that leaves cancels the stream
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout(idle):
+                            chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:           # cut: closed without its last chunk
+                        ctx.outcome = "stream_idle_timeout"
+                        client.keep_alive = False
+                        return
+                    if not chunk:
+                        continue
+                    ctx.bytes_out += len(chunk)
+                    client.write(http11.chunk(chunk) if chunked else chunk)
+                    if client.write_paused and not await client.drained(
+                            config.client_write_timeout):
+                        ctx.outcome = "client_write_timeout"
+                        client.abort()
+                        return
+            finally:
+                client.stop_if_gone = False
+            if chunked:
+                client.write(http11.LAST_CHUNK)
+            ctx.outcome = "ok"
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
