@@ -17,10 +17,10 @@ import types
 
 import pytest
 
-from helpers import ALICE, Stack, aio, eventually, get
+from helpers import ALICE, Stack, aio, eventually, get, post
 from llamagw.api import routes
 from llamagw.context import Response, StreamResponse
-from llamagw.errors import Envelope
+from llamagw.errors import Envelope, GatewayError
 from llamagw.limits.admission import Auth
 
 ROOT = "sk-root-0123456789abcdef00"     # the admin key of these tests (see as_admin)
@@ -278,3 +278,38 @@ async def test_without_a_key_file_nobody_is_admin(tmp_path, monkeypatch):
         assert (await s.one(get("/v1/models", key=None))).status == 200      # the API is open
         r = await s.one(get("/admin/api/hello", key=ROOT))
         assert r.status == 401 and r.error()["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("envelope", list(Envelope))
+@aio
+async def test_an_error_is_rendered_in_its_routes_envelope(tmp_path, monkeypatch, envelope):
+    async def refuse(call):
+        raise GatewayError(409, "already there", "conflict", headers=[("x-why", "test")])
+    register(monkeypatch, route("/test/refuse", refuse, envelope=envelope, streams=False))
+    async with Stack(tmp_path, access_log=True) as s:
+        r = await s.one(get("/test/refuse"))
+        assert r.status == 409 and r.get("x-why") == "test"
+        assert r.get("content-type") == "application/json"
+        if envelope is Envelope.OLLAMA:
+            assert r.json() == {"error": "already there"}
+        else:
+            assert r.error() == {"message": "already there", "type": "invalid_request_error",
+                                 "code": "conflict"}
+        assert s.access_records()[0]["outcome"] == "conflict"
+
+
+@pytest.mark.parametrize("path,ollama", [("/v1/nope", False), ("/api/nope", True), ("/", True),
+                                         ("/admin/api/nope", False), ("/nope", False)])
+@aio
+async def test_a_path_no_route_serves_gets_the_errors_of_the_api_asked(tmp_path, path, ollama):
+    async with Stack(tmp_path) as s:
+        for raw, status in ((get(path), 404 if path != "/" else 200),
+                            (post(path, {}), 404 if path != "/" else 405)):
+            r = await s.one(raw)
+            assert r.status == status, r
+            if status == 200:
+                continue
+            if ollama:
+                assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str)
+            else:
+                assert r.error()["code"] in ("not_found", "method_not_allowed")

@@ -10,7 +10,7 @@ pipeline, the relay, the handlers) depends on them, not on the modules that impl
 - Call: what a route handler is given (net/pipeline.PendingRequest).
 Response / StreamResponse: what a local handler answers, whole or streamed.
 
-This module imports nothing of the package but the wire types, so every layer may import it.
+At run time this module imports nothing of the package, so every layer may import it.
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ import time
 from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING, Any, Protocol
 
-if TYPE_CHECKING:   # annotations only
+if TYPE_CHECKING:   # annotations only: none of these imports this module
     import asyncio
 
-    from llamagw.wire.http11 import Request
+    from llamagw.config import Config
+    from llamagw.limits.admission import Admission
+    from llamagw.net.upstream import UpstreamPool
+    from llamagw.observe.metrics import Metrics
+    from llamagw.wire.http11 import Request, RequestParser
 
 # A client-provided X-Request-Id is kept only if it looks like an id (no log injection).
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -76,8 +80,9 @@ class RequestContext:
 class Client(Protocol):
     """A client connection, as the request cycle and the relay see it."""
 
+    services: Services
     loop: asyncio.AbstractEventLoop
-    parser: Any               # wire.http11.RequestParser: the request's events
+    parser: RequestParser     # the request's events
     peer_host: str
     keep_alive: bool          # False: the connection closes after this answer
     gone: bool                # the client went away
@@ -96,15 +101,15 @@ class Client(Protocol):
 
 
 class Services(Protocol):
-    """What request code uses of the gateway: its parts, its counters and four request services.
-    The parts are typed loosely (Any) where naming their class would import the module."""
+    """What request code uses of the gateway: its parts, its counters and five request services.
+    Parts whose module imports request code are typed Any (naming them would make a cycle)."""
 
-    config: Any               # config.Config
-    metrics: Any              # observe.metrics.Metrics
-    admission: Any            # limits.admission.Admission
+    config: Config
+    metrics: Metrics
+    admission: Admission
     cors: Any                 # api.cors.Cors
-    pool: Any                 # net.upstream.UpstreamPool
-    backend: Any              # the backend state (ready, starting ...)
+    pool: UpstreamPool
+    backend: Any              # the backend state (ready, starting ...): get(), refresh()
     catalog: Any              # the served model for the Ollama API
     backend_hostport: str     # the Host header of upstream requests
     started: float            # time.monotonic() at start
@@ -116,6 +121,7 @@ class Services(Protocol):
     async def backend_slot(self, ctx: RequestContext) -> Any: ...
     def unreachable(self, exc: OSError) -> Exception: ...
     def observe(self, ctx: RequestContext) -> None: ...
+    def observe_protocol_error(self, peer: str, err: Exception) -> None: ...
 
 
 class Call(Protocol):

@@ -198,7 +198,7 @@ async def show(call: Call) -> Response:
     data = _parse(call.body)
     requested = data.get("model") or data.get("name") or ""
     if cat.info is None or (requested and not ollama_api.matches_model(requested, cat.name)):
-        raise OllamaError(404, f"model '{requested}' not found")
+        raise OllamaError(404, f"model '{requested}' not found", "model_not_found")
     return _json(200, ollama_api.show_response(cat.info))
 
 
@@ -241,7 +241,7 @@ async def _infer(call: Call, kind: str) -> Response | None:
             # under the name the client asked for.
             model = requested
         elif not ollama_api.matches_model(requested, model):
-            raise OllamaError(404, f"model '{requested}' not found")
+            raise OllamaError(404, f"model '{requested}' not found", "model_not_found")
     started = time.time_ns()
     if kind == "chat":
         upstream_body = ollama_api.chat_request(data, model)

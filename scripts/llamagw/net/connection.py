@@ -41,6 +41,7 @@ import asyncio
 import logging
 
 from llamagw.api import routes
+from llamagw.context import Services
 from llamagw.errors import GatewayError, ProtocolError
 from llamagw.net import relay
 from llamagw.net.pipeline import ClientGone, PendingRequest, internal_error
@@ -65,8 +66,8 @@ _GO_IDLE = object()   # _next_request: nothing buffered, the task may end
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, services):
-        self.services = services       # context.Services (the Gateway)
+    def __init__(self, services: Services):
+        self.services = services       # the Gateway
         self.parser = http11.RequestParser(services.config.max_request_body_size)
         self.transport: asyncio.Transport | None = None
         self.loop: asyncio.AbstractEventLoop | None = None   # set by connection_made

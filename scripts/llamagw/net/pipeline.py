@@ -26,8 +26,7 @@ import asyncio
 import time
 
 from llamagw.api import routes
-from llamagw.api.ollama import error_body as ollama_error_body
-from llamagw.context import (REQUEST_ID_RE, RequestContext, Response, StreamResponse,
+from llamagw.context import (REQUEST_ID_RE, Client, RequestContext, Response, StreamResponse,
                              new_request_id)
 from llamagw.errors import Envelope, GatewayError, ProtocolError
 from llamagw.limits import admission
@@ -55,7 +54,7 @@ class PendingRequest:
     __slots__ = ("client", "services", "req", "ctx", "route", "ticket", "slot", "body", "fresh",
                  "released")
 
-    def __init__(self, client, req: http11.Request):
+    def __init__(self, client: Client, req: http11.Request):
         services = client.services
         self.client = client
         self.services = services
@@ -182,9 +181,7 @@ class PendingRequest:
             headers.extend(err.headers)
             if not ctx.outcome:
                 ctx.outcome = err.code
-            body = ollama_error_body(err.message) if self.envelope is Envelope.OLLAMA \
-                else err.body()
-            self.respond(err.status, headers, body)
+            self.respond(err.status, headers, err.body(self.envelope))
 
     @property
     def envelope(self) -> Envelope:

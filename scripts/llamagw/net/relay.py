@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from llamagw.context import Call
 from llamagw.errors import GatewayError, error_body
 from llamagw.net.upstream import UpstreamClosed
 from llamagw.observe.tokens import sse_finished, usage_from_body, usage_from_sse_tail
@@ -431,7 +432,7 @@ def closed_without_answer() -> GatewayError:
                         "upstream_closed")
 
 
-def _launch(call, conn, method: str, payload: bytes, transform=None, on_done=None) -> Exchange:
+def _launch(call: Call, conn, method: str, payload: bytes, transform=None, on_done=None) -> Exchange:
     """Bind a new Exchange to the call's client and to `conn`, and send the request."""
     cfg = call.services.config
     client = call.client
@@ -448,19 +449,19 @@ def _launch(call, conn, method: str, payload: bytes, transform=None, on_done=Non
     return ex
 
 
-def _payload(call, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+def _payload(call: Call, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
     return build_upstream_request(method, path, headers, body, call.services.backend_hostport,
                                   call.client.peer_host, call.ctx.request_id)
 
 
-async def proxy(call) -> None:
+async def proxy(call: Call) -> None:
     """The handler of the OpenAI-compatible routes (api/routes.py): the request, rebuilt, to
     llama-server at route.upstream, and its answer relayed. The connection's callback path calls
     start() instead when a pooled connection is at hand."""
     await forward(call)
 
 
-def start(call, conn, on_done) -> Exchange:
+def start(call: Call, conn, on_done) -> Exchange:
     """forward() without a coroutine, for a connection already at hand (a pooled one): the end,
     failures before the head included, is told to on_done(exchange, exc), which also decides on
     the retry of a stale connection (UpstreamClosed without bytes)."""
@@ -470,7 +471,7 @@ def start(call, conn, on_done) -> Exchange:
     return _launch(call, conn, method, payload, on_done=on_done)
 
 
-async def forward(call, *, upstream_path: str | None = None, method: str | None = None,
+async def forward(call: Call, *, upstream_path: str | None = None, method: str | None = None,
                   headers: list[tuple[str, str]] | None = None, body: bytes | None = None,
                   transform=None) -> None:
     """Send the rebuilt request to llama-server and relay the response to the call's client.
