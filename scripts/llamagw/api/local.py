@@ -12,7 +12,6 @@ import time
 from llamagw.context import Call, Response
 
 JSON = [("content-type", "application/json")]
-PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 async def ping(call: Call) -> Response:
@@ -37,13 +36,12 @@ async def health(call: Call) -> Response:
 
 
 async def metrics(call: Call) -> Response:
-    """METRICS_KEY, when set, was checked by admission (Auth.METRICS)."""
+    """Prometheus text, or JSON for Accept: application/json. METRICS_KEY, when set, was checked
+    by admission (Auth.METRICS)."""
     services = call.services
     services.metrics.in_flight = services.in_flight
-    if "application/json" in (call.req.get("accept") or ""):
-        return Response(200, JSON, services.metrics.render_json())
-    return Response(200, [("content-type", PROMETHEUS_TYPE)],
-                    services.metrics.render_prometheus())
+    ctype, body = services.metrics.content_for(call.req.get("accept"))
+    return Response(200, [("content-type", ctype)], body)
 
 
 async def preflight(call: Call) -> Response:
