@@ -345,9 +345,8 @@ class ClientConnection(asyncio.Protocol):
             else:
                 p.ctx.bytes_in += len(body)
                 self.body_read = True
-            p.prepare(route)                         # CORS, key, limits; raises
-            p.check_body(body)                       # 400 before a backend slot; raises
-            if p.take_slot():                        # backend state, global limit; raises
+            # CORS, key, limits, the body check, the backend state and a free slot; raises
+            if p.prepare(route, body):
                 pool = services.pool                 # a pooled connection, or a Unix connect
                 conn = pool.take_idle() or pool.connect_now(self.loop)
             if conn is None:                         # the queue, or a connect: the task waits
@@ -478,7 +477,7 @@ class ClientConnection(asyncio.Protocol):
                 if not (req.chunked or req.content_length):
                     self._end_bodiless()
                 p.prepare()                              # CORS, route, key, limits; raises
-                p.check_body(await p.read_body())
+                p.ready(await p.read_body())             # body check, maybe a slot; raises
             await p.execute()
         except GatewayError as err:
             p.fail(err)

@@ -5,17 +5,18 @@ request at hand, nothing to wait for) or in its task (anything that waits). Both
 the same synchronous steps, in this order, on a PendingRequest:
 
     p = PendingRequest(client, req)   begin: context, request id, in_flight
-    p.prepare(route=None)             CORS headers, the route (404 / 405), key, rate and
-                                      concurrency limits (admission): raises GatewayError
-    p.check_body(body)                the JSON body check (400) once the body is in
-    p.take_slot()                     the backend check and a free backend slot without waiting;
+    p.prepare(route, body)            CORS headers, the route (404 / 405), key, rate and
+                                      concurrency limits (admission); with the body at hand (the
+                                      callback path) ready(body) too. Raises GatewayError
+    p.ready(body)                     once the body is in: the JSON body check (400), then the
+                                      backend check and a free backend slot without waiting;
                                       False: the task waits in the queue (execute)
     p.fail(err)                       the error answer in the route's envelope (if no head is out)
     p.release()                       slot, ticket, in_flight, duration, observe: idempotent,
                                       called once from one place by each executor
 
-No await sits between a check and the action it allows: prepare and take_slot are synchronous.
-The slot is taken once the body is in, so a slow upload never holds a backend slot.
+No await sits between a check and the action it allows: prepare and ready are synchronous. The
+slot is taken once the body is in, so a slow upload never holds a backend slot.
 
 Hot path: the callback path runs this for every proxied request (slots, few calls, no closures).
 """
@@ -76,24 +77,36 @@ class PendingRequest:
         services.in_flight += 1
 
     # ---------------- the steps ----------------
-    def prepare(self, route=None) -> None:
+    def prepare(self, route=None, body: bytes | None = None) -> bool:
         """CORS, the route (given by the callback path, which looked it up), then admission:
-        key, rate limit, per-key concurrency. Raises GatewayError."""
+        key, rate limit, per-key concurrency; then, given the body, ready(body) (its answer is
+        returned; False without a body). Raises GatewayError."""
         req = self.req
+        ctx = self.ctx
         origin = req.get("origin")
         if origin is not None:
-            self.ctx.response_headers.extend(self.services.cors.headers_for(origin))
+            ctx.response_headers.extend(self.services.cors.headers_for(origin))
         if route is None:
             route = routes.match(req.method, req.path)     # 404 / 405; OPTIONS: the preflight
         self.route = route
-        self.ctx.route = route.name
-        self.ticket = self.services.admission.admit(req, route, self.ctx)
+        ctx.route = route.name
+        self.ticket = self.services.admission.admit(req, route, ctx)
+        return False if body is None else self.ready(body)
 
-    def check_body(self, body: bytes) -> None:
-        """The body is in: 400 for a JSON body out of jsonguard's limits, before any slot."""
+    def ready(self, body: bytes) -> bool:
+        """The body is in: 400 for a JSON body out of jsonguard's limits, then, for a route
+        served by llama-server, the backend check and a free backend slot without waiting.
+        True when nothing is left to wait for; False when the request must wait in the queue.
+        Raises GatewayError (400; 503: backend not ready, queue full)."""
         self.body = body
-        if self.route.json_body:
+        route = self.route
+        if route.json_body:
             jsonguard.check(body)
+        if route.local:
+            return True
+        slot = self.services.try_backend_slot()
+        self.slot = slot
+        return slot is not None
 
     async def read_body(self) -> bytes:
         """The body, in the task: CLIENT_BODY_TIMEOUT in all, CLIENT_BODY_IDLE_TIMEOUT between
@@ -131,20 +144,13 @@ class PendingRequest:
             if not await client.wait_data(deadline) and loop.time() >= deadline:
                 raise ProtocolError("Request body not received in time", 408, "body_timeout")
 
-    def take_slot(self) -> bool:
-        """The backend check and a free backend slot, without waiting; False when the request
-        must wait in the queue. Raises GatewayError (503: backend not ready, queue full)."""
-        slot = self.services.try_backend_slot()
-        self.slot = slot
-        return slot is not None
-
     async def execute(self) -> None:
-        """The task's part, once the body is in: a backend slot unless the route is local
-        (waiting in the bounded queue if need be), then its handler, and its answer."""
+        """The task's part, once ready: the wait in the bounded queue for a backend slot if
+        ready() found none, then the route's handler, and its answer."""
         client = self.client
         route = self.route
         if not route.local:
-            if self.slot is None and not self.take_slot():
+            if self.slot is None:
                 client.stop_if_gone = True         # a client that leaves gives up its place
                 try:
                     self.slot = await self.services.backend_slot(self.ctx)

@@ -449,11 +449,6 @@ def _launch(call: Call, conn, method: str, payload: bytes, transform=None, on_do
     return ex
 
 
-def _payload(call: Call, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
-    return build_upstream_request(method, path, headers, body, call.services.backend_hostport,
-                                  call.client.peer_host, call.ctx.request_id)
-
-
 async def proxy(call: Call) -> None:
     """The handler of the OpenAI-compatible routes (api/routes.py): the request, rebuilt, to
     llama-server at route.upstream, and its answer relayed. The connection's callback path calls
@@ -467,7 +462,9 @@ def start(call: Call, conn, on_done) -> Exchange:
     the retry of a stale connection (UpstreamClosed without bytes)."""
     req = call.req
     method = "GET" if req.method == "HEAD" else req.method
-    payload = _payload(call, method, call.route.upstream, req.headers, call.body)
+    payload = build_upstream_request(method, call.route.upstream, req.headers, call.body,
+                                     call.services.backend_hostport, call.client.peer_host,
+                                     call.ctx.request_id)
     return _launch(call, conn, method, payload, on_done=on_done)
 
 
@@ -487,9 +484,10 @@ async def forward(call: Call, *, upstream_path: str | None = None, method: str |
     pool = services.pool
     if method is None:
         method = "GET" if req.method == "HEAD" else req.method
-    payload = _payload(call, method, upstream_path or call.route.upstream,
-                       req.headers if headers is None else headers,
-                       call.body if body is None else body)
+    payload = build_upstream_request(method, upstream_path or call.route.upstream,
+                                     req.headers if headers is None else headers,
+                                     call.body if body is None else body,
+                                     services.backend_hostport, client.peer_host, ctx.request_id)
     for attempt in ((1,) if call.fresh else (0, 1)):
         try:
             conn = None if attempt else pool.take_idle()   # no await when one is idle
