@@ -1,4 +1,4 @@
-"""The Ollama-compatible API on the gateway port: routes, handlers and response transforms.
+"""The Ollama-compatible API on the gateway port: route handlers and response transforms.
 
 The translations themselves are pure functions in api/ollama.py; this module does the I/O around
 them. Requests go through the same admission (keys, rate and concurrency limits), access log and
