@@ -173,7 +173,7 @@ class Gateway:
             raise err
 
     def unreachable(self, exc: OSError) -> GatewayError:
-        """The error for a connect to llama-server that failed (proxy.forward).
+        """The error for a connect to llama-server that failed (relay.forward).
 
         A refused connection (ECONNREFUSED; ENOENT for a missing Unix socket file) is what a
         dead llama-server answers, before the supervisor has noticed, or within STATE_FILE_TTL
@@ -197,7 +197,7 @@ class Gateway:
         self.metrics.observe_request(ctx.route, ctx.status, ctx.key_id, ctx.duration, ttfb)
         if ctx.upstream_error:
             # Once per request, whenever llama-server failed it: an error answered before the
-            # head (upstream_failed) or an answer cut after it (proxy.Exchange).
+            # head (PendingRequest.fail) or an answer cut after it (relay.Exchange).
             self.metrics.inc_upstream_error(ctx.upstream_error)
         if ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
             self.metrics.add_tokens(ctx.key_id, ctx.prompt_tokens or 0, ctx.completion_tokens or 0)
