@@ -4,12 +4,13 @@ both ways a request is served; and a handler that fails unexpectedly still answe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import pytest
 
 from helpers import CAROL, Stack, aio, chat, eventually, post
-from llamagw.api import ollama_handlers as ollama_routes
+from llamagw.api import routes
 from llamagw.net import relay as proxy
 from llamagw.wire.jsonguard import MAX_JSON_DEPTH
 from test_gateway_ollama import MODEL, error_of, model_file, ollama_stack  # noqa: F401
@@ -190,14 +191,15 @@ async def test_an_unexpected_error_on_the_proxy_path_is_a_500_logged_once(tmp_pa
         assert s.access_records()[-1]["status"] == 500
 
 
-@pytest.mark.parametrize("path,target", [("/api/chat", "handle"), ("/api/show", "local")])
+@pytest.mark.parametrize("path", ["/api/chat", "/api/show"])   # inference, local
 @aio
 async def test_an_unexpected_error_in_an_ollama_handler_is_an_ollama_500(tmp_path, model_file,
                                                                          monkeypatch, caplog,
-                                                                         path, target):
+                                                                         path):
     async with ollama_stack(tmp_path, model_file) as s:
-        monkeypatch.setattr(ollama_routes.OllamaAPI, target,
-                            _boom_async if target == "handle" else _boom)
+        route = routes.ROUTES[("POST", path)]
+        monkeypatch.setitem(routes.ROUTES, route.key,
+                            dataclasses.replace(route, handler=_boom_async))
         caplog.clear()
         with caplog.at_level(logging.ERROR, logger="gateway"):
             c = await s.client()

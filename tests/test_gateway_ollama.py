@@ -49,8 +49,8 @@ async def ollama_stack(tmp_path, model_file, *, knobs: dict | None = None, **kw)
     `knobs`: the fake's defaults (the Ollama translation drops a request's own "fake" field)."""
     env = {"MODEL_PATH": model_file, **kw.pop("env", {})}
     async with Stack(tmp_path, env=env, **kw) as s:
-        await s.gw.ollama.catalog.load()
-        assert s.gw.ollama.catalog.info is not None
+        await s.gw.catalog.load()
+        assert s.gw.catalog.info is not None
         if knobs:
             s.fake.defaults.update(knobs)
         yield s
@@ -128,7 +128,7 @@ async def test_tags_show_ps_describe_the_gguf(tmp_path, model_file):
         (m,) = r.json()["models"]
         assert m["name"] == m["model"] == OLLAMA_MODEL
         assert m["size"] == os.path.getsize(model_file)
-        assert m["digest"] == s.gw.ollama.catalog.info.digest and len(m["digest"]) == 64
+        assert m["digest"] == s.gw.catalog.info.digest and len(m["digest"]) == 64
         assert m["details"]["format"] == "gguf" and m["details"]["family"] == "llama"
         assert m["details"]["quantization_level"] == "Q8_0"
 
@@ -160,7 +160,7 @@ async def test_tags_show_ps_describe_the_gguf(tmp_path, model_file):
 @aio
 async def test_tags_without_a_readable_model_is_an_empty_list(tmp_path):
     async with Stack(tmp_path, env={"MODEL_PATH": str(tmp_path / "missing.gguf")}) as s:
-        await s.gw.ollama.catalog.load()                 # logs a warning, does not raise
+        await s.gw.catalog.load()                 # logs a warning, does not raise
         r = await s.one(get("/api/tags"))
         assert r.status == 200 and r.json() == {"models": []}
         r = await s.one(post("/api/show", {"model": "missing"}))
@@ -446,7 +446,7 @@ async def test_tags_answer_while_the_digest_is_computed_off_the_loop(tmp_path, m
 
     monkeypatch.setattr(gguf_meta, "file_digest", slow_digest)
     async with Stack(tmp_path, env={"MODEL_PATH": model_file}) as s:
-        catalog = s.gw.ollama.catalog
+        catalog = s.gw.catalog
         loading = asyncio.create_task(catalog.load())
         await eventually(lambda: catalog.info is not None)
         r = await s.one(get("/api/tags"))             # the loop is free while hashing
@@ -460,7 +460,7 @@ async def test_tags_answer_while_the_digest_is_computed_off_the_loop(tmp_path, m
 @aio
 async def test_without_model_path_any_name_is_served(tmp_path):
     async with Stack(tmp_path, env={"MODEL_PATH": ""}) as s:
-        await s.gw.ollama.catalog.load()
+        await s.gw.catalog.load()
         c = await s.client()
         assert (await c.request(get("/api/tags"))).json() == {"models": []}
         r = await c.request(post("/api/chat", ochat(stream=False, model="llama3.2")))

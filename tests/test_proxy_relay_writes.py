@@ -11,7 +11,7 @@ import pytest
 from helpers import aio
 from llamagw.net import upstream
 from llamagw.net import relay as proxy
-from llamagw.net.connection import RequestContext
+from llamagw.context import RequestContext
 from llamagw.net.relay import Exchange
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import os
 import signal
@@ -20,14 +19,11 @@ import time
 
 from llamagw import config as config_mod
 from llamagw import errors
+from llamagw.api import cors, ollama_handlers
 from llamagw.backend_state import TAKES_REQUESTS, BackendState, State
-from llamagw.api import cors
-from llamagw.api import ollama as ollama_api
-from llamagw.api import ollama_handlers as ollama_routes
 from llamagw.errors import GatewayError
 from llamagw.limits import admission, keys, ratelimit
 from llamagw.net import fastio, upstream
-from llamagw.net import relay as proxy
 from llamagw.net.connection import ClientConnection
 from llamagw.observe import accesslog
 from llamagw.observe import metrics as metrics_mod
@@ -85,8 +81,8 @@ class Gateway:
         self.backend_hostport = ("localhost" if config.backend_socket
                                  else f"{config.backend_host}:{config.port_backend}")
         self.listeners: list[fastio.Listener] = []
-        self.ollama = ollama_routes.OllamaAPI(
-            self, ollama_routes.ModelCatalog(config.model_path, config.model_name))
+        # The served model, described for the Ollama API.
+        self.catalog = ollama_handlers.ModelCatalog(config.model_path, config.model_name)
         self.metrics.set_gauge_sources(
             queue_depth=lambda: self.admission.slots.waiting,
             backend_up=lambda: 1 if self.backend.get() in TAKES_REQUESTS else 0,
@@ -109,7 +105,7 @@ class Gateway:
             self.metrics.set_known_keys(ids)
         return changed
 
-    # ---------------- the request path (called by ClientConnection) ----------------
+    # ---------------- request services (context.Services: the request code's view) ----------
     def try_backend_slot(self):
         """The backend check and a free slot without waiting; None when the caller must wait in
         the queue (backend_slot). Raises GatewayError (503) like backend_slot."""
@@ -139,7 +135,7 @@ class Gateway:
             raise err
 
     def unreachable(self, exc: OSError) -> GatewayError:
-        """The error for a connect to llama-server that failed (proxy.forward).
+        """The error for a connect to llama-server that failed (relay.forward).
 
         A refused connection (ECONNREFUSED; ENOENT for a missing Unix socket file) is what a
         dead llama-server answers, before the supervisor has noticed, or within the state
@@ -158,65 +154,12 @@ class Gateway:
             err = GatewayError(502, "llama-server is not reachable", "upstream_unavailable")
         return err
 
-    def is_local(self, route) -> bool:
-        """Answered by the gateway itself, without a llama-server slot."""
-        return route.kind == "local" or (route.kind == "ollama" and self.ollama.is_local(route))
-
-    async def dispatch(self, client, ctx, req, route, body: bytes, fresh: bool = False) -> None:
-        try:
-            if route.kind == "proxy":
-                await proxy.forward(self, client, ctx, req, route, body, fresh=fresh)
-            else:
-                try:
-                    await self.ollama.handle(self, client, ctx, req, route, body)
-                except ollama_api.OllamaError as err:
-                    raise GatewayError(err.status, err.message, "ollama_error") from None
-        except GatewayError as err:
-            self.upstream_failed(err, ctx)
-            raise
-
-    def upstream_failed(self, err: GatewayError, ctx) -> None:
-        """Mark a request that llama-server failed (502 / 504); observe() counts it."""
-        if err.status in (502, 504):
-            ctx.upstream_error = err.code
-
-    def local(self, route, req, ctx, body: bytes = b"") -> tuple[int, list[tuple[str, str]], bytes]:
-        if route.kind == "ollama":
-            try:
-                return self.ollama.local(route, req, body)
-            except ollama_api.OllamaError as err:
-                raise GatewayError(err.status, err.message, "ollama_error") from None
-        if route.handler == "ping":
-            return 200, [("content-type", "application/json")], b'{"status":"ok"}'
-        if route.handler == "health":
-            state = self.backend.get()
-            body = {
-                "status": "ok" if state in ("ready", "unknown") else state,
-                "backend": state,
-                "uptime_s": round(time.monotonic() - self.started, 3),
-                "in_flight": self.in_flight,
-                "queue": self.admission.slots.waiting,
-                "backend_active": self.admission.slots.active,
-                "connections": len(self.connections),
-                "shutting_down": self.shutting_down,
-            }
-            return 200, [("content-type", "application/json"),
-                         ("cache-control", "no-store")], json.dumps(body).encode()
-        if route.handler == "metrics":      # METRICS_KEY was checked by admission
-            self.metrics.in_flight = self.in_flight
-            accept = req.get("accept") or ""
-            if "application/json" in accept:
-                return 200, [("content-type", "application/json")], self.metrics.render_json()
-            return 200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], \
-                self.metrics.render_prometheus()
-        raise GatewayError(500, "No handler", "no_handler")
-
     def observe(self, ctx) -> None:
         ttfb = ctx.ttfb
         self.metrics.observe_request(ctx.route, ctx.status, ctx.key_id, ctx.duration, ttfb)
         if ctx.upstream_error:
             # Once per request, whenever llama-server failed it: an error answered before the
-            # head (upstream_failed) or an answer cut after it (proxy.Exchange).
+            # head (PendingRequest.fail) or an answer cut after it (relay.Exchange).
             self.metrics.inc_upstream_error(ctx.upstream_error)
         if ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
             self.metrics.add_tokens(ctx.key_id, ctx.prompt_tokens or 0, ctx.completion_tokens or 0)
@@ -408,7 +351,7 @@ async def amain(cfg: config_mod.Config) -> int:
     log.info("gateway listening on %s:%d, backend %s", cfg.host, cfg.port, gw.pool.address)
     tune_gc()
     # The model's GGUF header (and digest) for the Ollama API, read off the event loop.
-    catalog_task = asyncio.create_task(gw.ollama.catalog.load())
+    catalog_task = asyncio.create_task(gw.catalog.load())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

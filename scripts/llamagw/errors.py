@@ -1,11 +1,16 @@
-"""Exceptions that carry their HTTP response, and the one renderer of the JSON error envelope.
+"""Exceptions that carry their HTTP response, and the one renderer of the JSON error bodies.
 
-Every error the gateway sends is OpenAI-shaped: {"error": {"message", "type", "code"}}.
-`type` comes from the status through ERROR_TYPES; `code` is a short machine-readable reason.
+One family: GatewayError(status, message, code) and its subclasses. Its body is rendered in the
+envelope of the route that failed (api/routes.Route.envelope; render()):
+- OpenAI and admin: {"error": {"message", "type", "code"}}, `type` from the status through
+  ERROR_TYPES, `code` a short machine-readable reason;
+- Ollama: {"error": "message"} (the status says the rest).
+The transport never knows an API's shape: it asks render() for the route's envelope.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 
 # ---- Retry-After (whole seconds) ---------------------------------------------------------------
@@ -27,6 +32,13 @@ RETRY_AFTER_CONCURRENCY = 1
 RETRY_AFTER_QUEUE = 2
 # too_many_connections (over MAX_CONNECTIONS): connections close all the time; try again soon.
 RETRY_AFTER_CONNECTIONS = 1
+
+class Envelope(enum.Enum):
+    """The shape of a route's error bodies: the API its clients speak."""
+    OPENAI = "openai"    # {"error": {"message", "type", "code"}}
+    OLLAMA = "ollama"    # {"error": "message"}
+    ADMIN = "admin"      # {"error": {"message", "type", "code"}}, as OpenAI's
+
 
 # status -> OpenAI error "type". Reviewed at a glance; anything missing falls back by class.
 ERROR_TYPES: dict[int, str] = {
@@ -84,8 +96,11 @@ class GatewayError(Exception):
         self.close = close
         self.error_type = error_type or error_type_for_status(status)
 
-    def body(self) -> bytes:
-        return error_body(self.message, self.error_type, self.code)
+    # The envelope of body() without a route (a protocol error, a library's own answer).
+    default_envelope = Envelope.OPENAI
+
+    def body(self, envelope: Envelope | None = None) -> bytes:
+        return render(self, envelope or self.default_envelope)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.status}, {self.message!r}, {self.code!r})"
@@ -96,6 +111,32 @@ class ProtocolError(GatewayError):
 
     def __init__(self, message: str, status: int = 400, code: str = "bad_request"):
         super().__init__(status, message, code, close=True)
+
+
+# OllamaError's code when the translation names none: its reason by status.
+OLLAMA_CODES: dict[int, str] = {
+    400: "invalid_request",
+    404: "not_found",
+    501: "not_supported",
+    502: "bad_upstream_response",
+}
+
+
+class OllamaError(GatewayError):
+    """Raised by the Ollama translation (api/ollama.py) and handlers. Answered like any
+    GatewayError in its route's envelope (Ollama's); body() alone gives Ollama's shape too."""
+
+    default_envelope = Envelope.OLLAMA
+
+    def __init__(self, status: int, message: str, code: str | None = None):
+        super().__init__(status, message, code or OLLAMA_CODES.get(status, "ollama_error"))
+
+
+def render(err: GatewayError, envelope: Envelope) -> bytes:
+    """The body of `err` in `envelope`: the one renderer of every JSON error the gateway sends."""
+    if envelope is Envelope.OLLAMA:
+        return json.dumps({"error": err.message}, separators=(",", ":")).encode()
+    return error_body(err.message, err.error_type, err.code)
 
 
 def error_body(message: str, error_type: str, code: str | None) -> bytes:

@@ -7,6 +7,7 @@ answered here and never reach llama-server (which would reflect any Origin).
 from __future__ import annotations
 
 from llamagw.api import routes
+from llamagw.errors import not_found
 
 ALLOW_HEADERS = "authorization, content-type, x-api-key, x-request-id"
 EXPOSE_HEADERS = ("x-request-id, retry-after, x-ratelimit-limit, x-ratelimit-remaining, "
@@ -46,7 +47,6 @@ class Cors:
         allowed, were already added to the context by the connection."""
         methods = routes.allowed_methods(req.path)
         if not methods and req.target != "*":
-            from llamagw.errors import not_found
             raise not_found()
         headers = [("allow", ", ".join(methods + ["OPTIONS"]))]
         origin = req.get("origin")

@@ -15,24 +15,11 @@ import math
 import time
 from typing import Any
 
+from llamagw.errors import OllamaError  # one error family (errors.py); re-exported here
+
 # Model-management endpoints: the container owns the model, these answer 501.
 NOT_SUPPORTED = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"})
 NOT_SUPPORTED_PREFIXES = ("/api/blobs/",)
-
-
-class OllamaError(Exception):
-    """An error answered in Ollama's shape {"error": message} with `status`."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-    def body(self) -> bytes:
-        return error_body(self.message)
-
-    def __repr__(self) -> str:
-        return f"OllamaError({self.status}, {self.message!r})"
 
 
 def error_body(message: str) -> bytes:

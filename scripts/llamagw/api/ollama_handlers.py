@@ -1,9 +1,9 @@
-"""The Ollama-compatible API on the gateway port: routes, handlers and response transforms.
+"""The Ollama-compatible API on the gateway port: route handlers and response transforms.
 
-The translations themselves are pure functions in ollama_api.py; this module does the I/O around
+The translations themselves are pure functions in api/ollama.py; this module does the I/O around
 them. Requests go through the same admission (keys, rate and concurrency limits), access log and
 metrics as the OpenAI routes. Inference calls are rebuilt as OpenAI-compatible llama-server calls
-and their answers are transformed on the fly by proxy.Exchange: a streamed answer is split into SSE
+and their answers are transformed on the fly by relay.Exchange: a streamed answer is split into SSE
 events and each one becomes NDJSON lines written at once (no buffering of the whole stream).
 
 Errors are Ollama-shaped: {"error": "..."} with the HTTP status; an error after streaming began
@@ -20,10 +20,11 @@ import time
 
 from llamagw import config
 from llamagw.api import ollama as ollama_api
-from llamagw.api.routes import Route
+from llamagw.context import Call, Response
+from llamagw.errors import OllamaError
 from llamagw.models import gguf as gguf_meta
 from llamagw.models.gguf import ModelInfo, read_gguf_metadata
-from llamagw.net import relay as proxy
+from llamagw.net import relay
 from llamagw.wire.sse import SSEError, SSESplitter
 
 log = logging.getLogger("gateway")
@@ -32,10 +33,6 @@ log = logging.getLogger("gateway")
 # embeddings batch is the largest legitimate one (2048 inputs x 4096 floats as JSON ~ 100 MB is
 # far beyond what RunPod carries: its payload limit).
 MAX_COLLECTED_BODY = config.PAYLOAD_LIMIT
-
-
-# Handlers that never call llama-server: answered without taking a backend slot.
-LOCAL_HANDLERS = frozenset({"root", "version", "tags", "show", "ps", "unsupported"})
 
 
 class _Described:
@@ -80,15 +77,16 @@ class ModelCatalog:
         return [self.info] if self.info is not None else []
 
 
-def _json(status: int, obj) -> tuple[int, list[tuple[str, str]], bytes]:
-    return status, [("content-type", "application/json; charset=utf-8")], ollama_api.dumps(obj)
+def _json(status: int, obj) -> Response:
+    return Response(status, [("content-type", "application/json; charset=utf-8")],
+                    ollama_api.dumps(obj))
 
 
 def _parse(body: bytes) -> dict:
     return ollama_api.parse_json_body(body)
 
 
-# ------------------------------------------------------------------ transforms (proxy.Exchange)
+# ------------------------------------------------------------------ transforms (relay.Exchange)
 class _Collect:
     """Collect a whole upstream body (bounded) and translate it at the end."""
 
@@ -124,7 +122,7 @@ class _Collect:
             return err.body()
         try:
             return ollama_api.dumps(self._finish(json.loads(raw)))
-        except ollama_api.OllamaError as err:
+        except OllamaError as err:
             self.status = err.status
             return err.body()
         except ValueError:
@@ -181,77 +179,92 @@ class _NdjsonStream:
 
 
 # ------------------------------------------------------------------ handlers
-class OllamaAPI:
-    def __init__(self, gw, catalog: ModelCatalog):
-        self.gw = gw
-        self.catalog = catalog
+# Route handlers (api/routes.py): async def handler(call). The local ones return a Response;
+# the inference ones relay llama-server's answer, transformed, and return None.
+async def root(call: Call) -> Response:
+    return Response(200, [("content-type", "text/plain; charset=utf-8")],
+                    ollama_api.ROOT_TEXT.encode())
 
-    def is_local(self, route: Route) -> bool:
-        return route.handler in LOCAL_HANDLERS
 
-    def local(self, route: Route, req, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-        name = route.handler
-        cat = self.catalog
-        if name == "root":
-            return 200, [("content-type", "text/plain; charset=utf-8")], \
-                ollama_api.ROOT_TEXT.encode()
-        if name == "version":
-            return _json(200, ollama_api.version_response())
-        if name == "tags":
-            return _json(200, ollama_api.tags_response(cat.infos()))
-        if name == "show":
-            data = _parse(body)
-            requested = data.get("model") or data.get("name") or ""
-            if cat.info is None or (requested and not ollama_api.matches_model(requested,
-                                                                               cat.name)):
-                raise ollama_api.OllamaError(404, f"model '{requested}' not found")
-            return _json(200, ollama_api.show_response(cat.info))
-        if name == "ps":
-            ready = self.gw.backend.get() in ("ready", "unknown")
-            return _json(200, ollama_api.ps_response(cat.infos() if ready else []))
-        err = ollama_api.not_supported(req.path) or ollama_api.OllamaError(
-            501, "models are managed by the container")
-        raise err
+async def version(call: Call) -> Response:
+    return _json(200, ollama_api.version_response())
 
-    async def handle(self, gw, client, ctx, req, route: Route, body: bytes) -> None:
-        """Inference routes: translate, call llama-server, transform the answer back."""
-        data = _parse(body)
-        model = self.catalog.name
-        requested = data.get("model")
-        if isinstance(requested, str) and requested:
-            if not self.catalog.path:
-                # No MODEL_PATH (a llama-server started by hand): whatever it serves answers,
-                # under the name the client asked for.
-                model = requested
-            elif not ollama_api.matches_model(requested, model):
-                raise ollama_api.OllamaError(404, f"model '{requested}' not found")
-        started = time.time_ns()
-        kind = route.handler
-        if kind == "chat":
-            upstream_body = ollama_api.chat_request(data, model)
-        elif kind == "generate":
-            upstream_body = ollama_api.generate_request(data, model)
+
+async def tags(call: Call) -> Response:
+    return _json(200, ollama_api.tags_response(call.services.catalog.infos()))
+
+
+async def show(call: Call) -> Response:
+    cat = call.services.catalog
+    data = _parse(call.body)
+    requested = data.get("model") or data.get("name") or ""
+    if cat.info is None or (requested and not ollama_api.matches_model(requested, cat.name)):
+        raise OllamaError(404, f"model '{requested}' not found", "model_not_found")
+    return _json(200, ollama_api.show_response(cat.info))
+
+
+async def ps(call: Call) -> Response:
+    cat = call.services.catalog
+    ready = call.services.backend.get() in ("ready", "unknown")
+    return _json(200, ollama_api.ps_response(cat.infos() if ready else []))
+
+
+async def unsupported(call: Call) -> Response:
+    raise ollama_api.not_supported(call.req.path) or OllamaError(
+        501, "models are managed by the container")
+
+
+async def chat(call: Call) -> Response | None:
+    return await _infer(call, "chat")
+
+
+async def generate(call: Call) -> Response | None:
+    return await _infer(call, "generate")
+
+
+async def embed(call: Call) -> Response | None:
+    return await _infer(call, "embed")
+
+
+async def embeddings(call: Call) -> Response | None:
+    return await _infer(call, "embeddings")
+
+
+async def _infer(call: Call, kind: str) -> Response | None:
+    """Inference: translate, call llama-server, transform the answer back."""
+    data = _parse(call.body)
+    catalog = call.services.catalog
+    model = catalog.name
+    requested = data.get("model")
+    if isinstance(requested, str) and requested:
+        if not catalog.path:
+            # No MODEL_PATH (a llama-server started by hand): whatever it serves answers,
+            # under the name the client asked for.
+            model = requested
+        elif not ollama_api.matches_model(requested, model):
+            raise OllamaError(404, f"model '{requested}' not found", "model_not_found")
+    started = time.time_ns()
+    if kind == "chat":
+        upstream_body = ollama_api.chat_request(data, model)
+    elif kind == "generate":
+        upstream_body = ollama_api.generate_request(data, model)
+    else:
+        upstream_body = ollama_api.embed_request(data, model, legacy=kind == "embeddings")
+    if isinstance(upstream_body, ollama_api.ModelLoad):
+        return _json(200, ollama_api.load_response(upstream_body, model))
+    if kind in ("chat", "generate"):
+        if upstream_body.get("stream"):
+            transform = _NdjsonStream(ollama_api.ChatStream(model, kind))
         else:
-            upstream_body = ollama_api.embed_request(data, model, legacy=kind == "embeddings")
-        if isinstance(upstream_body, ollama_api.ModelLoad):
-            status, headers, payload = _json(200, ollama_api.load_response(upstream_body, model))
-            client.respond(ctx, req, status, headers, payload)
-            ctx.outcome = "ok"
-            return
-        if kind in ("chat", "generate"):
-            gen_kind = "chat" if kind == "chat" else "generate"
-            if upstream_body.get("stream"):
-                transform = _NdjsonStream(ollama_api.ChatStream(model, gen_kind))
-            else:
-                transform = _Collect(lambda resp: ollama_api.chat_response(
-                    resp, model, gen_kind, started))
-        else:
-            dims = data.get("dimensions") if isinstance(data.get("dimensions"), int) else None
-            legacy = kind == "embeddings"
-            transform = _Collect(lambda resp: ollama_api.embed_response(
-                resp, model, legacy, started_ns=started, dimensions=dims))
-        payload = json.dumps(upstream_body, separators=(",", ":")).encode()
-        await proxy.forward(gw, client, ctx, req, route, payload,
-                            upstream_path=ollama_api.upstream_path(upstream_body),
-                            transform=transform, method="POST",
-                            headers=[("content-type", "application/json")])
+            transform = _Collect(lambda resp: ollama_api.chat_response(
+                resp, model, kind, started))
+    else:
+        dims = data.get("dimensions") if isinstance(data.get("dimensions"), int) else None
+        legacy = kind == "embeddings"
+        transform = _Collect(lambda resp: ollama_api.embed_response(
+            resp, model, legacy, started_ns=started, dimensions=dims))
+    payload = json.dumps(upstream_body, separators=(",", ":")).encode()
+    await relay.forward(call, upstream_path=ollama_api.upstream_path(upstream_body),
+                        transform=transform, method="POST", body=payload,
+                        headers=[("content-type", "application/json")])
+    return None

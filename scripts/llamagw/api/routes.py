@@ -1,106 +1,157 @@
-"""The whole public API on one screen: (method, path) -> Route.
+"""The whole public API on one screen: (method, path) -> Route, assembled from per-API tables.
 
 Paths match exactly, byte for byte, after the query string is cut off: no normalisation, so
 `/v1//models`, `/v1/models/`, `/v1/%6dodels` and `/v1/../slots` are simply unknown (404) and never
-reach llama-server. Anything not listed here is 404; a listed path with another method is 405.
+reach llama-server. Anything not listed here is 404; a listed path with another method is 405;
+HEAD is served for every GET route (same status and headers, no body); OPTIONS is the CORS
+preflight (api/cors.py) for every path listed.
 
-auth: "key"     an inference key is required (issue 3: key file, limits, accounting)
-      "none"    open (platform probes, liveness)
-      "metrics" open unless METRICS_KEY is set
-kind: "proxy"   forwarded to llama-server at `upstream` (rebuilt request, allowlisted headers)
-      "local"   answered by the gateway itself (handler name on the Gateway)
-      "ollama"  translated to an OpenAI-compatible llama-server call (issue 7)
-json_body: the body must be a JSON object within jsonguard's limits, checked once it is read and
-      before a backend slot is taken (400 otherwise): every route whose body llama-server or the
-      Ollama translation parses. The Ollama model-management routes answer 501 whatever the body.
+A Route carries all its facts:
+  handler    async def handler(call) -> Response | StreamResponse | None (context.py): a local
+             handler returns its answer, whole or streamed; a relaying one (relay.proxy, the
+             Ollama inference handlers) answers through the relay and returns None
+  auth       what it needs (limits/admission.Auth): nothing, an inference key, an admin key, or
+             the metrics key
+  envelope   the shape of its error bodies (errors.Envelope): OpenAI, Ollama or admin
+  local      answered by the gateway itself: no backend slot, no llama-server
+  streams    it may answer a stream (SSE or NDJSON)
+  json_body  the body must be a JSON object within jsonguard's limits, checked once it is read
+             and before a backend slot is taken (400 otherwise): every route whose body
+             llama-server or the Ollama translation parses
+  upstream   the llama-server path of a proxied route: served on the connection's callback path
+             when nothing makes it wait (net/connection.py)
+Adding a route: one row in its API's table below, and its handler.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
-from llamagw.errors import GatewayError, not_found
+from llamagw.api import local
+from llamagw.api import ollama_handlers as ollama
+from llamagw.errors import Envelope, GatewayError, not_found
+from llamagw.limits.admission import Auth
+from llamagw.net import relay
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Route:
+    method: str
+    path: str
     name: str             # label for metrics and the access log
-    kind: str             # "proxy" | "local" | "ollama"
-    auth: str             # "key" | "none" | "metrics"
-    upstream: str = ""    # llama-server path for kind "proxy"
-    handler: str = ""     # local/ollama handler name
-    stream_capable: bool = False   # body may ask for "stream": true
-    json_body: bool = False        # the body is checked by jsonguard
+    handler: Callable     # async (call) -> Response | StreamResponse | None
+    auth: Auth
+    envelope: Envelope
+    local: bool = True
+    streams: bool = False
+    json_body: bool = False
+    upstream: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.method, self.path
 
 
-def _proxy(name: str, path: str, stream: bool = False, json_body: bool = True) -> Route:
-    return Route(name, "proxy", "key", upstream=path, stream_capable=stream, json_body=json_body)
+def _proxy(method: str, path: str, name: str, streams: bool = False,
+           json_body: bool = True) -> Route:
+    return Route(method, path, name, relay.proxy, Auth.KEY, Envelope.OPENAI, local=False,
+                 streams=streams, json_body=json_body, upstream=path)
 
 
-def _local(name: str, auth: str = "none") -> Route:
-    return Route(name, "local", auth, handler=name)
-
-
-ROUTES: dict[tuple[str, str], Route] = {
-    # OpenAI-compatible inference API (llama-server's /v1 routes)
-    ("POST", "/v1/chat/completions"): _proxy("chat_completions", "/v1/chat/completions", True),
-    ("POST", "/v1/completions"): _proxy("completions", "/v1/completions", True),
-    ("POST", "/v1/embeddings"): _proxy("embeddings", "/v1/embeddings"),
-    ("GET", "/v1/models"): _proxy("models", "/v1/models", json_body=False),
+# OpenAI-compatible inference API (llama-server's /v1 routes), relayed to llama-server.
+OPENAI_ROUTES = (
+    _proxy("POST", "/v1/chat/completions", "chat_completions", streams=True),
+    _proxy("POST", "/v1/completions", "completions", streams=True),
+    _proxy("POST", "/v1/embeddings", "embeddings"),
+    _proxy("GET", "/v1/models", "models", json_body=False),
     # Token counting for clients that budget context (no other user's data involved).
-    ("POST", "/tokenize"): _proxy("tokenize", "/tokenize"),
-    ("POST", "/detokenize"): _proxy("detokenize", "/detokenize"),
-    # gateway's own
-    ("GET", "/ping"): _local("ping"),
-    ("GET", "/health"): _local("health"),
-    ("GET", "/metrics"): _local("metrics", "metrics"),
-}
+    _proxy("POST", "/tokenize", "tokenize"),
+    _proxy("POST", "/detokenize", "detokenize"),
+)
+
+# The gateway's own: liveness, state, metrics (api/local.py).
+LOCAL_ROUTES = (
+    Route("GET", "/ping", "ping", local.ping, Auth.NONE, Envelope.OPENAI),
+    Route("GET", "/health", "health", local.health, Auth.NONE, Envelope.OPENAI),
+    Route("GET", "/metrics", "metrics", local.metrics, Auth.METRICS, Envelope.OPENAI),
+)
 
 
-def _ollama(name: str, handler: str, auth: str = "key", json_body: bool = False) -> Route:
-    return Route(name, "ollama", auth, handler=handler, json_body=json_body)
+def _ollama(method: str, path: str, name: str, handler: Callable, auth: Auth = Auth.KEY, *,
+            infer: bool = False, streams: bool = False, json_body: bool = False) -> Route:
+    """infer: a translated llama-server call (a backend slot); else answered locally."""
+    return Route(method, path, name, handler, auth, Envelope.OLLAMA, local=not infer,
+                 streams=streams, json_body=json_body)
 
 
-# Ollama-compatible API (handlers in ollama_routes.py). "/" and /api/version are what Ollama
-# clients probe to find a server, so they are open like /ping.
-OLLAMA_ROUTES: dict[tuple[str, str], Route] = {
-    ("GET", "/"): _ollama("ollama_root", "root", "none"),
-    ("GET", "/api/version"): _ollama("ollama_version", "version", "none"),
-    ("GET", "/api/tags"): _ollama("ollama_tags", "tags"),
-    ("POST", "/api/show"): _ollama("ollama_show", "show", json_body=True),
-    ("GET", "/api/ps"): _ollama("ollama_ps", "ps"),
-    ("POST", "/api/chat"): _ollama("ollama_chat", "chat", json_body=True),
-    ("POST", "/api/generate"): _ollama("ollama_generate", "generate", json_body=True),
-    ("POST", "/api/embed"): _ollama("ollama_embed", "embed", json_body=True),
-    ("POST", "/api/embeddings"): _ollama("ollama_embeddings", "embeddings", json_body=True),
-    # Model management belongs to the container: a clear 501.
-    ("POST", "/api/pull"): _ollama("ollama_unsupported", "unsupported"),
-    ("POST", "/api/push"): _ollama("ollama_unsupported", "unsupported"),
-    ("POST", "/api/create"): _ollama("ollama_unsupported", "unsupported"),
-    ("POST", "/api/copy"): _ollama("ollama_unsupported", "unsupported"),
-    ("DELETE", "/api/delete"): _ollama("ollama_unsupported", "unsupported"),
-}
-ROUTES.update(OLLAMA_ROUTES)
+# Ollama-compatible API (api/ollama_handlers.py). "/" and /api/version are what Ollama clients
+# probe to find a server, so they are open like /ping.
+OLLAMA_ROUTES = (
+    _ollama("GET", "/", "ollama_root", ollama.root, Auth.NONE),
+    _ollama("GET", "/api/version", "ollama_version", ollama.version, Auth.NONE),
+    _ollama("GET", "/api/tags", "ollama_tags", ollama.tags),
+    _ollama("POST", "/api/show", "ollama_show", ollama.show, json_body=True),
+    _ollama("GET", "/api/ps", "ollama_ps", ollama.ps),
+    _ollama("POST", "/api/chat", "ollama_chat", ollama.chat, infer=True, streams=True,
+            json_body=True),
+    _ollama("POST", "/api/generate", "ollama_generate", ollama.generate, infer=True,
+            streams=True, json_body=True),
+    _ollama("POST", "/api/embed", "ollama_embed", ollama.embed, infer=True, json_body=True),
+    _ollama("POST", "/api/embeddings", "ollama_embeddings", ollama.embeddings, infer=True,
+            json_body=True),
+    # Model management belongs to the container: a clear 501 whatever the body.
+    _ollama("POST", "/api/pull", "ollama_unsupported", ollama.unsupported),
+    _ollama("POST", "/api/push", "ollama_unsupported", ollama.unsupported),
+    _ollama("POST", "/api/create", "ollama_unsupported", ollama.unsupported),
+    _ollama("POST", "/api/copy", "ollama_unsupported", ollama.unsupported),
+    _ollama("DELETE", "/api/delete", "ollama_unsupported", ollama.unsupported),
+)
 
-# HEAD is served for every GET route: same status and headers, no body.
-_PATHS: dict[str, list[str]] = {}
-for (_method, _path) in ROUTES:
-    _PATHS.setdefault(_path, []).append(_method)
+# The admin API (keys, models, usage): every route Auth.ADMIN and Envelope.ADMIN.
+ADMIN_ROUTES: tuple[Route, ...] = ()
+
+# Where a path no route serves gets its errors shaped (404, 405, a preflight's 404): the API
+# whose clients ask there. Ollama clients probe "/" and /api/*.
+ENVELOPE_PREFIXES = (("/api/", Envelope.OLLAMA), ("/admin/", Envelope.ADMIN))
+ENVELOPE_PATHS = {"/": Envelope.OLLAMA}
 
 
-def add_routes(extra: dict[tuple[str, str], Route]) -> None:
-    """Register more routes (the Ollama API). Called once at start, before serving."""
-    for key, route in extra.items():
-        if key in ROUTES:
-            raise ValueError(f"route {key} defined twice")
-        ROUTES[key] = route
-        _PATHS.setdefault(key[1], []).append(key[0])
+def table(*tables: tuple[Route, ...]) -> dict[tuple[str, str], Route]:
+    """One table from the per-API ones; a (method, path) listed twice is an error."""
+    out: dict[tuple[str, str], Route] = {}
+    for routes in tables:
+        for route in routes:
+            if route.key in out:
+                raise ValueError(f"route {route.key} defined twice")
+            out[route.key] = route
+    return out
+
+
+ROUTES = table(OPENAI_ROUTES, LOCAL_ROUTES, OLLAMA_ROUTES, ADMIN_ROUTES)
+
+# OPTIONS on any path: the CORS preflight, answered locally in the envelope of its path.
+PREFLIGHTS = {envelope: Route("OPTIONS", "*", "preflight", local.preflight, Auth.NONE, envelope)
+              for envelope in Envelope}
+
+
+def envelope_for(path: str) -> Envelope:
+    """The error shape for a path no route serves."""
+    envelope = ENVELOPE_PATHS.get(path)
+    if envelope is not None:
+        return envelope
+    for prefix, envelope in ENVELOPE_PREFIXES:
+        if path.startswith(prefix):
+            return envelope
+    return Envelope.OPENAI
 
 
 def allowed_methods(path: str) -> list[str]:
-    methods = list(_PATHS.get(path, ()))
-    if "GET" in methods and "HEAD" not in methods:
-        methods.append("HEAD")
+    """The methods served on `path` (GET brings HEAD), sorted; a scan: only errors and
+    preflights ask."""
+    methods = {method for method, p in ROUTES if p == path}
+    if "GET" in methods:
+        methods.add("HEAD")
     return sorted(methods)
 
 
@@ -113,6 +164,8 @@ def match(method: str, path: str) -> Route:
         route = ROUTES.get(("GET", path))
         if route is not None:
             return route
+    if method == "OPTIONS":
+        return PREFLIGHTS[envelope_for(path)]
     methods = allowed_methods(path)
     if not methods:
         raise not_found()

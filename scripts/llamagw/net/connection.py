@@ -1,4 +1,4 @@
-"""One client connection: deadlines, keep-alive, pipelining, dispatch, close.
+"""One client connection: deadlines, keep-alive, pipelining, the two executors, close.
 
 ClientConnection is an asyncio Protocol that feeds every received byte to a sans-IO RequestParser.
 Requests are taken off the parser in order, so pipelined requests are answered in order. The
@@ -6,21 +6,24 @@ transport's flow-control callbacks (pause_writing / resume_writing) and connecti
 forwarded to the proxy exchange in flight, which is how a slow reader slows llama-server and a
 vanished client closes the upstream socket at once.
 
-Two ways to serve, one request at a time:
-- callbacks (the common request, no task): the bytes of a whole API request arrive, data_received
-  parses it, authenticates it, takes a free backend slot and a pooled llama-server connection and
-  sends it; the exchange's end (_exchange_done) answers errors, releases everything and takes the
-  next request. No coroutine, no task wake-up, no future per request.
+Each request is a PendingRequest (net/pipeline.py: the steps both executors share, one release).
+Two executors, one request at a time:
+- callbacks (the common request, no task): the bytes of a whole proxied request arrive,
+  data_received parses it, prepares it (key, limits), takes a free backend slot and a pooled
+  llama-server connection and sends it; the exchange's end (_exchange_done) answers errors,
+  releases the request and takes the next one. No coroutine, no task wake-up, no future.
 - the connection's task (run): anything that must wait (a head or body still arriving, 100
   Continue, the backend queue, a connect, the retry after a stale pooled connection) and the
-  routes that are not plain proxying (Ollama, OPTIONS, local answers). The task serves until the
-  connection is idle again, then ends; the next request starts on the callback path again.
+  route handlers that are not plain proxying (Ollama, OPTIONS, local and streamed answers). The
+  task serves until the connection is idle again, then ends; the next request starts on the
+  callback path again.
 _serve_fast only takes a request when nothing can make it wait; everything else goes to the task,
 which is the reference behaviour.
 
 A client that closes or half-closes (EOF) while its API request waits in the queue or is being
 answered is treated as gone (as nginx does): the request never reaches llama-server, or its
-upstream socket is closed so the generation stops. Local answers (/ping, /health) still go out.
+upstream socket is closed so the generation stops, or its stream is cancelled. Whole local
+answers (/ping, /health) still go out.
 
 Deadlines (config):
 - CLIENT_HEADER_TIMEOUT: from the first byte of a request head to its end (trickling bytes do not
@@ -28,39 +31,28 @@ Deadlines (config):
   connection that sends nothing is closed silently.
 - CLIENT_BODY_TIMEOUT (whole body) and CLIENT_BODY_IDLE_TIMEOUT (between body bytes): 408, close.
 - KEEPALIVE_TIMEOUT: idle time between requests; expiry closes silently.
-- CLIENT_WRITE_TIMEOUT: a response the client does not read for this long is dropped (proxy).
+- CLIENT_WRITE_TIMEOUT: a response the client does not read for this long is dropped (relayed
+  and streamed answers).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import re
-import secrets
-import time
 
 from llamagw.api import routes
-from llamagw.api.ollama import error_body as ollama_error_body
+from llamagw.context import Services
 from llamagw.errors import GatewayError, ProtocolError
-from llamagw.limits import admission
-from llamagw.net import relay as proxy
+from llamagw.net import relay
+from llamagw.net.pipeline import ClientGone, PendingRequest, internal_error
 from llamagw.net.upstream import UpstreamClosed
-from llamagw.wire import http11, jsonguard
+from llamagw.wire import http11
 
 log = logging.getLogger("gateway")
 
 # Pipelined bytes buffered while a request is in flight before reading pauses. Clients rarely
 # pipeline; this bounds memory per connection without blocking disconnect detection in practice.
 MAX_PIPELINED_BYTES = 256 * 1024
-# A client-provided X-Request-Id is kept only if it looks like an id (no log injection).
-REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Our request ids: a random per-process prefix (8 bytes from secrets, drawn once: not guessable,
-# distinct across processes and restarts) and a counter (unique within the process). A
-# secrets call per request cost ~9% of the gateway's CPU on small requests (bench case a).
-REQUEST_ID_PREFIX_BYTES = 8
-_RID_PREFIX = secrets.token_hex(REQUEST_ID_PREFIX_BYTES)
-_rid_counter = itertools.count(1)
 # A wait's timer may fire this early (the loop runs timers due within its clock resolution);
 # closer than this to the deadline counts as expired.
 DEADLINE_SLACK = 0.001
@@ -73,66 +65,18 @@ _CLOSED = "closed"
 _GO_IDLE = object()   # _next_request: nothing buffered, the task may end
 
 
-def internal_error() -> GatewayError:
-    """The answer to a request whose handling failed unexpectedly (a bug): logged where it is
-    caught, the client gets a 500 in its route's envelope, and the connection is closed (its
-    state is not to be trusted)."""
-    return GatewayError(500, "Internal error: the gateway could not handle this request",
-                        "internal_error", close=True)
-
-
-def new_request_id() -> str:
-    """24+ hex digits: the process prefix, then the request counter (at least 8 digits)."""
-    return f"{_RID_PREFIX}{next(_rid_counter):08x}"
-
-
-class RequestContext:
-    """What one request did: filled in along the way, read by the access log and metrics."""
-
-    __slots__ = ("request_id", "key_id", "client", "method", "path", "route", "status",
-                 "bytes_in", "bytes_out", "started", "ttfb", "duration", "stream", "outcome",
-                 "prompt_tokens", "completion_tokens", "response_headers", "upstream_error",
-                 "continued", "ollama")
-
-    def __init__(self, client: str, method: str, path: str, request_id: str):
-        self.request_id = request_id
-        self.key_id = "-"
-        self.client = client
-        self.method = method
-        self.path = path
-        self.route = "-"
-        self.status = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.started = time.monotonic()
-        self.ttfb: float | None = None
-        self.duration = 0.0
-        self.stream = False
-        self.outcome = ""
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-        self.response_headers: list[tuple[str, str]] = []
-        self.upstream_error = ""
-        self.continued = False     # 100 Continue sent
-        self.ollama = False        # errors in Ollama's shape {"error": "..."}
-
-
-class ClientGone(Exception):
-    pass
-
-
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, gw):
-        self.gw = gw
-        self.parser = http11.RequestParser(gw.config.max_request_body_size)
+    def __init__(self, services: Services):
+        self.services = services       # the Gateway
+        self.parser = http11.RequestParser(services.config.max_request_body_size)
         self.transport: asyncio.Transport | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None   # set by connection_made
+        self.loop: asyncio.AbstractEventLoop | None = None   # set by connection_made
         self.peer_host = ""
         self.keep_alive = True
         self.gone = False
         self.eof = False
         self.write_paused = False
-        self.exchange: proxy.Exchange | None = None
+        self.exchange: relay.Exchange | None = None
         self.task: asyncio.Task | None = None
         self._state = _IDLE
         self._served = False      # a request was taken: idle waits are keep-alive waits
@@ -149,27 +93,28 @@ class ClientConnection(asyncio.Protocol):
         self._reading_paused = False
         # The current request's body is in: bytes arriving now are pipelined requests, bounded
         # by MAX_PIPELINED_BYTES while it is answered (queue wait included).
-        self._body_read = False
-        self._queued = False      # waiting for a backend slot
-        # The request served on the callback path: (ctx, req, route, ticket, slot, body, reused:
-        # its llama-server connection came from the pool) until its exchange ends; or handed to
-        # a task that has not started yet (_resume: ..., body, fresh).
-        self._fast: tuple | None = None
-        self._resume: tuple | None = None
+        self.body_read = False
+        # The task waits for this client only (a queue place, a stream): its leaving cancels it.
+        self.stop_if_gone = False
+        self._drain_waiter: asyncio.Future | None = None   # drained()
+        # The request served on the callback path until its exchange ends (_exchange_done), and
+        # one handed to a task that has not started yet (_resume).
+        self._current: PendingRequest | None = None
+        self._resume: PendingRequest | None = None
 
     # ---------------- asyncio.Protocol ----------------
     def connection_made(self, transport):
         self.transport = transport
         # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         self.peer_host = peer[0] if peer else ""
-        self.gw.connections.add(self)
-        self._go_idle(self.gw.config.client_header_timeout)
+        self.services.connections.add(self)
+        self._go_idle(self.services.config.client_header_timeout)
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed(data)
-        if self._body_read:
+        if self.body_read:
             self._pipelined += len(data)
             if self._pipelined > MAX_PIPELINED_BYTES and not self._reading_paused:
                 self._reading_paused = True
@@ -187,7 +132,7 @@ class ClientConnection(asyncio.Protocol):
             # Half-close while an answer is being produced: treated as a client that went away
             # (as nginx does), so llama-server stops generating for nobody.
             self.exchange.on_client_gone()
-        if self._queued and self.task is not None:
+        if self.stop_if_gone and self.task is not None:
             self.task.cancel()       # the same for a request still waiting in the queue
         if self._state is _IDLE:
             self._serve()            # requests already buffered are answered, then close
@@ -197,10 +142,10 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.gone = True
-        self.gw.connections.discard(self)
+        self.services.connections.discard(self)
         if self.exchange is not None:
             self.exchange.on_client_gone()
-        if self._queued and self.task is not None:
+        if self.stop_if_gone and self.task is not None:
             self.task.cancel()
         if self._state is _IDLE:
             self._close()
@@ -216,8 +161,10 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         if self.exchange is not None:
             self.exchange.on_client_resumed()
+        elif self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)         # drained()
 
-    # ---------------- used by the proxy ----------------
+    # ---------------- used by the request (context.Client) ----------------
     def write(self, data: bytes) -> None:
         if not self.gone:
             self.transport.write(data)
@@ -240,17 +187,32 @@ class ClientConnection(asyncio.Protocol):
         if self.task is not None:
             self.task.cancel()
 
+    async def drained(self, timeout: float) -> bool:
+        """Wait until the transport's buffer is below its low-water mark again (a streamed
+        answer's backpressure): False if it is not within `timeout` (the client reads nothing)."""
+        if not self.write_paused:
+            return True
+        waiter = self._drain_waiter = self.loop.create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._drain_waiter = None
+
     # ---------------- waiting ----------------
     def _wake(self, value: bool) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(value)
 
-    async def _wait_data(self, deadline: float) -> bool:
+    async def wait_data(self, deadline: float) -> bool:
         """The task waits for more bytes (True) until the loop-time deadline (False)."""
         if self.gone or self.eof:
             return False
-        waiter = self._loop.create_future()
+        waiter = self.loop.create_future()
         self._waiter = waiter
         self._deadline = deadline
         self.arm(deadline)
@@ -263,7 +225,7 @@ class ClientConnection(asyncio.Protocol):
         """Wait for the next request on the callback path: its first byte within `timeout`
         (keep-alive, or the header timeout of a new connection), else close silently."""
         self._state = _IDLE
-        self._deadline = self._loop.time() + timeout
+        self._deadline = self.loop.time() + timeout
         self.arm(self._deadline)
 
     def arm(self, when: float) -> None:
@@ -273,7 +235,7 @@ class ClientConnection(asyncio.Protocol):
         if timer is None or timer.when() > when:
             if timer is not None:
                 timer.cancel()
-            self._timer = self._loop.call_at(when, self._on_deadline)
+            self._timer = self.loop.call_at(when, self._on_deadline)
 
     def _on_deadline(self) -> None:
         self._timer = None
@@ -282,7 +244,7 @@ class ClientConnection(asyncio.Protocol):
             if exchange is not None:
                 exchange.on_deadline()
             return                       # else not waiting now: the next wait arms a timer
-        if self._deadline - self._loop.time() > DEADLINE_SLACK:
+        if self._deadline - self.loop.time() > DEADLINE_SLACK:
             self.arm(self._deadline)     # the deadline was pushed forward meanwhile
             return
         if self._state is _IDLE:
@@ -308,7 +270,7 @@ class ClientConnection(asyncio.Protocol):
             self.exchange.abort()
         if not self.gone and self.transport is not None:
             self.transport.close()
-        self.gw.connections.discard(self)
+        self.services.connections.discard(self)
 
     # ---------------- the callback path ----------------
     def _serve(self) -> None:
@@ -333,10 +295,10 @@ class ClientConnection(asyncio.Protocol):
                 if event is http11.NEED_DATA:
                     if parser.has_buffered:       # a head in pieces: the task waits for it
                         self._start_task()
-                    elif self.eof or self.gw.shutting_down:
+                    elif self.eof or self.services.shutting_down:
                         self._close()
                     else:
-                        cfg = self.gw.config
+                        cfg = self.services.config
                         self._go_idle(cfg.keepalive_timeout if self._served
                                       else cfg.client_header_timeout)
                     return
@@ -355,127 +317,105 @@ class ClientConnection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
         self._pipelined = 0
-        self._body_read = False
+        self.body_read = False
 
     def _serve_fast(self, req: http11.Request) -> bool:
         """Serve `req` without waiting: answered here, or sent to llama-server on a pooled
         connection with _exchange_done to finish. False, having done nothing, for a request that
         may have to wait or is not plain proxying: the task serves it."""
-        gw = self.gw
-        if (req.chunked or req.expect_continue or self.gone or self.eof or gw.shutting_down):
+        services = self.services
+        if req.chunked or req.expect_continue or self.gone or self.eof or services.shutting_down:
             return False
         route = routes.ROUTES.get((req.method, req.path))
-        if route is None or route.kind != "proxy":
+        if route is None or not route.upstream:    # not plain proxying
             return False
-        bodiless = not req.content_length
-        if not bodiless:
+        if req.content_length:
             body = self.parser.take_whole_body()    # None, and nothing taken, while arriving
             if body is None:
                 return False
-        ctx = self._begin(req)
-        ticket = admission.NO_TICKET
-        slot = None
+        else:
+            body = None
+        self._served = True
+        p = PendingRequest(self, req)
         conn = None
-        sent = False     # handed to proxy.start: the exchange ends the request
         try:
-            if bodiless:
+            if body is None:
                 self._end_bodiless()
                 body = b""
             else:
-                ctx.bytes_in += len(body)
-                self._body_read = True
-            origin = req.get("origin")
-            if origin is not None:
-                ctx.response_headers.extend(gw.cors.headers_for(origin))
-            ctx.route = route.name
-            ticket = gw.admission.admit(req, route, ctx)   # auth, rate, key concurrency; raises
-            if route.json_body:
-                jsonguard.check(body)                # 400 before a backend slot; raises
-            slot = gw.try_backend_slot()            # global limit; raises
-            if slot is not None:                     # a pooled connection, or a Unix connect
-                conn = gw.pool.take_idle() or gw.pool.connect_now(self._loop)
+                p.ctx.bytes_in += len(body)
+                self.body_read = True
+            # CORS, key, limits, the body check, the backend state and a free slot; raises
+            if p.prepare(route, body):
+                pool = services.pool                 # a pooled connection, or a Unix connect
+                conn = pool.take_idle() or pool.connect_now(self.loop)
             if conn is None:                         # the queue, or a connect: the task waits
-                self._start_task(resume=(ctx, req, route, ticket, slot, body, False))
+                self._start_task(resume=p)
                 return True
-            self._fast = (ctx, req, route, ticket, slot, body, conn.reused)
-            sent = True
-            proxy.start(gw, self, ctx, req, route, body, conn, self._exchange_done)
-            return True
+            p.fresh = not conn.reused                # a stale pooled one is retried (below)
+            self._current = p
+            relay.start(p, conn, self._exchange_done)
         except GatewayError as err:
-            if slot is not None:
-                slot.release()
-            ticket.release()
-            self._failed(err, ctx, req, True)
-            self._end(ctx)
-            return True
+            p.fail(err)
+            p.release()
         except Exception:
             log.exception("request failed unexpectedly: %s %s", req.method, req.path)
-            if sent:
-                if self._fast is None:               # _exchange_done has ended it already
-                    self.keep_alive = False
-                    self._close()
-                    return True
-                if self.exchange is not None:
-                    # Its end (_exchange_done) answers the 500, releases and ends the request.
-                    self.exchange._fail(internal_error())
-                    return True
-                self._fast = None
+            if p.released:                           # _exchange_done has ended it already
+                self.keep_alive = False
+                self._close()
+                return True
+            if self._current is p and self.exchange is not None:
+                # Its end (_exchange_done) answers the 500, releases and ends the request.
+                self.exchange._fail(internal_error())
+                return True
+            self._current = None
             if conn is not None:                     # taken from the pool, never bound
                 conn.detach()
                 conn.abort()
-            if slot is not None:
-                slot.release()
-            ticket.release()
-            self._failed(internal_error(), ctx, req, True)
-            self._end(ctx)
-            return True
+            p.fail(internal_error())
+            p.release()
         except BaseException:
-            if slot is not None:
-                slot.release()
-            ticket.release()
-            self._end(ctx)
+            p.release()
             raise
+        return True
 
-    def _exchange_done(self, ex: proxy.Exchange, exc: BaseException | None) -> None:
+    def _exchange_done(self, ex: relay.Exchange, exc: BaseException | None) -> None:
         """The end of a request served on the callback path (Exchange on_done)."""
-        ctx, req, route, ticket, slot, body, reused = self._fast
-        self._fast = None
-        if isinstance(exc, UpstreamClosed) and not exc.got_bytes and reused:
+        p = self._current
+        self._current = None
+        if isinstance(exc, UpstreamClosed) and not exc.got_bytes and not p.fresh:
             # A stale pooled connection answered nothing: once more on a fresh one (a connect:
-            # the task does it), as proxy.forward does.
-            self._start_task(resume=(ctx, req, route, ticket, slot, body, True))
+            # the task does it), as relay.forward does.
+            p.fresh = True
+            self._start_task(resume=p)
             return
         try:
-            slot.release()
-            ticket.release()
             if exc is not None:
-                if not isinstance(exc, GatewayError):
-                    exc = proxy.closed_without_answer()
-                self.gw.upstream_failed(exc, ctx)
-                self._failed(exc, ctx, req, True)
+                p.fail(exc if isinstance(exc, GatewayError) else relay.closed_without_answer())
         finally:
-            self._end(ctx)
+            p.release()
         try:
             if self.gone or not self.keep_alive:
                 self._close()
             elif self.parser.has_buffered:
                 # Pipelined requests: taken from the loop, not from inside the callback of
                 # llama-server's connection that called us.
-                self._loop.call_soon(self._serve)
-            elif self.eof or self.gw.shutting_down:
+                self.loop.call_soon(self._serve)
+            elif self.eof or self.services.shutting_down:
                 self._close()
             else:                  # nothing to take: wait idle for the next request
                 self._next_begins()
-                self._go_idle(self.gw.config.keepalive_timeout)
+                self._go_idle(self.services.config.keepalive_timeout)
         except Exception:   # a bug: never leave the socket open
             log.exception("connection handler failed")
             self._close()
 
     # ---------------- the task ----------------
-    def _start_task(self, req: http11.Request | None = None, resume: tuple | None = None) -> None:
+    def _start_task(self, req: http11.Request | None = None,
+                    resume: PendingRequest | None = None) -> None:
         self._state = _TASK
         self._resume = resume
-        task = self._loop.create_task(self.run(req))
+        task = self.loop.create_task(self.run(req))
         self.task = task
         task.add_done_callback(self._task_done)
 
@@ -487,12 +427,8 @@ class ClientConnection(asyncio.Protocol):
         if resume is not None:
             # Cancelled before it started: what was handed over to it is released here.
             self._resume = None
-            ctx, _req, _route, ticket, slot, _body, _fresh = resume
-            if slot is not None:
-                slot.release()
-            ticket.release()
-            ctx.outcome = ctx.outcome or "cancelled"
-            self._end(ctx)
+            resume.ctx.outcome = resume.ctx.outcome or "cancelled"
+            resume.release()
         if self._state is _TASK:
             self._close()
 
@@ -502,7 +438,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             resume, self._resume = self._resume, None
             if resume is not None:
-                await self._proxy(*resume)
+                await self._handle(resume, resumed=True)
                 if not self.keep_alive:
                     return
             while not self.gone:
@@ -514,7 +450,8 @@ class ClientConnection(asyncio.Protocol):
                         idle = True
                         return
                 this, req = req, None
-                await self._handle(this)
+                self._served = True
+                await self._handle(PendingRequest(self, this))
                 if not self.keep_alive or self.gone:
                     return
         except ProtocolError as err:
@@ -527,26 +464,50 @@ class ClientConnection(asyncio.Protocol):
             log.exception("connection handler failed")
         finally:
             if idle:
-                self._go_idle(self.gw.config.keepalive_timeout)
+                self._go_idle(self.services.config.keepalive_timeout)
             else:
                 self._close()
+
+    async def _handle(self, p: PendingRequest, resumed: bool = False) -> None:
+        """One request in the task, from its head (or, resumed, from where the callback path
+        handed it over) to its end; released here whatever happens."""
+        req = p.req
+        try:
+            if not resumed:
+                if not (req.chunked or req.content_length):
+                    self._end_bodiless()
+                p.prepare()                              # CORS, route, key, limits; raises
+                p.ready(await p.read_body())             # body check, maybe a slot; raises
+            await p.execute()
+        except GatewayError as err:
+            p.fail(err)
+        except ClientGone:
+            p.ctx.outcome = "client_closed"
+            raise
+        except Exception:
+            log.exception("request failed unexpectedly: %s %s", req.method, req.path)
+            p.fail(internal_error())
+            if self.exchange is not None:        # still bound to llama-server: dropped
+                self.exchange.abort()
+        finally:
+            p.release()
 
     async def _next_request(self):
         """The next request: a Request, None to close, or _GO_IDLE when nothing is buffered."""
         parser = self.parser
-        loop = self._loop
+        loop = self.loop
         self._next_begins()
         event = parser.next_event()
         if event is http11.NEED_DATA:
             if not parser.has_buffered:
-                if self.gone or self.eof or self.gw.shutting_down:
+                if self.gone or self.eof or self.services.shutting_down:
                     return None
                 return _GO_IDLE
-            deadline = loop.time() + self.gw.config.client_header_timeout
+            deadline = loop.time() + self.services.config.client_header_timeout
             while (event := parser.next_event()) is http11.NEED_DATA:
                 if self.gone or self.eof:
                     return None
-                if not await self._wait_data(deadline) and loop.time() >= deadline:
+                if not await self.wait_data(deadline) and loop.time() >= deadline:
                     raise ProtocolError("Request header not received in time", 408,
                                         "header_timeout")
         if type(event) is not http11.Request:   # parser contract: a head comes first
@@ -558,192 +519,7 @@ class ClientConnection(asyncio.Protocol):
         request on the connection parses whatever this one's answer is (errors included)."""
         if type(self.parser.next_event()) is not http11.EndOfMessage:
             raise ProtocolError("Unexpected body framing", 400)
-        self._body_read = True
-
-    def _drain_body(self, parts: list[bytes], ctx: RequestContext) -> bool:
-        """Take the body pieces already parsed into parts; True once END_OF_MESSAGE is taken."""
-        parser = self.parser
-        while True:
-            event = parser.next_event()
-            if type(event) is http11.Data:
-                parts.append(event.data)
-                ctx.bytes_in += len(event.data)
-            elif type(event) is http11.EndOfMessage:
-                self._body_read = True
-                return True
-            else:
-                return False
-
-    async def _read_body(self, req: http11.Request, ctx: RequestContext) -> bytes:
-        if not req.chunked and not req.content_length:
-            self._body_read = True
-            return b""          # END_OF_MESSAGE already taken by _handle (_end_bodiless)
-        if req.expect_continue and not ctx.continued:
-            # Only now, once the request is accepted: a refused one gets its final status
-            # instead (RFC 9110 10.1.1), and the client never sends the body.
-            ctx.continued = True
-            self.write(http11.CONTINUE_100)
-        cfg = self.gw.config
-        loop = self._loop
-        total_deadline = loop.time() + cfg.client_body_timeout
-        parts: list[bytes] = []
-        while not self._drain_body(parts, ctx):
-            if self.gone:
-                raise ClientGone()
-            if self.eof:
-                # feed_eof makes the parser raise for an incomplete body; be explicit anyway
-                raise ProtocolError("Request body incomplete", 400, "incomplete_request")
-            deadline = min(loop.time() + cfg.client_body_idle_timeout, total_deadline)
-            if not await self._wait_data(deadline) and loop.time() >= deadline:
-                raise ProtocolError("Request body not received in time", 408, "body_timeout")
-        return b"".join(parts) if len(parts) != 1 else parts[0]
-
-    # ---------------- one request, either path ----------------
-    def _begin(self, req: http11.Request) -> RequestContext:
-        rid = req.get("x-request-id")
-        if rid is None or not REQUEST_ID_RE.fullmatch(rid):
-            rid = new_request_id()
-        ctx = RequestContext(self.peer_host, req.method, req.path, rid)
-        ctx.response_headers.append(("x-request-id", rid))
-        gw = self.gw
-        if not req.keep_alive or gw.shutting_down:
-            self.keep_alive = False
-        self._served = True
-        gw.in_flight += 1
-        return ctx
-
-    def _failed(self, err: GatewayError, ctx: RequestContext, req: http11.Request,
-                body_done: bool) -> None:
-        """Answer a request's error, unless its head is already out; close where needed."""
-        if not body_done or err.close:
-            self.keep_alive = False
-        if ctx.status:                     # a head was already sent: nothing more to say
-            self.keep_alive = False
-        elif not self.gone:
-            self._send_error(err, ctx, req)
-
-    def _end(self, ctx: RequestContext) -> None:
-        gw = self.gw
-        gw.in_flight -= 1
-        ctx.duration = time.monotonic() - ctx.started
-        if not ctx.outcome:
-            ctx.outcome = "client_closed" if self.gone or self.eof else "error"
-        if self.gone and ctx.outcome == "ok" and ctx.status == 0:
-            ctx.outcome = "client_closed"
-        gw.observe(ctx)
-
-    async def _handle(self, req: http11.Request) -> None:
-        gw = self.gw
-        ctx = self._begin(req)
-        body_done = not (req.chunked or req.content_length)
-        ticket = admission.NO_TICKET
-        handed = False       # to _proxy, which ends the request
-        try:
-            if body_done:
-                self._end_bodiless()
-            origin = req.get("origin")
-            if origin is not None:
-                ctx.response_headers.extend(gw.cors.headers_for(origin))
-            if req.method == "OPTIONS":
-                await self._read_body(req, ctx)      # a preflight body means nothing: drop it
-                body_done = True
-                self.respond(ctx, req, *gw.cors.preflight(req))
-                ctx.outcome = "ok"
-                return
-            # Ollama clients get Ollama-shaped errors, unknown /api/* paths (404/405) included.
-            ctx.ollama = req.path == "/" or req.path.startswith("/api/")
-            route = routes.match(req.method, req.path)
-            ctx.route = route.name
-            ticket = gw.admission.admit(req, route, ctx)   # auth, rate, key concurrency; raises
-            body = await self._read_body(req, ctx)
-            body_done = True
-            if route.json_body:
-                jsonguard.check(body)                # 400 before a backend slot; raises
-            if gw.is_local(route):                   # answered here, no backend slot
-                self.respond(ctx, req, *gw.local(route, req, ctx, body))
-                ctx.outcome = "ok"
-                return
-            handed = True
-        except GatewayError as err:
-            self._failed(err, ctx, req, body_done)
-        except ClientGone:
-            ctx.outcome = "client_closed"
-            raise
-        except Exception:
-            log.exception("request failed unexpectedly: %s %s", req.method, req.path)
-            self._failed(internal_error(), ctx, req, body_done)
-        finally:
-            if not handed:
-                ticket.release()
-                self._end(ctx)
-        if handed:
-            await self._proxy(ctx, req, route, ticket, None, body, False)
-
-    async def _proxy(self, ctx: RequestContext, req: http11.Request, route, ticket, slot,
-                     body: bytes, fresh: bool) -> None:
-        """A request with its body, admitted (ticket): a backend slot (waiting in the queue
-        unless `slot` is given), then llama-server. Ends the request: releases both, observes."""
-        gw = self.gw
-        try:
-            try:
-                if slot is None:
-                    slot = gw.try_backend_slot()          # global limit; raises
-                    if slot is None:
-                        slot = await self._backend_slot(ctx)  # bounded queue; raises
-                try:
-                    if self.gone or self.eof:
-                        raise ClientGone()
-                    await gw.dispatch(self, ctx, req, route, body, fresh=fresh)
-                finally:
-                    slot.release()
-            finally:
-                ticket.release()
-        except GatewayError as err:
-            self._failed(err, ctx, req, True)
-        except ClientGone:
-            ctx.outcome = "client_closed"
-            raise
-        except Exception:
-            log.exception("request failed unexpectedly: %s %s", req.method, req.path)
-            self._failed(internal_error(), ctx, req, True)
-            if self.exchange is not None:        # still bound to llama-server: dropped
-                self.exchange.abort()
-        finally:
-            self._end(ctx)
-
-    async def _backend_slot(self, ctx: RequestContext):
-        """Wait in the global queue. A client that disconnects (or half-closes) meanwhile cancels
-        the wait, so it neither holds a queue place nor reaches llama-server."""
-        self._queued = True
-        try:
-            return await self.gw.backend_slot(ctx)
-        finally:
-            self._queued = False
-
-    # ---------------- responses ----------------
-    def respond(self, ctx: RequestContext, req: http11.Request, status: int,
-                 headers: list[tuple[str, str]], body: bytes) -> None:
-        out = list(headers)
-        out.extend(ctx.response_headers)
-        if status != 204:
-            out.append(("content-length", str(len(body))))
-        if not self.keep_alive:
-            out.append(("connection", "close"))
-        elif req.version == (1, 0):
-            out.append(("connection", "keep-alive"))   # HTTP/1.0 closes unless told otherwise
-        ctx.status = status
-        if req.method == "HEAD":
-            body = b""
-        ctx.bytes_out += len(body)
-        self.write(http11.response_head(status, out) + body)
-
-    def _send_error(self, err: GatewayError, ctx: RequestContext, req: http11.Request) -> None:
-        headers = [("content-type", "application/json")]
-        headers.extend(err.headers)
-        if not ctx.outcome:
-            ctx.outcome = err.code
-        body = ollama_error_body(err.message) if ctx.ollama else err.body()
-        self.respond(ctx, req, err.status, headers, body)
+        self.body_read = True
 
     def _send_error_simple(self, err: GatewayError) -> None:
         """A protocol error outside any request: answer and close."""
@@ -755,4 +531,4 @@ class ClientConnection(asyncio.Protocol):
                                                  ("content-length", str(len(body))),
                                                  ("connection", "close")] + err.headers)
         self.write(head + body)
-        self.gw.observe_protocol_error(self.peer_host, err)
+        self.services.observe_protocol_error(self.peer_host, err)

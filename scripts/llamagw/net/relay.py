@@ -22,12 +22,12 @@ chunked terminator, so both SDKs that read error events and plain HTTP clients c
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import time
 
+from llamagw.context import Call
 from llamagw.errors import RETRY_AFTER_LOADING, GatewayError, error_body
 from llamagw.net.upstream import UpstreamClosed
+from llamagw.observe.tokens import sse_finished, usage_from_body, usage_from_sse_tail
 from llamagw.wire import http11
 
 # Client request headers passed to llama-server. Everything else is dropped: hop-by-hop headers,
@@ -320,7 +320,7 @@ class Exchange:
     def on_client_gone(self) -> None:
         if self.finished:
             return
-        if self.sse and self.keep_body and _sse_finished(self.tail):
+        if self.sse and self.keep_body and sse_finished(self.tail):
             # Everything up to the stream's `data: [DONE]` was relayed: a client (the OpenAI
             # SDK) may hang up there, before llama-server's closing chunk. The answer was
             # delivered: count it and its tokens as such.
@@ -412,9 +412,9 @@ class Exchange:
         usage = None
         try:
             if self.sse:
-                usage = _usage_from_sse_tail(bytes(self.tail))
+                usage = usage_from_sse_tail(bytes(self.tail))
             elif self.body_parts:
-                usage = _usage_from_body(b"".join(self.body_parts))
+                usage = usage_from_body(b"".join(self.body_parts))
         except (ValueError, UnicodeDecodeError):
             usage = None
         if isinstance(usage, dict):
@@ -425,85 +425,20 @@ class Exchange:
                 self.ctx.completion_tokens = c
 
 
-def _object_key(name: bytes) -> tuple[bytes, re.Pattern]:
-    """`"name"` and the pattern of it as an object key whose value is an object: the quote
-    before it is not escaped, a colon and an object follow."""
-    key = b'"%s"' % name
-    return key, re.compile(rb'(?<!\\)' + re.escape(key) + rb'[ \t\r\n]*:[ \t\r\n]*(?=\{)')
-
-
-_USAGE_KEY = _object_key(b"usage")
-_TIMINGS_KEY = _object_key(b"timings")
-_JSON_DECODER = json.JSONDecoder()
-
-
-def _last_object(data: bytes, object_key: tuple[bytes, re.Pattern]) -> dict | None:
-    """The object value of the last key (_object_key) in JSON text, parsed alone: a few hundred
-    bytes, not the whole answer or event (parsing the whole body was ~5% of the gateway's CPU
-    on small requests; a stream's final event took 6.7 us against 1.6 us alone).
-
-    Inside a JSON string a quote is escaped, so the pattern only matches a key. llama-server has
-    no other object with a `usage` or `timings` key than the answer's (the final event's). None
-    when there is none, or the last one is not a whole object of valid UTF-8 JSON."""
-    key, key_re = object_key
-    pos = data.rfind(key)
-    while pos != -1:
-        m = key_re.match(data, pos)
-        if m is not None:
-            try:
-                value, _ = _JSON_DECODER.raw_decode(data[m.end():].decode("utf-8"))
-            except ValueError:       # UnicodeDecodeError included
-                return None
-            return value if isinstance(value, dict) else None
-        pos = data.rfind(key, 0, pos)
-    return None
-
-
-def _usage_from_body(body: bytes) -> dict | None:
-    """The `usage` object of a JSON answer."""
-    return _last_object(body, _USAGE_KEY)
-
-
-def _sse_finished(tail: bytearray) -> bool:
-    """The last SSE event relayed is the OpenAI stream terminator `data: [DONE]`."""
-    end = len(tail)
-    while end and tail[end - 1] in b"\r\n":
-        end -= 1
-    start = max(tail.rfind(b"\n", 0, end), tail.rfind(b"\r", 0, end)) + 1
-    line = bytes(tail[start:end])
-    return line.startswith(b"data:") and line[5:].strip(b" ") == b"[DONE]"
-
-
-def _usage_from_sse_tail(tail: bytes) -> dict | None:
-    """Token counts of a stream, from the last SSE event that carries them.
-
-    llama-server puts `usage` on the final chunk only when the client asked for
-    stream_options.include_usage; its final chunk always carries `timings` (prompt_n,
-    predicted_n), which give the same counts. We never add include_usage to a client's request:
-    the extra chunk (with empty `choices`) would change what the client receives."""
-    usage = _last_object(tail, _USAGE_KEY)
-    if usage is not None:
-        return usage
-    timings = _last_object(tail, _TIMINGS_KEY)
-    if timings is None:
-        return None
-    return {"prompt_tokens": timings.get("prompt_n"),
-            "completion_tokens": timings.get("predicted_n")}
-
-
 def closed_without_answer() -> GatewayError:
     return GatewayError(502, "llama-server closed the connection without answering",
                         "upstream_closed")
 
 
-def _launch(gw, client, ctx, req, route, conn, method: str, payload: bytes, transform=None,
-            on_done=None) -> Exchange:
-    """Bind a new Exchange to the client and to `conn`, and send the request."""
-    cfg = gw.config
-    ex = Exchange(client, ctx, head_only=req.method == "HEAD", http10=req.version == (1, 0),
+def _launch(call: Call, conn, method: str, payload: bytes, transform=None, on_done=None) -> Exchange:
+    """Bind a new Exchange to the call's client and to `conn`, and send the request."""
+    cfg = call.services.config
+    client = call.client
+    req = call.req
+    ex = Exchange(client, call.ctx, head_only=req.method == "HEAD", http10=req.version == (1, 0),
                   first_byte_timeout=cfg.request_timeout, idle_timeout=cfg.stream_idle_timeout,
-                  write_timeout=cfg.client_write_timeout, account=route.name != "models",
-                  transform=transform, loop=client._loop, on_done=on_done)
+                  write_timeout=cfg.client_write_timeout, account=call.route.name != "models",
+                  transform=transform, loop=client.loop, on_done=on_done)
     ex.conn = conn
     client.exchange = ex
     if client.write_paused:
@@ -512,47 +447,61 @@ def _launch(gw, client, ctx, req, route, conn, method: str, payload: bytes, tran
     return ex
 
 
-def start(gw, client, ctx, req, route, body: bytes, conn, on_done) -> Exchange:
+async def proxy(call: Call) -> None:
+    """The handler of the OpenAI-compatible routes (api/routes.py): the request, rebuilt, to
+    llama-server at route.upstream, and its answer relayed. The connection's callback path calls
+    start() instead when a pooled connection is at hand."""
+    await forward(call)
+
+
+def start(call: Call, conn, on_done) -> Exchange:
     """forward() without a coroutine, for a connection already at hand (a pooled one): the end,
     failures before the head included, is told to on_done(exchange, exc), which also decides on
     the retry of a stale connection (UpstreamClosed without bytes)."""
+    req = call.req
     method = "GET" if req.method == "HEAD" else req.method
-    payload = build_upstream_request(method, route.upstream, req.headers, body,
-                                     gw.backend_hostport, client.peer_host, ctx.request_id)
-    return _launch(gw, client, ctx, req, route, conn, method, payload, on_done=on_done)
+    payload = build_upstream_request(method, call.route.upstream, req.headers, call.body,
+                                     call.services.backend_hostport, call.client.peer_host,
+                                     call.ctx.request_id)
+    return _launch(call, conn, method, payload, on_done=on_done)
 
 
-async def forward(gw, client, ctx, req: http11.Request, route, body: bytes, *,
-                  upstream_path: str | None = None, method: str | None = None,
-                  headers: list[tuple[str, str]] | None = None, transform=None,
-                  fresh: bool = False) -> None:
-    """Send the rebuilt request to llama-server and relay the response to `client`.
+async def forward(call: Call, *, upstream_path: str | None = None, method: str | None = None,
+                  headers: list[tuple[str, str]] | None = None, body: bytes | None = None,
+                  transform=None) -> None:
+    """Send the rebuilt request to llama-server and relay the response to the call's client.
 
-    API translators pass their own upstream path, method, headers and a response transform.
-    fresh: the retry after a stale pooled connection (start()): one attempt, on a new connection.
-    Raises GatewayError before the response head is written (the caller renders it); after that,
-    failures are handled in-band by the Exchange and recorded in ctx.outcome."""
+    API translators pass their own upstream path, method, headers, body and a response
+    transform. call.fresh: the retry after a stale pooled connection (start()): one attempt, on a
+    new connection. Raises GatewayError before the response head is written (the caller renders
+    it); after that, failures are handled in-band by the Exchange and recorded in ctx.outcome."""
+    req = call.req
+    ctx = call.ctx
+    client = call.client
+    services = call.services
+    pool = services.pool
     if method is None:
         method = "GET" if req.method == "HEAD" else req.method
-    payload = build_upstream_request(method, upstream_path or route.upstream,
-                                     req.headers if headers is None else headers, body,
-                                     gw.backend_hostport, client.peer_host, ctx.request_id)
-    for attempt in ((1,) if fresh else (0, 1)):
+    payload = build_upstream_request(method, upstream_path or call.route.upstream,
+                                     req.headers if headers is None else headers,
+                                     call.body if body is None else body,
+                                     services.backend_hostport, client.peer_host, ctx.request_id)
+    for attempt in ((1,) if call.fresh else (0, 1)):
         try:
-            conn = None if attempt else gw.pool.take_idle()   # no await when one is idle
+            conn = None if attempt else pool.take_idle()   # no await when one is idle
             if conn is None:
-                conn = await gw.pool.acquire(fresh=True)
+                conn = await pool.acquire(fresh=True)
         except TimeoutError:
             raise GatewayError(504, "llama-server did not accept the connection in time",
                                "upstream_connect_timeout") from None
         except OSError as exc:
-            raise gw.unreachable(exc) from None     # 503 from the state file, or 502
+            raise services.unreachable(exc) from None     # 503 from the state file, or 502
         if client.gone or client.eof:
             # The client left while we connected: send nothing; the unused connection is pooled.
-            gw.pool.release(conn, True)
+            pool.release(conn, True)
             ctx.outcome = "client_closed"
             return
-        ex = _launch(gw, client, ctx, req, route, conn, method, payload, transform)
+        ex = _launch(call, conn, method, payload, transform)
         try:
             await ex.done
             return

@@ -1,0 +1,76 @@
+"""The route table (api/routes.py): each route carries its facts, and they agree with each other."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from llamagw.api import routes
+from llamagw.errors import Envelope, GatewayError
+from llamagw.limits.admission import Auth
+from llamagw.net import relay
+
+ALL = list(routes.ROUTES.values())
+
+
+def test_the_table_is_the_per_api_tables_keyed_by_method_and_path():
+    tables = (routes.OPENAI_ROUTES, routes.LOCAL_ROUTES, routes.OLLAMA_ROUTES,
+              routes.ADMIN_ROUTES)
+    assert sorted(routes.ROUTES) == sorted(r.key for t in tables for r in t)
+    assert all(key == (r.method, r.path) for key, r in routes.ROUTES.items())
+    with pytest.raises(ValueError, match="defined twice"):
+        routes.table(routes.LOCAL_ROUTES, routes.LOCAL_ROUTES[:1])
+
+
+@pytest.mark.parametrize("route", ALL + list(routes.PREFLIGHTS.values()),
+                         ids=lambda r: f"{r.method} {r.path}")
+def test_every_route_has_an_async_handler_and_enum_facts(route):
+    assert inspect.iscoroutinefunction(route.handler)
+    assert isinstance(route.auth, Auth) and isinstance(route.envelope, Envelope)
+    assert route.name and (route.path.startswith("/") or route.path == "*")
+
+
+def test_proxied_routes_are_the_openai_api_relayed_with_a_key():
+    proxied = [r for r in ALL if r.upstream]
+    assert proxied == list(routes.OPENAI_ROUTES)
+    for r in proxied:
+        assert r.handler is relay.proxy and r.upstream == r.path and not r.local
+        assert (r.auth, r.envelope) == (Auth.KEY, Envelope.OPENAI)
+    assert all(r.handler is not relay.proxy for r in ALL if not r.upstream)
+
+
+def test_ollama_routes_answer_in_ollama_shape_and_only_inference_takes_a_slot():
+    for r in routes.OLLAMA_ROUTES:
+        assert r.envelope is Envelope.OLLAMA and routes.envelope_for(r.path) is Envelope.OLLAMA
+    busy = {r.path for r in ALL if not r.local}
+    assert busy == {r.path for r in routes.OPENAI_ROUTES} | {
+        "/api/chat", "/api/generate", "/api/embed", "/api/embeddings"}
+    assert {r.path for r in ALL if r.streams} == {
+        "/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate"}
+
+
+def test_open_routes_are_only_the_probes():
+    assert {r.path for r in ALL if r.auth is Auth.NONE} == {"/ping", "/health", "/",
+                                                             "/api/version"}
+    assert [r.path for r in ALL if r.auth is Auth.METRICS] == ["/metrics"]
+
+
+def test_admin_routes_deny_by_default():
+    for r in routes.ADMIN_ROUTES:
+        assert (r.auth, r.envelope) == (Auth.ADMIN, Envelope.ADMIN), r
+        assert r.path.startswith("/admin/")
+    assert routes.envelope_for("/admin/api/anything") is Envelope.ADMIN
+
+
+def test_match_head_options_404_405():
+    assert routes.match("HEAD", "/v1/models") is routes.ROUTES[("GET", "/v1/models")]
+    assert routes.match("OPTIONS", "/api/chat") is routes.PREFLIGHTS[Envelope.OLLAMA]
+    assert routes.match("OPTIONS", "/v1/nope").envelope is Envelope.OPENAI
+    with pytest.raises(GatewayError) as info:
+        routes.match("GET", "/v1/models/")
+    assert info.value.status == 404
+    with pytest.raises(GatewayError) as info:
+        routes.match("DELETE", "/v1/models")
+    assert info.value.status == 405 and info.value.headers == [("allow", "GET, HEAD")]
+    assert routes.allowed_methods("/api/delete") == ["DELETE"]
