@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from llamagw.net.connection import RequestContext
+from llamagw.context import RequestContext
 from llamagw.observe import accesslog
 from llamagw.observe.accesslog import ACCESS_FIELDS, AccessLog
 
