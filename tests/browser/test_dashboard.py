@@ -154,7 +154,7 @@ def test_an_inference_key_or_a_wrong_key_cannot_sign_in(fake, open_page):
     assert page.context.cookies() == []
 
 
-def test_setup_note_when_there_is_no_admin_key(tmp_path, open_page):
+def test_setup_note_when_there_is_no_admin_key(tmp_path, open_page, shots_dir):
     from fakes.fake_admin import FakeAdmin
     server = FakeAdmin(str(tmp_path / "data"), admin_keys=False).start()
     try:
@@ -163,6 +163,8 @@ def test_setup_note_when_there_is_no_admin_key(tmp_path, open_page):
         page.goto(server.url + "/ui/")
         expect(page.locator("#setup-note")).to_be_visible()
         expect(page.locator("#setup-note")).to_contain_text("keys.py add NAME --role admin")
+        expect(page.locator("#key")).to_be_focused()
+        page.screenshot(path=str(shots_dir / "signin-setup-light.png"))
     finally:
         server.stop()
 
