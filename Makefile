@@ -10,7 +10,10 @@ DEMO_MODEL := data/models/demo-tiny-llama.gguf
 # (about 22 s of CPU in 55 s run one at a time), so four workers halve it even on two cores.
 UNIT_WORKERS ?= 4
 
-.PHONY: help run test test-unit test-e2e bench lint keys docker clean llama-server model venv
+# The browser tier drives Debian's chromium package (never a Playwright browser download).
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: help run test test-unit test-e2e test-browser chromium bench lint keys docker clean llama-server model venv
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -18,7 +21,7 @@ help: ## list the targets
 $(VENV)/.stamp: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -r requirements-dev.txt
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(VPY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 venv: $(VENV)/.stamp ## create the dev virtualenv from requirements-dev.txt
@@ -34,10 +37,20 @@ model: $(DEMO_MODEL) ## generate the tiny demo model into data/models/
 run: $(VENV)/.stamp ## run the whole stack locally on the demo model, print a first key
 	@$(PYTHON) scripts/run_local.py --cache-dir "$(LLAMA_CACHE)"
 
-test: test-unit test-e2e ## all tests (unit, then end-to-end on the real llama-server)
+test: test-unit test-e2e test-browser ## all tests (unit, end-to-end on the real llama-server, browser)
 
 test-unit: $(VENV)/.stamp ## fast tier: parser, modules, gateway against a fake llama-server
-	$(VPY) -m pytest -q -n $(UNIT_WORKERS) -m "not e2e" tests
+	$(VPY) -m pytest -q -n $(UNIT_WORKERS) -m "not e2e and not browser" tests
+
+chromium: ## Debian's chromium for the browser tier (apt-get as root when it is missing)
+	@if [ -x "$(CHROMIUM)" ]; then echo "chromium: $(CHROMIUM)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "$(CHROMIUM) not found: install Debian's chromium (sudo apt-get install -y chromium) or set CHROMIUM=path"; exit 1; fi
+
+test-browser: $(VENV)/.stamp chromium ## the dashboard in a real browser (Playwright + Debian's chromium, fake admin API)
+	REQUIRE_BROWSER=1 CHROMIUM_BIN="$(CHROMIUM)" PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 \
+	$(VPY) -m pytest -q -m browser tests/browser
 
 test-e2e: $(VENV)/.stamp llama-server model ## the real stack: entrypoint.sh, llama-server, real clients
 	LLAMA_SERVER_BIN="$$($(PYTHON) scripts/llama_bin.py --cache-dir "$(LLAMA_CACHE)")" \
