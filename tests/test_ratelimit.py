@@ -1,15 +1,21 @@
 """ratelimit.py: token bucket (injected clock), per-key concurrency, BackendSlots FIFO queue
-including the grant-and-cancel race."""
+including the grant-and-cancel race; the headers and per-key tickets admission.py makes of them."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+from types import SimpleNamespace
 
 import pytest
 
-from llamagw.limits.ratelimit import (BackendSlots, KeyConcurrency, QueueFull, QueueTimeout, RateDecision,
-                       RateLimiter, SlotsClosed)
+from llamagw.config import load_config
+from llamagw.context import RequestContext
+from llamagw.errors import GatewayError
+from llamagw.limits.admission import ANONYMOUS, Admission, Auth, Ticket
+from llamagw.limits.ratelimit import (BackendSlots, KeyConcurrency, QueueFull, QueueTimeout,
+                                      RateLimiter, SlotsClosed)
+from llamagw.observe.metrics import Metrics
 
 
 def run(coro):
@@ -118,12 +124,38 @@ def test_retain_drops_state_of_removed_keys():
     assert rl.check("a", 0.0).allowed        # a starts fresh (if it is ever re-added)
 
 
+def _admission(rpm: int, per_key: int) -> tuple[Admission, list[float]]:
+    """The production seam (limits/admission.py) with auth off and a clock the test moves."""
+    now = [1000.0]
+    cfg = load_config({"AUTH_ENABLED": "false", "MAX_REQUESTS_PER_MINUTE": str(rpm),
+                       "MAX_CONCURRENT_REQUESTS_PER_KEY": str(per_key)})
+    return Admission(cfg, None, Metrics(), clock=lambda: now[0]), now
+
+
+def _admit(adm: Admission) -> tuple[RequestContext, Ticket | GatewayError]:
+    ctx = RequestContext("127.0.0.1", "GET", "/v1/models", "r")
+    try:
+        return ctx, adm.admit(None, SimpleNamespace(auth=Auth.KEY), ctx)
+    except GatewayError as exc:
+        return ctx, exc
+
+
 def test_headers():
-    d = RateDecision(False, 10, 0, 60, 6)
-    assert d.headers() == [("X-RateLimit-Limit", "10"), ("X-RateLimit-Remaining", "0"),
-                           ("X-RateLimit-Reset", "60"), ("Retry-After", "6")]
-    assert ("Retry-After", "0") not in RateDecision(True, 10, 9, 6, 0).headers()
-    assert len(RateDecision(True, 10, 9, 6, 0).headers()) == 3
+    """The rate-limit headers carry the decision: limit, remaining and reset on every answer,
+    Retry-After only on a refusal."""
+    adm, _ = _admission(rpm=10, per_key=100)
+    for i in range(10):
+        ctx, ticket = _admit(adm)
+        assert isinstance(ticket, Ticket)
+        assert ctx.response_headers == [("x-ratelimit-limit", "10"),
+                                        ("x-ratelimit-remaining", str(9 - i)),
+                                        ("x-ratelimit-reset", str(6 * (i + 1)))]
+        assert "retry-after" not in dict(ctx.response_headers)
+    ctx, refused = _admit(adm)
+    assert isinstance(refused, GatewayError) and refused.code == "rate_limit_exceeded"
+    assert ctx.response_headers == [("x-ratelimit-limit", "10"), ("x-ratelimit-remaining", "0"),
+                                    ("x-ratelimit-reset", "60")]
+    assert refused.headers == [("retry-after", "6")]
 
 
 def test_invalid_default():
@@ -147,17 +179,25 @@ def test_key_concurrency_cap_and_release():
     assert len(kc) == 0  # no state left for idle keys
 
 
-def test_key_hold_is_idempotent_and_releases_on_exception():
-    kc = KeyConcurrency(default_cap=1)
-    hold = kc.hold("a")
-    assert hold is not None and kc.hold("a") is None
-    hold.release(); hold.release()
-    assert kc.in_flight("a") == 0
-    with pytest.raises(RuntimeError):
-        with kc.hold("a"):
-            assert kc.in_flight("a") == 1
-            raise RuntimeError("handler failed")
-    assert kc.in_flight("a") == 0
+def test_key_ticket_is_idempotent_and_a_refusal_holds_nothing():
+    adm, now = _admission(rpm=3, per_key=1)
+    _, ticket = _admit(adm)
+    assert isinstance(ticket, Ticket) and adm.concurrency.in_flight(ANONYMOUS) == 1
+    _, refused = _admit(adm)                   # over the per-key cap
+    assert isinstance(refused, GatewayError) and refused.code == "concurrency_limit_exceeded"
+    assert adm.concurrency.in_flight(ANONYMOUS) == 1
+    ticket.release(); ticket.release()
+    assert adm.concurrency.in_flight(ANONYMOUS) == 0
+    _, ticket = _admit(adm)                    # the third token (the refusal used one)
+    ticket.release()
+    _, refused = _admit(adm)                   # rate limited: no slot is taken
+    assert isinstance(refused, GatewayError) and refused.code == "rate_limit_exceeded"
+    assert adm.concurrency.in_flight(ANONYMOUS) == 0 and len(adm.concurrency) == 0
+    now[0] += 20.0                             # a token is back: the key is not stuck
+    _, ticket = _admit(adm)
+    assert isinstance(ticket, Ticket) and adm.concurrency.in_flight(ANONYMOUS) == 1
+    ticket.release()
+    assert adm.concurrency.in_flight(ANONYMOUS) == 0
 
 
 # --- BackendSlots -----------------------------------------------------------------------------

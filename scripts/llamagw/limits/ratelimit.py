@@ -50,15 +50,6 @@ class RateDecision:
     def __repr__(self) -> str:
         return "RateDecision(%s)" % ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
 
-    def headers(self) -> list[tuple[str, str]]:
-        """X-RateLimit-* headers, plus Retry-After on refusal."""
-        out = [("X-RateLimit-Limit", str(self.limit)),
-               ("X-RateLimit-Remaining", str(self.remaining)),
-               ("X-RateLimit-Reset", str(self.reset_s))]
-        if not self.allowed:
-            out.append(("Retry-After", str(self.retry_after_s)))
-        return out
-
 
 class _Bucket:
     __slots__ = ("tokens", "stamp")
@@ -135,51 +126,18 @@ class KeyConcurrency:
 
     def release(self, key_id: str) -> None:
         """Give back one request of key_id. Releasing more than was acquired is ignored (the
-        counter never goes negative); use hold() for an idempotent handle."""
+        counter never goes negative); limits/admission.py's Ticket is the idempotent handle."""
         count = self._counts.get(key_id, 0)
         if count <= 1:
             self._counts.pop(key_id, None)
         else:
             self._counts[key_id] = count - 1
 
-    def hold(self, key_id: str, cap: int | None = None) -> "KeyHold | None":
-        """try_acquire returning an idempotent release handle (None when over the cap)."""
-        if not self.try_acquire(key_id, cap):
-            return None
-        return KeyHold(self, key_id)
-
     def in_flight(self, key_id: str) -> int:
         return self._counts.get(key_id, 0)
 
     def __len__(self) -> int:
         return len(self._counts)
-
-
-class KeyHold:
-    """One acquired per-key request; release() is idempotent. Also a (async) context manager."""
-    __slots__ = ("_owner", "key_id", "_released")
-
-    def __init__(self, owner: KeyConcurrency, key_id: str):
-        self._owner = owner
-        self.key_id = key_id
-        self._released = False
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._owner.release(self.key_id)
-
-    def __enter__(self) -> "KeyHold":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    async def __aenter__(self) -> "KeyHold":
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.release()
 
 
 class QueueFull(Exception):
