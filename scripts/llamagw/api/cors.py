@@ -21,10 +21,6 @@ class Cors:
         self.any = "*" in origins
         self.origins = frozenset(o for o in origins if o != "*")
 
-    @property
-    def enabled(self) -> bool:
-        return self.any or bool(self.origins)
-
     def allow_origin(self, origin: str) -> str | None:
         if self.any:
             return "*"

@@ -9,7 +9,7 @@ Public API (all pure; times injectable):
     OllamaError(status, message) .body(); error_body(msg); dumps(obj); parse_json_body(raw);
     upstream_error(status, raw); not_supported(path) -> OllamaError(501) | None
     chat_request(body, model) / generate_request(body, model) / embed_request(body, model,
-        legacy=) -> OpenAI body | ModelLoad;  upstream_path(openai_body); wants_stream(body)
+        legacy=) -> OpenAI body | ModelLoad;  upstream_path(openai_body)
     load_response(marker, model, now_ns); chat_response(openai, model, kind, started_ns,
         now_ns=); embed_response(openai, model, legacy, started_ns=, now_ns=, dimensions=)
     ChatStream(model, kind, clock_ns).feed_event(data) / .finish() / .error_line(msg)
@@ -59,8 +59,8 @@ Decisions (documented here because clients will notice them):
 
 Layout: this module is the public face (the names below); the code lives in
 api/ollama_common.py (OllamaError, error_body, dumps, parse_json_body, upstream_error,
-not_supported, rfc3339_ns), api/ollama_requests.py (*_request, upstream_path, wants_stream,
-ModelLoad, load_response), api/ollama_responses.py (chat_response, embed_response),
+not_supported, rfc3339_ns), api/ollama_requests.py (*_request, upstream_path, ModelLoad,
+load_response), api/ollama_responses.py (chat_response, embed_response),
 api/ollama_stream.py (ChatStream, NDJSON_CONTENT_TYPE) and api/ollama_listings.py (version,
 tags, show, ps, capabilities, names, ROOT_TEXT). Limits are read where they are used: patch
 them in those modules.
@@ -77,7 +77,6 @@ from llamagw.api.ollama_listings import (
 )
 from llamagw.api.ollama_requests import (
     ModelLoad, chat_request, embed_request, generate_request, load_response, upstream_path,
-    wants_stream,
 )
 from llamagw.api.ollama_responses import chat_response, embed_response
 from llamagw.api.ollama_stream import NDJSON_CONTENT_TYPE, ChatStream
@@ -89,7 +88,7 @@ __all__ = [
     "matches_model", "ollama_name", "ps_response", "show_response", "tags_response",
     "version_response",
     "ModelLoad", "chat_request", "embed_request", "generate_request", "load_response",
-    "upstream_path", "wants_stream",
+    "upstream_path",
     "chat_response", "embed_response",
     "NDJSON_CONTENT_TYPE", "ChatStream",
 ]

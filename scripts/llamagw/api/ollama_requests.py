@@ -91,11 +91,6 @@ def upstream_path(openai_body: dict) -> str:
     return UPSTREAM_EMBEDDINGS
 
 
-def wants_stream(body: dict) -> bool:
-    """Ollama streams unless "stream" is false."""
-    return _stream_flag(body)
-
-
 def chat_request(body: dict, model_name: str) -> dict | ModelLoad:
     """/api/chat JSON -> /v1/chat/completions JSON, or a ModelLoad marker."""
     _check_common(body)

@@ -43,9 +43,6 @@ class KeyEditError(Exception):
     """An edit that cannot be made (no such key, name taken, file changed meanwhile)."""
 
 
-CliError = KeyEditError   # the CLI's name for it
-
-
 @dataclasses.dataclass(frozen=True)
 class ListedKey:
     info: KeyInfo

@@ -394,9 +394,6 @@ class UpstreamPool:
         while len(self._idle) > self.max_idle:
             self._idle.popleft().abort()
 
-    def discard(self, conn: UpstreamConnection) -> None:
-        conn.abort()
-
     def _forget(self, conn: UpstreamConnection) -> None:
         self._all.discard(conn)
         # An idle connection closed by llama-server leaves the deque lazily (checked on acquire).
