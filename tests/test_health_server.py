@@ -382,7 +382,8 @@ def test_probes_answered_while_idle_connections_flood_the_port(server):
 def inproc(tmp_path):
     """start(cap) -> (port, server): a HealthServer in a thread of this process, with its
     connection cap lowered so that a test reaches it with few sockets; state "starting"."""
-    import health_server
+    from llamagw.health import prober as prober_module
+    from llamagw.health import server as health_server
     started = []
 
     def start(cap: int):
@@ -390,7 +391,7 @@ def inproc(tmp_path):
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
         listener.listen(health_server.LISTEN_BACKLOG)
-        prober = health_server.Prober(os.path.join(str(tmp_path), "health"), "127.0.0.1",
+        prober = prober_module.Prober(os.path.join(str(tmp_path), "health"), "127.0.0.1",
                                       free_port())
         srv = health_server.HealthServer(listener, prober, max_connections=cap)
         thread = threading.Thread(target=srv.run, daemon=True)
@@ -414,7 +415,7 @@ def wait_for(predicate, deadline: float = IO_TIMEOUT) -> bool:
 
 
 def test_at_the_cap_the_oldest_idle_connection_makes_room(inproc):
-    import health_server
+    from llamagw.health import server as health_server
     port, srv = inproc(4)
     idle = [socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) for _ in range(4)]
     try:
@@ -445,7 +446,7 @@ def test_at_the_cap_a_young_connection_is_not_pushed_out_by_newer_ones(inproc, m
     """A probe whose head comes a moment after its connect, while newer connections pile up
     behind it at the cap: it is held MIN_HOLD whatever comes after it (the newcomers wait in the
     listen queue), so it is answered; then the oldest idle connections make room."""
-    import health_server
+    from llamagw.health import server as health_server
     monkeypatch.setattr(health_server, "MIN_HOLD", 0.5)   # ample for a loaded test machine
     port, srv = inproc(4)
     late = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
@@ -491,7 +492,7 @@ def test_probes_answered_while_a_flood_exceeds_the_cap(inproc):
 
 
 def test_a_head_that_takes_too_long_is_dropped(inproc):
-    import health_server
+    from llamagw.health import server as health_server
     port, _srv = inproc(8)
     with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as s:
         t0 = time.monotonic()
