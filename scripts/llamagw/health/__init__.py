@@ -1,1 +1,1 @@
-"""The platform's probe server (scripts/health_server.py): stdlib, config and backend_state only."""
+"""health: the probe server of scripts/health_server.py. Stdlib, config and backend_state only."""

@@ -1,10 +1,10 @@
 """The probe server's loop, HealthServer: it serves what health/prober.py's Prober decides.
 
-One thread, non-blocking sockets, one selector (not asyncio): a connection costs a descriptor and a small
-object, and nothing it does (send nothing, trickle, never read) holds up the others. At most
-MAX_CONNECTIONS are held; when a new one arrives at the cap, the oldest one still waiting for
-its head is dropped to make room (a probe sends its head at once, so the connections that wait
-longest are the idle ones of a flood), but only once it has been held MIN_HOLD: while every
+One thread, non-blocking sockets, one selector (not asyncio): a connection costs a descriptor
+and a small object, and nothing it does (send nothing, trickle, never read) holds up the others.
+At most MAX_CONNECTIONS are held; when a new one arrives at the cap, the oldest one still waiting
+for its head is dropped to make room (a probe sends its head at once, so the connections that
+wait longest are the idle ones of a flood), but only once it has been held MIN_HOLD: while every
 connection held is younger than that, no more are accepted (they wait in the listen queue, in
 order), so a flood that reconnects at once cannot push a probe out before its head is read. A
 head must arrive whole within HEAD_TIMEOUT and fit in MAX_HEAD_BYTES. The gateway check is a
