@@ -7,7 +7,8 @@
 - health_server.py loads no llamagw module but health/, config and backend_state, and those import
   nothing else but the standard library;
 - no llamagw module and no program in scripts/ is over MAX_LINES lines, but the ones listed to
-  split.
+  split;
+- README.md's Layout names every program and every package folder.
 """
 
 from __future__ import annotations
@@ -200,3 +201,18 @@ def test_modules_stay_small():
     assert not new, f"over {MAX_LINES} lines, split them: {new}"
     assert not TO_SPLIT - set(over), f"under {MAX_LINES} lines now, take them off TO_SPLIT: " \
         f"{sorted(TO_SPLIT - set(over))}"
+
+
+def test_the_readme_layout_names_every_program_and_folder():
+    """README.md's Layout block has a line for each program in scripts/ and each package folder
+    (a folder's line starts with `  name/`, for the folder or one of its modules)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    starts = [line.split()[0] for line in block.splitlines() if line.strip()]
+    programs = [f"scripts/{p.name}" for p in sorted(SCRIPTS.glob("*.py"))]
+    missing = [p for p in programs if p not in starts]
+    assert not missing, f"programs missing from README's Layout: {missing}"
+    folders = sorted(p.name for p in (SCRIPTS / PACKAGE).iterdir()
+                     if p.is_dir() and p.name != "__pycache__")
+    missing = [f for f in folders if not any(s.startswith(f"{f}/") for s in starts)]
+    assert not missing, f"package folders missing from README's Layout: {missing}"
