@@ -38,6 +38,7 @@ Deadlines (config):
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 
 from llamagw.api import routes
@@ -57,11 +58,17 @@ MAX_PIPELINED_BYTES = 256 * 1024
 # closer than this to the deadline counts as expired.
 DEADLINE_SLACK = 0.001
 
-# The connection's states (what data_received does with new bytes):
-_IDLE = "idle"        # no request: the bytes start one (_serve)
-_BUSY = "busy"        # a request served on the callback path: the bytes wait in the parser
-_TASK = "task"        # the task serves: the bytes wake it if it waits for them
-_CLOSED = "closed"
+
+class ConnState(enum.Enum):
+    """A connection's state: what data_received does with new bytes."""
+    IDLE = "idle"        # no request: the bytes start one (_serve)
+    BUSY = "busy"        # a request served on the callback path: the bytes wait in the parser
+    TASK = "task"        # the task serves: the bytes wake it if it waits for them
+    CLOSED = "closed"
+
+
+# Module names for the members: a read through the class costs ~60-100 ns, on every data_received.
+_IDLE, _BUSY, _TASK, _CLOSED = ConnState.IDLE, ConnState.BUSY, ConnState.TASK, ConnState.CLOSED
 _GO_IDLE = object()   # _next_request: nothing buffered, the task may end
 
 
@@ -78,7 +85,7 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.exchange: relay.Exchange | None = None
         self.task: asyncio.Task | None = None
-        self._state = _IDLE
+        self._state: ConnState = _IDLE
         self._served = False      # a request was taken: idle waits are keep-alive waits
         self._waiter: asyncio.Future | None = None
         # One timer per connection for every deadline: the idle and task waits (keep-alive,
