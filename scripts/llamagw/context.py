@@ -53,7 +53,9 @@ class RequestContext:
     __slots__ = ("request_id", "key_id", "client", "method", "path", "route", "status",
                  "bytes_in", "bytes_out", "started", "ttfb", "duration", "stream", "outcome",
                  "prompt_tokens", "completion_tokens", "response_headers", "upstream_error",
-                 "continued")
+                 "continued",
+                 # usage (issue 28): cached prompt tokens, the model llama-server answered with
+                 "cached_tokens", "answered_model")
 
     def __init__(self, client: str, method: str, path: str, request_id: str):
         self.request_id = request_id
@@ -75,6 +77,8 @@ class RequestContext:
         self.response_headers: list[tuple[str, str]] = []
         self.upstream_error = ""
         self.continued = False     # 100 Continue sent
+        self.cached_tokens: int | None = None     # prompt tokens llama-server had cached
+        self.answered_model: str | None = None    # the answer's "model" (observe/tokens.py)
 
 
 class Client(Protocol):

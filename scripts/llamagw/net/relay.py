@@ -27,7 +27,8 @@ import time
 from llamagw.context import Call
 from llamagw.errors import RETRY_AFTER_LOADING, GatewayError, error_body
 from llamagw.net.upstream import UpstreamClosed
-from llamagw.observe.tokens import sse_finished, usage_from_body, usage_from_sse_tail
+from llamagw.observe.tokens import (model_of, sse_finished, usage_counts, usage_from_body,
+                                    usage_from_sse_tail)
 from llamagw.wire import http11
 
 # Client request headers passed to llama-server. Everything else is dropped: hop-by-hop headers,
@@ -65,7 +66,7 @@ class Exchange:
                  "swallow", "chunked_out", "sse", "keep_body", "body_parts", "body_size", "tail",
                  "last_activity", "idle_timeout", "write_timeout", "first_byte_timeout",
                  "_stall_timer", "upstream_keep_alive", "status", "transform",
-                 "_head", "_pending", "finished", "_on_done", "bulk")
+                 "_head", "_pending", "finished", "_on_done", "bulk", "events")
 
     def __init__(self, client, ctx, *, head_only: bool, http10: bool, first_byte_timeout: float,
                  idle_timeout: float, write_timeout: float, account: bool, transform=None,
@@ -98,6 +99,9 @@ class Exchange:
         self.body_parts: list[bytes] = []
         self.body_size = 0
         self.tail = bytearray()
+        # SSE events relayed (one upstream chunk each, as llama-server sends them): what a stream
+        # cut before its counts generated, one token per event (_finish).
+        self.events = 0
         self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
         self.write_timeout = write_timeout
@@ -174,6 +178,7 @@ class Exchange:
             return
         if self.keep_body:
             if self.sse:
+                self.events += 1
                 tail = self.tail
                 tail += data
                 if len(tail) > 2 * SSE_TAIL_BYTES:
@@ -199,6 +204,7 @@ class Exchange:
         each chunk's data, so they are queued as they are. Only while self.bulk."""
         self.last_activity = self.loop.time()
         if self.keep_body:       # an SSE stream (see on_head): keep its last events
+            self.events += len(spans) >> 1
             tail = self.tail
             if len(spans) == 2:  # one chunk (a paced stream's read)
                 tail += framed[spans[0]:spans[1]]
@@ -373,6 +379,11 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
+        if self.events and self.ctx.completion_tokens is None:
+            # A stream that ended without its counts (cut: the client left, llama-server closed
+            # or went silent): what was generated, one token per event relayed. Its prompt
+            # tokens are unknown (llama-server reports them at the end only).
+            self.ctx.completion_tokens = self.events
         if self._on_done is not None:
             self._on_done(self, exc)
             return
@@ -409,20 +420,31 @@ class Exchange:
             self._finish(pool=False)
 
     def _account(self) -> None:
-        usage = None
+        """The answer's token counts and model (observe/tokens.py) onto the request context."""
         try:
             if self.sse:
-                usage = usage_from_sse_tail(bytes(self.tail))
+                data = bytes(self.tail)
+                usage = usage_from_sse_tail(data)
             elif self.body_parts:
-                usage = usage_from_body(b"".join(self.body_parts))
+                data = self.body_parts[0] if len(self.body_parts) == 1 else b"".join(
+                    self.body_parts)
+                usage = usage_from_body(data)
+            else:
+                return
+            model = model_of(data)
         except (ValueError, UnicodeDecodeError):
-            usage = None
-        if isinstance(usage, dict):
-            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if isinstance(p, int):
-                self.ctx.prompt_tokens = p
-            if isinstance(c, int):
-                self.ctx.completion_tokens = c
+            return
+        ctx = self.ctx
+        if model is not None:
+            ctx.answered_model = model
+        if usage is not None:
+            prompt, completion, cached = usage_counts(usage)
+            if prompt is not None:
+                ctx.prompt_tokens = prompt
+            if completion is not None:
+                ctx.completion_tokens = completion
+            if cached is not None:
+                ctx.cached_tokens = cached
 
 
 def closed_without_answer() -> GatewayError:

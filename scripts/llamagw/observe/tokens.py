@@ -1,5 +1,12 @@
-"""Token counts of a llama-server answer, and whether a stream was finished: read from the end
-of the relayed bytes (net/relay.Exchange), never by parsing the whole answer.
+"""Token counts and model of a llama-server answer, and whether a stream was finished: read from
+the end of the relayed bytes (net/relay.Exchange), never by parsing the whole answer.
+
+The counts (usage_counts): prompt, completion and cached prompt tokens. llama-server reports them
+in `usage` (prompt_tokens counts the whole prompt, prompt_tokens_details.cached_tokens the part
+reused from its cache) and always in `timings` (prompt_n: the prompt tokens it processed, i.e.
+WITHOUT the cached ones; cache_n: the cached ones; predicted_n: generated). Seen on the
+llama-server the tests run: a prompt of 33 tokens sent twice answers usage.prompt_tokens 33,
+cached_tokens 32, timings.prompt_n 1, cache_n 32 the second time.
 
 Pure: no I/O. On the hot path (every relayed answer), so a key is found by rfind and only its
 object is parsed.
@@ -21,6 +28,11 @@ def _object_key(name: bytes) -> tuple[bytes, re.Pattern]:
 _USAGE_KEY = _object_key(b"usage")
 _TIMINGS_KEY = _object_key(b"timings")
 _JSON_DECODER = json.JSONDecoder()
+# A model name longer than this (bytes of its JSON text) is not read: names are short (router
+# mode's are at most 128 characters, an alias or a file path a few hundred); the ledger keeps 256.
+MAX_MODEL_BYTES = 1024
+_MODEL_KEY = b'"model"'
+_MODEL_RE = re.compile(rb'(?<!\\)"model"[ \t\r\n]*:[ \t\r\n]*"')
 
 
 def _last_object(data: bytes, object_key: tuple[bytes, re.Pattern]) -> dict | None:
@@ -61,17 +73,74 @@ def sse_finished(tail: bytearray) -> bool:
 
 
 def usage_from_sse_tail(tail: bytes) -> dict | None:
-    """Token counts of a stream, from the last SSE event that carries them.
+    """Token counts of a stream, from the last SSE event that carries them, as a `usage` object.
 
     llama-server puts `usage` on the final chunk only when the client asked for
-    stream_options.include_usage; its final chunk always carries `timings` (prompt_n,
-    predicted_n), which give the same counts. We never add include_usage to a client's request:
-    the extra chunk (with empty `choices`) would change what the client receives."""
+    stream_options.include_usage; its final chunk always carries `timings`, which give the same
+    counts: prompt_tokens = prompt_n + cache_n (prompt_n leaves the cached tokens out),
+    completion_tokens = predicted_n, cached = cache_n. We never add include_usage to a client's
+    request: the extra chunk (with empty `choices`) would change what the client receives."""
     usage = _last_object(tail, _USAGE_KEY)
     if usage is not None:
         return usage
     timings = _last_object(tail, _TIMINGS_KEY)
     if timings is None:
         return None
-    return {"prompt_tokens": timings.get("prompt_n"),
-            "completion_tokens": timings.get("predicted_n")}
+    prompt = timings.get("prompt_n")
+    cached = timings.get("cache_n")
+    if type(prompt) is int and type(cached) is int and cached > 0:
+        prompt += cached
+    out = {"prompt_tokens": prompt, "completion_tokens": timings.get("predicted_n")}
+    if cached is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    return out
+
+
+def usage_counts(usage) -> tuple[int | None, int | None, int | None]:
+    """(prompt, completion, cached) tokens of a `usage` object: each a whole number >= 0, or None
+    where it is missing or not one. cached: prompt_tokens_details.cached_tokens (OpenAI's and
+    llama-server's place), else a top-level cached_tokens."""
+    if not isinstance(usage, dict):
+        return None, None, None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    details = usage.get("prompt_tokens_details")
+    cached = (details.get("cached_tokens") if isinstance(details, dict)
+              else usage.get("cached_tokens"))
+    return _count(prompt), _count(completion), _count(cached)
+
+
+def _count(value) -> int | None:
+    return value if type(value) is int and value >= 0 else None
+
+
+def model_of(data: bytes) -> str | None:
+    """The string value of the last `"model"` key in JSON text (an answer, or a stream's last
+    event): the model llama-server answered with. None when there is none, or it is empty or
+    longer than MAX_MODEL_BYTES, or not valid. Found by rfind, like the counts; a quoted "model"
+    inside a string (a generated token) has an escaped quote and is skipped."""
+    pos = data.rfind(_MODEL_KEY)
+    while pos != -1:
+        if data.startswith(b'":"', pos + 6) and (pos == 0 or data[pos - 1] != 92):
+            start = pos + 9          # compact JSON, as llama-server writes it: no regex
+        else:
+            m = _MODEL_RE.match(data, pos)
+            start = m.end() if m is not None else -1
+        if start != -1:
+            end = data.find(b'"', start, start + MAX_MODEL_BYTES + 1)
+            if end == -1:
+                return None
+            raw = data[start:end]
+            try:
+                if b"\\" in raw:       # escapes (a quote among them): JSON reads the string
+                    text = data[start - 1:start + 2 * MAX_MODEL_BYTES].decode("utf-8", "replace")
+                    value, _ = _JSON_DECODER.raw_decode(text)
+                    if not isinstance(value, str) or len(value) > MAX_MODEL_BYTES:
+                        return None
+                else:
+                    value = raw.decode("utf-8")
+            except ValueError:       # UnicodeDecodeError included
+                return None
+            return value or None
+        pos = data.rfind(_MODEL_KEY, 0, pos)
+    return None
