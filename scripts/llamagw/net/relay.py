@@ -379,11 +379,15 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        if self.events and self.ctx.completion_tokens is None:
+        ctx = self.ctx
+        if self.events and ctx.completion_tokens is None:
             # A stream that ended without its counts (cut: the client left, llama-server closed
             # or went silent): what was generated, one token per event relayed. Its prompt
-            # tokens are unknown (llama-server reports them at the end only).
-            self.ctx.completion_tokens = self.events
+            # tokens are unknown (llama-server reports them at the end only). Every event names
+            # the model.
+            ctx.completion_tokens = self.events
+            if ctx.answered_model is None:
+                ctx.answered_model = model_of(bytes(self.tail))
         if self._on_done is not None:
             self._on_done(self, exc)
             return
@@ -420,7 +424,8 @@ class Exchange:
             self._finish(pool=False)
 
     def _account(self) -> None:
-        """The answer's token counts and model (observe/tokens.py) onto the request context."""
+        """The answer's token counts and model (observe/tokens.py) onto the request context:
+        whole numbers >= 0 only (usage_counts' rule, inlined: every relayed answer)."""
         try:
             if self.sse:
                 data = bytes(self.tail)
@@ -438,13 +443,14 @@ class Exchange:
         if model is not None:
             ctx.answered_model = model
         if usage is not None:
-            prompt, completion, cached = usage_counts(usage)
-            if prompt is not None:
-                ctx.prompt_tokens = prompt
-            if completion is not None:
-                ctx.completion_tokens = completion
-            if cached is not None:
-                ctx.cached_tokens = cached
+            n = usage.get("prompt_tokens")
+            if type(n) is int and n >= 0:
+                ctx.prompt_tokens = n
+            n = usage.get("completion_tokens")
+            if type(n) is int and n >= 0:
+                ctx.completion_tokens = n
+            if "prompt_tokens_details" in usage or "cached_tokens" in usage:
+                ctx.cached_tokens = usage_counts(usage)[2]
 
 
 def closed_without_answer() -> GatewayError:
