@@ -260,3 +260,18 @@ async def test_a_single_request_is_served_before_a_busy_keys_queue(tmp_path):
         order = [r.json()["messages"][0]["content"] for r in s.fake.requests]
         assert order[:2] == ["alice-running", "bob-single"]
         assert order[2:] == [f"alice-{i}" for i in range(50)]       # alice's in her order
+
+
+@aio
+async def test_without_the_ledger_token_limits_still_apply(tmp_path):
+    async with Stack(tmp_path, key_file=KEYS) as s:          # USAGE_ENABLED=false: no ledger
+        assert s.gw.ledger is None
+        for _ in range(3):                                   # 3 x 7 tokens: over dave's 20
+            assert (await s.one(post("/v1/chat/completions", chat(), key=DAVE))).status == 200
+        r = await s.one(post("/v1/chat/completions", chat(), key=DAVE))
+        assert r.status == 429 and r.error()["code"] == "token_limit_exceeded"
+        r = await s.one(get("/admin/usage", key=ROOT))
+        assert r.status == 200 and r.json() == {"rows": []}
+        assert not os.path.exists(s.config.usage_dir)
+        text = (await s.one(get("/metrics"))).body.decode()
+        assert re.search(r"^gateway_usage_rows_dropped_total 0$", text, re.M)

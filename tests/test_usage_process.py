@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 
 class Gateway:
-    def __init__(self, tmp_path, backend_port: int):
+    def __init__(self, tmp_path, backend_port: int, **extra: str):
         self.port = _free_port()
         self.data = tmp_path / "data"
         self.data.mkdir(exist_ok=True)
@@ -43,6 +43,7 @@ class Gateway:
                     "PORT_BACKEND": str(backend_port), "DATA_DIR": str(self.data),
                     "RUN_DIR": str(tmp_path / "run"), "AUTH_KEYS_FILE": keys,
                     "GRACEFUL_TIMEOUT": "5", "MAX_REQUESTS_PER_MINUTE": "10000"})
+        env.update(extra)
         self.proc = subprocess.Popen([sys.executable, GATEWAY], env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
         deadline = time.monotonic() + START_DEADLINE_S
@@ -162,3 +163,37 @@ def test_kill_9_loses_at_most_the_last_flush_interval_and_the_next_start_appends
         assert gw.ledger == path
         after = _rows(path)
         assert after[:len(rows)] == rows and len(after) == len(rows) + 1
+
+
+def test_retention_is_applied_at_start_as_configured(tmp_path):
+    path = usage.usage_path(str(tmp_path / "data"))          # this host's file, as the gateway's
+    old = usage.Ledger(path, retention_days=None)
+    now = time.time()
+    for days in (3, 0.5):                                    # one row older than a day, one not
+        old.record((now - days * 86400, f"old-{days}", "alice", None, "chat_completions", 200,
+                    "ok", 1, 1, None, 1.0, 1.0, 1, 1))
+    assert old.close()
+    with FakeLlamaThread() as fake:
+        gw = Gateway(tmp_path, fake.port, USAGE_RETENTION_DAYS="1")
+        try:
+            gw.chat()
+            time.sleep(usage.MAX_FLUSH_INTERVAL_S + 0.5)      # the writer's first pass: retention
+            code, err = gw.stop()
+            assert code == 0, err
+        finally:
+            gw.kill()
+    assert gw.ledger == path
+    assert [r[0] for r in _rows(path)][:1] == ["old-0.5"] and len(_rows(path)) == 2
+
+
+def test_usage_disabled_writes_nothing(tmp_path):
+    with FakeLlamaThread() as fake:
+        gw = Gateway(tmp_path, fake.port, USAGE_ENABLED="false")
+        try:
+            gw.chat()
+            code, err = gw.stop()
+            assert code == 0, err
+        finally:
+            gw.kill()
+    assert not (gw.data / "usage").exists()
+    assert "usage ledger" not in err
