@@ -17,8 +17,9 @@ from llamagw.observe import usage
 DAVE = "sk-dave-0123456789abcdef0"       # tpm=20
 ERIN = "sk-erin-0123456789abcdef0"       # tpd=25
 ROOT = "sk-root-0123456789abcdef0"       # an admin key
+FAY = "sk-fay-0123456789abcdef00"        # rpm=1 tpm=100
 KEYS = (KEY_FILE + f"dave:{DAVE} tpm=20\n" + f"erin:{ERIN} tpd=25\n"
-        + f"root:{ROOT} role=admin\n")
+        + f"root:{ROOT} role=admin\n" + f"fay:{FAY} rpm=1 tpm=100\n")
 # The fake counts a prompt's words as its tokens: chat() asks "hello there", 2 tokens.
 PROMPT = 2
 
@@ -187,6 +188,12 @@ async def test_a_key_over_its_tokens_per_minute_gets_429_with_retry_after(tmp_pa
             "dave", 429, "token_limit_exceeded")
         text = (await s.one(get("/metrics"))).body.decode()
         assert re.search(r'^gateway_rate_limited_total\{key_id="dave"\} 1$', text, re.M)
+        # every answer to a key with a token limit says where it stands, other refusals too
+        assert (await s.one(post("/v1/chat/completions", chat(), key=FAY))).status == 200
+        r = await s.one(post("/v1/chat/completions", chat(), key=FAY))
+        assert r.status == 429 and r.error()["code"] == "rate_limit_exceeded"
+        assert (r.get("x-ratelimit-limit-tokens"), r.get("x-ratelimit-remaining-tokens")) == (
+            "100", "93")
 
 
 @aio

@@ -114,6 +114,9 @@ class Admission:
             info = None
             key_id, rpm, cap = ANONYMOUS, None, None
         ctx.key_id = key_id
+        tokens = None
+        if info is not None and auth is _KEY and (info.tpm is not None or info.tpd is not None):
+            tokens = self.token_decision(info, ctx)      # its headers on every answer
         decision = self.rate.check(key_id, self.clock(), rpm)
         ctx.response_headers += [("x-ratelimit-limit", str(decision.limit)),
                                  ("x-ratelimit-remaining", str(decision.remaining)),
@@ -123,8 +126,11 @@ class Admission:
             raise GatewayError(429, f"Rate limit of {decision.limit} requests per minute reached "
                                     f"for key '{key_id}'", "rate_limit_exceeded",
                                headers=[("retry-after", str(decision.retry_after_s))])
-        if info is not None and auth is _KEY and (info.tpm is not None or info.tpd is not None):
-            self.check_tokens(info, ctx)
+        if tokens is not None and not tokens.allowed:
+            self.metrics.inc_rate_limited(key_id)
+            raise GatewayError(429, f"Token limit of {tokens.limit} tokens per {tokens.window} "
+                                    f"reached for key '{key_id}'", "token_limit_exceeded",
+                               headers=[("retry-after", str(tokens.retry_after_s))])
         if not self.concurrency.try_acquire(key_id, cap):
             self.metrics.inc_rate_limited(key_id)
             raise GatewayError(429, f"Too many concurrent requests for key '{key_id}'",
@@ -132,17 +138,12 @@ class Admission:
                                headers=[("retry-after", str(RETRY_AFTER_CONCURRENCY))])
         return Ticket(self.concurrency, key_id)
 
-    def check_tokens(self, info: keys.KeyInfo, ctx) -> None:
-        """The key's token budget: its headers, and 429 token_limit_exceeded when spent."""
+    def token_decision(self, info: keys.KeyInfo, ctx) -> budget.TokenDecision:
+        """The key's token budget now (nothing charged), its headers added to the answer."""
         decision = self.budget.check(info.key_id, budget.TokenLimits(info.tpm, info.tpd))
         ctx.response_headers += [("x-ratelimit-limit-tokens", str(decision.limit)),
                                  ("x-ratelimit-remaining-tokens", str(decision.remaining))]
-        if not decision.allowed:
-            self.metrics.inc_rate_limited(info.key_id)
-            raise GatewayError(429, f"Token limit of {decision.limit} tokens per "
-                                    f"{decision.window} reached for key '{info.key_id}'",
-                               "token_limit_exceeded",
-                               headers=[("retry-after", str(decision.retry_after_s))])
+        return decision
 
     def charge(self, key_id: str, tokens: int) -> None:
         """A finished request's tokens, for a key with a token limit (others are not tracked:
