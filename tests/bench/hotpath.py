@@ -5,8 +5,8 @@
                                    [--new-connections] [--body-bytes B] [--profile K]
                                    [--no-usage]
 
-A real Gateway (auth on, key file, access log, usage ledger, metrics) is driven in-process: one client
-connection and one pooled upstream connection with in-memory transports. Each request is fed to
+A real Gateway (auth on, key file, access log, usage ledger, metrics) is driven in-process: one
+client connection and one pooled upstream connection with in-memory transports. Each request is fed to
 the client protocol, the upstream request is answered with a fixed llama-server-shaped response,
 and the answer is awaited on the client transport. No kernel, no other process: the CPU time per
 request (process time, the access-log and usage-ledger threads included) is the Python cost

@@ -27,8 +27,7 @@ import time
 from llamagw.context import Call
 from llamagw.errors import RETRY_AFTER_LOADING, GatewayError, error_body
 from llamagw.net.upstream import UpstreamClosed
-from llamagw.observe.tokens import (model_of, sse_finished, usage_counts, usage_from_body,
-                                    usage_from_sse_tail)
+from llamagw.observe.tokens import account, account_cut, sse_finished
 from llamagw.wire import http11
 
 # Client request headers passed to llama-server. Everything else is dropped: hop-by-hop headers,
@@ -99,9 +98,7 @@ class Exchange:
         self.body_parts: list[bytes] = []
         self.body_size = 0
         self.tail = bytearray()
-        # SSE events relayed (one upstream chunk each, as llama-server sends them): what a stream
-        # cut before its counts generated, one token per event (_finish).
-        self.events = 0
+        self.events = 0          # SSE events relayed: a cut stream's count (tokens.account_cut)
         self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
         self.write_timeout = write_timeout
@@ -379,15 +376,8 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        ctx = self.ctx
-        if self.events and ctx.completion_tokens is None:
-            # A stream that ended without its counts (cut: the client left, llama-server closed
-            # or went silent): what was generated, one token per event relayed. Its prompt
-            # tokens are unknown (llama-server reports them at the end only). Every event names
-            # the model.
-            ctx.completion_tokens = self.events
-            if ctx.answered_model is None:
-                ctx.answered_model = model_of(bytes(self.tail))
+        if self.events and self.ctx.completion_tokens is None:    # a stream cut before its counts
+            account_cut(self.ctx, self.tail, self.events)
         if self._on_done is not None:
             self._on_done(self, exc)
             return
@@ -424,33 +414,11 @@ class Exchange:
             self._finish(pool=False)
 
     def _account(self) -> None:
-        """The answer's token counts and model (observe/tokens.py) onto the request context:
-        whole numbers >= 0 only (usage_counts' rule, inlined: every relayed answer)."""
-        try:
-            if self.sse:
-                data = bytes(self.tail)
-                usage = usage_from_sse_tail(data)
-            elif self.body_parts:
-                data = self.body_parts[0] if len(self.body_parts) == 1 else b"".join(
-                    self.body_parts)
-                usage = usage_from_body(data)
-            else:
-                return
-            model = model_of(data)
-        except (ValueError, UnicodeDecodeError):
-            return
-        ctx = self.ctx
-        if model is not None:
-            ctx.answered_model = model
-        if usage is not None:
-            n = usage.get("prompt_tokens")
-            if type(n) is int and n >= 0:
-                ctx.prompt_tokens = n
-            n = usage.get("completion_tokens")
-            if type(n) is int and n >= 0:
-                ctx.completion_tokens = n
-            if "prompt_tokens_details" in usage or "cached_tokens" in usage:
-                ctx.cached_tokens = usage_counts(usage)[2]
+        if self.sse:
+            account(self.ctx, bytes(self.tail))
+        elif self.body_parts:
+            parts = self.body_parts
+            account(self.ctx, parts[0] if len(parts) == 1 else b"".join(parts), sse=False)
 
 
 def closed_without_answer() -> GatewayError:

@@ -8,6 +8,8 @@ WITHOUT the cached ones; cache_n: the cached ones; predicted_n: generated). Seen
 llama-server the tests run: a prompt of 33 tokens sent twice answers usage.prompt_tokens 33,
 cached_tokens 32, timings.prompt_n 1, cache_n 32 the second time.
 
+account() / account_cut() put them on the request context (net/relay.Exchange calls them).
+
 Pure: no I/O. On the hot path (every relayed answer), so a key is found by rfind and only its
 object is parsed.
 """
@@ -119,28 +121,73 @@ def model_of(data: bytes) -> str | None:
     event): the model llama-server answered with. None when there is none, or it is empty or
     longer than MAX_MODEL_BYTES, or not valid. Found by rfind, like the counts; a quoted "model"
     inside a string (a generated token) has an escaped quote and is skipped."""
+    # The common case first, in few steps: compact JSON as llama-server writes it, a plain name.
+    pos = data.rfind(b'"model":"')
+    if pos > 0 and data[pos - 1] != 92:            # 92: a backslash (an escaped quote)
+        start = pos + 9
+        end = data.find(b'"', start, start + MAX_MODEL_BYTES + 1)
+        if end > start and data.find(b"\\", start, end) == -1 and \
+                data.rfind(_MODEL_KEY, end) == -1:
+            try:
+                return data[start:end].decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+    return _model_of(data)
+
+
+def _model_of(data: bytes) -> str | None:
+    """model_of for any JSON text: spaces around the colon, escapes in the name."""
     pos = data.rfind(_MODEL_KEY)
     while pos != -1:
-        if data.startswith(b'":"', pos + 6) and (pos == 0 or data[pos - 1] != 92):
-            start = pos + 9          # compact JSON, as llama-server writes it: no regex
-        else:
-            m = _MODEL_RE.match(data, pos)
-            start = m.end() if m is not None else -1
-        if start != -1:
+        m = _MODEL_RE.match(data, pos)
+        if m is not None:
+            start = m.end()
             end = data.find(b'"', start, start + MAX_MODEL_BYTES + 1)
             if end == -1:
                 return None
-            raw = data[start:end]
             try:
-                if b"\\" in raw:       # escapes (a quote among them): JSON reads the string
+                if data.find(b"\\", start, end) != -1:   # escapes: JSON reads the string
                     text = data[start - 1:start + 2 * MAX_MODEL_BYTES].decode("utf-8", "replace")
                     value, _ = _JSON_DECODER.raw_decode(text)
                     if not isinstance(value, str) or len(value) > MAX_MODEL_BYTES:
                         return None
                 else:
-                    value = raw.decode("utf-8")
+                    value = data[start:end].decode("utf-8")
             except ValueError:       # UnicodeDecodeError included
                 return None
             return value or None
         pos = data.rfind(_MODEL_KEY, 0, pos)
     return None
+
+
+def account(ctx, data: bytes, sse: bool = True) -> None:
+    """An answer's counts and model onto the request context (ctx.prompt_tokens,
+    completion_tokens, cached_tokens, answered_model): `data` is the tail of an SSE stream, or a
+    whole JSON body (sse=False). Whole numbers >= 0 only (usage_counts' rule, inlined: every
+    relayed answer passes here)."""
+    try:
+        usage = usage_from_sse_tail(data) if sse else usage_from_body(data)
+        model = model_of(data)
+    except (ValueError, UnicodeDecodeError):
+        return
+    if model is not None:
+        ctx.answered_model = model
+    if usage is not None:
+        n = usage.get("prompt_tokens")
+        if type(n) is int and n >= 0:
+            ctx.prompt_tokens = n
+        n = usage.get("completion_tokens")
+        if type(n) is int and n >= 0:
+            ctx.completion_tokens = n
+        if "prompt_tokens_details" in usage or "cached_tokens" in usage:
+            ctx.cached_tokens = usage_counts(usage)[2]
+
+
+def account_cut(ctx, tail: bytearray, events: int) -> None:
+    """A stream that ended without its counts (cut: the client left, llama-server closed or went
+    silent): what was generated, one completion token per SSE event relayed (llama-server sends
+    one per token). Its prompt tokens stay unknown: llama-server reports them at the end only.
+    Every event names the model."""
+    ctx.completion_tokens = events
+    if ctx.answered_model is None:
+        ctx.answered_model = model_of(bytes(tail))
