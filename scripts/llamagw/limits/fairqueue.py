@@ -137,9 +137,10 @@ class FairQueue:
 
     def start(self, key: Hashable) -> None:
         """A request of `key` went in flight without waiting."""
-        self._in_flight[key] = self._in_flight.get(key, 0) + 1
-        self._serial += 1
-        self._served[key] = self._serial
+        in_flight = self._in_flight
+        in_flight[key] = in_flight.get(key, 0) + 1
+        self._serial = serial = self._serial + 1
+        self._served[key] = serial
 
     def finish(self, key: Hashable) -> None:
         """A request of `key` left (finished, or granted to a waiter that was gone). Extra
@@ -231,9 +232,10 @@ class FairBackendSlots:
         SlotsClosed at shutdown."""
         if self._closed:
             raise self._closed_exc("shutting down")
-        if self._active < self.max_concurrent and not len(self._queue):
+        queue = self._queue
+        if self._active < self.max_concurrent and not queue._size:   # (every request: no len())
             self._active += 1
-            self._queue.start(key_id)
+            queue.start(key_id)
             return FairSlot(self, key_id)
         return None
 
@@ -262,6 +264,10 @@ class FairBackendSlots:
     def _release_one(self, key_id: Hashable) -> None:
         queue = self._queue
         queue.finish(key_id)
+        if not queue._size:               # nobody waits (the common case): the slot is free
+            if self._active > 0:
+                self._active -= 1
+            return
         while True:
             nxt = queue.pop()
             if nxt is None:
