@@ -244,7 +244,8 @@ class Stack:
 
     def __init__(self, tmp_path, env: dict | None = None, *, fake_kw: dict | None = None,
                  with_keys: bool = True, access_log: bool = False, backend_port: int | None = None,
-                 start_fake: bool = True, backend_unix: bool = False):
+                 start_fake: bool = True, backend_unix: bool = False, usage: bool = False,
+                 key_file: str = KEY_FILE):
         from llamagw import config as config_mod
         from fakes.fake_llama import FakeLlama
         self.tmp = str(tmp_path)
@@ -260,6 +261,9 @@ class Stack:
         self.env.update(env or {})
         self.with_keys = with_keys
         self.want_access_log = access_log
+        self.want_usage = usage          # the usage ledger, as amain wires it (issue 28)
+        self.key_file = key_file
+        self.ledger = None
         self.backend_port = backend_port
         self._config_mod = config_mod
         self.gw = None
@@ -280,14 +284,20 @@ class Stack:
             self.env.setdefault("PORT_BACKEND", str(port))
         self.config = self._config_mod.load_config(self.env)
         if self.with_keys:
-            write_key_file(self.config.auth_keys_file)
+            write_key_file(self.config.auth_keys_file, self.key_file)
             self.store = keys.KeyStore(self.config.auth_keys_file)
             self.store.load()
         if self.want_access_log:
             os.makedirs(self.config.logs_dir, exist_ok=True)
             self.access = accesslog.AccessLog(self.config.access_log_path, max_bytes=1 << 20,
                                               backups=1)
-        self.gw = gateway.Gateway(self.config, store=self.store, access_log=self.access)
+        if self.want_usage:
+            from llamagw.observe import usage
+            self.ledger = usage.Ledger(usage.usage_path(self.config.data_dir, "test"),
+                                       journal_mode=self.config.usage_journal_mode)
+        self.gw = gateway.Gateway(self.config, store=self.store, access_log=self.access,
+                                  ledger=self.ledger)
+        await self.gw.seed_token_budget()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
@@ -304,6 +314,21 @@ class Stack:
             await self.fake.stop()
         if self.access is not None:
             self.access.close()
+        if self.ledger is not None:
+            await asyncio.to_thread(self.ledger.close)
+
+    async def usage_rows(self) -> list[dict]:
+        """Every row of this gateway's ledger file, oldest first (pending rows written first)."""
+        import sqlite3
+        assert await asyncio.to_thread(self.ledger.sync), "the ledger writer did not answer"
+        def read():
+            conn = sqlite3.connect(self.ledger.path)
+            conn.row_factory = sqlite3.Row
+            try:
+                return [dict(r) for r in conn.execute("SELECT * FROM usage ORDER BY id")]
+            finally:
+                conn.close()
+        return await asyncio.to_thread(read)
 
     async def client(self, **kw) -> RawClient:
         c = await RawClient.connect(self.port, **kw)

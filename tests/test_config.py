@@ -25,7 +25,8 @@ OTHER_VALUE = {
 }
 # Settings whose values the generic OTHER_VALUE does not fit.
 SPECIAL = {"BACKEND_SOCKET": "/run/other.sock", "LOG_LEVEL": "debug", "PORT": "8100",
-           "PORT_HEALTH": "8101", "PORT_BACKEND": "8102", "ACCESS_LOG_MAX_BYTES": "65536"}
+           "PORT_HEALTH": "8101", "PORT_BACKEND": "8102", "ACCESS_LOG_MAX_BYTES": "65536",
+           "USAGE_JOURNAL_MODE": "delete"}
 
 
 def test_every_field_names_its_variable_and_the_loader_reads_it():
@@ -57,11 +58,23 @@ def test_derived_defaults_follow_the_settings_they_come_from(tmp_path):
     assert config.load_config({}).data_dir == config.default_data_dir()
 
 
+def test_usage_ledger_settings(tmp_path):
+    cfg = config.load_config({"DATA_DIR": str(tmp_path)})
+    assert (cfg.usage_enabled, cfg.usage_retention_days) == (True, 90)
+    assert cfg.usage_dir == str(tmp_path / "usage")
+    # WAL on a local disk; the rollback journal on RunPod's network volume (read by every worker)
+    assert cfg.usage_journal_mode == "wal"
+    assert config.load_config({"DATA_DIR": "/runpod-volume"}).usage_journal_mode == "delete"
+    assert config.load_config({"DATA_DIR": "/runpod-volume",
+                               "USAGE_JOURNAL_MODE": " WAL "}).usage_journal_mode == "wal"
+
+
 @pytest.mark.parametrize("var,raw", [
     ("PORT", "80a"), ("PORT_HEALTH", "70000"), ("MAX_QUEUE_SIZE", "-1"),
     ("CLIENT_HEADER_TIMEOUT", "never"), ("REQUEST_TIMEOUT", "nan"), ("AUTH_ENABLED", "maybe"),
     ("CORS_ORIGINS", "example.com"), ("LOG_LEVEL", "loud"), ("WORKER_TYPE", "../evil"),
-    ("BACKEND_SOCKET", "relative.sock"),
+    ("BACKEND_SOCKET", "relative.sock"), ("USAGE_RETENTION_DAYS", "0"),
+    ("USAGE_JOURNAL_MODE", "memory"), ("USAGE_ENABLED", "sometimes"),
 ])
 def test_a_bad_value_names_its_variable(var, raw):
     with pytest.raises(config.ConfigError) as err:

@@ -56,7 +56,7 @@ EXTERNAL_ENV = {
     "LLAMA_ARG_HOST": config.Config().backend_host,           # llama-server's own env fallback
 }
 # Defaults that depend on the machine (mounted volumes): the image must not pin them.
-DERIVED_DEFAULTS = {"DATA_DIR", "AUTH_KEYS_FILE"}
+DERIVED_DEFAULTS = {"DATA_DIR", "AUTH_KEYS_FILE", "USAGE_JOURNAL_MODE"}
 
 # Runtime test deadlines (seconds). The fake llama-server "loads" for FAKE_LOAD_S so that the
 # health server's 204 is observable; boot (three Python processes) takes ~1 s on a slow machine.

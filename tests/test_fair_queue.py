@@ -446,10 +446,11 @@ def test_bad_arguments():
 
 # --- fairness through the asyncio face ----------------------------------------------------------
 def test_busy_key_queue_does_not_starve_a_later_key():
-    """One slot, the busy key queues 5 requests, then a light key queues 1: the light request is
-    served second, not sixth (strict FIFO would put it last)."""
+    """One slot held by the busy key, which queues 50 more; then a light key queues 1: when the
+    busy key's request ends, the light request is served next (strict FIFO would put it last;
+    taking turns from the first waiter would put it second), then the busy key's in order."""
     async def main():
-        slots = FairBackendSlots(1, 20)
+        slots = FairBackendSlots(1, 100)
         hold = await slots.acquire(1, "busy")
         order = []
 
@@ -458,15 +459,41 @@ def test_busy_key_queue_does_not_starve_a_later_key():
                 order.append(f"{key}{n}")
                 await asyncio.sleep(0)
 
-        tasks = [asyncio.create_task(worker("busy", n)) for n in range(5)]
+        tasks = [asyncio.create_task(worker("busy", n)) for n in range(50)]
         await asyncio.sleep(0)
         tasks.append(asyncio.create_task(worker("light", 0)))
         await asyncio.sleep(0)
-        assert slots.waiting == 6 and slots.keys_waiting == 2
+        assert slots.waiting == 51 and slots.keys_waiting == 2
         hold.release()
         await asyncio.gather(*tasks)
-        assert order == ["busy0", "light0", "busy1", "busy2", "busy3", "busy4"]
+        assert order == ["light0"] + [f"busy{n}" for n in range(50)]
+        assert slots.active == 0 and slots._queue._served == {}
     run(main())
+
+
+def test_a_start_without_waiting_counts_as_served():
+    q = FairQueue(10)
+    q.start("busy")                                    # took the free slot, no wait
+    q.push("busy", "b1")
+    q.push("light", "l1")
+    q.finish("busy")                                   # both run none now
+    assert q.pop() == ("light", "l1")                  # light was served less recently
+    assert q.pop() == ("busy", "b1")
+
+
+def test_history_is_kept_only_for_keys_with_work():
+    q = FairQueue(10)
+    q.start("a"); q.push("b", 1); q.push("c", 2)
+    assert q.remove("c", 2)
+    q.finish("a")
+    assert q._served == {}                             # a: nothing left; b: never served
+    assert q.pop() == ("b", 1)
+    assert set(q._served) == {"b"}
+    q.finish("b")
+    assert q._served == {}
+    q.start("x"); q.push("y", 3)
+    q.clear()
+    assert set(q._served) == {"x"}                     # x still runs
 
 
 def test_freed_slot_goes_to_the_key_with_fewer_running():

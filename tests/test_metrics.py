@@ -150,7 +150,8 @@ def test_empty_metrics_render_valid_exposition():
                 "gateway_ttfb_seconds", "gateway_in_flight", "gateway_queue_depth",
                 "gateway_rate_limited_total", "gateway_auth_failed_total",
                 "gateway_upstream_errors_total", "gateway_tokens_total", "gateway_backend_up",
-                "gateway_keys_loaded", "gateway_uptime_seconds"}
+                "gateway_keys_loaded", "gateway_uptime_seconds",
+                "gateway_usage_rows_dropped_total"}
     assert set(fams) == expected
     assert all(f["help"] and f["type"] for f in fams.values())
     assert samples(fams, "gateway_auth_failed_total") == {(): 0}
@@ -168,10 +169,12 @@ def test_full_render_parses_and_has_the_right_numbers():
     m.inc_auth_failed()
     m.inc_auth_failed()
     m.inc_upstream_error("connect")
-    m.add_tokens("alice", 10, 20)
-    m.add_tokens("alice", 1, 0)
+    m.add_tokens("alice", 10, 20, "qwen")
+    m.add_tokens("alice", 1, 0, "qwen")
+    m.add_tokens("alice", 2, 3)                  # no model known
     m.in_flight = 3
     m.set_gauge_sources(queue_depth=lambda: 5, backend_up=lambda: 1, keys_loaded=lambda: 2)
+    m.set_counter_sources(usage_rows_dropped=lambda: 7)
     clock.t = 1042.5
     body = m.render_prometheus()
     fams = parse_exposition(body)
@@ -200,8 +203,11 @@ def test_full_render_parses_and_has_the_right_numbers():
     assert samples(fams, "gateway_auth_failed_total") == {(): 2}
     assert samples(fams, "gateway_upstream_errors_total") == {(("kind", "connect"),): 1}
     assert samples(fams, "gateway_tokens_total") == {
-        (("key_id", "alice"), ("kind", "prompt")): 11,
-        (("key_id", "alice"), ("kind", "completion")): 20}
+        (("key_id", "alice"), ("kind", "prompt"), ("model", "qwen")): 11,
+        (("key_id", "alice"), ("kind", "completion"), ("model", "qwen")): 20,
+        (("key_id", "alice"), ("kind", "prompt"), ("model", "-")): 2,
+        (("key_id", "alice"), ("kind", "completion"), ("model", "-")): 3}
+    assert samples(fams, "gateway_usage_rows_dropped_total") == {(): 7}
     assert samples(fams, "gateway_in_flight") == {(): 3}
     assert samples(fams, "gateway_queue_depth") == {(): 5}
     assert samples(fams, "gateway_backend_up") == {(): 1}
@@ -299,7 +305,8 @@ def test_json_rendering():
     m = Metrics(clock=clock)
     m.set_known_keys({"alice"})
     m.observe_request("/v1/models", 200, "alice", 0.02, 0.01)
-    m.add_tokens("alice", 3, 4)
+    m.add_tokens("alice", 3, 4, "m1")
+    m.add_tokens("alice", 1, 1, "m2")
     m.inc_auth_failed()
     m.in_flight = 1
     clock.t = 5.0
@@ -310,7 +317,10 @@ def test_json_rendering():
     assert hist["count"] == 1 and hist["buckets"]["0.025"] == 1 and hist["buckets"]["0.01"] == 0
     assert hist["buckets"]["+Inf"] == 1
     assert data["ttfb_seconds"]["/v1/models"]["buckets"]["0.01"] == 1
-    assert data["tokens"] == {"alice": {"prompt": 3, "completion": 4}}
+    assert data["tokens"] == {"alice": {"prompt": 4, "completion": 5}}    # every model
+    assert data["tokens_by_model"] == {"alice": {"m1": {"prompt": 3, "completion": 4},
+                                                 "m2": {"prompt": 1, "completion": 1}}}
+    assert data["usage_rows_dropped"] == 0                           # no ledger: none lost
     assert data["auth_failed"] == 1 and data["in_flight"] == 1
     assert data["uptime_seconds"] == 5.0
 
@@ -356,3 +366,14 @@ def test_parser_rejects_broken_exposition():
         check_histograms(parse_exposition(
             b'# TYPE h histogram\nh_bucket{le="1"} 2\nh_bucket{le="+Inf"} 1\nh_sum 1\n'
             b'h_count 1\n'))                                            # not cumulative
+
+
+def test_model_labels_are_bounded():
+    m = Metrics(clock=FakeClock())
+    for i in range(metrics.MAX_MODEL_LABELS + 5):
+        m.add_tokens("alice", 1, 0, f"model-{i}")
+    models = {dict(lab)["model"] for lab in samples(parse_exposition(m.render_prometheus()),
+                                                    "gateway_tokens_total")}
+    assert len(models) == metrics.MAX_MODEL_LABELS + 1 and "other" in models
+    assert sum(samples(parse_exposition(m.render_prometheus()),
+                       "gateway_tokens_total").values()) == metrics.MAX_MODEL_LABELS + 5

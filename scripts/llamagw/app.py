@@ -19,13 +19,13 @@ import time
 
 from llamagw import config as config_mod
 from llamagw import errors
-from llamagw.api import cors, ollama_handlers
+from llamagw.api import cors, ollama_handlers, routes
 from llamagw.backend_state import TAKES_REQUESTS, BackendState, State
 from llamagw.errors import GatewayError
-from llamagw.limits import admission, keys, ratelimit
+from llamagw.limits import admission, budget, keys, ratelimit
 from llamagw.net import fastio, upstream
 from llamagw.net.connection import ClientConnection
-from llamagw.observe import accesslog
+from llamagw.observe import accesslog, usage
 from llamagw.observe import metrics as metrics_mod
 
 log = logging.getLogger("gateway")
@@ -44,6 +44,16 @@ LISTEN_BACKLOG = 2048
 GC_GEN0_THRESHOLD = 10_000
 # Key file poll period; keys.KeyStore itself stats at most every 2 s.
 KEY_POLL_INTERVAL = 1.0
+# Usage ledger at SIGTERM: the writer's last pass writes what is pending (a few batches of a
+# few ms each); 5 s leaves the rest of docker's / RunPod's grace to llama-server's own stop.
+USAGE_CLOSE_TIMEOUT = 5.0
+# At start the token budgets are seeded from this worker's ledger (today's rows, by key): an
+# indexed read of one file, milliseconds; past this (a stalled network volume) the gateway starts
+# with budgets counted from zero rather than not at all.
+USAGE_SEED_TIMEOUT = 10.0
+# The routes whose requests the ledger records: those that take an inference key (a row per
+# keyed request; admin and open routes are not usage).
+USAGE_ROUTES = frozenset(r.name for r in routes.ROUTES.values() if r.auth is admission.Auth.KEY)
 
 
 def backend_unavailable(state: str) -> GatewayError | None:
@@ -62,7 +72,8 @@ class Gateway:
     lingering_refusals = 0          # _Refuse connections in their lingering close
 
     def __init__(self, config: config_mod.Config, *, store: keys.KeyStore | None = None,
-                 access_log: accesslog.AccessLog | None = None):
+                 access_log: accesslog.AccessLog | None = None,
+                 ledger: usage.Ledger | None = None):
         self.config = config
         self.started = time.monotonic()
         self.connections: set[ClientConnection] = set()
@@ -71,6 +82,7 @@ class Gateway:
         self.metrics = metrics_mod.Metrics()
         self.store = store
         self.access_log = access_log
+        self.ledger = ledger        # the usage ledger (issue 28); None: not recorded
         self.admission = admission.Admission(config, store, self.metrics)
         self.cors = cors.Cors(config.cors_origins)
         self.backend = BackendState(config.health_file)
@@ -88,6 +100,8 @@ class Gateway:
             backend_up=lambda: 1 if self.backend.get() in TAKES_REQUESTS else 0,
             keys_loaded=lambda: len(self.store) if self.store is not None else 0,
         )
+        self.metrics.set_counter_sources(
+            usage_rows_dropped=lambda: self.ledger.dropped if self.ledger is not None else 0)
         self.metrics.in_flight = 0
         if store is not None and config.auth_enabled:
             self.metrics.set_known_keys(store.key_ids())
@@ -102,16 +116,17 @@ class Gateway:
         if changed:
             ids = store.key_ids()
             self.admission.rate.retain(ids)
+            self.admission.budget.retain(ids)
             self.metrics.set_known_keys(ids)
         return changed
 
     # ---------------- request services (context.Services: the request code's view) ----------
-    def try_backend_slot(self):
+    def try_backend_slot(self, ctx):
         """The backend check and a free slot without waiting; None when the caller must wait in
         the queue (backend_slot). Raises GatewayError (503) like backend_slot."""
         self._check_backend()
         try:
-            return self.admission.try_backend_slot()
+            return self.admission.try_backend_slot(ctx.key_id)
         except ratelimit.SlotsClosed:
             raise backend_unavailable(State.STOPPING) from None
 
@@ -161,10 +176,46 @@ class Gateway:
             # Once per request, whenever llama-server failed it: an error answered before the
             # head (PendingRequest.fail) or an answer cut after it (relay.Exchange).
             self.metrics.inc_upstream_error(ctx.upstream_error)
-        if ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
-            self.metrics.add_tokens(ctx.key_id, ctx.prompt_tokens or 0, ctx.completion_tokens or 0)
+        # ---- usage (issue 28): the ledger row, the key's token budget, the tokens metric ----
+        key_id = ctx.key_id
+        if key_id != "-" and ctx.route in USAGE_ROUTES:
+            prompt = ctx.prompt_tokens
+            completion = ctx.completion_tokens
+            # The model: as router mode resolved it (ctx.model), else as llama-server answered.
+            model = getattr(ctx, "model", None) or ctx.answered_model
+            if model is not None and len(model) > usage.MAX_MODEL_CHARS:
+                model = model[:usage.MAX_MODEL_CHARS]
+            if self.ledger is not None:
+                self.ledger.record((time.time(), ctx.request_id, key_id, model, ctx.route,
+                                    ctx.status, ctx.outcome, prompt, completion,
+                                    ctx.cached_tokens, ctx.duration * 1000.0,
+                                    None if ttfb is None else ttfb * 1000.0, ctx.bytes_in,
+                                    ctx.bytes_out))
+            if prompt is not None or completion is not None:
+                self.metrics.add_tokens(key_id, prompt or 0, completion or 0, model)
+                self.admission.charge(key_id, (prompt or 0) + (completion or 0))
         if self.access_log is not None:
             self.access_log.request(ctx)
+
+    async def seed_token_budget(self) -> None:
+        """Today's tokens per key from this worker's own ledger file, read in a thread (the
+        token budget is per worker, so its own file; `USAGE_SEED_TIMEOUT`). Before serving."""
+        if self.ledger is None:
+            return
+        path = self.ledger.path
+        tokens = self.admission.budget
+        now = tokens.clock()
+        try:
+            day, minute = await asyncio.wait_for(asyncio.to_thread(
+                _read_token_seed, path, tokens.day_start(now), now), USAGE_SEED_TIMEOUT)
+        except TimeoutError:
+            log.warning("usage: reading today's tokens from %s took over %.0f s; token budgets "
+                        "count from now", path, USAGE_SEED_TIMEOUT)
+            return
+        tokens.seed(day, minute, at=now)
+        if day:
+            log.info("usage: token budgets seeded from %s: %d key(s) used tokens today",
+                     path, len(day))
 
     def observe_protocol_error(self, peer: str, err: GatewayError) -> None:
         self.metrics.observe_request("-", err.status, "-", 0.0, None)
@@ -301,6 +352,14 @@ def _bind(host: str, port: int) -> list[socket.socket]:
     return socks
 
 
+def _read_token_seed(path: str, day_start: float, now: float) -> tuple[dict, dict]:
+    """({key_id: tokens today}, {key_id: tokens in the last minute}) from one ledger file."""
+    if not os.path.isfile(path):
+        return {}, {}
+    return (usage.tokens_since(path, day_start),
+            usage.tokens_since(path, now - budget.WINDOW_S))
+
+
 def tune_gc() -> None:
     """Once started: what exists now (modules, config, keys) lives as long as the process, so
     it is frozen out of every later collection, and gen-0 collections run less often."""
@@ -341,12 +400,21 @@ async def amain(cfg: config_mod.Config) -> int:
     os.makedirs(cfg.logs_dir, exist_ok=True)
     access = accesslog.AccessLog(cfg.access_log_path, max_bytes=cfg.access_log_max_bytes,
                                  backups=cfg.access_log_backups)
-    gw = Gateway(cfg, store=store, access_log=access)
+    ledger = None
+    if cfg.usage_enabled:       # the writer thread creates the folder and opens the file
+        ledger = usage.Ledger(usage.usage_path(cfg.data_dir),
+                              retention_days=cfg.usage_retention_days,
+                              journal_mode=cfg.usage_journal_mode)
+        log.info("usage ledger: %s (kept %d days)", ledger.path, cfg.usage_retention_days)
+    gw = Gateway(cfg, store=store, access_log=access, ledger=ledger)
+    await gw.seed_token_budget()
     try:
         await gw.start()
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc)
         access.close()
+        if ledger is not None:
+            await asyncio.to_thread(ledger.close, USAGE_CLOSE_TIMEOUT)
         return 1
     log.info("gateway listening on %s:%d, backend %s", cfg.host, cfg.port, gw.pool.address)
     tune_gc()
@@ -367,6 +435,12 @@ async def amain(cfg: config_mod.Config) -> int:
         poller.cancel()
     catalog_task.cancel()
     await gw.shutdown()
+    if ledger is not None:
+        # Every request is accounted now: the rows still pending are written before exit.
+        if not await asyncio.to_thread(ledger.close, USAGE_CLOSE_TIMEOUT):
+            log.error("usage ledger: %d row(s) not written at exit", ledger.pending)
+        log.info("usage ledger closed: %d row(s) written, %d dropped", ledger.written,
+                 ledger.dropped)
     access.close()
     log.info("gateway stopped")
     return 0

@@ -136,6 +136,15 @@ def folder_name(var: str, raw: str) -> str:
     return name
 
 
+def one_of(*choices: str) -> Parse:
+    def parse(var: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ConfigError(var, f"must be one of {', '.join(choices)}, got {raw!r}")
+        return value
+    return parse
+
+
 def setting(env: str, default: Any, parse: Parse = stripped,
             derive: Callable[[Mapping[str, Any]], Any] | None = None) -> Any:
     """A Config field set by the environment variable `env`. Unset or blank: `default`, or
@@ -146,6 +155,10 @@ def setting(env: str, default: Any, parse: Parse = stripped,
 
 def _keys_file(values: Mapping[str, Any]) -> str:
     return os.path.join(values["data_dir"], "api_keys.txt")
+
+
+def _usage_journal_mode(values: Mapping[str, Any]) -> str:
+    return "delete" if values["data_dir"] == DATA_DIR_CANDIDATES[0] else "wal"
 
 
 def _model_path(values: Mapping[str, Any]) -> str:
@@ -210,6 +223,20 @@ class Config:
     log_level: str = setting("LOG_LEVEL", "INFO", level_name)
     access_log_max_bytes: int = setting("ACCESS_LOG_MAX_BYTES", 50_000_000, whole(4096, 1 << 40))
     access_log_backups: int = setting("ACCESS_LOG_BACKUPS", 5, whole(0, 1000))
+    # ---- usage ledger and token limits (observe/usage.py, limits/budget.py)
+    # One row per finished keyed request in $DATA_DIR/usage/<host>.sqlite: what /admin/usage,
+    # `keys.py usage` and the day's token budget after a restart read. Off: nothing is written
+    # (token limits still apply, counted in memory from this start).
+    usage_enabled: bool = setting("USAGE_ENABLED", True, boolean)
+    # Rows older than this are deleted (once a day): a quarter covers a monthly bill and its
+    # disputes; a row is ~150 bytes, so a worker at a steady 1 request/s keeps ~1 GB.
+    usage_retention_days: int = setting("USAGE_RETENTION_DAYS", 90, whole(1, 36_500))
+    # SQLite journal of the ledger. wal: appends, readers never block the writer; but WAL needs
+    # memory shared by the writer and its readers, which a network volume read by workers on
+    # other hosts does not give. So on RunPod serverless's network volume (DATA_DIR
+    # /runpod-volume, every worker reading every worker's file) the default is delete.
+    usage_journal_mode: str = setting("USAGE_JOURNAL_MODE", "", one_of("wal", "delete"),
+                                      derive=_usage_journal_mode)
     # ---- model (the gateway describes it on the Ollama API: /api/tags, /api/show)
     model_name: str = setting("MODEL_NAME", "")
     model_path: str = setting("MODEL_PATH", "", derive=_model_path)
@@ -222,6 +249,11 @@ class Config:
     @property
     def access_log_path(self) -> str:
         return os.path.join(self.logs_dir, "api_access.log")
+
+    @property
+    def usage_dir(self) -> str:
+        """Every worker's usage ledger file: $DATA_DIR/usage/<host>.sqlite."""
+        return os.path.join(self.data_dir, "usage")
 
     @property
     def health_file(self) -> str:

@@ -53,7 +53,9 @@ class RequestContext:
     __slots__ = ("request_id", "key_id", "client", "method", "path", "route", "status",
                  "bytes_in", "bytes_out", "started", "ttfb", "duration", "stream", "outcome",
                  "prompt_tokens", "completion_tokens", "response_headers", "upstream_error",
-                 "continued")
+                 "continued",
+                 # usage (issue 28): cached prompt tokens, the model llama-server answered with
+                 "cached_tokens", "answered_model")
 
     def __init__(self, client: str, method: str, path: str, request_id: str):
         self.request_id = request_id
@@ -75,6 +77,8 @@ class RequestContext:
         self.response_headers: list[tuple[str, str]] = []
         self.upstream_error = ""
         self.continued = False     # 100 Continue sent
+        self.cached_tokens: int | None = None     # prompt tokens llama-server had cached
+        self.answered_model: str | None = None    # the answer's "model" (observe/tokens.py)
 
 
 class Client(Protocol):
@@ -111,13 +115,14 @@ class Services(Protocol):
     pool: UpstreamPool
     backend: Any              # the backend state (ready, starting ...): get(), refresh()
     catalog: Any              # the served model for the Ollama API
+    ledger: Any               # observe.usage.Ledger, or None (USAGE_ENABLED=false)
     backend_hostport: str     # the Host header of upstream requests
     started: float            # time.monotonic() at start
     connections: set
     in_flight: int
     shutting_down: bool
 
-    def try_backend_slot(self) -> Any: ...
+    def try_backend_slot(self, ctx: RequestContext) -> Any: ...
     async def backend_slot(self, ctx: RequestContext) -> Any: ...
     def unreachable(self, exc: OSError) -> Exception: ...
     def observe(self, ctx: RequestContext) -> None: ...

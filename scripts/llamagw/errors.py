@@ -32,6 +32,9 @@ RETRY_AFTER_CONCURRENCY = 1
 RETRY_AFTER_QUEUE = 2
 # too_many_connections (over MAX_CONNECTIONS): connections close all the time; try again soon.
 RETRY_AFTER_CONNECTIONS = 1
+# usage_busy / usage_timeout (GET /admin/usage): the threads reading the ledger files free when
+# their reads end, seconds at most; a query that timed out needs a shorter span anyway.
+RETRY_AFTER_USAGE = 2
 
 class Envelope(enum.Enum):
     """The shape of a route's error bodies: the API its clients speak."""

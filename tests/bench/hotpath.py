@@ -3,13 +3,17 @@
 
     python3 tests/bench/hotpath.py [--requests N] [--repeat R] [--sse [--streams K]]
                                    [--new-connections] [--body-bytes B] [--profile K]
+                                   [--no-usage]
 
-A real Gateway (auth on, key file, access log, metrics) is driven in-process: one client
-connection and one pooled upstream connection with in-memory transports. Each request is fed to
+A real Gateway (auth on, key file, access log, usage ledger, metrics) is driven in-process: one
+client connection and one pooled upstream connection with in-memory transports. Each request is fed to
 the client protocol, the upstream request is answered with a fixed llama-server-shaped response,
 and the answer is awaited on the client transport. No kernel, no other process: the CPU time per
-request (process time, the access-log thread included) is the Python cost alone, steady enough to
-compare two commits on a shared machine where `make bench` ratios drift by 10 %.
+request (process time, the access-log and usage-ledger threads included) is the Python cost
+alone, steady enough to compare two commits on a shared machine where `make bench` ratios drift by
+10 %. Beside it, the event loop's own thread's CPU time ("loop"): what a request costs the thread
+that serves every request, without the writer threads' share. --no-usage runs without the usage
+ledger (USAGE_ENABLED=false), so the two figures give the ledger's cost.
 --sse relays stream events instead (cost per event, one event per upstream read); --streams K
 spreads them over K streams at once, in turn (case c: a thousand streams' objects do not stay
 in the CPU's caches). --new-connections costs a whole stream on a new client connection and a
@@ -39,7 +43,7 @@ from llamagw import config  # noqa: E402
 from llamagw import app as gateway  # noqa: E402
 from llamagw.limits import keys  # noqa: E402
 from llamagw.net import upstream  # noqa: E402
-from llamagw.observe import accesslog  # noqa: E402
+from llamagw.observe import accesslog, usage  # noqa: E402
 
 KEY = "sk-hotpath-0123456789abcdef"
 BODY = b'{"model":"demo","messages":[{"role":"user","content":"hi"}]}'
@@ -130,9 +134,9 @@ def _open_pair(gw) -> tuple:
 
 
 async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = False,
-              body: bytes = BODY) -> float:
+              body: bytes = BODY, use_ledger: bool = True, loop_cpu: list | None = None) -> float:
     """Microseconds of process CPU time per request (per event with sse, per stream with
-    new_conns)."""
+    new_conns); the event loop thread's alone is appended to loop_cpu."""
     loop = asyncio.get_running_loop()
     cfg = config.load_config({
         "AUTH_KEYS_FILE": f"{tmp}/keys", "DATA_DIR": tmp, "RUN_DIR": tmp,
@@ -141,7 +145,8 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = F
     store = keys.KeyStore(cfg.auth_keys_file)
     store.load()
     alog = accesslog.AccessLog(f"{tmp}/access.log", max_bytes=1 << 30, backups=1)
-    gw = gateway.Gateway(cfg, store=store, access_log=alog)
+    ledger = usage.Ledger(usage.usage_path(tmp, "hotpath")) if use_ledger else None
+    gw = gateway.Gateway(cfg, store=store, access_log=alog, ledger=ledger)
     gw.pool.idle_ttl = 1e9
     gw.pool.max_idle = max(gw.pool.max_idle, streams)
     pairs = [_open_pair(gw) for _ in range(streams if sse else 0 if new_conns else 1)]
@@ -160,11 +165,13 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = F
             for up in ups:
                 up.data_received(SSE_HEAD)
             rounds = max(1, n // len(ups))
-            started = time.process_time()
+            started, loop_started = time.process_time(), time.thread_time()
             for _ in range(rounds):
                 for up in ups:
                     up.data_received(SSE_CHUNK)
             spent = time.process_time() - started
+            if loop_cpu is not None:
+                loop_cpu.append((time.thread_time() - loop_started) / (rounds * len(ups)) * 1e6)
             for k, up in enumerate(ups):
                 cl_t = pairs[k][2]
                 cl_t.written = loop.create_future()
@@ -173,10 +180,10 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = F
                     raise RuntimeError("the stream did not end")
             return spent / (rounds * len(ups)) * 1e6
         if new_conns:
-            return await _new_streams(loop, gw, n)
+            return await _new_streams(loop, gw, n, loop_cpu)
         up_t, up, cl_t, client = pairs[0]
         req = request(body)
-        started = time.process_time()
+        started, loop_started = time.process_time(), time.thread_time()
         answer = b""
         for _ in range(n):
             up_t.written = loop.create_future()
@@ -186,6 +193,8 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = F
             up.data_received(RESPONSE)
             answer = await cl_t.written
         spent = time.process_time() - started
+        if loop_cpu is not None:
+            loop_cpu.append((time.thread_time() - loop_started) / n * 1e6)
         for _ in range(3):
             await asyncio.sleep(0)     # the last request's epilogue (metrics, access log)
         if not answer.startswith(b"HTTP/1.1 200 "):
@@ -193,14 +202,16 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = F
         return spent / n * 1e6
     finally:
         alog.close()
+        if ledger is not None:
+            ledger.close()
 
 
-async def _new_streams(loop, gw, n: int) -> float:
+async def _new_streams(loop, gw, n: int, loop_cpu: list | None = None) -> float:
     """Microseconds of CPU per stream, each on a new client connection and a new llama-server
     connection (case c): opened, a streaming request, a head and one event, the end, then
     llama-server closes its side and the client closes its own."""
     open_before = len(gw.connections)
-    started = time.process_time()
+    started, loop_started = time.process_time(), time.thread_time()
     for _ in range(n):
         up_t, up, cl_t, client = _open_pair(gw)
         up_t.written = loop.create_future()
@@ -219,6 +230,8 @@ async def _new_streams(loop, gw, n: int) -> float:
         client.connection_lost(None)
         await asyncio.sleep(0)
     spent = time.process_time() - started
+    if loop_cpu is not None:
+        loop_cpu.append((time.thread_time() - loop_started) / n * 1e6)
     for _ in range(3):
         await asyncio.sleep(0)
     if len(gw.connections) != open_before:
@@ -239,18 +252,24 @@ def main() -> int:
                    help="requests carry a conversation of about B bytes (not with --sse)")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="print the top K functions of one run under cProfile")
+    p.add_argument("--no-usage", action="store_true",
+                   help="without the usage ledger (USAGE_ENABLED=false)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         with open(f"{tmp}/keys", "w") as f:
             f.write(f"hotpath:{KEY} rpm=10000000 concurrency=100000\n")
         os.chmod(f"{tmp}/keys", 0o600)
+        loop_cpu: list[float] = []
         measure = functools.partial(run, tmp, args.requests, args.sse, args.streams,
                                     args.new_connections,
-                                    conversation(args.body_bytes) if args.body_bytes else BODY)
+                                    conversation(args.body_bytes) if args.body_bytes else BODY,
+                                    not args.no_usage, loop_cpu)
         figures = [asyncio.run(measure()) for _ in range(args.repeat)]
         unit = "event" if args.sse else "stream" if args.new_connections else "request"
         print(f"CPU us per {unit}: best {min(figures):.1f}  runs "
-              + " ".join(f"{x:.1f}" for x in figures))
+              + " ".join(f"{x:.1f}" for x in figures)
+              + f"  (loop thread: best {min(loop_cpu):.1f}"
+              + (", no usage ledger)" if args.no_usage else ")"))
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """`make bench`: the gateway against the upstream it fronts, called directly, as ratios.
 
-    python3 tests/bench/run_bench.py --out bench-results [--quick] [--cases a,b,c,d,e] [--profile]
+    python3 tests/bench/run_bench.py --out bench-results [--quick] [--cases a,b,c,d,e,f] [--profile]
 
-The cases (a-e), the method, the C tools, the nginx and bare-relay references and how to read the
+The cases (a-f), the method, the C tools, the nginx and bare-relay references and how to read the
 figures are in tests/bench/README.md, the one copy. Writes OUT/bench.md (the tables) and
 OUT/bench.json (all figures, per round), plus the logs of the processes it started; with
 --profile, OUT/profile-<case>.txt holds the top functions. Every child is killed at the end, even
@@ -38,6 +38,7 @@ REPLAYFAKE_SRC = HERE / "replayfake.c"
 SSELOAD_SRC = HERE / "sseload.c"
 WRK_SCRIPT = HERE / "wrk_post.lua"
 PYRELAY = HERE / "pyrelay.py"
+USAGE_BENCH = HERE / "usage_bench.py"
 ENTRYPOINT = REPO / "entrypoint.sh"
 DEMO_MODEL = REPO / "data" / "models" / "demo-tiny-llama.gguf"
 DEFAULT_LLAMA_CACHE = Path.home() / ".cache" / "llama-gguf-inference"
@@ -51,6 +52,10 @@ NOFILE_WANTED = 65536
 BENCH_RPM = 10_000_000
 BENCH_CONCURRENCY = 100_000
 BENCH_MAX_CONNECTIONS = 30_000  # above case c's 10,000 streams
+# Case f: the request rate the usage ledger's writer must keep up with (issue 28), and the most a
+# row may wait to be written (observe/usage.MAX_FLUSH_INTERVAL_S: what kill -9 may lose).
+USAGE_RATE = 2000
+USAGE_MAX_BACKLOG_S = 1.0
 # Start-up: python binds in ~0.2 s; 15 s means something is broken.
 START_TIMEOUT = 15.0
 # The real llama-server loads the 5 MB demo model in about a second; 120 s bounds a slow disk.
@@ -1410,6 +1415,32 @@ http {{
         ok = all(r["health_204_s"] is not None for r in runs["gateway"])
         self.target("e", "health answers 204 before 200", "yes" if ok else "no", ok)
 
+    def case_f(self) -> None:
+        """The usage ledger's writer offered USAGE_RATE requests/s (usage_bench.py --json), in
+        its own process, for each journal mode the gateway may use."""
+        seconds = 3 if self.quick else 10
+        res = {}
+        for journal in ("wal", "delete"):
+            where = self.tmp / f"usage-{journal}"
+            proc = subprocess.run([sys.executable, str(USAGE_BENCH), "--json", "--rate",
+                                   str(USAGE_RATE), "--seconds", str(seconds), "--journal",
+                                   journal, "--dir", str(where)],
+                                  capture_output=True, text=True, timeout=seconds + 120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"usage_bench.py ({journal}) failed: {proc.stderr[-500:]}")
+            res[journal] = r = json.loads(proc.stdout.strip().splitlines()[-1])
+            log(f"  f {journal:6s} {r['committed_rps_during']:.0f} rows/s committed, backlog max "
+                f"{r['max_backlog_s'] * 1000:.0f} ms, {r['dropped']} dropped, writer "
+                f"{r['writer_cpu_us_per_row']:.1f} us/row, caller "
+                f"{r['caller_cpu_us_per_row']:.2f} us/row")
+        self.results["f"] = {"rate": USAGE_RATE, "seconds": seconds, "runs": res}
+        for journal, r in res.items():
+            ok = r["dropped"] == 0 and r["max_backlog_s"] <= USAGE_MAX_BACKLOG_S
+            self.target("f", f"usage writer keeps up at {USAGE_RATE:,} req/s ({journal}): "
+                             f"nothing dropped, backlog <= {USAGE_MAX_BACKLOG_S:g} s",
+                        f"{r['committed_rps_during']:.0f} rows/s, backlog "
+                        f"{r['max_backlog_s'] * 1000:.0f} ms, {r['dropped']} dropped", ok)
+
     # ---- profiling ----
     def stop_gateway(self, gw: Child, prof: Path | None, case: str) -> None:
         code = gw.stop(timeout=STOP_TIMEOUT)
@@ -1700,6 +1731,18 @@ http {{
                   f"{f2(d['health_200_s'], '{:.3f}')} |",
                   f"| first token | {f2(g['first_token_s'], '{:.3f}')} | "
                   f"{f2(d['first_token_s'], '{:.3f}')} |", ""]
+        if "f" in self.results:
+            f = self.results["f"]
+            L += [f"## (f) usage ledger writer, {f['rate']:,} requests/s for {f['seconds']} s",
+                  "", "| journal | rows/s committed | max backlog | dropped | writer CPU per row "
+                  "| caller CPU per row |", "|---|---|---|---|---|---|"]
+            for journal, r in f["runs"].items():
+                L.append(f"| {journal} | {r['committed_rps_during']:.0f} | "
+                         f"{r['max_backlog_s'] * 1000:.0f} ms | {r['dropped']} | "
+                         f"{r['writer_cpu_us_per_row']:.1f} us | "
+                         f"{r['caller_cpu_us_per_row']:.2f} us |")
+            L += ["", "The writer commits every 0.25 s; the backlog is what kill -9 could lose.",
+                  ""]
         odd = {name: {k: v for k, v in c.items() if not k.startswith("200 ok")}
                for name, c in self.outcomes.items()}
         odd = {name: c for name, c in odd.items() if c}
@@ -1740,7 +1783,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench-results")
     p.add_argument("--quick", action="store_true", help="short runs, one round, small case c")
-    p.add_argument("--cases", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    p.add_argument("--cases", default="a,b,c,d,e,f", help="comma-separated subset of a-f")
     p.add_argument("--nice", type=int, default=0,
                    help="run the harness and everything it starts at this niceness (e.g. -10 "
                         "on a machine shared with other work; negative needs root)")
@@ -1748,7 +1791,7 @@ def main(argv=None) -> int:
                    help="run the gateway of cases a, b and c under cProfile (slower; profile only)")
     args = p.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in "abcde" or len(c) != 1]
+    unknown = [c for c in cases if c not in "abcdef" or len(c) != 1]
     if unknown:
         p.error(f"unknown case(s): {', '.join(unknown)}")
     nofile = raise_nofile()
@@ -1767,7 +1810,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     errors = {}
     try:
-        for case in "abcde":
+        for case in "abcdef":
             if case not in cases:
                 continue
             log(f"case {case}")

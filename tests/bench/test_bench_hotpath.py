@@ -22,9 +22,21 @@ def _keys(tmp_path) -> str:
 
 def test_hotpath_measures_requests_through_the_whole_gateway(tmp_path):
     tmp = _keys(tmp_path)
-    assert asyncio.run(hotpath.run(tmp, 50, sse=False)) > 0
+    loop_cpu: list[float] = []
+    assert asyncio.run(hotpath.run(tmp, 50, sse=False, loop_cpu=loop_cpu)) > 0
+    assert len(loop_cpu) == 1 and loop_cpu[0] > 0
     lines = (tmp_path / "access.log").read_text().splitlines()
     assert len(lines) == 50 and all('"status":200' in line for line in lines)
+    # the usage ledger is in the measured path: one row per request, written at close
+    rows = hotpath.usage.query(hotpath.usage.usage_dir(tmp), group="key")
+    assert rows == [{"key_id": "hotpath", "requests": 50, "prompt_tokens": 150,
+                     "completion_tokens": 250, "errors": 0}]
+
+
+def test_hotpath_runs_without_the_ledger(tmp_path):
+    tmp = _keys(tmp_path)
+    assert asyncio.run(hotpath.run(tmp, 20, sse=False, use_ledger=False)) > 0
+    assert not (tmp_path / "usage").exists()
 
 
 def test_hotpath_measures_relayed_events(tmp_path):

@@ -2,7 +2,7 @@
 """Usage ledger cost: what record() costs the caller, and whether the writer keeps up.
 
     python3 tests/bench/usage_bench.py [--rate 2000] [--seconds 5] [--dir DIR]
-                                       [--journal wal|delete] [--calls 200000]
+                                       [--journal wal|delete] [--calls 200000] [--json]
 
 1. caller: the per-request cost on the event loop, in µs: building a UsageRecord and record(),
    building the same values as a tuple and record(), and record() alone (best of 5 runs of
@@ -22,11 +22,15 @@
 The issue's targets: caller + writer GIL time <= 3 µs per request; the writer keeps up at 2,000
 requests/s (backlog stays under one flush interval's worth, nothing dropped). Figures depend on
 the machine and its load: compare runs on the same machine.
+
+--json runs the offered load (2.) only and prints its figures as one JSON object: `make bench`'s
+case (f) (tests/bench/run_bench.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sqlite3
@@ -172,10 +176,17 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200_000)
     ap.add_argument("--dir", default=None, help="where the ledger files go (default: a temp dir)")
     ap.add_argument("--journal", default="wal", choices=("wal", "delete"))
+    ap.add_argument("--json", action="store_true", help="the offered load only, as JSON")
     args = ap.parse_args()
     base = args.dir or tempfile.mkdtemp(prefix="usage-bench-")
     os.makedirs(base, exist_ok=True)
     try:
+        if args.json:
+            r = offered_load(os.path.join(base, "load.sqlite"), args.rate, args.seconds,
+                             args.journal)
+            print(json.dumps({"rate": args.rate, "seconds": args.seconds,
+                              "journal": args.journal, **r}))
+            return
         build_us, tuple_us, record_us = caller_cost(os.path.join(base, "caller.sqlite"),
                                                     args.calls)
         print(f"caller: UsageRecord + record() {build_us:.2f} us/request; tuple + record() "

@@ -35,6 +35,9 @@ An unknown knob name answers 400, so a typo cannot pass silently.
     delay_first_byte  seconds to sleep before the response head (0)
     status            answer this HTTP status with a llama-server JSON error body (None)
     close_after_response  answer with `Connection: close` and close (False)
+    cache_n           prompt tokens "reused from the cache", reported as llama-server does:
+                      usage.prompt_tokens_details.cached_tokens, timings.cache_n, and
+                      timings.prompt_n without them (None: neither field is sent)
 
 Recording: `requests` (RecordedRequest: method, target, path, headers [(lower name, value)],
 body capped), `disconnects` (client closed while a response was in progress),
@@ -103,6 +106,7 @@ DEFAULT_KNOBS: dict = {
     "close_after_response": False,
     "end_delay": 0.0,       # seconds between a stream's `data: [DONE]` and its closing chunk
     "texts": None,          # content of the events, cycled (see the module docstring)
+    "cache_n": None,        # cached prompt tokens reported (see the module docstring)
 }
 
 # llama-server's error types (server-common / utils: error_type -> status).
@@ -618,7 +622,8 @@ class _Conn(asyncio.Protocol):
             obj_name = "text_completion"
         last = {"choices": [choice], "created": created, "id": rid, "model": model,
                 "system_fingerprint": "b0-fake", "object": obj_name,
-                "usage": _usage(prompt_n, events), "timings": _timings(prompt_n, events, interval)}
+                "usage": _usage(prompt_n, events, kn["cache_n"]),
+                "timings": _timings(prompt_n, events, interval, kn["cache_n"])}
         self._write(_chunk(b"data: " + json.dumps(last).encode() + b"\n\n")
                     + _chunk(DONE_EVENT) + (b"" if kn["end_delay"] else CHUNK_END))
         if kn["end_delay"]:
@@ -678,6 +683,7 @@ def _normalize_knobs(kn: dict) -> dict:
         "close_after_response": bool(kn["close_after_response"]),
         "end_delay": max(0.0, float(kn["end_delay"] or 0)),
         "texts": _texts(kn["texts"]),
+        "cache_n": _opt_int(kn["cache_n"]),
     }
 
 
@@ -721,16 +727,22 @@ def _prompt_tokens(body: dict) -> int:
     return max(1, n)
 
 
-def _usage(prompt_n: int, predicted_n: int) -> dict:
-    return {"completion_tokens": predicted_n, "prompt_tokens": prompt_n,
-            "total_tokens": prompt_n + predicted_n}
+def _usage(prompt_n: int, predicted_n: int, cache_n: int | None = None) -> dict:
+    out = {"completion_tokens": predicted_n, "prompt_tokens": prompt_n,
+           "total_tokens": prompt_n + predicted_n}
+    if cache_n is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cache_n}
+    return out
 
 
-def _timings(prompt_n: int, predicted_n: int, interval: float) -> dict:
+def _timings(prompt_n: int, predicted_n: int, interval: float,
+             cache_n: int | None = None) -> dict:
+    if cache_n is not None:     # llama-server's prompt_n: the tokens it processed
+        return {"cache_n": cache_n, **_timings(prompt_n - cache_n, predicted_n, interval)}
     prompt_ms = 0.1 * prompt_n
     predicted_ms = max(interval * predicted_n * 1000.0, 0.1 * predicted_n)
     return {"prompt_n": prompt_n, "prompt_ms": prompt_ms,
-            "prompt_per_token_ms": prompt_ms / prompt_n,
+            "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
             "prompt_per_second": 1000.0 * prompt_n / prompt_ms if prompt_ms else 0.0,
             "predicted_n": predicted_n, "predicted_ms": predicted_ms,
             "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
@@ -761,8 +773,9 @@ def _reply_body(srv: "FakeLlama", kind: str, body: dict, kn: dict) -> bytes:
         obj = "text_completion"
     return json.dumps({"choices": [choice], "created": int(time.time()), "model": model,
                        "system_fingerprint": "b0-fake", "object": obj,
-                       "usage": _usage(prompt_n, events), "id": srv._next_id(kind),
-                       "timings": _timings(prompt_n, events, interval)},
+                       "usage": _usage(prompt_n, events, kn["cache_n"]),
+                       "id": srv._next_id(kind),
+                       "timings": _timings(prompt_n, events, interval, kn["cache_n"])},
                       ensure_ascii=False).encode()
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from llamagw.admin import usage_api
 from llamagw.api import local
 from llamagw.api import ollama_handlers as ollama
 from llamagw.errors import Envelope, GatewayError, not_found
@@ -110,6 +111,11 @@ OLLAMA_ROUTES = (
 
 # The admin API (keys, models, usage): every route Auth.ADMIN and Envelope.ADMIN.
 ADMIN_ROUTES: tuple[Route, ...] = ()
+# Usage (issue 28): the ledger added up, JSON or CSV (admin/usage_api.py).
+ADMIN_ROUTES += (
+    Route("GET", "/admin/usage", "admin_usage", usage_api.usage_report, Auth.ADMIN,
+          Envelope.ADMIN),
+)
 
 # Where a path no route serves gets its errors shaped (404, 405, a preflight's 404): the API
 # whose clients ask there. Ollama clients probe "/" and /api/*.

@@ -1,9 +1,16 @@
 """The seam every API request passes before it is proxied: who is it, may it run now?
 
 admit() is synchronous (no await between the check and the action it allows): it authenticates the
-key, applies the per-key rate limit and takes a per-key concurrency slot, then returns a Ticket whose
-release() is idempotent and is called in a `finally` on every exit path. The global limit to
-llama-server (a bounded FIFO queue) is taken afterwards, once the body is in, by backend_slot().
+key, applies the per-key rate limit and token budget and takes a per-key concurrency slot, then
+returns a Ticket whose release() is idempotent and is called in a `finally` on every exit path. The
+global limit to llama-server (a bounded queue, shared fairly between keys: limits/fairqueue.py) is
+taken afterwards, once the body is in, by backend_slot().
+
+Token budgets (tpm / tpd in the key file, limits/budget.py): a request is admitted while its key
+is under budget, counted from finished requests (the gateway charges each one's tokens when it
+ends: Gateway.observe). Keys with a token limit get X-RateLimit-Limit-Tokens and
+X-RateLimit-Remaining-Tokens on every answer (the binding window, as of admission); keys without
+one get neither: they have no budget to report.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import logging
 import time
 
 from llamagw.errors import RETRY_AFTER_CONCURRENCY, RETRY_AFTER_QUEUE, GatewayError
-from llamagw.limits import keys, ratelimit
+from llamagw.limits import budget, fairqueue, keys, ratelimit
 
 log = logging.getLogger("gateway")
 
@@ -70,7 +77,10 @@ class Admission:
         self.clock = clock
         self.rate = ratelimit.RateLimiter(config.max_requests_per_minute)
         self.concurrency = ratelimit.KeyConcurrency(config.max_concurrent_requests_per_key)
-        self.slots = ratelimit.BackendSlots(config.max_concurrent_requests, config.max_queue_size)
+        self.slots = fairqueue.FairBackendSlots(config.max_concurrent_requests,
+                                                config.max_queue_size, errors=ratelimit)
+        # tpm / tpd per key: checked by admit(), charged by the gateway when a request ends.
+        self.budget = budget.TokenBudget()
 
     def identify(self, req) -> keys.KeyInfo:
         presented = keys.extract_key(req.headers)          # 400 on two Authorization headers
@@ -101,8 +111,12 @@ class Admission:
                                    "forbidden")
             key_id, rpm, cap = info.key_id, info.rpm, info.concurrency
         else:
+            info = None
             key_id, rpm, cap = ANONYMOUS, None, None
         ctx.key_id = key_id
+        tokens = None
+        if info is not None and auth is _KEY and (info.tpm is not None or info.tpd is not None):
+            tokens = self.token_decision(info, ctx)      # its headers on every answer
         decision = self.rate.check(key_id, self.clock(), rpm)
         ctx.response_headers += [("x-ratelimit-limit", str(decision.limit)),
                                  ("x-ratelimit-remaining", str(decision.remaining)),
@@ -112,12 +126,33 @@ class Admission:
             raise GatewayError(429, f"Rate limit of {decision.limit} requests per minute reached "
                                     f"for key '{key_id}'", "rate_limit_exceeded",
                                headers=[("retry-after", str(decision.retry_after_s))])
+        if tokens is not None and not tokens.allowed:
+            self.metrics.inc_rate_limited(key_id)
+            raise GatewayError(429, f"Token limit of {tokens.limit} tokens per {tokens.window} "
+                                    f"reached for key '{key_id}'", "token_limit_exceeded",
+                               headers=[("retry-after", str(tokens.retry_after_s))])
         if not self.concurrency.try_acquire(key_id, cap):
             self.metrics.inc_rate_limited(key_id)
             raise GatewayError(429, f"Too many concurrent requests for key '{key_id}'",
                                "concurrency_limit_exceeded",
                                headers=[("retry-after", str(RETRY_AFTER_CONCURRENCY))])
         return Ticket(self.concurrency, key_id)
+
+    def token_decision(self, info: keys.KeyInfo, ctx) -> budget.TokenDecision:
+        """The key's token budget now (nothing charged), its headers added to the answer."""
+        decision = self.budget.check(info.key_id, budget.TokenLimits(info.tpm, info.tpd))
+        ctx.response_headers += [("x-ratelimit-limit-tokens", str(decision.limit)),
+                                 ("x-ratelimit-remaining-tokens", str(decision.remaining))]
+        return decision
+
+    def charge(self, key_id: str, tokens: int) -> None:
+        """A finished request's tokens, for a key with a token limit (others are not tracked:
+        a limit added by a key reload counts from then on, or from the ledger at the next
+        start)."""
+        store = self.store
+        info = store.get(key_id) if store is not None else None
+        if info is not None and (info.tpm is not None or info.tpd is not None):
+            self.budget.charge(key_id, tokens)
 
     def check_metrics_key(self, req) -> None:
         expected = self.config.metrics_key
@@ -129,21 +164,22 @@ class Admission:
             raise _unauthorized("Invalid or missing metrics key", "invalid_metrics_key",
                                 keys.METRICS_REALM, bool(presented), "Invalid metrics key")
 
-    def try_backend_slot(self) -> ratelimit.Slot | None:
+    def try_backend_slot(self, key_id: str) -> fairqueue.FairSlot | None:
         """A free slot without waiting, or None (then await backend_slot). At shutdown
         ratelimit.SlotsClosed passes through: the gateway answers it (backend_stopping)."""
         try:
-            return self.slots.try_acquire()
+            return self.slots.try_acquire(key_id)
         except ratelimit.SlotsClosed:
             raise
         except ratelimit.QueueFull:
             raise _busy("queue_full", "queue full") from None
 
-    async def backend_slot(self, ctx) -> ratelimit.Slot:
-        """A slot, waiting in the queue if need be. SlotsClosed passes through (shutdown; it
-        ends the waits of those already queued too)."""
+    async def backend_slot(self, ctx) -> fairqueue.FairSlot:
+        """A slot, waiting in the queue if need be, the key's turn shared fairly with other
+        keys'. SlotsClosed passes through (shutdown; it ends the waits of those already queued
+        too)."""
         try:
-            return await self.slots.acquire(self.config.queue_timeout)
+            return await self.slots.acquire(self.config.queue_timeout, ctx.key_id)
         except ratelimit.SlotsClosed:
             raise
         except ratelimit.QueueFull:

@@ -3,8 +3,11 @@
 FairQueue is the pure part: waiters grouped by key, requests in flight counted by key. When a
 slot frees, pop() picks the waiting key with the fewest requests in flight; among keys with
 equally few, the one served least recently (round-robin); within a key, the oldest waiter (FIFO).
-So one busy key with fifty queued requests cannot starve a key that sends one: the light key's
-request goes next as soon as it has fewer requests running than the busy key.
+"Served" counts every start, a slot taken without waiting (start()) as well as one handed to a
+waiter (pop()), and a key with nothing running or waiting has no history (it counts as never
+served). So one busy key with fifty queued requests cannot starve a key that sends one: when the
+busy key's running request ends, both keys have none running and the light key, served less
+recently, goes next; and it goes next at once whenever it has fewer requests running.
 
   push     O(1)                  remove (a waiter gone)   O(waiters of that key)
   pop      O(keys waiting)       start / finish           O(1)
@@ -57,10 +60,13 @@ class FairQueue:
         if max_size < 0:
             raise ValueError("max_size must be >= 0")
         self.max_size = max_size
-        # Keys with at least one waiter, least recently served first.
-        self._waiting: collections.OrderedDict[Hashable, collections.deque] = \
-            collections.OrderedDict()
+        # Keys with at least one waiter, in the order they began waiting (the last tie-break).
+        self._waiting: dict[Hashable, collections.deque] = {}
         self._in_flight: dict[Hashable, int] = {}
+        # The serial of each key's latest start (start() or pop()): the smaller, the less
+        # recently served. Only for keys with a request running or waiting (bounded like them).
+        self._served: dict[Hashable, int] = {}
+        self._serial = 0
         self._size = 0
 
     def __len__(self) -> int:
@@ -100,34 +106,41 @@ class FairQueue:
         self._size -= 1
         if not queue:
             del self._waiting[key]
+            if key not in self._in_flight:
+                self._served.pop(key, None)
         return True
 
     def pop(self):
         """The next waiter as (key, item), counted as in flight for its key; None when nobody
-        waits. The key with the fewest in flight wins; ties go to the least recently served."""
+        waits. The key with the fewest in flight wins; ties go to the least recently served,
+        then to the one waiting longest."""
         if not self._size:
             return None
         in_flight = self._in_flight
+        served = self._served
         best_key, best = None, None
         for key in self._waiting:
-            n = in_flight.get(key, 0)
-            if best is None or n < best:
-                best_key, best = key, n
-                if n == 0:
-                    break                 # nobody has fewer than none
+            rank = (in_flight.get(key, 0), served.get(key, 0))
+            if best is None or rank < best:
+                best_key, best = key, rank
+                if rank == (0, 0):
+                    break                 # nothing running, never served: nobody comes first
         queue = self._waiting[best_key]
         item = queue.popleft()
         self._size -= 1
-        if queue:
-            self._waiting.move_to_end(best_key)     # round-robin among equals
-        else:
+        if not queue:
             del self._waiting[best_key]
-        in_flight[best_key] = best + 1
+        in_flight[best_key] = best[0] + 1
+        self._serial += 1
+        served[best_key] = self._serial
         return best_key, item
 
     def start(self, key: Hashable) -> None:
         """A request of `key` went in flight without waiting."""
-        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        in_flight = self._in_flight
+        in_flight[key] = in_flight.get(key, 0) + 1
+        self._serial = serial = self._serial + 1
+        self._served[key] = serial
 
     def finish(self, key: Hashable) -> None:
         """A request of `key` left (finished, or granted to a waiter that was gone). Extra
@@ -135,6 +148,8 @@ class FairQueue:
         n = self._in_flight.get(key, 0)
         if n <= 1:
             self._in_flight.pop(key, None)
+            if key not in self._waiting:
+                self._served.pop(key, None)
         else:
             self._in_flight[key] = n - 1
 
@@ -143,6 +158,7 @@ class FairQueue:
         out = [(key, item) for key, queue in self._waiting.items() for item in queue]
         self._waiting.clear()
         self._size = 0
+        self._served = {k: v for k, v in self._served.items() if k in self._in_flight}
         return out
 
 
@@ -216,9 +232,10 @@ class FairBackendSlots:
         SlotsClosed at shutdown."""
         if self._closed:
             raise self._closed_exc("shutting down")
-        if self._active < self.max_concurrent and not len(self._queue):
+        queue = self._queue
+        if self._active < self.max_concurrent and not queue._size:   # (every request: no len())
             self._active += 1
-            self._queue.start(key_id)
+            queue.start(key_id)
             return FairSlot(self, key_id)
         return None
 
@@ -247,6 +264,10 @@ class FairBackendSlots:
     def _release_one(self, key_id: Hashable) -> None:
         queue = self._queue
         queue.finish(key_id)
+        if not queue._size:               # nobody waits (the common case): the slot is free
+            if self._active > 0:
+                self._active -= 1
+            return
         while True:
             nxt = queue.pop()
             if nxt is None:

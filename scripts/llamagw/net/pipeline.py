@@ -104,7 +104,7 @@ class PendingRequest:
             jsonguard.check(body)
         if route.local:
             return True
-        slot = self.services.try_backend_slot()
+        slot = self.services.try_backend_slot(self.ctx)
         self.slot = slot
         return slot is not None
 

@@ -27,7 +27,7 @@ import time
 from llamagw.context import Call
 from llamagw.errors import RETRY_AFTER_LOADING, GatewayError, error_body
 from llamagw.net.upstream import UpstreamClosed
-from llamagw.observe.tokens import sse_finished, usage_from_body, usage_from_sse_tail
+from llamagw.observe.tokens import account, account_cut, sse_finished
 from llamagw.wire import http11
 
 # Client request headers passed to llama-server. Everything else is dropped: hop-by-hop headers,
@@ -65,7 +65,7 @@ class Exchange:
                  "swallow", "chunked_out", "sse", "keep_body", "body_parts", "body_size", "tail",
                  "last_activity", "idle_timeout", "write_timeout", "first_byte_timeout",
                  "_stall_timer", "upstream_keep_alive", "status", "transform",
-                 "_head", "_pending", "finished", "_on_done", "bulk")
+                 "_head", "_pending", "finished", "_on_done", "bulk", "events")
 
     def __init__(self, client, ctx, *, head_only: bool, http10: bool, first_byte_timeout: float,
                  idle_timeout: float, write_timeout: float, account: bool, transform=None,
@@ -98,6 +98,7 @@ class Exchange:
         self.body_parts: list[bytes] = []
         self.body_size = 0
         self.tail = bytearray()
+        self.events = 0          # SSE events relayed: a cut stream's count (tokens.account_cut)
         self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
         self.write_timeout = write_timeout
@@ -174,6 +175,7 @@ class Exchange:
             return
         if self.keep_body:
             if self.sse:
+                self.events += 1
                 tail = self.tail
                 tail += data
                 if len(tail) > 2 * SSE_TAIL_BYTES:
@@ -199,6 +201,7 @@ class Exchange:
         each chunk's data, so they are queued as they are. Only while self.bulk."""
         self.last_activity = self.loop.time()
         if self.keep_body:       # an SSE stream (see on_head): keep its last events
+            self.events += len(spans) >> 1
             tail = self.tail
             if len(spans) == 2:  # one chunk (a paced stream's read)
                 tail += framed[spans[0]:spans[1]]
@@ -373,6 +376,8 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
+        if self.events and self.ctx.completion_tokens is None:    # a stream cut before its counts
+            account_cut(self.ctx, self.tail, self.events)
         if self._on_done is not None:
             self._on_done(self, exc)
             return
@@ -409,20 +414,11 @@ class Exchange:
             self._finish(pool=False)
 
     def _account(self) -> None:
-        usage = None
-        try:
-            if self.sse:
-                usage = usage_from_sse_tail(bytes(self.tail))
-            elif self.body_parts:
-                usage = usage_from_body(b"".join(self.body_parts))
-        except (ValueError, UnicodeDecodeError):
-            usage = None
-        if isinstance(usage, dict):
-            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if isinstance(p, int):
-                self.ctx.prompt_tokens = p
-            if isinstance(c, int):
-                self.ctx.completion_tokens = c
+        if self.sse:
+            account(self.ctx, bytes(self.tail))
+        elif self.body_parts:
+            parts = self.body_parts
+            account(self.ctx, parts[0] if len(parts) == 1 else b"".join(parts), sse=False)
 
 
 def closed_without_answer() -> GatewayError:

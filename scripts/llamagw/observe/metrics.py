@@ -12,14 +12,16 @@ Metrics (all prefixed gateway_):
   rate_limited_total{key_id}                       counter
   auth_failed_total                                counter
   upstream_errors_total{kind}                      counter
-  tokens_total{key_id,kind}                        counter, kind = prompt | completion
+  tokens_total{key_id,model,kind}                  counter, kind = prompt | completion
+  usage_rows_dropped_total                         counter (callable: the usage ledger's losses)
   backend_up                                       gauge 0/1 (callable)
   keys_loaded                                      gauge (callable)
   uptime_seconds                                   gauge
 
 Cardinality is bounded: key_id values are the known keys (set_known_keys, from the key file;
-anything else is "unknown", no key is "-"), routes and upstream error kinds are capped at
-MAX_ROUTES / MAX_ERROR_KINDS distinct values (then "other"), status is a number 100..599.
+anything else is "unknown", no key is "-"), routes, upstream error kinds and models are capped at
+MAX_ROUTES / MAX_ERROR_KINDS / MAX_MODEL_LABELS distinct values (then "other"; no model is "-"),
+status is a number 100..599.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ MAX_ROUTES = 64
 MAX_ERROR_KINDS = 32
 # Without set_known_keys, at most this many key_id label values (the rest are "unknown").
 MAX_KEY_LABELS = 10_000
+# Model label values: the models llama-server answered with, as many as router mode serves at
+# most (models/preset_scan.MAX_MODELS); more can only be a misbehaving upstream.
+MAX_MODEL_LABELS = 256
 
 # Status label of every valid status code, made once (not str() per request).
 _STATUS_LABELS = {code: str(code) for code in range(100, 600)}
@@ -62,7 +67,8 @@ _HELP = {
     "gateway_rate_limited_total": "Requests refused by the per-key rate or concurrency limit.",
     "gateway_auth_failed_total": "Requests refused for a missing or unknown key.",
     "gateway_upstream_errors_total": "Failures talking to llama-server, by kind.",
-    "gateway_tokens_total": "Tokens processed, by key and kind (prompt or completion).",
+    "gateway_tokens_total": "Tokens processed, by key, model and kind (prompt or completion).",
+    "gateway_usage_rows_dropped_total": "Usage ledger rows lost (queue full, disk failing).",
     "gateway_backend_up": "1 when llama-server answers its health check, else 0.",
     "gateway_keys_loaded": "API keys in force.",
     "gateway_uptime_seconds": "Seconds since the gateway started.",
@@ -141,13 +147,15 @@ class Metrics:
         self._rate_limited: dict[str, int] = {}
         self.auth_failed = 0
         self._upstream_errors: dict[str, int] = {}
-        self._tokens: dict[tuple[str, str], int] = {}
+        self._tokens: dict[tuple[str, str, str], int] = {}     # (key_id, model, kind)
+        self._models: set[str] = set()
         self._known_keys: frozenset[str] | None = None
         self._seen_keys: set[str] = set()
         self._routes: set[str] = set()
         self._queue_depth: Callable[[], float] = _zero
         self._backend_up: Callable[[], float] = _zero
         self._keys_loaded: Callable[[], float] = _zero
+        self._usage_rows_dropped: Callable[[], float] = _zero
 
     # -- configuration -------------------------------------------------------------------------
     def set_gauge_sources(self, *, queue_depth: Callable[[], float] = _zero,
@@ -156,6 +164,10 @@ class Metrics:
         self._queue_depth = queue_depth
         self._backend_up = backend_up
         self._keys_loaded = keys_loaded
+
+    def set_counter_sources(self, *, usage_rows_dropped: Callable[[], float] = _zero) -> None:
+        """Counters kept elsewhere, read when scraped (the usage ledger's `dropped`)."""
+        self._usage_rows_dropped = usage_rows_dropped
 
     def set_known_keys(self, key_ids: Iterable[str]) -> None:
         """Key ids allowed as label values (call at start and after each key reload). Series of
@@ -225,14 +237,29 @@ class Metrics:
             kind = OTHER
         self._upstream_errors[kind] = self._upstream_errors.get(kind, 0) + 1
 
-    def add_tokens(self, key_id: str, prompt: int, completion: int) -> None:
+    def add_tokens(self, key_id: str, prompt: int, completion: int,
+                   model: str | None = None) -> None:
         known = self._known_keys
         k = key_id if known is not None and key_id in known else self._key(key_id)
+        if model not in self._models:
+            model = self._model(model)
+        tokens = self._tokens
         if prompt and prompt > 0:
-            self._tokens[(k, "prompt")] = self._tokens.get((k, "prompt"), 0) + int(prompt)
+            labels = (k, model, "prompt")
+            tokens[labels] = tokens.get(labels, 0) + int(prompt)
         if completion and completion > 0:
-            self._tokens[(k, "completion")] = (self._tokens.get((k, "completion"), 0)
-                                               + int(completion))
+            labels = (k, model, "completion")
+            tokens[labels] = tokens.get(labels, 0) + int(completion)
+
+    def _model(self, model: str | None) -> str:
+        if not model:
+            return NO_KEY
+        if model in self._models:
+            return model
+        if len(self._models) < MAX_MODEL_LABELS:
+            self._models.add(model)
+            return model
+        return OTHER
 
     # -- rendering -----------------------------------------------------------------------------
     @staticmethod
@@ -282,8 +309,10 @@ class Metrics:
         for kind, n in sorted(self._upstream_errors.items()):
             sample("gateway_upstream_errors_total", (("kind", kind),), n)
         family("gateway_tokens_total", "counter")
-        for (key, kind), n in sorted(self._tokens.items()):
-            sample("gateway_tokens_total", (("key_id", key), ("kind", kind)), n)
+        for (key, model, kind), n in sorted(self._tokens.items()):
+            sample("gateway_tokens_total", (("key_id", key), ("model", model), ("kind", kind)), n)
+        family("gateway_usage_rows_dropped_total", "counter")
+        sample("gateway_usage_rows_dropped_total", (), self._sample(self._usage_rows_dropped))
         for name, value in self._gauges().items():
             family(name, "gauge")
             sample(name, (), value)
@@ -307,9 +336,13 @@ class Metrics:
             "auth_failed": self.auth_failed,
             "upstream_errors": dict(sorted(self._upstream_errors.items())),
             "tokens": {},
+            "tokens_by_model": {},
+            "usage_rows_dropped": num(self._sample(self._usage_rows_dropped)),
         })
-        for (key, kind), n in sorted(self._tokens.items()):
-            data["tokens"].setdefault(key, {"prompt": 0, "completion": 0})[kind] = n
+        for (key, model, kind), n in sorted(self._tokens.items()):
+            data["tokens"].setdefault(key, {"prompt": 0, "completion": 0})[kind] += n
+            data["tokens_by_model"].setdefault(key, {}).setdefault(
+                model, {"prompt": 0, "completion": 0})[kind] = n
         return json.dumps(data, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
     def content_for(self, accept: str | None) -> tuple[str, bytes]:
