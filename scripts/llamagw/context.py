@@ -53,7 +53,7 @@ class RequestContext:
     __slots__ = ("request_id", "key_id", "client", "method", "path", "route", "status",
                  "bytes_in", "bytes_out", "started", "ttfb", "duration", "stream", "outcome",
                  "prompt_tokens", "completion_tokens", "response_headers", "upstream_error",
-                 "continued")
+                 "continued", "model", "key_models")
 
     def __init__(self, client: str, method: str, path: str, request_id: str):
         self.request_id = request_id
@@ -75,6 +75,10 @@ class RequestContext:
         self.response_headers: list[tuple[str, str]] = []
         self.upstream_error = ""
         self.continued = False     # 100 Continue sent
+        # The model it was for: a catalog name, never what the client wrote (models/serving.py)
+        self.model: str | None = None
+        # The key's `models=` (limits/keys.KeyInfo.models; None: every model), set by admission
+        self.key_models: frozenset[str] | None = None
 
 
 class Client(Protocol):
@@ -110,14 +114,16 @@ class Services(Protocol):
     cors: Any                 # api.cors.Cors
     pool: UpstreamPool
     backend: Any              # the backend state (ready, starting ...): get(), refresh()
-    catalog: Any              # the served model for the Ollama API
+    catalog: Any              # the models' GGUF descriptions (models/describe.ModelCatalog)
+    models: Any               # models/serving.ModelService: names, scoping, leases, slots
+    router_mode: bool         # MODELS_DIR: llama-server runs as a router over several models
     backend_hostport: str     # the Host header of upstream requests
     started: float            # time.monotonic() at start
     connections: set
     in_flight: int
     shutting_down: bool
 
-    def try_backend_slot(self) -> Any: ...
+    def try_backend_slot(self, model: str | None = None) -> Any: ...
     async def backend_slot(self, ctx: RequestContext) -> Any: ...
     def unreachable(self, exc: OSError) -> Exception: ...
     def observe(self, ctx: RequestContext) -> None: ...
@@ -134,6 +140,7 @@ class Call(Protocol):
     route: Any                # api.routes.Route
     body: bytes
     fresh: bool               # relay: on a new llama-server connection only (a retry)
+    lease: Any                # router mode: the model's lease (models/router.Lease) or None
 
 
 @dataclasses.dataclass(slots=True)

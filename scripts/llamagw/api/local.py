@@ -32,6 +32,9 @@ async def health(call: Call) -> Response:
         "connections": len(services.connections),
         "shutting_down": services.shutting_down,
     }
+    models = services.models.health()          # router mode: counts per state, no names
+    if models is not None:
+        body.update(models)
     return Response(200, JSON + [("cache-control", "no-store")], json.dumps(body).encode())
 
 

@@ -100,6 +100,7 @@ class Admission:
                 raise GatewayError(403, f"Key '{info.key_id}' may not use the admin API",
                                    "forbidden")
             key_id, rpm, cap = info.key_id, info.rpm, info.concurrency
+            ctx.key_models = getattr(info, "models", None)   # the models it may use
         else:
             key_id, rpm, cap = ANONYMOUS, None, None
         ctx.key_id = key_id
@@ -129,21 +130,23 @@ class Admission:
             raise _unauthorized("Invalid or missing metrics key", "invalid_metrics_key",
                                 keys.METRICS_REALM, bool(presented), "Invalid metrics key")
 
-    def try_backend_slot(self) -> ratelimit.Slot | None:
+    def try_backend_slot(self, slots=None) -> ratelimit.Slot | None:
         """A free slot without waiting, or None (then await backend_slot). At shutdown
-        ratelimit.SlotsClosed passes through: the gateway answers it (backend_stopping)."""
+        ratelimit.SlotsClosed passes through: the gateway answers it (backend_stopping).
+        slots: a model's own (router mode, models/serving.py); None: the global ones."""
         try:
-            return self.slots.try_acquire()
+            return (self.slots if slots is None else slots).try_acquire()
         except ratelimit.SlotsClosed:
             raise
         except ratelimit.QueueFull:
             raise _busy("queue_full", "queue full") from None
 
-    async def backend_slot(self, ctx) -> ratelimit.Slot:
+    async def backend_slot(self, ctx, slots=None) -> ratelimit.Slot:
         """A slot, waiting in the queue if need be. SlotsClosed passes through (shutdown; it
-        ends the waits of those already queued too)."""
+        ends the waits of those already queued too). slots: as in try_backend_slot."""
         try:
-            return await self.slots.acquire(self.config.queue_timeout)
+            return await (self.slots if slots is None else slots).acquire(
+                self.config.queue_timeout)
         except ratelimit.SlotsClosed:
             raise
         except ratelimit.QueueFull:
