@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """`make bench`: the gateway against the upstream it fronts, called directly, as ratios.
 
-    python3 tests/bench/run_bench.py --out bench-results [--quick] [--cases a,b,c,d,e] [--profile]
+    python3 tests/bench/run_bench.py --out bench-results [--quick] [--cases a,b,c,d,e,f] [--profile]
 
-The cases (a-e), the method, the C tools, the nginx and bare-relay references and how to read the
+The cases (a-f), the method, the C tools, the nginx and bare-relay references and how to read the
 figures are in tests/bench/README.md, the one copy. Writes OUT/bench.md (the tables) and
 OUT/bench.json (all figures, per round), plus the logs of the processes it started; with
 --profile, OUT/profile-<case>.txt holds the top functions. Every child is killed at the end, even
@@ -675,9 +675,11 @@ class Bench:
         return child, port, sock
 
     def start_gateway(self, backend: int | str, label: str,
-                      profile: Path | None = None) -> tuple[Child, int]:
+                      profile: Path | None = None, extra_env: dict | None = None,
+                      check: dict | None = None) -> tuple[Child, int]:
         """A gateway on a free port; backend: llama-server's Unix socket path (str, the product's
-        default wiring) or TCP port on 127.0.0.1 (int, BACKEND_TRANSPORT=tcp)."""
+        default wiring) or TCP port on 127.0.0.1 (int, BACKEND_TRANSPORT=tcp). extra_env: more
+        settings (case f: router mode); check: the chat body of its check request."""
         self.n_gateways += 1
         port = free_port()
         data = self.tmp / f"gw{self.n_gateways}-data"
@@ -696,14 +698,21 @@ class Bench:
                        MAX_CONCURRENT_REQUESTS=BENCH_CONCURRENCY, MAX_QUEUE_SIZE=BENCH_CONCURRENCY,
                        MAX_CONCURRENT_REQUESTS_PER_KEY=BENCH_CONCURRENCY,
                        MAX_REQUESTS_PER_MINUTE=BENCH_RPM, MAX_CONNECTIONS=BENCH_MAX_CONNECTIONS,
-                       GRACEFUL_TIMEOUT=BENCH_GRACEFUL_TIMEOUT)
+                       GRACEFUL_TIMEOUT=BENCH_GRACEFUL_TIMEOUT, **(extra_env or {}))
         gw = Child(f"gateway-{label}", argv, env, self.logs / f"gateway-{label}.log")
         gw.data_dir = data
         wait_until(lambda: http_request(port, "GET", "/ping", timeout=2)[0] == 200,
                    START_TIMEOUT, "the gateway", gw)
         # The measured path must be the authenticated one: check the key works end to end.
-        status, body = http_request(port, "POST", CHAT_PATH, json.dumps(SMALL_BODY).encode(),
-                                    [("Authorization", f"Bearer {self.key}")])
+        answer = []
+
+        def checked() -> bool:     # router mode: 503 until the router's models are known
+            answer[:] = http_request(port, "POST", CHAT_PATH,
+                                     json.dumps(check or SMALL_BODY).encode(),
+                                     [("Authorization", f"Bearer {self.key}")])
+            return answer[0] != 503
+        wait_until(checked, START_TIMEOUT, "the gateway's check request", gw)
+        status, body = answer
         if status != 200:
             raise RuntimeError(f"gateway check request answered {status}: {body[:300]!r}")
         return gw, port
@@ -1410,6 +1419,12 @@ http {{
         ok = all(r["health_204_s"] is not None for r in runs["gateway"])
         self.target("e", "health answers 204 before 200", "yes" if ok else "no", ok)
 
+    def case_f(self) -> None:
+        """Many models (issue 27): a switch, and a loaded model while another loads
+        (tests/bench/models_bench.py)."""
+        import models_bench
+        models_bench.case_f(self, sys.modules[__name__])
+
     # ---- profiling ----
     def stop_gateway(self, gw: Child, prof: Path | None, case: str) -> None:
         code = gw.stop(timeout=STOP_TIMEOUT)
@@ -1700,6 +1715,9 @@ http {{
                   f"{f2(d['health_200_s'], '{:.3f}')} |",
                   f"| first token | {f2(g['first_token_s'], '{:.3f}')} | "
                   f"{f2(d['first_token_s'], '{:.3f}')} |", ""]
+        if "f" in self.results:
+            import models_bench
+            L += models_bench.markdown(self.results["f"])
         odd = {name: {k: v for k, v in c.items() if not k.startswith("200 ok")}
                for name, c in self.outcomes.items()}
         odd = {name: c for name, c in odd.items() if c}
@@ -1740,7 +1758,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench-results")
     p.add_argument("--quick", action="store_true", help="short runs, one round, small case c")
-    p.add_argument("--cases", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    p.add_argument("--cases", default="a,b,c,d,e,f",
+                   help="comma-separated subset of a,b,c,d,e,f")
     p.add_argument("--nice", type=int, default=0,
                    help="run the harness and everything it starts at this niceness (e.g. -10 "
                         "on a machine shared with other work; negative needs root)")
@@ -1748,7 +1767,7 @@ def main(argv=None) -> int:
                    help="run the gateway of cases a, b and c under cProfile (slower; profile only)")
     args = p.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in "abcde" or len(c) != 1]
+    unknown = [c for c in cases if c not in "abcdef" or len(c) != 1]
     if unknown:
         p.error(f"unknown case(s): {', '.join(unknown)}")
     nofile = raise_nofile()
@@ -1767,7 +1786,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     errors = {}
     try:
-        for case in "abcde":
+        for case in "abcdef":
             if case not in cases:
                 continue
             log(f"case {case}")
