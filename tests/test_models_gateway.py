@@ -332,6 +332,7 @@ async def test_probes_metrics_listings_and_admin_reads_never_load(tmp_path):
             assert (await s.one(raw)).status == 200, raw
         health = (await s.one(get("/health", key=None))).json()
         assert health["router"] == "connected" and health["models"]["unloaded"] == 3
+        assert health["preload"] == "ready"                 # none to wait for
         assert not s.router.loads and s.fake.requests == []
         assert router_gets_autoload_free(s)
 
@@ -604,11 +605,49 @@ async def test_shutdown_answers_requests_waiting_for_a_load_at_once(tmp_path):
 
 @aio
 async def test_the_gateway_answers_503_until_the_router_is_there(tmp_path):
-    async with RouterStack(tmp_path, router_up=False) as s:
+    async with RouterStack(tmp_path, router_up=False, env={"MODELS_PRELOAD": "gamma"}) as s:
         r = await s.one(post("/v1/chat/completions", mchat("alpha")))
         assert r.status == 503 and r.error()["code"] == "backend_starting"
         assert r.get("retry-after")
         assert (await s.one(get("/health", key=None))).json()["router"] == "disconnected"
         await s.router.start()
         await eventually(lambda: s.ctl.connected and s.catalog.synced, 3)
+        health = (await s.one(get("/health", key=None))).json()
+        assert health["preload"] == "starting"              # MODELS_PRELOAD=gamma: unloaded
         assert (await s.one(post("/v1/chat/completions", mchat("alpha")))).status == 200
+
+
+@aio
+async def test_an_unload_waits_for_the_stream_in_flight_and_shutdown_ends_the_wait(tmp_path):
+    async with RouterStack(tmp_path) as s:
+        stream = await s.client()
+        await stream.send(post("/v1/chat/completions", mchat("alpha", stream=True, events=8,
+                                                                 interval=0.05)))
+        assert (await stream.head())[0] == 200
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        r = await s.one(post("/admin/models/unload", {"model": "alpha"}, key=ROOT))
+        assert (r.status, r.json()) == (200, {"model": "alpha", "state": "unloaded"})
+        assert loop.time() - t0 > 0.2                 # it waited for the stream ...
+        rest = b""
+        while chunk := await stream.reader.read(65536):
+            rest += chunk
+        assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")       # ... which ended whole
+        assert s.router.unloads["alpha"] == 1 and s.router.evictions == []
+        # an unload waiting for a stream when the gateway stops: 503 at once, the stream drains
+        assert (await s.one(post("/v1/chat/completions", mchat("alpha")))).status == 200
+        stream = await s.client()
+        await stream.send(post("/v1/chat/completions", mchat("alpha", stream=True, events=10,
+                                                                 interval=0.05)))
+        assert (await stream.head())[0] == 200
+        unload = asyncio.ensure_future(s.one(post("/admin/models/unload", {"model": "alpha"},
+                                                  key=ROOT)))
+        await eventually(lambda: s.catalog.get("alpha").draining)
+        stopping = asyncio.ensure_future(s.gw.shutdown(3.0))
+        r = await unload
+        assert r.status == 503 and r.error()["code"] == "backend_stopping"
+        rest = b""
+        while chunk := await stream.reader.read(65536):
+            rest += chunk
+        assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+        await stopping

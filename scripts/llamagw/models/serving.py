@@ -315,6 +315,9 @@ class ModelService:
         await asyncio.wait([task], timeout=self.load_wait)
         if not task.done():
             return 202, self._state_of(name)
+        if task.cancelled():                 # shutdown (close()) ended it
+            raise GatewayError(503, "The gateway is stopping", "backend_stopping",
+                               headers=[("retry-after", str(RETRY_AFTER_STARTING))])
         exc = task.exception()
         if isinstance(exc, ModelError):
             raise model_error(exc)
@@ -370,15 +373,19 @@ class ModelService:
 
     # ---- health and metrics --------------------------------------------------------------------------
     def health(self) -> dict | None:
-        """Router mode: the router connection and the models per state (counts only: /health
-        is open), for the gateway's /health."""
+        """Router mode, for the gateway's /health: the router connection, the models per state
+        (counts only: /health is open) and the preload models' state (starting | ready |
+        failed). The health port is the supervisor's (entrypoint.sh waits for the preload
+        models at boot); after the boot a model that fails is reported on its requests, in
+        /admin/models and in the metrics, and the worker keeps serving the others."""
         if not self.router:
             return None
         counts = {state.value: 0 for state in State}
         for m in self.controller.catalog.models():
             counts[m.state.value] += 1
         return {"router": "connected" if self.controller.connected else "disconnected",
-                "models": counts}
+                "models": counts,
+                "preload": self.controller.health(self.gw.config.models_preload)}
 
     def states(self) -> list[tuple[str, str, int, int]]:
         """(model, state, in flight, queued) for each model: gateway_model_* gauges."""
