@@ -533,6 +533,8 @@ async def test_each_model_has_its_own_slots_and_queue(tmp_path):
         waiting = asyncio.ensure_future(s.one(post("/v1/chat/completions", mchat("slow")),
                                               timeout=4))
         await eventually(lambda: s.state("slow") is State.LOADING)
+        slow = s.gw.models.slots.get("slow")
+        assert slow is None or slow.active == 0      # waiting for the load holds no slot
         # ... and beta is served at once, neither held up
         loop = asyncio.get_running_loop()
         t0 = loop.time()

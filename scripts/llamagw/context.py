@@ -142,6 +142,8 @@ class Call(Protocol):
     fresh: bool               # relay: on a new llama-server connection only (a retry)
     lease: Any                # router mode: the model's lease (models/router.Lease) or None
 
+    async def hold(self) -> None: ...    # router mode: the model's lease, then a backend slot
+
 
 @dataclasses.dataclass(slots=True)
 class Response:

@@ -270,13 +270,7 @@ async def _infer(call: Call, kind: str) -> Response | None:
                 await services.models.load(model)
         return _json(200, ollama_api.load_response(upstream_body, model))
     if services.router_mode:
-        call.lease = services.models.try_lease(model)
-        if call.lease is None:
-            call.client.stop_if_gone = True      # a client that leaves stops waiting
-            try:
-                call.lease = await services.models.lease(model)     # loads it
-            finally:
-                call.client.stop_if_gone = False
+        await call.hold()           # the model's lease (loading it first), then its slot
     if kind in ("chat", "generate"):
         if upstream_body.get("stream"):
             transform = _NdjsonStream(ollama_api.ChatStream(model, kind))

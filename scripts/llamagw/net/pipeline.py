@@ -10,10 +10,10 @@ the same synchronous steps, in this order, on a PendingRequest:
                                       callback path) ready(body) too. Raises GatewayError
     p.ready(body)                     once the body is in: the JSON body check (400), the
                                       model (route.model: resolved, scoped, models/serving.py),
-                                      then the backend check and a free backend slot (the
-                                      model's own in router mode) and the model's lease
-                                      (route.lease, router mode) without waiting; False: the
-                                      task waits for them (execute)
+                                      then, without waiting, the model's lease (router mode)
+                                      and the backend check and a free backend slot (the
+                                      model's own in router mode); False: the task waits for
+                                      them (execute, hold)
     p.fail(err)                       the error answer in the route's envelope (if no head is out)
     p.release()                       lease, slot, ticket, in_flight, duration, observe:
                                       idempotent, called once from one place by each executor
@@ -112,18 +112,23 @@ class PendingRequest:
         services = self.services
         ctx = self.ctx
         if route.model:
-            if services.router_mode or ctx.key_models is not None:
+            if services.router_mode:
                 services.models.pick(self)       # may rewrite self.body ("model")
+                if not route.lease:
+                    return True                  # the handler holds the model (hold())
+                # The lease first: a request waiting for its model to load holds none of the
+                # model's slots (those serve the requests that can run), and a model with
+                # requests queued for its slots is never unloaded under them.
+                self.lease = services.models.try_lease(ctx.model)
+                if self.lease is None:
+                    return False
+            elif ctx.key_models is not None:
+                services.models.pick(self)       # 403 for a key that may not use the model
             else:
                 ctx.model = services.model_name
         slot = services.try_backend_slot(ctx.model)
         self.slot = slot
-        if slot is None:
-            return False
-        if route.lease and services.router_mode:
-            self.lease = services.models.try_lease(ctx.model)
-            return self.lease is not None
-        return True
+        return slot is not None
 
     async def read_body(self) -> bytes:
         """The body, in the task: CLIENT_BODY_TIMEOUT in all, CLIENT_BODY_IDLE_TIMEOUT between
@@ -166,18 +171,9 @@ class PendingRequest:
         ready() found none, then the route's handler, and its answer."""
         client = self.client
         route = self.route
-        if not route.local:
-            services = self.services
-            client.stop_if_gone = True             # a client that leaves gives up its place
-            try:
-                if self.slot is None:
-                    self.slot = await services.backend_slot(self.ctx)
-                if self.lease is None and route.lease and services.router_mode:
-                    self.lease = await services.models.lease(self.ctx.model)   # loads it
-            finally:
-                client.stop_if_gone = False
-            if client.gone or client.eof:
-                raise ClientGone()
+        if not route.local and (route.lease or not route.model
+                                or not self.services.router_mode):
+            await self.hold()
         answer = await route.handler(self)
         if answer is None:                         # answered through the relay
             return
@@ -188,6 +184,24 @@ class PendingRequest:
             await self._stream(answer)
         else:
             raise TypeError(f"route {route.name}: its handler answered {answer!r}")
+
+    async def hold(self) -> None:
+        """What ready() found missing, waited for: in router mode the model's lease (loading
+        it first: MODEL_LOAD_WAIT), then a backend slot (the model's queue: QUEUE_TIMEOUT).
+        The Ollama inference handlers call it themselves (an empty prompt loads or unloads the
+        model instead). A client that leaves meanwhile gives up its place."""
+        client = self.client
+        services = self.services
+        client.stop_if_gone = True
+        try:
+            if self.lease is None and services.router_mode and self.route.model:
+                self.lease = await services.models.lease(self.ctx.model)
+            if self.slot is None:
+                self.slot = await services.backend_slot(self.ctx)
+        finally:
+            client.stop_if_gone = False
+        if client.gone or client.eof:
+            raise ClientGone()
 
     # ---------------- the end ----------------
     def fail(self, err: GatewayError) -> None:
