@@ -541,6 +541,7 @@ async def test_each_model_has_its_own_slots_and_queue(tmp_path):
         assert (await s.one(post("/v1/chat/completions", mchat("beta")))).status == 200
         assert loop.time() - t0 < 0.5
         assert s.gw.models.slots["alpha"].active == 1
+        assert (await s.one(get("/health", key=None))).json()["backend_active"] == 1
         # alpha's queue holds one more; the next is refused (its own queue, full)
         queued = asyncio.ensure_future(s.one(post("/v1/chat/completions", mchat("alpha")),
                                              timeout=5))

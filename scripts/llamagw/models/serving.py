@@ -405,6 +405,10 @@ class ModelService:
         """Requests waiting in the models' own queues (router mode)."""
         return sum(s.waiting for s in self.slots.values())
 
+    def active(self) -> int:
+        """Requests holding one of the models' own slots (router mode)."""
+        return sum(s.active for s in self.slots.values())
+
 
 async def _router_events(first: dict, events) -> AsyncIterator[bytes]:
     try:
