@@ -20,7 +20,7 @@ def full_record(i: int = 0) -> dict:
             "client": "10.0.0.1", "method": "POST", "path": "/v1/chat/completions",
             "status": 200, "bytes_in": 123, "bytes_out": 456, "duration_ms": 12.5,
             "ttfb_ms": 3.25, "stream": True, "prompt_tokens": 10, "completion_tokens": 20,
-            "outcome": "ok"}
+            "outcome": "ok", "model": "demo"}
 
 
 def read_lines(path) -> list[dict]:
@@ -253,7 +253,17 @@ def test_request_line_bytes(tmp_path):
         b'{"time":1700000000.500000,"request_id":"req-0","key_id":"alice","client":"10.0.0.1",'
         b'"method":"POST","path":"/v1/chat/completions","status":200,"bytes_in":123,'
         b'"bytes_out":456,"duration_ms":12.346,"ttfb_ms":null,"stream":true,"prompt_tokens":10,'
-        b'"completion_tokens":20,"outcome":"ok"}\n')
+        b'"completion_tokens":20,"outcome":"ok","model":"demo"}\n')
+
+
+def test_request_line_without_a_model_says_null(tmp_path):
+    path = tmp_path / "a.log"
+    when, ctx = request_context()
+    ctx.model = None                     # a request that named no model (/health, /metrics)
+    alog = request_log(path, when)
+    alog.request(ctx)
+    alog.close()
+    assert path.read_bytes().endswith(b'"outcome":"ok","model":null}\n')
 
 
 def test_request_reads_the_context_when_called(tmp_path):

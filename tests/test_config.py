@@ -26,7 +26,8 @@ OTHER_VALUE = {
 # Settings whose values the generic OTHER_VALUE does not fit.
 SPECIAL = {"BACKEND_SOCKET": "/run/other.sock", "LOG_LEVEL": "debug", "PORT": "8100",
            "PORT_HEALTH": "8101", "PORT_BACKEND": "8102", "ACCESS_LOG_MAX_BYTES": "65536",
-           "USAGE_JOURNAL_MODE": "delete"}
+           "USAGE_JOURNAL_MODE": "delete",
+           "MODELS_PRELOAD": "alpha,beta"}
 
 
 def test_every_field_names_its_variable_and_the_loader_reads_it():
@@ -145,3 +146,18 @@ def test_print_supervisor_settings_lines_and_error(tmp_path):
     done = _ask({"PORT": "80a"})
     assert done.returncode == 2
     assert done.stdout == "error=PORT: must be a whole number, got '80a'\n"
+
+
+def test_router_mode_settings():
+    cfg = config.load_config({"MODELS_DIR": "/models", "MODELS_MAX": "0",
+                              "MODELS_PRELOAD": " alpha, ,beta.q8,alpha ",
+                              "MODELS_DEFAULT": " beta.q8 ", "MODEL_LOAD_WAIT": "0"})
+    assert (cfg.models_dir, cfg.models_max, cfg.models_preload, cfg.models_default,
+            cfg.model_load_wait) == ("/models", 0, ("alpha", "beta.q8"), "beta.q8", 0.0)
+    defaults = config.load_config({})
+    assert (defaults.models_dir, defaults.models_max, defaults.models_preload,
+            defaults.models_default, defaults.model_load_wait) == ("", 1, (), "", 120.0)
+    for var, bad in (("MODELS_MAX", "-1"), ("MODELS_MAX", "2000"), ("MODEL_LOAD_WAIT", "soon"),
+                     ("MODEL_LOAD_WAIT", "-1")):
+        with pytest.raises(config.ConfigError, match=var):
+            config.load_config({var: bad})

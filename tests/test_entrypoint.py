@@ -581,7 +581,7 @@ def test_router_mode_without_preload_is_ready_at_once(stack, tmp_path):
 @pytest.mark.parametrize("env,message", [
     ({"MODELS_PRELOAD": "alpha,beta"}, "MODELS_MAX=1"),
     ({"MODELS_PRELOAD": "delta"}, "MODELS_PRELOAD: no model 'delta'"),
-    ({"MODELS_MAX": "many"}, "MODELS_MAX must be a whole number"),
+    ({"MODELS_MAX": "many"}, "MODELS_MAX: must be a whole number"),   # config.py's check
     ({"MODEL_NAME": "delta.gguf"}, "the default model"),
     ({"MODELS_PRESET": "PRESET"}, "models.ini:2: unknown key 'bogus'"),
     ({"MODELS_PRESET": "/nonexistent/models.ini"}, "cannot read it"),

@@ -151,7 +151,9 @@ def test_empty_metrics_render_valid_exposition():
                 "gateway_rate_limited_total", "gateway_auth_failed_total",
                 "gateway_upstream_errors_total", "gateway_tokens_total", "gateway_backend_up",
                 "gateway_keys_loaded", "gateway_uptime_seconds",
-                "gateway_usage_rows_dropped_total"}
+                "gateway_usage_rows_dropped_total",
+                "gateway_model_requests_total", "gateway_model_state",
+                "gateway_model_in_flight", "gateway_model_queue_depth"}
     assert set(fams) == expected
     assert all(f["help"] and f["type"] for f in fams.values())
     assert samples(fams, "gateway_auth_failed_total") == {(): 0}
@@ -377,3 +379,28 @@ def test_model_labels_are_bounded():
     assert len(models) == metrics.MAX_MODEL_LABELS + 1 and "other" in models
     assert sum(samples(parse_exposition(m.render_prometheus()),
                        "gateway_tokens_total").values()) == metrics.MAX_MODEL_LABELS + 5
+def test_model_series_are_catalog_names_with_one_state_each():
+    m = Metrics(clock=FakeClock())
+    m.observe_model("alpha", 200)
+    m.observe_model("alpha", 200)
+    m.observe_model("beta", 503)
+    m.set_model_source(lambda: [("alpha", "loaded", 2, 0), ("beta", "failed", 0, 3)])
+    fams = parse_exposition(m.render_prometheus())
+    assert samples(fams, "gateway_model_requests_total") == {
+        (("model", "alpha"), ("status", "200")): 2, (("model", "beta"), ("status", "503")): 1}
+    states = samples(fams, "gateway_model_state")
+    assert states[(("model", "alpha"), ("state", "loaded"))] == 1
+    assert states[(("model", "beta"), ("state", "failed"))] == 1
+    assert sum(states.values()) == 2 and len(states) == 8      # 2 models x 4 states
+    assert samples(fams, "gateway_model_in_flight") == {(("model", "alpha"),): 2,
+                                                        (("model", "beta"),): 0}
+    assert samples(fams, "gateway_model_queue_depth")[(("model", "beta"),)] == 3
+    data = json.loads(m.render_json())
+    assert data["models"][1] == {"model": "beta", "state": "failed", "in_flight": 0,
+                                 "queue": 3}
+    assert {"model": "alpha", "status": "200", "count": 2} in data["model_requests"]
+
+    def broken():
+        raise RuntimeError("a bug")
+    m.set_model_source(broken)                       # never breaks the scrape
+    assert "gateway_model_state" in parse_exposition(m.render_prometheus())

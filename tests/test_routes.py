@@ -33,11 +33,23 @@ def test_every_route_has_an_async_handler_and_enum_facts(route):
 
 def test_proxied_routes_are_the_openai_api_relayed_with_a_key():
     proxied = [r for r in ALL if r.upstream]
-    assert proxied == list(routes.OPENAI_ROUTES)
+    # /v1/models is the gateway's own in router mode (the catalog, scoped to the key)
+    assert proxied == [r for r in routes.OPENAI_ROUTES if r.path != "/v1/models"]
     for r in proxied:
         assert r.handler is relay.proxy and r.upstream == r.path and not r.local
         assert (r.auth, r.envelope) == (Auth.KEY, Envelope.OPENAI)
+        assert r.model and r.lease and r.json_body          # each names its model
     assert all(r.handler is not relay.proxy for r in ALL if not r.upstream)
+    listing = routes.ROUTES[("GET", "/v1/models")]
+    assert not listing.model and not listing.lease and not listing.local
+
+
+def test_model_routes_are_the_inference_routes():
+    assert {r.path for r in ALL if r.model} == {
+        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize",
+        "/detokenize", "/api/chat", "/api/generate", "/api/embed", "/api/embeddings"}
+    # the Ollama handlers lease the model themselves (an empty prompt loads or unloads it)
+    assert {r.path for r in ALL if r.lease} == {r.path for r in ALL if r.upstream}
 
 
 def test_ollama_routes_answer_in_ollama_shape_and_only_inference_takes_a_slot():
@@ -47,7 +59,8 @@ def test_ollama_routes_answer_in_ollama_shape_and_only_inference_takes_a_slot():
     assert busy == {r.path for r in routes.OPENAI_ROUTES} | {
         "/api/chat", "/api/generate", "/api/embed", "/api/embeddings"}
     assert {r.path for r in ALL if r.streams} == {
-        "/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate"}
+        "/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate",
+        "/admin/events"}
 
 
 def test_open_routes_are_only_the_probes():

@@ -22,7 +22,8 @@ from llamagw import errors
 from llamagw.api import cors, ollama_handlers, routes
 from llamagw.backend_state import TAKES_REQUESTS, BackendState, State
 from llamagw.errors import GatewayError
-from llamagw.limits import admission, budget, keys, ratelimit
+from llamagw.limits import admission, budget, fairqueue, keys, ratelimit
+from llamagw.models import describe, serving
 from llamagw.net import fastio, upstream
 from llamagw.net.connection import ClientConnection
 from llamagw.observe import accesslog, usage
@@ -73,7 +74,9 @@ class Gateway:
 
     def __init__(self, config: config_mod.Config, *, store: keys.KeyStore | None = None,
                  access_log: accesslog.AccessLog | None = None,
-                 ledger: usage.Ledger | None = None):
+                 ledger: usage.Ledger | None = None, router=None):
+        """router: a models.router.RouterController to use in router mode (tests); by default
+        one is made from the config when MODELS_DIR is set."""
         self.config = config
         self.started = time.monotonic()
         self.connections: set[ClientConnection] = set()
@@ -93,10 +96,17 @@ class Gateway:
         self.backend_hostport = ("localhost" if config.backend_socket
                                  else f"{config.backend_host}:{config.port_backend}")
         self.listeners: list[fastio.Listener] = []
-        # The served model, described for the Ollama API.
-        self.catalog = ollama_handlers.ModelCatalog(config.model_path, config.model_name)
+        # The served models, described from their GGUF headers for the Ollama API.
+        self.catalog = describe.ModelCatalog(config.model_path, config.model_name,
+                                             models_dir=config.models_dir)
+        # ---- models (issue 27): names, key scoping, loads, per-model slots ----
+        self.models = serving.ModelService(self, controller=router)
+        self.router_mode = self.models.router
+        self.model_name = self.models.single_name or None   # single-model mode's model
+        self.metrics.set_model_source(self.models.states)
+        # ---- end of models ----
         self.metrics.set_gauge_sources(
-            queue_depth=lambda: self.admission.slots.waiting,
+            queue_depth=lambda: self.admission.slots.waiting + self.models.waiting(),
             backend_up=lambda: 1 if self.backend.get() in TAKES_REQUESTS else 0,
             keys_loaded=lambda: len(self.store) if self.store is not None else 0,
         )
@@ -120,22 +130,32 @@ class Gateway:
             self.metrics.set_known_keys(ids)
         return changed
 
+    def new_slots(self) -> fairqueue.FairBackendSlots:
+        """The one factory of backend slots: the concurrency and queue to llama-server of one
+        model (router mode: one per model, models/serving.py), shared fairly between keys."""
+        return fairqueue.FairBackendSlots(self.config.max_concurrent_requests,
+                                          self.config.max_queue_size, errors=ratelimit)
+
     # ---------------- request services (context.Services: the request code's view) ----------
-    def try_backend_slot(self, ctx):
-        """The backend check and a free slot without waiting; None when the caller must wait in
-        the queue (backend_slot). Raises GatewayError (503) like backend_slot."""
+    def try_backend_slot(self, ctx, model: str | None = None):
+        """The backend check and a free slot (the model's own in router mode) without waiting,
+        the key's turn shared fairly with other keys'; None when the caller must wait in the
+        queue (backend_slot). Raises GatewayError (503) like backend_slot."""
         self._check_backend()
         try:
-            return self.admission.try_backend_slot(ctx.key_id)
+            return self.admission.try_backend_slot(
+                ctx.key_id, self.models.slots_for(model) if self.router_mode else None)
         except ratelimit.SlotsClosed:
             raise backend_unavailable(State.STOPPING) from None
 
     async def backend_slot(self, ctx):
-        """Wait in the queue. At shutdown every waiter is answered backend_stopping at once."""
+        """Wait in the queue (the model's, ctx.model, in router mode). At shutdown every waiter
+        is answered backend_stopping at once."""
         self._check_backend()
         self.metrics.in_flight = self.in_flight
         try:
-            return await self.admission.backend_slot(ctx)
+            return await self.admission.backend_slot(
+                ctx, self.models.slots_for(ctx.model) if self.router_mode else None)
         except ratelimit.SlotsClosed:
             raise backend_unavailable(State.STOPPING) from None
 
@@ -172,6 +192,8 @@ class Gateway:
     def observe(self, ctx) -> None:
         ttfb = ctx.ttfb
         self.metrics.observe_request(ctx.route, ctx.status, ctx.key_id, ctx.duration, ttfb)
+        if ctx.model is not None:
+            self.metrics.observe_model(ctx.model, ctx.status)
         if ctx.upstream_error:
             # Once per request, whenever llama-server failed it: an error answered before the
             # head (PendingRequest.fail) or an answer cut after it (relay.Exchange).
@@ -236,6 +258,7 @@ class Gateway:
         socks = [sock] if sock is not None else _bind(self.config.host, self.config.port)
         self.listeners = [fastio.Listener(loop, s, self.new_connection, LISTEN_BACKLOG)
                           for s in socks]
+        self.models.start()       # router mode: connects to llama-server's router meanwhile
 
     @property
     def port(self) -> int:
@@ -250,6 +273,9 @@ class Gateway:
         self.admission.slots.close()      # queued requests: 503 backend_stopping at once
         for listener in self.listeners:
             listener.close()
+        # The models' queues and load waits end too (503 at once), admin event streams end;
+        # streams in flight drain below and release their leases into the closed controller.
+        await self.models.close()
         for conn in list(self.connections):
             conn.keep_alive = False
             conn.wake_if_idle()
@@ -262,6 +288,7 @@ class Gateway:
         tasks = [c.task for c in list(self.connections) if c.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
+        self.catalog.close()
         self.pool.close()
 
 
@@ -416,9 +443,11 @@ async def amain(cfg: config_mod.Config) -> int:
         if ledger is not None:
             await asyncio.to_thread(ledger.close, USAGE_CLOSE_TIMEOUT)
         return 1
-    log.info("gateway listening on %s:%d, backend %s", cfg.host, cfg.port, gw.pool.address)
+    log.info("gateway listening on %s:%d, backend %s%s", cfg.host, cfg.port, gw.pool.address,
+             f" (router mode over {cfg.models_dir}, MODELS_MAX={cfg.models_max})"
+             if gw.router_mode else "")
     tune_gc()
-    # The model's GGUF header (and digest) for the Ollama API, read off the event loop.
+    # The models' GGUF headers (and digest) for the Ollama API, read off the event loop.
     catalog_task = asyncio.create_task(gw.catalog.load())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -143,6 +143,10 @@ def one_of(*choices: str) -> Parse:
             raise ConfigError(var, f"must be one of {', '.join(choices)}, got {raw!r}")
         return value
     return parse
+def name_list(_var: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated items, stripped; blanks skipped, duplicates dropped (model names: the
+    router's catalog checks them, entrypoint.sh resolves files and paths to names first)."""
+    return tuple(dict.fromkeys(item.strip() for item in raw.split(",") if item.strip()))
 
 
 def setting(env: str, default: Any, parse: Parse = stripped,
@@ -241,6 +245,26 @@ class Config:
     model_name: str = setting("MODEL_NAME", "")
     model_path: str = setting("MODEL_PATH", "", derive=_model_path)
     worker_type: str = setting("WORKER_TYPE", "instruct", folder_name)
+    # ---- many models (router mode: llama-server's router over MODELS_DIR; entrypoint.sh
+    # generates its preset and exports these; models/serving.py reads them)
+    # Set: llama-server runs as a router over this folder and the gateway resolves, scopes,
+    # loads and unloads models itself. Empty: one model, as before.
+    models_dir: str = setting("MODELS_DIR", "")
+    # Models in memory at once (llama-server's --models-max; 0: no limit). One is the safe
+    # default for a single GPU: a second model would not fit next to the first.
+    models_max: int = setting("MODELS_MAX", 1, whole(0, 1024))
+    # The models loaded at boot (entrypoint.sh waits for them before health 200); the gateway
+    # reports them in /health. It never loads them itself: after a switch, a restarted gateway
+    # must not evict the model in use.
+    models_preload: tuple[str, ...] = setting("MODELS_PRELOAD", (), name_list)
+    # The model of a request that names none ("" : such a request is refused, 400).
+    # entrypoint.sh sets it from MODEL_NAME / MODEL_PATH.
+    models_default: str = setting("MODELS_DEFAULT", "")
+    # How long a request waits for its model to load before 503 model_loading + Retry-After
+    # (the load goes on). A small model loads in under a second, a 70B one from a network
+    # volume in minutes; 120 s covers most loads within one client's patience, and is below
+    # RunPod's 5.5 min per request.
+    model_load_wait: float = setting("MODEL_LOAD_WAIT", 120.0, seconds(lo=0.0))
 
     @property
     def logs_dir(self) -> str:

@@ -53,7 +53,7 @@ class RequestContext:
     __slots__ = ("request_id", "key_id", "client", "method", "path", "route", "status",
                  "bytes_in", "bytes_out", "started", "ttfb", "duration", "stream", "outcome",
                  "prompt_tokens", "completion_tokens", "response_headers", "upstream_error",
-                 "continued",
+                 "continued", "model", "key_models",
                  # usage (issue 28): cached prompt tokens, the model llama-server answered with
                  "cached_tokens", "answered_model")
 
@@ -77,6 +77,10 @@ class RequestContext:
         self.response_headers: list[tuple[str, str]] = []
         self.upstream_error = ""
         self.continued = False     # 100 Continue sent
+        # The model it was for: a catalog name, never what the client wrote (models/serving.py)
+        self.model: str | None = None
+        # The key's `models=` (limits/keys.KeyInfo.models; None: every model), set by admission
+        self.key_models: frozenset[str] | None = None
         self.cached_tokens: int | None = None     # prompt tokens llama-server had cached
         self.answered_model: str | None = None    # the answer's "model" (observe/tokens.py)
 
@@ -116,13 +120,16 @@ class Services(Protocol):
     backend: Any              # the backend state (ready, starting ...): get(), refresh()
     catalog: Any              # the served model for the Ollama API
     ledger: Any               # observe.usage.Ledger, or None (USAGE_ENABLED=false)
+    catalog: Any              # the models' GGUF descriptions (models/describe.ModelCatalog)
+    models: Any               # models/serving.ModelService: names, scoping, leases, slots
+    router_mode: bool         # MODELS_DIR: llama-server runs as a router over several models
     backend_hostport: str     # the Host header of upstream requests
     started: float            # time.monotonic() at start
     connections: set
     in_flight: int
     shutting_down: bool
 
-    def try_backend_slot(self, ctx: RequestContext) -> Any: ...
+def try_backend_slot(self, ctx: RequestContext, model: str | None = None) -> Any: ...
     async def backend_slot(self, ctx: RequestContext) -> Any: ...
     def unreachable(self, exc: OSError) -> Exception: ...
     def observe(self, ctx: RequestContext) -> None: ...
@@ -139,6 +146,9 @@ class Call(Protocol):
     route: Any                # api.routes.Route
     body: bytes
     fresh: bool               # relay: on a new llama-server connection only (a retry)
+    lease: Any                # router mode: the model's lease (models/router.Lease) or None
+
+    async def hold(self) -> None: ...    # router mode: the model's lease, then a backend slot
 
 
 @dataclasses.dataclass(slots=True)

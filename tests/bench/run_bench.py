@@ -680,9 +680,11 @@ class Bench:
         return child, port, sock
 
     def start_gateway(self, backend: int | str, label: str,
-                      profile: Path | None = None) -> tuple[Child, int]:
+                      profile: Path | None = None, extra_env: dict | None = None,
+                      check: dict | None = None) -> tuple[Child, int]:
         """A gateway on a free port; backend: llama-server's Unix socket path (str, the product's
-        default wiring) or TCP port on 127.0.0.1 (int, BACKEND_TRANSPORT=tcp)."""
+        default wiring) or TCP port on 127.0.0.1 (int, BACKEND_TRANSPORT=tcp). extra_env: more
+        settings (case f: router mode); check: the chat body of its check request."""
         self.n_gateways += 1
         port = free_port()
         data = self.tmp / f"gw{self.n_gateways}-data"
@@ -701,14 +703,21 @@ class Bench:
                        MAX_CONCURRENT_REQUESTS=BENCH_CONCURRENCY, MAX_QUEUE_SIZE=BENCH_CONCURRENCY,
                        MAX_CONCURRENT_REQUESTS_PER_KEY=BENCH_CONCURRENCY,
                        MAX_REQUESTS_PER_MINUTE=BENCH_RPM, MAX_CONNECTIONS=BENCH_MAX_CONNECTIONS,
-                       GRACEFUL_TIMEOUT=BENCH_GRACEFUL_TIMEOUT)
+                       GRACEFUL_TIMEOUT=BENCH_GRACEFUL_TIMEOUT, **(extra_env or {}))
         gw = Child(f"gateway-{label}", argv, env, self.logs / f"gateway-{label}.log")
         gw.data_dir = data
         wait_until(lambda: http_request(port, "GET", "/ping", timeout=2)[0] == 200,
                    START_TIMEOUT, "the gateway", gw)
         # The measured path must be the authenticated one: check the key works end to end.
-        status, body = http_request(port, "POST", CHAT_PATH, json.dumps(SMALL_BODY).encode(),
-                                    [("Authorization", f"Bearer {self.key}")])
+        answer = []
+
+        def checked() -> bool:     # router mode: 503 until the router's models are known
+            answer[:] = http_request(port, "POST", CHAT_PATH,
+                                     json.dumps(check or SMALL_BODY).encode(),
+                                     [("Authorization", f"Bearer {self.key}")])
+            return answer[0] != 503
+        wait_until(checked, START_TIMEOUT, "the gateway's check request", gw)
+        status, body = answer
         if status != 200:
             raise RuntimeError(f"gateway check request answered {status}: {body[:300]!r}")
         return gw, port
@@ -1441,6 +1450,12 @@ http {{
                         f"{r['committed_rps_during']:.0f} rows/s, backlog "
                         f"{r['max_backlog_s'] * 1000:.0f} ms, {r['dropped']} dropped", ok)
 
+    def case_g(self) -> None:
+        """Many models (issue 27): a switch, and a loaded model while another loads
+        (tests/bench/models_bench.py)."""
+        import models_bench
+        models_bench.case_g(self, sys.modules[__name__])
+
     # ---- profiling ----
     def stop_gateway(self, gw: Child, prof: Path | None, case: str) -> None:
         code = gw.stop(timeout=STOP_TIMEOUT)
@@ -1743,6 +1758,9 @@ http {{
                          f"{r['caller_cpu_us_per_row']:.2f} us |")
             L += ["", "The writer commits every 0.25 s; the backlog is what kill -9 could lose.",
                   ""]
+        if "g" in self.results:
+            import models_bench
+            L += models_bench.markdown(self.results["g"])
         odd = {name: {k: v for k, v in c.items() if not k.startswith("200 ok")}
                for name, c in self.outcomes.items()}
         odd = {name: c for name, c in odd.items() if c}
@@ -1783,7 +1801,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench-results")
     p.add_argument("--quick", action="store_true", help="short runs, one round, small case c")
-    p.add_argument("--cases", default="a,b,c,d,e,f", help="comma-separated subset of a-f")
+    p.add_argument("--cases", default="a,b,c,d,e,f,g", help="comma-separated subset of a-g")
     p.add_argument("--nice", type=int, default=0,
                    help="run the harness and everything it starts at this niceness (e.g. -10 "
                         "on a machine shared with other work; negative needs root)")
@@ -1810,7 +1828,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     errors = {}
     try:
-        for case in "abcdef":
+        for case in "abcdefg":
             if case not in cases:
                 continue
             log(f"case {case}")

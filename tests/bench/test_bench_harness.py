@@ -275,3 +275,18 @@ def test_case_d_report_says_where_llama_server_ran_and_shows_the_unpinned_refere
     # a run on one CPU pins nothing and says nothing of it
     md = _d_markdown(tmp_path / "2", summary, cpus=None)
     assert "llama-server runs on CPU" not in md and "nothing pinned" not in md
+
+
+def test_case_f_table_shows_both_parts():
+    import models_bench
+    switch = {"rounds": 20, "gateway_ttft_ms": 212.6, "direct_ttft_ms": 211.5, "ratio": 1.007,
+              "added_ms": 1.4}
+    loading = {"rounds": 3, "requests_per_window": 150, "beta_loads": 40,
+               "loading_p99_gateway_vs_direct": 0.99,
+               **{f"{side}_{kind}_p{p}_ms": 1.0 + p for side in ("gateway", "direct")
+                  for kind in ("quiet", "loading") for p in (50, 99)},
+               "gateway_p99_ratio": 1.0, "direct_p99_ratio": 1.0}
+    text = "\n".join(models_bench.markdown({"switch": switch, "loading": loading}))
+    assert "| gateway (drains, unloads, loads, forwards) | 212.6 |" in text
+    assert "| gateway's added time (median of per-round differences) | 1.4 ms |" in text
+    assert "beta was loaded 40 times" in text and "0.99x." in text

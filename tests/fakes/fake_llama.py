@@ -31,6 +31,11 @@ An unknown knob name answers 400, so a typo cannot pass silently.
                       send the head and half the body, then close (None)
     stall_after       stream: after k events stop sending, keep the connection open until the
                       client closes; non-stream: send the head only, then stall (None)
+    router_cut_after  stream: after k content events, what llama-server's router sends when the
+                      model's instance dies: raw text `proxy error: Failed to read connection`
+                      (no SSE framing), then a clean end of the chunked body, no [DONE] (None)
+    end_after         stream: after k content events, a clean end of the chunked body without
+                      the final event and [DONE] (None)
     drop_before_head  read the request, then close without sending a byte (False)
     delay_first_byte  seconds to sleep before the response head (0)
     status            answer this HTTP status with a llama-server JSON error body (None)
@@ -104,6 +109,8 @@ DEFAULT_KNOBS: dict = {
     "delay_first_byte": 0.0,
     "status": None,
     "close_after_response": False,
+    "router_cut_after": None,
+    "end_after": None,
     "end_delay": 0.0,       # seconds between a stream's `data: [DONE]` and its closing chunk
     "texts": None,          # content of the events, cycled (see the module docstring)
     "cache_n": None,        # cached prompt tokens reported (see the module docstring)
@@ -142,6 +149,8 @@ PROPS_BODY = b'{"private":true}'
 PING_EVENT = b": ping\n\n"
 DONE_EVENT = b"data: [DONE]\n\n"
 CHUNK_END = b"0\r\n\r\n"
+# What llama-server's router appends when the instance behind a stream dies (ROUTER-MODE.md §4).
+ROUTER_CUT_TEXT = b"proxy error: Failed to read connection"
 
 
 @dataclass(slots=True)
@@ -515,6 +524,7 @@ class _Conn(asyncio.Protocol):
         stream = bool(body.get("stream")) and kind != "embed"
         simple = not (kn["delay_first_byte"] or kn["drop_before_head"] or kn["status"]
                       or kn["drop_after"] is not None or kn["stall_after"] is not None
+                      or kn["router_cut_after"] is not None or kn["end_after"] is not None
                       or (kn["interval"] and events))
         if simple and not stream:
             close = req.close or kn["close_after_response"]
@@ -586,6 +596,12 @@ class _Conn(asyncio.Protocol):
                 return await self._stall()
             if drop_after is not None and i >= drop_after:
                 return self._drop()
+            if kn["router_cut_after"] is not None and i >= kn["router_cut_after"]:
+                self._write(_chunk(ROUTER_CUT_TEXT) + CHUNK_END)
+                return self._done(close)
+            if kn["end_after"] is not None and i >= kn["end_after"]:
+                self._write(CHUNK_END)
+                return self._done(close)
             if i == events:
                 break
             if i and interval:
@@ -681,6 +697,8 @@ def _normalize_knobs(kn: dict) -> dict:
         "delay_first_byte": max(0.0, float(kn["delay_first_byte"] or 0)),
         "status": int(kn["status"]) if kn["status"] else None,
         "close_after_response": bool(kn["close_after_response"]),
+        "router_cut_after": _opt_int(kn["router_cut_after"]),
+        "end_after": _opt_int(kn["end_after"]),
         "end_delay": max(0.0, float(kn["end_delay"] or 0)),
         "texts": _texts(kn["texts"]),
         "cache_n": _opt_int(kn["cache_n"]),

@@ -27,11 +27,14 @@ async def health(call: Call) -> Response:
         "backend": state,
         "uptime_s": round(time.monotonic() - services.started, 3),
         "in_flight": services.in_flight,
-        "queue": slots.waiting,
-        "backend_active": slots.active,
+        "queue": slots.waiting + services.models.waiting(),       # router mode: per model
+        "backend_active": slots.active + services.models.active(),
         "connections": len(services.connections),
         "shutting_down": services.shutting_down,
     }
+    models = services.models.health()          # router mode: counts per state, no names
+    if models is not None:
+        body.update(models)
     return Response(200, JSON + [("cache-control", "no-store")], json.dumps(body).encode())
 
 

@@ -8,22 +8,25 @@ events and each one becomes NDJSON lines written at once (no buffering of the wh
 
 Errors are Ollama-shaped: {"error": "..."} with the HTTP status; an error after streaming began
 arrives as a last NDJSON line {"error": "..."}.
+
+Models: in single-model mode the one model (a name that is not it: 404). In router mode
+(models/serving.py) /api/tags lists the models the key may use, /api/ps the loaded ones, and
+/api/show reads each model's own GGUF header (models/describe.py, off the event loop, cached);
+an inference request is resolved and scoped by the pipeline (404, 403, its model's slots), and
+leased here: an empty prompt or empty messages loads the model (done_reason "load"), with
+keep_alive 0 drains and unloads it ("unload").
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import os
 import time
 
 from llamagw import config
 from llamagw.api import ollama as ollama_api
 from llamagw.context import Call, Response
 from llamagw.errors import OllamaError
-from llamagw.models import gguf as gguf_meta
-from llamagw.models.gguf import ModelInfo, read_gguf_metadata
 from llamagw.net import relay
 from llamagw.wire.sse import SSEError, SSESplitter
 
@@ -33,48 +36,6 @@ log = logging.getLogger("gateway")
 # embeddings batch is the largest legitimate one (2048 inputs x 4096 floats as JSON ~ 100 MB is
 # far beyond what RunPod carries: its payload limit).
 MAX_COLLECTED_BODY = config.PAYLOAD_LIMIT
-
-
-class _Described:
-    """A ModelInfo whose `digest` is a plain value: "" until the worker thread has hashed the
-    file. ModelInfo.digest itself hashes the whole file when called, which on the event loop
-    would freeze the gateway for minutes on a multi-GB model."""
-
-    __slots__ = ("_info", "digest")
-
-    def __init__(self, info: ModelInfo, digest: str = ""):
-        self._info = info
-        self.digest = digest
-
-    def __getattr__(self, name):
-        return getattr(self._info, name)
-
-
-class ModelCatalog:
-    """The served model, described from its GGUF header (read in a worker thread).
-
-    The header is published as soon as it is read, so /api/tags and /api/show answer while the
-    file's sha256 is still being computed (their `digest` is "" until then)."""
-
-    def __init__(self, model_path: str, model_name: str):
-        self.path = model_path
-        base = model_name or (os.path.basename(model_path) if model_path else "default")
-        self.name = base[:-5] if base.endswith(".gguf") else base
-        self.info: _Described | None = None
-
-    async def load(self) -> None:
-        if not self.path:
-            return
-        try:
-            info = await asyncio.to_thread(read_gguf_metadata, self.path, name=self.name)
-            self.info = _Described(info)
-            digest = await asyncio.to_thread(gguf_meta.file_digest, info.path)
-            self.info = _Described(info, digest)
-        except (OSError, ValueError) as exc:
-            log.warning("cannot read GGUF metadata of %s: %s", self.path, exc)
-
-    def infos(self) -> list:
-        return [self.info] if self.info is not None else []
 
 
 def _json(status: int, obj) -> Response:
@@ -190,23 +151,70 @@ async def version(call: Call) -> Response:
     return _json(200, ollama_api.version_response())
 
 
+def _single_allowed(call: Call) -> bool:
+    """Single-model mode: may the caller's key use the one model?"""
+    name = call.services.models.single_name
+    return not name or call.ctx.key_models is None or name in call.ctx.key_models
+
+
 async def tags(call: Call) -> Response:
-    return _json(200, ollama_api.tags_response(call.services.catalog.infos()))
+    services = call.services
+    if not services.router_mode:
+        infos = services.catalog.infos() if _single_allowed(call) else []
+        return _json(200, ollama_api.tags_response(infos))
+    return _json(200, ollama_api.tags_response(
+        await _described(call, services.models.visible(call.ctx.key_models))))
 
 
 async def show(call: Call) -> Response:
-    cat = call.services.catalog
+    services = call.services
+    cat = services.catalog
     data = _parse(call.body)
     requested = data.get("model") or data.get("name") or ""
+    if services.router_mode:
+        name = services.models.resolve_listed(requested, call.ctx.key_models)
+        info = await cat.describe(name)
+        if info is None:
+            raise OllamaError(404, f"model '{requested}' has no readable GGUF header",
+                              "model_not_found")
+        return _json(200, ollama_api.show_response(info, vision=cat.has_projector(name)))
     if cat.info is None or (requested and not ollama_api.matches_model(requested, cat.name)):
         raise OllamaError(404, f"model '{requested}' not found", "model_not_found")
+    if not _single_allowed(call):
+        raise OllamaError(403, f"this key may not use model '{cat.name}'", "model_not_allowed")
     return _json(200, ollama_api.show_response(cat.info))
 
 
 async def ps(call: Call) -> Response:
+    services = call.services
+    cat = services.catalog
+    key_models = call.ctx.key_models
+    if services.router_mode:
+        loaded = services.models.loaded(key_models)
+        out = ollama_api.ps_response(await _described(call, loaded))
+        by_name = {m.name: m for m in loaded}
+        for item in out["models"]:      # llama-server's own context size, when it told
+            m = by_name.get(item["name"].rsplit(":", 1)[0])
+            if m is not None and isinstance(m.meta.get("n_ctx"), int):
+                item["context_length"] = m.meta["n_ctx"]
+        return _json(200, out)
+    ready = services.backend.get() in ("ready", "unknown")
+    return _json(200, ollama_api.ps_response(cat.infos() if ready and _single_allowed(call)
+                                             else []))
+
+
+async def _described(call: Call, models) -> list:
+    """Router mode: the GGUF descriptions of catalog models (read once, cached); the file of
+    a loaded model is hashed in the background for its digest."""
     cat = call.services.catalog
-    ready = call.services.backend.get() in ("ready", "unknown")
-    return _json(200, ollama_api.ps_response(cat.infos() if ready else []))
+    out = []
+    for m in models:
+        info = await cat.describe(m.name)
+        if info is not None:
+            out.append(info)
+            if m.state.value == "loaded":
+                cat.want_digest(m.name)
+    return out
 
 
 async def unsupported(call: Call) -> Response:
@@ -233,16 +241,20 @@ async def embeddings(call: Call) -> Response | None:
 async def _infer(call: Call, kind: str) -> Response | None:
     """Inference: translate, call llama-server, transform the answer back."""
     data = _parse(call.body)
-    catalog = call.services.catalog
-    model = catalog.name
-    requested = data.get("model")
-    if isinstance(requested, str) and requested:
-        if not catalog.path:
-            # No MODEL_PATH (a llama-server started by hand): whatever it serves answers,
-            # under the name the client asked for.
-            model = requested
-        elif not ollama_api.matches_model(requested, model):
-            raise OllamaError(404, f"model '{requested}' not found", "model_not_found")
+    services = call.services
+    catalog = services.catalog
+    if services.router_mode:
+        model = call.ctx.model            # resolved and scoped by the pipeline
+    else:
+        model = catalog.name
+        requested = data.get("model")
+        if isinstance(requested, str) and requested:
+            if not catalog.path:
+                # No MODEL_PATH (a llama-server started by hand): whatever it serves answers,
+                # under the name the client asked for.
+                model = requested
+            elif not ollama_api.matches_model(requested, model):
+                raise OllamaError(404, f"model '{requested}' not found", "model_not_found")
     started = time.time_ns()
     if kind == "chat":
         upstream_body = ollama_api.chat_request(data, model)
@@ -251,7 +263,14 @@ async def _infer(call: Call, kind: str) -> Response | None:
     else:
         upstream_body = ollama_api.embed_request(data, model, legacy=kind == "embeddings")
     if isinstance(upstream_body, ollama_api.ModelLoad):
+        if services.router_mode:
+            if upstream_body.done_reason == "unload":
+                await services.models.unload(model)
+            else:
+                await services.models.load(model)
         return _json(200, ollama_api.load_response(upstream_body, model))
+    if services.router_mode:
+        await call.hold()           # the model's lease (loading it first), then its slot
     if kind in ("chat", "generate"):
         if upstream_body.get("stream"):
             transform = _NdjsonStream(ollama_api.ChatStream(model, kind))

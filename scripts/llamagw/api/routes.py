@@ -20,6 +20,11 @@ A Route carries all its facts:
              llama-server or the Ollama translation parses
   upstream   the llama-server path of a proxied route: served on the connection's callback path
              when nothing makes it wait (net/connection.py)
+  model      its body names a model (models/serving.py): resolved (404), scoped to the key
+             (403) and, in router mode, given that model's own backend slots
+  lease      router mode: the pipeline leases the model (loading it first) before the handler,
+             and the body goes to llama-server under the model's canonical name; the Ollama
+             inference handlers lease it themselves (an empty prompt loads, or unloads)
 Adding a route: one row in its API's table below, and its handler.
 """
 
@@ -28,8 +33,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from llamagw.admin import usage_api
-from llamagw.api import local
+from llamagw.admin import models_api, usage_api
+from llamagw.api import local, model_api
 from llamagw.api import ollama_handlers as ollama
 from llamagw.errors import Envelope, GatewayError, not_found
 from llamagw.limits.admission import Auth
@@ -48,16 +53,18 @@ class Route:
     streams: bool = False
     json_body: bool = False
     upstream: str = ""
+    model: bool = False
+    lease: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
         return self.method, self.path
 
 
-def _proxy(method: str, path: str, name: str, streams: bool = False,
-           json_body: bool = True) -> Route:
+def _proxy(method: str, path: str, name: str, streams: bool = False) -> Route:
+    """A model's route relayed to llama-server as it is (the body names the model)."""
     return Route(method, path, name, relay.proxy, Auth.KEY, Envelope.OPENAI, local=False,
-                 streams=streams, json_body=json_body, upstream=path)
+                 streams=streams, json_body=True, upstream=path, model=True, lease=True)
 
 
 # OpenAI-compatible inference API (llama-server's /v1 routes), relayed to llama-server.
@@ -65,7 +72,10 @@ OPENAI_ROUTES = (
     _proxy("POST", "/v1/chat/completions", "chat_completions", streams=True),
     _proxy("POST", "/v1/completions", "completions", streams=True),
     _proxy("POST", "/v1/embeddings", "embeddings"),
-    _proxy("GET", "/v1/models", "models", json_body=False),
+    # The models the key may use: llama-server's list (one model), or the gateway's catalog
+    # (router mode: never the router's raw list, which holds paths and command lines).
+    Route("GET", "/v1/models", "models", model_api.v1_models, Auth.KEY, Envelope.OPENAI,
+          local=False),
     # Token counting for clients that budget context (no other user's data involved).
     _proxy("POST", "/tokenize", "tokenize"),
     _proxy("POST", "/detokenize", "detokenize"),
@@ -81,9 +91,10 @@ LOCAL_ROUTES = (
 
 def _ollama(method: str, path: str, name: str, handler: Callable, auth: Auth = Auth.KEY, *,
             infer: bool = False, streams: bool = False, json_body: bool = False) -> Route:
-    """infer: a translated llama-server call (a backend slot); else answered locally."""
+    """infer: a translated llama-server call (a backend slot, the model's); else answered
+    locally."""
     return Route(method, path, name, handler, auth, Envelope.OLLAMA, local=not infer,
-                 streams=streams, json_body=json_body)
+                 streams=streams, json_body=json_body, model=infer)
 
 
 # Ollama-compatible API (api/ollama_handlers.py). "/" and /api/version are what Ollama clients
@@ -109,10 +120,28 @@ OLLAMA_ROUTES = (
     _ollama("DELETE", "/api/delete", "ollama_unsupported", ollama.unsupported),
 )
 
+def _admin(method: str, path: str, name: str, handler: Callable, *, streams: bool = False,
+           json_body: bool = False) -> Route:
+    return Route(method, path, name, handler, Auth.ADMIN, Envelope.ADMIN, streams=streams,
+                 json_body=json_body)
+
+
+# ---- admin: models (issue 27; admin/models_api.py) ----
+ADMIN_MODEL_ROUTES = (
+    _admin("GET", "/admin/models", "admin_models", models_api.list_models),
+    _admin("POST", "/admin/models/load", "admin_models_load", models_api.load, json_body=True),
+    _admin("POST", "/admin/models/unload", "admin_models_unload", models_api.unload,
+           json_body=True),
+    _admin("POST", "/admin/models/switch", "admin_models_switch", models_api.switch,
+           json_body=True),
+    _admin("GET", "/admin/events", "admin_events", models_api.events, streams=True),
+)
+# ---- end of admin: models ----
+
 # The admin API (keys, models, usage): every route Auth.ADMIN and Envelope.ADMIN.
-ADMIN_ROUTES: tuple[Route, ...] = ()
-# Usage (issue 28): the ledger added up, JSON or CSV (admin/usage_api.py).
-ADMIN_ROUTES += (
+ADMIN_ROUTES: tuple[Route, ...] = (
+    *ADMIN_MODEL_ROUTES,
+    # Usage (issue 28): the ledger added up, JSON or CSV (admin/usage_api.py).
     Route("GET", "/admin/usage", "admin_usage", usage_api.usage_report, Auth.ADMIN,
           Envelope.ADMIN),
 )

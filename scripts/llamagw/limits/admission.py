@@ -110,6 +110,7 @@ class Admission:
                 raise GatewayError(403, f"Key '{info.key_id}' may not use the admin API",
                                    "forbidden")
             key_id, rpm, cap = info.key_id, info.rpm, info.concurrency
+            ctx.key_models = getattr(info, "models", None)   # the models it may use
         else:
             info = None
             key_id, rpm, cap = ANONYMOUS, None, None
@@ -164,22 +165,24 @@ class Admission:
             raise _unauthorized("Invalid or missing metrics key", "invalid_metrics_key",
                                 keys.METRICS_REALM, bool(presented), "Invalid metrics key")
 
-    def try_backend_slot(self, key_id: str) -> fairqueue.FairSlot | None:
+    def try_backend_slot(self, key_id: str, slots=None) -> fairqueue.FairSlot | None:
         """A free slot without waiting, or None (then await backend_slot). At shutdown
-        ratelimit.SlotsClosed passes through: the gateway answers it (backend_stopping)."""
+        ratelimit.SlotsClosed passes through: the gateway answers it (backend_stopping).
+        slots: a model's own (router mode, models/serving.py); None: the global ones."""
         try:
-            return self.slots.try_acquire(key_id)
+            return (self.slots if slots is None else slots).try_acquire(key_id)
         except ratelimit.SlotsClosed:
             raise
         except ratelimit.QueueFull:
             raise _busy("queue_full", "queue full") from None
 
-    async def backend_slot(self, ctx) -> fairqueue.FairSlot:
+    async def backend_slot(self, ctx, slots=None) -> fairqueue.FairSlot:
         """A slot, waiting in the queue if need be, the key's turn shared fairly with other
         keys'. SlotsClosed passes through (shutdown; it ends the waits of those already queued
-        too)."""
+        too). slots: the model's own in router mode (None: the gateway's)."""
         try:
-            return await self.slots.acquire(self.config.queue_timeout, ctx.key_id)
+            return await (self.slots if slots is None else slots).acquire(
+                self.config.queue_timeout, ctx.key_id)
         except ratelimit.SlotsClosed:
             raise
         except ratelimit.QueueFull:

@@ -250,6 +250,15 @@ class RouterController(LoadScheduler):
                              lease=True, force=False)
         return Lease(self, name)
 
+    def try_acquire(self, name: str) -> Lease | None:
+        """acquire() without waiting: a lease when the model serves now and no request waits
+        for it (the common case costs no coroutine), else None (then await acquire())."""
+        m = self.catalog.get(name)
+        if m is not None and m.serving and not self._waiters.get(name):
+            self.catalog.acquire(name)
+            return Lease(self, name)
+        return None
+
     async def ensure_loaded(self, name: str, timeout: float | None = None, *,
                             force: bool = False) -> None:
         """Load a model without sending a request to it (admin load, Ollama's empty prompt,

@@ -8,12 +8,15 @@ the same synchronous steps, in this order, on a PendingRequest:
     p.prepare(route, body)            CORS headers, the route (404 / 405), key, rate and
                                       concurrency limits (admission); with the body at hand (the
                                       callback path) ready(body) too. Raises GatewayError
-    p.ready(body)                     once the body is in: the JSON body check (400), then the
-                                      backend check and a free backend slot without waiting;
-                                      False: the task waits in the queue (execute)
+    p.ready(body)                     once the body is in: the JSON body check (400), the
+                                      model (route.model: resolved, scoped, models/serving.py),
+                                      then, without waiting, the model's lease (router mode)
+                                      and the backend check and a free backend slot (the
+                                      model's own in router mode); False: the task waits for
+                                      them (execute, hold)
     p.fail(err)                       the error answer in the route's envelope (if no head is out)
-    p.release()                       slot, ticket, in_flight, duration, observe: idempotent,
-                                      called once from one place by each executor
+    p.release()                       lease, slot, ticket, in_flight, duration, observe:
+                                      idempotent, called once from one place by each executor
 
 No await sits between a check and the action it allows: prepare and ready are synchronous. The
 slot is taken once the body is in, so a slow upload never holds a backend slot.
@@ -53,7 +56,7 @@ class PendingRequest:
     """A request being served: what the executors and the handler share (the handler's Call)."""
 
     __slots__ = ("client", "services", "req", "ctx", "route", "ticket", "slot", "body", "fresh",
-                 "released")
+                 "released", "lease")
 
     def __init__(self, client: Client, req: http11.Request):
         services = client.services
@@ -72,6 +75,7 @@ class PendingRequest:
         self.body = b""
         self.fresh = False       # relay: a new llama-server connection only (the retry)
         self.released = False
+        self.lease = None        # router mode: the model's (models/router.Lease)
         if not req.keep_alive or services.shutting_down:
             client.keep_alive = False
         services.in_flight += 1
@@ -95,16 +99,34 @@ class PendingRequest:
 
     def ready(self, body: bytes) -> bool:
         """The body is in: 400 for a JSON body out of jsonguard's limits, then, for a route
-        served by llama-server, the backend check and a free backend slot without waiting.
-        True when nothing is left to wait for; False when the request must wait in the queue.
-        Raises GatewayError (400; 503: backend not ready, queue full)."""
+        served by llama-server, its model (route.model: 400, 403, 404), the backend check and a
+        free backend slot, and in router mode the model's lease (route.lease), without waiting.
+        True when nothing is left to wait for; False when the request must wait (execute).
+        Raises GatewayError (400, 403, 404; 503: backend not ready, queue full)."""
         self.body = body
         route = self.route
         if route.json_body:
             jsonguard.check(body)
         if route.local:
             return True
-        slot = self.services.try_backend_slot(self.ctx)
+        services = self.services
+        ctx = self.ctx
+        if route.model:
+            if services.router_mode:
+                services.models.pick(self)       # may rewrite self.body ("model")
+                if not route.lease:
+                    return True                  # the handler holds the model (hold())
+                # The lease first: a request waiting for its model to load holds none of the
+                # model's slots (those serve the requests that can run), and a model with
+                # requests queued for its slots is never unloaded under them.
+                self.lease = services.models.try_lease(ctx.model)
+                if self.lease is None:
+                    return False
+            elif ctx.key_models is not None:
+                services.models.pick(self)       # 403 for a key that may not use the model
+            else:
+                ctx.model = services.model_name
+        slot = services.try_backend_slot(ctx, ctx.model)
         self.slot = slot
         return slot is not None
 
@@ -149,15 +171,9 @@ class PendingRequest:
         ready() found none, then the route's handler, and its answer."""
         client = self.client
         route = self.route
-        if not route.local:
-            if self.slot is None:
-                client.stop_if_gone = True         # a client that leaves gives up its place
-                try:
-                    self.slot = await self.services.backend_slot(self.ctx)
-                finally:
-                    client.stop_if_gone = False
-            if client.gone or client.eof:
-                raise ClientGone()
+        if not route.local and (route.lease or not route.model
+                                or not self.services.router_mode):
+            await self.hold()
         answer = await route.handler(self)
         if answer is None:                         # answered through the relay
             return
@@ -168,6 +184,24 @@ class PendingRequest:
             await self._stream(answer)
         else:
             raise TypeError(f"route {route.name}: its handler answered {answer!r}")
+
+    async def hold(self) -> None:
+        """What ready() found missing, waited for: in router mode the model's lease (loading
+        it first: MODEL_LOAD_WAIT), then a backend slot (the model's queue: QUEUE_TIMEOUT).
+        The Ollama inference handlers call it themselves (an empty prompt loads or unloads the
+        model instead). A client that leaves meanwhile gives up its place."""
+        client = self.client
+        services = self.services
+        client.stop_if_gone = True
+        try:
+            if self.lease is None and services.router_mode and self.route.model:
+                self.lease = await services.models.lease(self.ctx.model)
+            if self.slot is None:
+                self.slot = await services.backend_slot(self.ctx)
+        finally:
+            client.stop_if_gone = False
+        if client.gone or client.eof:
+            raise ClientGone()
 
     # ---------------- the end ----------------
     def fail(self, err: GatewayError) -> None:
@@ -201,6 +235,11 @@ class PendingRequest:
         if self.released:
             return
         self.released = True
+        lease = self.lease
+        if lease is not None:
+            # cut: llama-server failed or cut the answer (the model may have died)
+            self.lease = None
+            lease.release(cut=bool(self.ctx.upstream_error))
         slot = self.slot
         if slot is not None:
             self.slot = None

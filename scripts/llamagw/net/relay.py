@@ -16,7 +16,12 @@ pooled), which makes llama-server cancel the generation and free its slot.
 
 A stream cut by llama-server mid-body: for SSE the client gets one last event
 `data: {"error": {..., "code": "upstream_closed"}}` and then the connection is closed WITHOUT the
-chunked terminator, so both SDKs that read error events and plain HTTP clients can tell.
+chunked terminator, so both SDKs that read error events and plain HTTP clients can tell. In
+router mode (the request holds a model's lease) a stream that ENDS cleanly without its
+`data: [DONE]` was cut too: llama-server's router ends the 200 body of an instance that died or
+was killed with raw `proxy error: ...` text (models/router.ROUTER_CUT_MARKER) or nothing: the
+client gets the same last event (code upstream_cut; an Ollama stream its NDJSON error line) and
+no clean end.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ SSE_TAIL_BYTES = 16 * 1024
 _UPSTREAM_CLOSED_EVENT = (b"data: " + error_body(
     "llama-server closed the stream before it was complete", "upstream_error",
     "upstream_closed") + b"\n\n")
+# After raw text the router may have appended (no line end): blank lines end it first.
+_ROUTER_CUT_EVENT = (b"\n\ndata: " + error_body(
+    "llama-server stopped the model before the stream was complete", "upstream_error",
+    "upstream_cut") + b"\n\n")
 
 
 def build_upstream_request(method: str, path: str, headers: list[tuple[str, str]], body: bytes,
@@ -65,7 +74,7 @@ class Exchange:
                  "swallow", "chunked_out", "sse", "keep_body", "body_parts", "body_size", "tail",
                  "last_activity", "idle_timeout", "write_timeout", "first_byte_timeout",
                  "_stall_timer", "upstream_keep_alive", "status", "transform",
-                 "_head", "_pending", "finished", "_on_done", "bulk", "events")
+                 "_head", "_pending", "finished", "_on_done", "bulk", "events", "router")
 
     def __init__(self, client, ctx, *, head_only: bool, http10: bool, first_byte_timeout: float,
                  idle_timeout: float, write_timeout: float, account: bool, transform=None,
@@ -111,6 +120,7 @@ class Exchange:
         # (once) and the body pieces, each already framed as its own chunk when chunked.
         self._head: bytes | None = None
         self._pending: list[bytes] = []
+        self.router = False        # router mode: a stream must end with [DONE] (on_end)
 
     # ---- upstream events (Sink) ----
     def on_head(self, resp: http11.Response) -> None:
@@ -251,6 +261,12 @@ class Exchange:
                 headers=[("retry-after", str(RETRY_AFTER_LOADING))]), pool=True)
             return
         transform = self.transform
+        cut = self.router and self.sse and self.status == 200 and not sse_finished(self.tail)
+        if cut:
+            self.ctx.upstream_error = "upstream_cut"     # the lease is released as cut
+            if transform is None:
+                self.on_error(None)
+                return
         if transform is not None:
             tail = transform.finish()
             if not self.head_written:      # collected answer: one response with its length
@@ -266,22 +282,24 @@ class Exchange:
             self.client.write(out)
         if self.keep_body:
             self._account()
-        self.ctx.outcome = "ok"
-        self._finish(pool=True)
+        self.ctx.outcome = "upstream_error" if cut else "ok"
+        self._finish(pool=not cut)
         if not self.client.keep_alive:
             self.client.close_after_write()
 
-    def on_error(self, exc: BaseException) -> None:
+    def on_error(self, exc: BaseException | None) -> None:
         if self.head_written:
             # Cut mid-body: tell the client in-band (SSE) and close without a clean end.
             # Counted like the same failure before the head (the 502's code), by observe().
             self.ctx.outcome = "upstream_error"
-            self.ctx.upstream_error = ("upstream_closed" if isinstance(exc, UpstreamClosed)
-                                       else "bad_upstream_response")
+            if exc is None:                  # on_end: the router cut a stream (upstream_cut)
+                event = _ROUTER_CUT_EVENT if not self.head_only else b""
+            else:
+                self.ctx.upstream_error = ("upstream_closed" if isinstance(exc, UpstreamClosed)
+                                           else "bad_upstream_response")
+                event = _UPSTREAM_CLOSED_EVENT if self.sse and not self.head_only else b""
             if self.transform is not None:
                 event = self.transform.cut()
-            else:
-                event = _UPSTREAM_CLOSED_EVENT if self.sse and not self.head_only else b""
             if event and not self.client.gone:
                 self._pending.append(http11.chunk(event) if self.chunked_out else event)
             self.flush()
@@ -436,6 +454,7 @@ def _launch(call: Call, conn, method: str, payload: bytes, transform=None, on_do
                   write_timeout=cfg.client_write_timeout, account=call.route.name != "models",
                   transform=transform, loop=client.loop, on_done=on_done)
     ex.conn = conn
+    ex.router = call.lease is not None
     client.exchange = ex
     if client.write_paused:
         ex.on_client_paused()

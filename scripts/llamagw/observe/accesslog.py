@@ -32,7 +32,7 @@ from json.encoder import encode_basestring_ascii as _quote
 ACCESS_FIELDS = (
     "time", "request_id", "key_id", "client", "method", "path", "status", "bytes_in",
     "bytes_out", "duration_ms", "ttfb_ms", "stream", "prompt_tokens", "completion_tokens",
-    "outcome",
+    "outcome", "model",
 )
 # A request's line: `time` is the wall clock when it ended; every other field is the
 # RequestContext attribute of the same name, but the durations, which the context keeps in
@@ -139,7 +139,7 @@ def format_request(when: float, values: tuple) -> str:
     them (ACCESS_FIELDS after `time`, in order; durations in seconds). ValueError/TypeError when
     a value has an unexpected type (the caller then takes the general path, request_dict)."""
     (request_id, key_id, client, method, path, status, bytes_in, bytes_out, duration,
-     ttfb, stream, prompt_tokens, completion_tokens, outcome) = values
+     ttfb, stream, prompt_tokens, completion_tokens, outcome, model) = values
     if type(when) is not float or not 0.0 <= when < _FINITE:
         raise ValueError("time")
     if type(status) is not int or type(bytes_in) is not int or type(bytes_out) is not int:
@@ -157,7 +157,8 @@ def format_request(when: float, values: tuple) -> str:
         _QUOTED_PATHS.get(path) or _quoted(path, _QUOTED_PATHS),
         "%d" % status, "%d" % bytes_in, "%d" % bytes_out, _ms(duration), _ms(ttfb),
         "true" if stream else "false", _count(prompt_tokens), _count(completion_tokens),
-        q(outcome) or _quoted(outcome, _QUOTED))
+        q(outcome) or _quoted(outcome, _QUOTED),
+        "null" if model is None else q(model) or _quoted(model, _QUOTED))
 
 
 def request_dict(when, values: tuple) -> dict:

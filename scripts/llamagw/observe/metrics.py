@@ -17,11 +17,16 @@ Metrics (all prefixed gateway_):
   backend_up                                       gauge 0/1 (callable)
   keys_loaded                                      gauge (callable)
   uptime_seconds                                   gauge
+  model_requests_total{model,status}               counter, requests that named a model
+  model_state{model,state}                         gauge 1/0, state = loaded | loading |
+                                                   unloaded | failed (callable)
+  model_in_flight{model}, model_queue_depth{model} gauges (callable)
 
 Cardinality is bounded: key_id values are the known keys (set_known_keys, from the key file;
 anything else is "unknown", no key is "-"), routes, upstream error kinds and models are capped at
 MAX_ROUTES / MAX_ERROR_KINDS / MAX_MODEL_LABELS distinct values (then "other"; no model is "-"),
-status is a number 100..599.
+status is a number 100..599. Model values are catalog names in router mode (the gateway resolves
+every model a client names before it counts it) or the model llama-server answered with.
 """
 
 from __future__ import annotations
@@ -45,9 +50,12 @@ MAX_ROUTES = 64
 MAX_ERROR_KINDS = 32
 # Without set_known_keys, at most this many key_id label values (the rest are "unknown").
 MAX_KEY_LABELS = 10_000
-# Model label values: the models llama-server answered with, as many as router mode serves at
-# most (models/preset_scan.MAX_MODELS); more can only be a misbehaving upstream.
-MAX_MODEL_LABELS = 256
+# Model label values: catalog names (router mode lists at most a few hundred models,
+# models/catalog.MAX_CATALOG_MODELS) or the one model llama-server answers with; the cap only
+# guards against a bug or a misbehaving upstream.
+MAX_MODEL_LABELS = 1024
+# The states a model's gateway_model_state series cover (models/catalog.State).
+MODEL_STATES = ("loaded", "loading", "unloaded", "failed")
 
 # Status label of every valid status code, made once (not str() per request).
 _STATUS_LABELS = {code: str(code) for code in range(100, 600)}
@@ -72,6 +80,10 @@ _HELP = {
     "gateway_backend_up": "1 when llama-server answers its health check, else 0.",
     "gateway_keys_loaded": "API keys in force.",
     "gateway_uptime_seconds": "Seconds since the gateway started.",
+    "gateway_model_requests_total": "Requests that named a model, by model and status.",
+    "gateway_model_state": "1 for the model's current state, else 0.",
+    "gateway_model_in_flight": "Requests holding the model (at llama-server or about to be).",
+    "gateway_model_queue_depth": "Requests waiting for one of the model's backend slots.",
 }
 
 
@@ -156,6 +168,8 @@ class Metrics:
         self._backend_up: Callable[[], float] = _zero
         self._keys_loaded: Callable[[], float] = _zero
         self._usage_rows_dropped: Callable[[], float] = _zero
+        self._model_requests: dict[tuple[str, str], int] = {}
+        self._models_source: Callable[[], list] = list
 
     # -- configuration -------------------------------------------------------------------------
     def set_gauge_sources(self, *, queue_depth: Callable[[], float] = _zero,
@@ -168,6 +182,9 @@ class Metrics:
     def set_counter_sources(self, *, usage_rows_dropped: Callable[[], float] = _zero) -> None:
         """Counters kept elsewhere, read when scraped (the usage ledger's `dropped`)."""
         self._usage_rows_dropped = usage_rows_dropped
+    def set_model_source(self, source: Callable[[], list]) -> None:
+        """source() -> [(model, state, in_flight, queued)], read at each scrape."""
+        self._models_source = source
 
     def set_known_keys(self, key_ids: Iterable[str]) -> None:
         """Key ids allowed as label values (call at start and after each key reload). Series of
@@ -224,6 +241,20 @@ class Metrics:
             if hist is None:
                 hist = self._ttfb[route] = _Histogram(TTFB_BUCKETS)
             hist.observe(_seconds(ttfb_s))
+
+    def observe_model(self, model: str, status: int) -> None:
+        status_label = _STATUS_LABELS.get(status, OTHER) if type(status) is int else OTHER
+        labels = (model, status_label)
+        counts = self._model_requests
+        if labels not in counts and len(counts) >= MAX_MODEL_LABELS * 8:
+            labels = (OTHER, status_label)
+        counts[labels] = counts.get(labels, 0) + 1
+
+    def _model_rows(self) -> list:
+        try:
+            return list(self._models_source())[:MAX_MODEL_LABELS]
+        except Exception:  # a broken source must not break the scrape
+            return []
 
     def inc_rate_limited(self, key_id: str) -> None:
         k = self._key(key_id)
@@ -316,6 +347,19 @@ class Metrics:
         for name, value in self._gauges().items():
             family(name, "gauge")
             sample(name, (), value)
+        family("gateway_model_requests_total", "counter")
+        for (model, status), n in sorted(self._model_requests.items()):
+            sample("gateway_model_requests_total", (("model", model), ("status", status)), n)
+        rows = self._model_rows()
+        family("gateway_model_state", "gauge")
+        for model, state, _, _ in rows:
+            for each in MODEL_STATES:
+                sample("gateway_model_state", (("model", model), ("state", each)),
+                       1 if each == state else 0)
+        for name, index in (("gateway_model_in_flight", 2), ("gateway_model_queue_depth", 3)):
+            family(name, "gauge")
+            for row in rows:
+                sample(name, (("model", row[0]),), row[index])
         return ("\n".join(out) + "\n").encode("utf-8")
 
     def render_json(self) -> bytes:
@@ -338,6 +382,10 @@ class Metrics:
             "tokens": {},
             "tokens_by_model": {},
             "usage_rows_dropped": num(self._sample(self._usage_rows_dropped)),
+            "models": [{"model": m, "state": st, "in_flight": f, "queue": q}
+                       for m, st, f, q in self._model_rows()],
+            "model_requests": [{"model": m, "status": st, "count": n}
+                               for (m, st), n in sorted(self._model_requests.items())],
         })
         for (key, model, kind), n in sorted(self._tokens.items()):
             data["tokens"].setdefault(key, {"prompt": 0, "completion": 0})[kind] += n
