@@ -118,7 +118,6 @@ class Services(Protocol):
     cors: Any                 # api.cors.Cors
     pool: UpstreamPool
     backend: Any              # the backend state (ready, starting ...): get(), refresh()
-    catalog: Any              # the served model for the Ollama API
     ledger: Any               # observe.usage.Ledger, or None (USAGE_ENABLED=false)
     catalog: Any              # the models' GGUF descriptions (models/describe.ModelCatalog)
     models: Any               # models/serving.ModelService: names, scoping, leases, slots
@@ -129,7 +128,7 @@ class Services(Protocol):
     in_flight: int
     shutting_down: bool
 
-def try_backend_slot(self, ctx: RequestContext, model: str | None = None) -> Any: ...
+    def try_backend_slot(self, ctx: RequestContext, model: str | None = None) -> Any: ...
     async def backend_slot(self, ctx: RequestContext) -> Any: ...
     def unreachable(self, exc: OSError) -> Exception: ...
     def observe(self, ctx: RequestContext) -> None: ...
