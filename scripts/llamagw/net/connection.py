@@ -44,6 +44,7 @@ from llamagw.api import routes
 from llamagw.api.ollama import error_body as ollama_error_body
 from llamagw.errors import GatewayError, ProtocolError
 from llamagw.limits import admission
+from llamagw.net import fastio
 from llamagw.net import relay as proxy
 from llamagw.net.upstream import UpstreamClosed
 from llamagw.wire import http11, jsonguard
@@ -621,6 +622,8 @@ class ClientConnection(asyncio.Protocol):
             self.keep_alive = False
         elif not self.gone:
             self._send_error(err, ctx, req)
+            if not self.keep_alive:        # the client may still be sending: it reads the error
+                fastio.linger_on_close(self.transport)
 
     def _end(self, ctx: RequestContext) -> None:
         gw = self.gw
@@ -755,4 +758,5 @@ class ClientConnection(asyncio.Protocol):
                                                  ("content-length", str(len(body))),
                                                  ("connection", "close")] + err.headers)
         self.write(head + body)
+        fastio.linger_on_close(self.transport)   # a 408 at a deadline: the client may be sending
         self.gw.observe_protocol_error(self.peer_host, err)
