@@ -31,7 +31,7 @@ from llamagw.models.router import (ModelFailed, ModelNotFound, RouterClient, Rou
 ROUTER_START_DEADLINE_S = 30.0
 ROUTER_STOP_DEADLINE_S = 15.0
 # The stream an unload waits for: ignore_eos makes it exactly this many tokens.
-STREAM_TOKENS = 64
+STREAM_TOKENS = 8
 # Controller timings: the demo model loads in ~0.1-0.5 s here.
 TIMINGS = dict(load_wait=20.0, load_timeout=30.0, drain_timeout=10.0, poll_interval=0.2,
                reconnect_initial=0.05, reconnect_max=0.5)
