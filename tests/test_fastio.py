@@ -299,6 +299,106 @@ async def test_a_failing_protocol_callback_is_logged_and_the_connection_dropped(
     peer.close()
 
 
+# --- the lingering close ---------------------------------------------------------------------
+def tcp_pair(protocol) -> tuple[fastio.SocketTransport, socket.socket]:
+    """pair() over TCP (a socketpair sends no reset): the started transport, the client."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    client = socket.create_connection(lsock.getsockname(), timeout=5)
+    server, _ = lsock.accept()
+    lsock.close()
+    server.setblocking(False)
+    transport = fastio.SocketTransport(asyncio.get_running_loop(), server, protocol)
+    transport.start()
+    return transport, client
+
+
+def read_to_end(sock: socket.socket) -> bytes | str:
+    """What the peer sent up to its end-of-stream, or the name of the error that came instead."""
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except OSError as exc:
+        return type(exc).__name__
+    return got
+
+
+async def answer_with_the_request_unread(linger: bool) -> tuple[socket.socket, bytes | str]:
+    """The client sends a request the server never reads; the server answers and closes (with
+    linger_on_close or without): the client and what it reads to the end."""
+    proto = Collect()
+    transport, client = tcp_pair(proto)
+    transport.pause_reading()
+    client.sendall(b"x" * 10000)              # on loopback: in the server's socket on return
+    transport.write(b"answer")
+    if linger:
+        transport.linger_on_close()
+    transport.close()
+    assert await asyncio.wait_for(proto.lost, 5) is None
+    assert proto.calls == ["made", "lost"]    # nothing changes for the protocol
+    return client, await asyncio.get_running_loop().run_in_executor(None, read_to_end, client)
+
+
+@aio
+async def test_a_lingering_close_lets_a_client_still_sending_read_the_answer_and_the_end():
+    # closed at once with the request unread, the socket resets: ECONNRESET after the answer
+    client, got = await answer_with_the_request_unread(linger=False)
+    assert got == "ConnectionResetError"
+    client.close()
+    # lingering: the answer, then the end-of-stream; what the client sends meanwhile is dropped
+    client, got = await answer_with_the_request_unread(linger=True)
+    assert got == b"answer"
+    assert fastio.lingering_closes() == 1
+    client.sendall(b"more")
+    await asyncio.sleep(0.05)
+    client.sendall(b"more")                   # no reset came back
+    client.close()                            # its end-of-stream ends the linger
+    await eventually(lambda: fastio.lingering_closes() == 0)
+
+
+@aio
+async def test_a_lingering_close_ends_at_its_deadline_or_byte_cap(monkeypatch):
+    monkeypatch.setattr(fastio, "LINGER_TIMEOUT", 0.2)
+    started = asyncio.get_running_loop().time()
+    client, got = await answer_with_the_request_unread(linger=True)
+    assert got == b"answer"
+    await eventually(lambda: fastio.lingering_closes() == 0, 2.0)   # the client never closes
+    assert asyncio.get_running_loop().time() - started >= 0.2 - 0.01
+    client.close()
+    # a client sending more than LINGER_MAX_BYTES: closed once that much is dropped
+    monkeypatch.setattr(fastio, "LINGER_TIMEOUT", 60.0)
+    monkeypatch.setattr(fastio, "LINGER_MAX_BYTES", 20000)
+    client, got = await answer_with_the_request_unread(linger=True)   # 10,000 of them
+    assert fastio.lingering_closes() == 1
+    client.sendall(b"y" * 5000)
+    await asyncio.sleep(0.05)
+    assert fastio.lingering_closes() == 1
+    client.sendall(b"y" * 5001)
+    await eventually(lambda: fastio.lingering_closes() == 0, 2.0)
+    client.close()
+
+
+@aio
+async def test_lingering_closes_are_capped_and_abort_never_lingers(monkeypatch):
+    monkeypatch.setattr(fastio, "MAX_LINGERING", 1)
+    first, got = await answer_with_the_request_unread(linger=True)
+    assert got == b"answer" and fastio.lingering_closes() == 1
+    second, got = await answer_with_the_request_unread(linger=True)   # past the cap: plain
+    assert got == "ConnectionResetError" and fastio.lingering_closes() == 1
+    first.close()
+    second.close()
+    await eventually(lambda: fastio.lingering_closes() == 0)
+    proto = Collect()
+    transport, client = tcp_pair(proto)
+    transport.linger_on_close()
+    transport.abort()                           # abort is abort: closed now
+    assert await asyncio.wait_for(proto.lost, 5) is None
+    assert fastio.lingering_closes() == 0
+    client.close()
+
+
 # --- the listener ----------------------------------------------------------------------------
 @aio
 async def test_listener_sets_nodelay_and_peername_and_stops_on_close():

@@ -291,6 +291,20 @@ def test_snapshot_older_than_our_load_request_keeps_the_state(cat):
     assert cat.get("beta").state is State.LOADED
 
 
+def test_snapshot_sent_while_our_load_request_is_unanswered_keeps_the_state(cat):
+    cat.mark_loading("beta")
+    epoch = cat.tick()                  # a GET /models sent while the load is unanswered...
+    cat.replace(models_body(entry("alpha", "loaded"), entry("beta")), epoch=epoch)
+    assert cat.get("beta").state is State.LOADING      # ...may predate the router's load
+    cat.settle("beta")                  # the load answered: snapshots from now on count
+    fresh = cat.tick()
+    cat.replace(models_body(entry("alpha", "loaded"), entry("beta", "loading")), epoch=fresh)
+    assert cat.get("beta").state is State.LOADING and not cat.get("beta").awaiting_spawn
+    fresh = cat.tick()
+    cat.replace(models_body(entry("alpha", "loaded"), entry("beta")), epoch=fresh)
+    assert cat.get("beta").state is State.UNLOADED     # gone after the load: counted
+
+
 def test_refused_load_request_restores_the_state(cat):
     cat.mark_loading("broken")
     assert cat.get("broken").state is State.LOADING

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import aio
+from helpers import aio, eventually
 from e2e_stack import demo_model, make_stack, processes_mentioning, request, server_bin  # noqa: F401
 from llamagw.models import preset
 from llamagw.models.catalog import Catalog, State
@@ -30,6 +30,8 @@ from llamagw.models.router import (ModelFailed, ModelNotFound, RouterClient, Rou
 # llama-server's router answers /health within ~0.05 s; a loaded 2-core runner gets 30 s.
 ROUTER_START_DEADLINE_S = 30.0
 ROUTER_STOP_DEADLINE_S = 15.0
+# The stream an unload waits for: ignore_eos makes it exactly this many tokens.
+STREAM_TOKENS = 8
 # Controller timings: the demo model loads in ~0.1-0.5 s here.
 TIMINGS = dict(load_wait=20.0, load_timeout=30.0, drain_timeout=10.0, poll_interval=0.2,
                reconnect_initial=0.05, reconnect_max=0.5)
@@ -134,8 +136,11 @@ async def controller(router: Router, **kw) -> tuple[RouterController, RecordingC
 
 
 async def chat(sock: str, model: str, *, max_tokens: int = 8, stream: bool = False,
-               first_bytes: asyncio.Event | None = None) -> bytes:
-    """One chat completion straight to the router over its socket; the whole raw answer."""
+               first_bytes: asyncio.Event | None = None,
+               read_on: asyncio.Event | None = None) -> bytes:
+    """One chat completion straight to the router over its socket; the whole raw answer.
+    first_bytes is set at the first event; read_on makes a slow client: past the first event it
+    reads on only once read_on is set (the answer cannot end before)."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Count"}],
                        "max_tokens": max_tokens, "stream": stream, "ignore_eos": True}).encode()
     reader, writer = await asyncio.open_unix_connection(sock)
@@ -148,8 +153,10 @@ async def chat(sock: str, model: str, *, max_tokens: int = 8, stream: bool = Fal
         async with asyncio.timeout(30):
             while chunk := await reader.read(65536):
                 data += chunk
-                if first_bytes is not None and b"data: " in data:
+                if first_bytes is not None and b"data: " in data and not first_bytes.is_set():
                     first_bytes.set()
+                    if read_on is not None:
+                        await read_on.wait()
         return data
     finally:
         writer.close()
@@ -222,9 +229,11 @@ async def test_unload_waits_for_the_stream_in_flight(router):
     ctl, client = await controller(router)
     try:
         lease = await ctl.acquire("alpha")
-        started = asyncio.Event()
-        stream = asyncio.ensure_future(chat(router.sock, "alpha", max_tokens=400, stream=True,
-                                            first_bytes=started))
+        started, read_on = asyncio.Event(), asyncio.Event()
+        # a slow client: its stream is in flight until the test lets it read on, however fast
+        # the model generates
+        stream = asyncio.ensure_future(chat(router.sock, "alpha", max_tokens=STREAM_TOKENS,
+                                            stream=True, first_bytes=started, read_on=read_on))
         await asyncio.wait_for(started.wait(), 10)
 
         ended = []
@@ -235,17 +244,24 @@ async def test_unload_waits_for_the_stream_in_flight(router):
             lease.release()                 # what the gateway does when the stream ends
             return data
         relay = asyncio.ensure_future(stream_then_release())
-        t0 = time.monotonic()
-        await ctl.unload("alpha")
+        unload = asyncio.ensure_future(ctl.unload("alpha"))
+        # the unload drains (no new requests) and waits: nothing is asked of the router while
+        # the stream is in flight
+        await eventually(lambda: ctl.catalog.get("alpha").draining, 10.0)
+        await asyncio.sleep(0.1)            # room for an unload that would not wait
+        assert not unload.done() and not ended
+        assert client.posts("alpha") == ["/models/load"]
+        read_on.set()                       # the client reads on: the stream ends
         data = await relay
+        await asyncio.wait_for(unload, 20)
         # the stream ran to its end: [DONE], no "proxy error" from a killed child
         assert data.rstrip().endswith(b"0") and b"data: [DONE]" in data
         assert b"proxy error" not in data
-        assert data.count(b"data: {") >= 100
+        assert b'"finish_reason":"length"' in data                 # all its tokens
+        assert b'"predicted_n":%d' % STREAM_TOKENS in data
         assert client.posts("alpha") == ["/models/load", "/models/unload"]
         unload_at = client.at[client.sent.index(("POST", "/models/unload", "alpha"))]
-        assert ended[0] - t0 > 0.2                   # the stream outlived the unload call...
-        assert unload_at >= ended[0]                 # ...which asked only once it ended
+        assert unload_at >= ended[0]                 # asked only once the stream ended
         assert ctl.catalog.get("alpha").state is State.UNLOADED
         assert ctl.catalog.get("alpha").failures == 0          # a clean stop, not a failure
     finally:

@@ -81,6 +81,12 @@ _ROUTER_STATES = {
 
 # Fields of the child's /v1/models "meta" that the gateway shows (the rest stays out).
 _META_FIELDS = ("size", "n_ctx", "n_ctx_train", "n_params", "ftype")
+# Model.action_epoch while our POST /models/load is unanswered: later than any snapshot's epoch.
+# A GET /models sent meanwhile may be answered before the router takes the load: its "unloaded"
+# made the load look "stopped before it was loaded" (a failure and its back-off: 3 of 60 first
+# loads of the e2e router under CPU load, 0 of 60 since). Snapshots count again from the answer
+# on (settle()).
+_LOAD_UNANSWERED = 1 << 62
 
 
 class CatalogError(ValueError):
@@ -105,7 +111,7 @@ class Model:
     draining: bool = False              # no new requests: waiting for in-flight ones to end
     stopping: bool = False              # the gateway asked the router to unload it
     awaiting_spawn: bool = False        # after our POST /models/load: see the module doc
-    action_epoch: int = 0               # tick() of our last load/unload request
+    action_epoch: int = 0               # tick() when our last load/unload request was answered
     before_load: tuple | None = None    # (state, router_state) before mark_loading
     source: str = ""
     input_modalities: tuple[str, ...] = ("text",)
@@ -337,7 +343,7 @@ class Catalog:
         events from its previous life until the router's spawn event."""
         m = self._models[name]
         m.awaiting_spawn = True
-        m.action_epoch = self.tick()
+        m.action_epoch = _LOAD_UNANSWERED      # until settle()
         m.progress = None
         if m.state is not State.LOADED:
             m.before_load = (m.state, m.router_state)

@@ -273,8 +273,8 @@ class LoadScheduler:
             self._attempts[name] = self._attempts.get(name, 0) + 1
             try:
                 status, answer = await self.client.request("POST", "/models/load", body)
-            except RouterError:
-                self.catalog.settle(name, spawned=False)
+            except (RouterError, asyncio.CancelledError):
+                self.catalog.settle(name, spawned=False)   # snapshots count again
                 raise
             self.catalog.settle(name, spawned=status == 200)
             if status == 200:

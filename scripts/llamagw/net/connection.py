@@ -44,7 +44,7 @@ import logging
 from llamagw.api import routes
 from llamagw.context import Services
 from llamagw.errors import GatewayError, ProtocolError
-from llamagw.net import relay
+from llamagw.net import fastio, relay
 from llamagw.net.pipeline import ClientGone, PendingRequest, internal_error
 from llamagw.net.upstream import UpstreamClosed
 from llamagw.wire import http11
@@ -538,4 +538,5 @@ class ClientConnection(asyncio.Protocol):
                                                  ("content-length", str(len(body))),
                                                  ("connection", "close")] + err.headers)
         self.write(head + body)
+        fastio.linger_on_close(self.transport)   # a 408 at a deadline: the client may be sending
         self.services.observe_protocol_error(self.peer_host, err)

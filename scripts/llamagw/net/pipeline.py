@@ -34,6 +34,7 @@ from llamagw.context import (REQUEST_ID_RE, Client, RequestContext, Response, St
                              new_request_id)
 from llamagw.errors import Envelope, GatewayError, ProtocolError
 from llamagw.limits import admission
+from llamagw.net import fastio
 from llamagw.wire import http11, jsonguard
 
 # Added to every streamed answer: no cache and no proxy buffering may hold its chunks back.
@@ -222,6 +223,8 @@ class PendingRequest:
             if not ctx.outcome:
                 ctx.outcome = err.code
             self.respond(err.status, headers, err.body(self.envelope))
+            if not client.keep_alive:      # the client may still be sending: it reads the error
+                fastio.linger_on_close(client.transport)
 
     @property
     def envelope(self) -> Envelope:
