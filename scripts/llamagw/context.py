@@ -90,6 +90,7 @@ class Client(Protocol):
 
     services: Services
     loop: asyncio.AbstractEventLoop
+    transport: Any            # its transport (fastio.SocketTransport): linger_on_close on errors
     parser: RequestParser     # the request's events
     peer_host: str
     keep_alive: bool          # False: the connection closes after this answer
