@@ -20,6 +20,7 @@ CODES = {
     "RETRY_AFTER_CONCURRENCY": ("concurrency_limit_exceeded",),
     "RETRY_AFTER_QUEUE": ("queue_full", "queue_timeout"),
     "RETRY_AFTER_CONNECTIONS": ("too_many_connections",),
+    "RETRY_AFTER_DASHBOARDS": ("too_many_dashboards",),
 }
 
 

@@ -32,6 +32,9 @@ RETRY_AFTER_CONCURRENCY = 1
 RETRY_AFTER_QUEUE = 2
 # too_many_connections (over MAX_CONNECTIONS): connections close all the time; try again soon.
 RETRY_AFTER_CONNECTIONS = 1
+# too_many_dashboards (GET /admin/live past its cap): a slot frees when a dashboard's tab closes
+# or signs out; the page's reconnect backoff starts about there.
+RETRY_AFTER_DASHBOARDS = 5
 
 class Envelope(enum.Enum):
     """The shape of a route's error bodies: the API its clients speak."""

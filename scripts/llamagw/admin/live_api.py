@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from llamagw.admin import livehub
 from llamagw.context import Call, StreamResponse
-from llamagw.errors import GatewayError
+from llamagw.errors import RETRY_AFTER_DASHBOARDS, GatewayError
 
 SSE = [("content-type", "text/event-stream; charset=utf-8")]
 # The heartbeat comes every HEARTBEAT_S: twice that with nothing to send is a stream to cut.
@@ -54,7 +54,7 @@ async def live(call: Call) -> StreamResponse:
     except livehub.HubFull:
         raise GatewayError(503, f"{admin.hub.max_subscribers} dashboards are open already; "
                                 "close one and retry", "too_many_dashboards",
-                           headers=[("retry-after", "5")]) from None
+                           headers=[("retry-after", str(RETRY_AFTER_DASHBOARDS))]) from None
     feed.ensure_ticker()
     return StreamResponse(200, list(SSE), _Frames(sub), idle_timeout=IDLE_TIMEOUT_S)
 

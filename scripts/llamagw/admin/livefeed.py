@@ -28,6 +28,7 @@ import asyncio
 import bisect
 import collections
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -59,7 +60,7 @@ def _percentile(ordered: list[float], q: float) -> float | None:
     """Nearest-rank percentile of an ascending list (None when empty)."""
     if not ordered:
         return None
-    rank = max(0, min(len(ordered) - 1, int(q * len(ordered) + 0.5) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
     return ordered[rank]
 
 
