@@ -12,6 +12,7 @@ from admin_helpers import OPS, SSE, admin_stack, sget, sign_in
 from helpers import ALICE, Stack, aio, chat, eventually, get, post
 
 from llamagw.admin import livefeed, livehub
+from llamagw.observe.metrics import Metrics
 
 PROMPT = "hello there"            # helpers.chat()'s message: never on the live channel
 
@@ -202,7 +203,7 @@ class Clock:
 def feed_for_tests(state="ready"):
     hub = livehub.LiveHub()
     services = types.SimpleNamespace(
-        in_flight=0, started=900.0,
+        in_flight=0, started=900.0, metrics=Metrics(),
         admission=types.SimpleNamespace(slots=types.SimpleNamespace(waiting=2, active=1)),
         backend=types.SimpleNamespace(get=lambda: state),
         catalog=types.SimpleNamespace(name="demo", info=None))
@@ -211,18 +212,26 @@ def feed_for_tests(state="ready"):
     return feed, hub, clock, services
 
 
-def ctx(status=200, ttfb=0.1, completion=10, route="chat_completions"):
-    return types.SimpleNamespace(route=route, status=status, ttfb=ttfb, completion_tokens=completion,
-                                 prompt_tokens=3, request_id="r", key_id="k", path="/v1/x",
-                                 method="POST", outcome="ok", stream=False, duration=0.5)
+def finish(feed, services, status=200, ttfb=0.1, completion=10, route="chat_completions",
+           started=999.0, request_id="r"):
+    """A request ends: the gateway's counters (Gateway.observe), then the feed."""
+    c = types.SimpleNamespace(route=route, status=status, ttfb=ttfb, completion_tokens=completion,
+                              prompt_tokens=3, request_id=request_id, key_id="k", path="/v1/x",
+                              method="POST", outcome="ok", stream=False, duration=0.5,
+                              started=started)
+    services.metrics.observe_request(route, status, "k", 0.5, ttfb)
+    services.metrics.add_tokens("k", 3, completion)
+    feed.on_request(c)
 
 
 def test_feed_rates_percentiles_and_error_rate():
-    feed, hub, clock, _ = feed_for_tests()
+    feed, hub, clock, services = feed_for_tests()
     feed._samples.append((clock.now, 0, 0, 0))
     for i in range(1, 101):
         clock.now += 0.05                       # 100 requests in 5 s, ttfb 1..100 ms
-        feed.on_request(ctx(ttfb=i / 1000, status=500 if i % 10 == 0 else 200))
+        finish(feed, services, ttfb=i / 1000, status=500 if i % 10 == 0 else 200)
+        if i % 5 == 0:
+            feed.flush()
     m = feed.metrics()
     assert m["requests_per_s"] == 20.0 and m["tokens_per_s"] == 200.0
     # 2xx only: 90 samples (1..99 ms but 10, 20 ...); nearest rank: the 45th and the 86th
@@ -236,14 +245,36 @@ def test_feed_rates_percentiles_and_error_rate():
 
 
 def test_feed_leaves_the_dashboards_own_traffic_out():
-    feed, hub, clock, _ = feed_for_tests()
+    feed, hub, clock, services = feed_for_tests()
     seen = []
-    hub.publish = lambda kind, obj: seen.append(kind)
-    feed.on_request(ctx(route="admin_keys"))
-    feed.on_request(ctx(route="ui"))
-    assert seen == [] and feed.requests == 0
-    feed.on_request(ctx(route="ollama_chat"))
-    assert seen == ["request"] and feed.requests == 1
+    hub.publish = lambda kind, obj: seen.append((kind, obj))
+    finish(feed, services, route="admin_keys")
+    finish(feed, services, route="ui")
+    assert feed.flush() == 0 and seen == [] and feed.totals() == (0, 0, 20)
+    finish(feed, services, route="ollama_chat", started=990.0)
+    assert feed.flush() == 1 and feed.totals()[0] == 1
+    # ended 1000 - (990 + 0.5) = 9.5 s before the flush, on the wall clock of 5000
+    assert seen == [("request", dict(seen[0][1], t=4990.5))] and seen[0][1]["t"] == 4990.5
+
+
+def test_a_busy_batch_is_sampled_errors_first_and_every_request_counted():
+    feed, hub, clock, services = feed_for_tests()
+    seen = []
+    hub.publish = lambda kind, obj: seen.append((kind, obj))
+    cap, recent = livefeed.MAX_REQUEST_EVENTS, livefeed.RECENT_REQUESTS
+    n = 1000
+    for i in range(n):
+        finish(feed, services, status=502 if i in (3, n - 200) else 200, started=900.0 + i,
+               request_id=f"r{i}")
+    assert feed.flush() == cap
+    kinds = [k for k, _ in seen]
+    assert kinds == ["skipped"] + ["request"] * cap and seen[0][1] == {"count": n - cap}
+    ids = [obj["request_id"] for _, obj in seen[1:]]
+    # the error among the last RECENT_REQUESTS first (r3 is older than those), then the
+    # newest; sent in the order they ended
+    assert recent < n - 3 and recent > 200
+    assert ids == [f"r{n - 200}"] + [f"r{i}" for i in range(n - cap + 1, n)]
+    assert feed.totals()[:2] == (n, 2) and feed.skipped == n - cap
 
 
 def test_feed_history_is_thinned_for_hello():

@@ -95,6 +95,7 @@ class Gateway:
         # --- the dashboard and the admin API (issue 29): admin/plane.py ---
         self.admin = AdminPlane(config, self)
         self._live_hub = self.admin.hub           # observe() tests it for every request
+        self._live_request = self.admin.feed.on_request
         # --- end of issue 29's block ---
 
     def reload_keys(self, now: float | None = None) -> bool:
@@ -186,7 +187,7 @@ class Gateway:
         if self.access_log is not None:
             self.access_log.request(ctx)
         if self._live_hub.active:                 # a dashboard listens (issue 29)
-            self.admin.feed.on_request(ctx)
+            self._live_request(ctx)               # a deque append: the feed takes it later
 
     def observe_protocol_error(self, peer: str, err: GatewayError) -> None:
         self.metrics.observe_request("-", err.status, "-", 0.0, None)

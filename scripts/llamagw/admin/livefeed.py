@@ -1,14 +1,21 @@
 """What the dashboard's live channel carries, besides log lines: requests, metrics, models.
 
 LiveFeed produces the typed events of GET /admin/live (ADMIN-API.md) into the LiveHub:
-- `request`: one per finished request, from Gateway.observe -> on_request(ctx), called only
-  while a dashboard listens (`hub.active`), so the proxy pays one attribute test otherwise. Never
-  a prompt: only the request's context (RequestContext) is read. The dashboard's own traffic
-  (the admin and /ui/ routes) is left out.
+- `request`: one per finished request, up to a rate. Gateway.observe hands each request's
+  context to on_request only while a dashboard listens (`hub.active`): the proxy pays one
+  attribute test otherwise, and then one append to a deque that keeps the last RECENT_REQUESTS.
+  Every FLUSH_S the ticker takes them and publishes at most MAX_REQUEST_EVENTS (errors first,
+  then the newest), with a `skipped` {"count"} event for the requests of that batch it did not
+  show: a page keeps 500 rows and a person reads far fewer, while framing every row of thousands
+  a second for 8 dashboards cost the proxy a quarter of its CPU per request (measured with
+  tests/bench/hotpath.py --dashboards 8). Never a prompt: only the request's context
+  (RequestContext) is read. The dashboard's own traffic (the admin and /ui/ routes) is left out.
 - `metrics`: every TICK_S while a dashboard listens (the ticker task starts with the first stream
   and ends with the last): requests/s and generated tokens/s over RATE_WINDOW_S, TTFT p50/p95
   and the error rate over LATENCY_WINDOW_S, in flight, queue, backend state, uptime, the loaded
-  models. The windows hold what on_request saw, so they fill from the moment a dashboard opens.
+  models. Counts and tokens come from the gateway's own counters (observe/metrics.Metrics.totals:
+  every request, nothing added to the hot path); TTFT from the requests the batches saw (a
+  sample under heavy load), so the percentiles fill from the moment a dashboard opens.
   Each point is kept (HISTORY_POINTS, one hour) and `hello` carries the last hour thinned to one
   point per HISTORY_STEP_S, so a dashboard opened later draws its charts at once.
 - `models`: the snapshot of GET /admin/models: first on every new stream, then on each change.
@@ -27,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import itertools
 import logging
 import math
 import time
@@ -35,14 +43,23 @@ from collections.abc import Callable
 log = logging.getLogger("gateway")
 
 TICK_S = 1.0
+# Requests are taken in batches every 0.25 s: a row shows within a quarter second, and the
+# subscribers' writers wake 4 times a second, not once per request.
+FLUSH_S = 0.25
+# At most 50 `request` events a batch (200 a second) to every dashboard; the rest are counted
+# in `skipped` (and in the metrics, which count every request).
+MAX_REQUEST_EVENTS = 50
+# The requests a batch chooses from: the last 256 finished (older ones fall out of the deque, in
+# C, at no cost to the proxy); also the TTFT sample of a busy quarter second.
+RECENT_REQUESTS = 256
 # Rates are averaged over 10 s: steady enough to read at a glance, quick to show a burst.
 RATE_WINDOW_S = 10.0
 # TTFT percentiles and the error rate look at the last minute (a percentile of a few samples
 # is noise).
 LATENCY_WINDOW_S = 60.0
-# At most this many requests in the latency window (a sort of 10,000 floats a second is ~1 ms);
-# past it the oldest go first, so the percentiles describe the most recent 10,000.
-MAX_LATENCY_SAMPLES = 10_000
+# At most 40 TTFT samples a batch: 240 batches a minute make ~10,000 in the window (a sort of
+# 10,000 floats, once a second, is ~1 ms).
+TTFT_SAMPLES_PER_BATCH = 40
 # One hour of 1-s points for the charts; hello sends one point per 10 s (360 points, ~80 KB).
 HISTORY_POINTS = 3600
 HISTORY_STEP_S = 10
@@ -54,6 +71,10 @@ DASHBOARD_ROUTE_PREFIXES = ("admin", "ui")
 # Backend state -> the single model's state in the models snapshot.
 SINGLE_STATES = {"ready": "loaded", "unknown": "loaded", "starting": "loading",
                  "failed": "failed", "stopping": "unloaded"}
+
+
+def _ended(ctx) -> float:
+    return ctx.started + ctx.duration
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:
@@ -87,34 +108,68 @@ class LiveFeed:
         self.tick_s = tick_s
         self.models_source: Callable[[], dict] = self.single_model_snapshot
         self._models_sig: tuple | None = None
-        # Cumulative counts while dashboards listen, and their samples at each tick.
-        self.requests = 0
-        self.errors = 0
-        self.tokens = 0
+        # Samples of the gateway's totals (t, requests, errors, completion tokens) at each tick.
         self._samples: collections.deque[tuple[float, int, int, int]] = collections.deque(
             maxlen=int(max(RATE_WINDOW_S, LATENCY_WINDOW_S) / tick_s) + 2)
-        self._ttfb: collections.deque[tuple[float, float]] = collections.deque(
-            maxlen=MAX_LATENCY_SAMPLES)
+        # (batch time, [TTFT s]) of the batches in the latency window
+        self._ttfb: collections.deque[tuple[float, list[float]]] = collections.deque()
         self.history: collections.deque[dict] = collections.deque(maxlen=HISTORY_POINTS)
+        self.flush_s = FLUSH_S
+        self._recent: collections.deque = collections.deque(maxlen=RECENT_REQUESTS)
+        # Gateway.observe calls this for every finished request while a dashboard listens.
+        self.on_request = self._recent.append
+        self._flushed_total = 0           # the request total at the last batch
+        self.skipped = 0
         self._ticker: asyncio.Task | None = None
 
-    # ---------------- requests (Gateway.observe, only while hub.active) ----------------
-    def on_request(self, ctx) -> None:
-        route = ctx.route
-        if route.startswith(DASHBOARD_ROUTE_PREFIXES):
-            return
-        status = ctx.status
+    def totals(self) -> tuple[int, int, int]:
+        """(requests, errors, completion tokens) of the gateway so far, the dashboard's own
+        routes left out."""
+        return self.services.metrics.totals(DASHBOARD_ROUTE_PREFIXES)
+
+    # ---------------- requests (batched, from the ticker) ----------------
+    def flush(self) -> int:
+        """Publish (some of) the requests finished since the last batch; returns how many."""
+        total = self.totals()[0]
+        finished, self._flushed_total = max(0, total - self._flushed_total), total
+        recent = self._recent
+        if not recent:
+            return 0
+        batch = list(recent)
+        recent.clear()
+        now = self.clock()
+        errors, others, ttfbs = [], [], []
+        for ctx in batch:
+            if ctx.route.startswith(DASHBOARD_ROUTE_PREFIXES):
+                continue
+            status = ctx.status
+            if status >= ERROR_STATUS or status == 0:
+                errors.append(ctx)
+            else:
+                others.append(ctx)
+                if ctx.ttfb is not None and status < 400:
+                    ttfbs.append(ctx.ttfb)
+        if ttfbs:
+            self._ttfb.append((now, ttfbs[-TTFT_SAMPLES_PER_BATCH:]))
+        shown = errors[-MAX_REQUEST_EVENTS:]
+        if len(shown) < MAX_REQUEST_EVENTS:
+            shown += others[len(shown) - MAX_REQUEST_EVENTS:]
+        skipped = max(0, finished - len(shown))
+        if skipped:
+            self.skipped += skipped
+            self.hub.publish("skipped", {"count": skipped})
+        shown.sort(key=_ended)
+        wall = self.wall()
+        for ctx in shown:
+            self.hub.publish("request", self.request_event(ctx, now, wall))
+        return len(shown)
+
+    @staticmethod
+    def request_event(ctx, now: float, wall: float) -> dict:
+        """A `request` event: what the context says, never a prompt; `t` is when it ended."""
         ttfb = ctx.ttfb
-        completion = ctx.completion_tokens
-        self.requests += 1
-        if status >= ERROR_STATUS or status == 0:
-            self.errors += 1
-        if completion:
-            self.tokens += completion
-        if ttfb is not None and 200 <= status < 400:
-            self._ttfb.append((self.clock(), ttfb))
-        self.hub.publish("request", {
-            "t": round(self.wall(), 3),
+        return {
+            "t": round(wall - (now - _ended(ctx)), 3),
             "request_id": ctx.request_id,
             "key_id": ctx.key_id,
             # the model a request named: set by the request code that reads the body (the usage
@@ -122,14 +177,14 @@ class LiveFeed:
             "model": getattr(ctx, "model", None),
             "route": ctx.path,
             "method": ctx.method,
-            "status": status,
+            "status": ctx.status,
             "outcome": ctx.outcome,
             "stream": ctx.stream,
             "prompt_tokens": ctx.prompt_tokens,
-            "completion_tokens": completion,
+            "completion_tokens": ctx.completion_tokens,
             "duration_ms": round(ctx.duration * 1000, 1),
             "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 1),
-        })
+        }
 
     # ---------------- models ----------------
     def single_model_snapshot(self) -> dict:
@@ -180,17 +235,17 @@ class LiveFeed:
         """The numbers of one `metrics` event, now (also sent first on every new stream:
         opening=1, that stream is not subscribed yet)."""
         now = self.clock()
-        sample = (now, self.requests, self.errors, self.tokens)
+        sample = (now, *self.totals())
         rate_from = self._sample_at(now - RATE_WINDOW_S, sample)
         lat_from = self._sample_at(now - LATENCY_WINDOW_S, sample)
         span = now - rate_from[0]
-        rps = (sample[1] - rate_from[1]) / span if span > 0 else 0.0
-        tps = (sample[3] - rate_from[3]) / span if span > 0 else 0.0
+        rps = max(0, sample[1] - rate_from[1]) / span if span > 0 else 0.0
+        tps = max(0, sample[3] - rate_from[3]) / span if span > 0 else 0.0
         done = sample[1] - lat_from[1]
-        error_rate = (sample[2] - lat_from[2]) / done if done else None
+        error_rate = max(0, sample[2] - lat_from[2]) / done if done > 0 else None
         while self._ttfb and self._ttfb[0][0] < now - LATENCY_WINDOW_S:
             self._ttfb.popleft()
-        ordered = sorted(v for _, v in self._ttfb)
+        ordered = sorted(itertools.chain.from_iterable(v for _, v in self._ttfb))
         p50, p95 = _percentile(ordered, 0.50), _percentile(ordered, 0.95)
         services = self.services
         models = self.models_snapshot()
@@ -225,8 +280,8 @@ class LiveFeed:
 
     def tick(self) -> None:
         """One metrics event (and a models event if the models changed unannounced)."""
-        now = self.clock()
-        self._samples.append((now, self.requests, self.errors, self.tokens))
+        self.flush()
+        self._samples.append((self.clock(), *self.totals()))
         point = self.metrics()
         self.history.append(point)
         self.hub.publish("metrics", point)
@@ -238,23 +293,32 @@ class LiveFeed:
     def ensure_ticker(self) -> None:
         """Start the ticker unless it runs (called by each new live stream)."""
         if self._ticker is None or self._ticker.done():
-            self._samples.append((self.clock(), self.requests, self.errors, self.tokens))
+            self._recent.clear()           # left from an earlier listening spell
+            self._flushed_total = self.totals()[0]
+            self._samples.append((self.clock(), *self.totals()))
             self._ticker = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        """Every flush_s a batch of requests, every tick_s the metrics, while anyone listens."""
         loop = asyncio.get_running_loop()
-        next_at = loop.time()
+        step = min(self.flush_s, self.tick_s)
+        next_at = next_tick = loop.time()
+        next_tick += self.tick_s
         while self.hub.active:
-            next_at += self.tick_s
+            next_at += step
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             if not self.hub.active:
                 break
             try:
-                self.tick()
+                if loop.time() >= next_tick - step / 2:
+                    next_tick += self.tick_s
+                    self.tick()
+                else:
+                    self.flush()
             except Exception:      # never lose the ticker to one bad tick
                 log.exception("live: metrics tick failed")
             if loop.time() - next_at > self.tick_s:
-                next_at = loop.time()      # the loop was stalled: no burst of catch-up ticks
+                next_at = next_tick = loop.time()   # the loop stalled: no catch-up burst
 
     def stop(self) -> None:
         if self._ticker is not None:
