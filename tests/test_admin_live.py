@@ -213,10 +213,10 @@ def feed_for_tests(state="ready"):
 
 
 def finish(feed, services, status=200, ttfb=0.1, completion=10, route="chat_completions",
-           started=999.0, request_id="r"):
+           started=999.0, request_id="r", path="/v1/x"):
     """A request ends: the gateway's counters (Gateway.observe), then the feed."""
     c = types.SimpleNamespace(route=route, status=status, ttfb=ttfb, completion_tokens=completion,
-                              prompt_tokens=3, request_id=request_id, key_id="k", path="/v1/x",
+                              prompt_tokens=3, request_id=request_id, key_id="k", path=path,
                               method="POST", outcome="ok", stream=False, duration=0.5,
                               started=started)
     services.metrics.observe_request(route, status, "k", 0.5, ttfb)
@@ -248,11 +248,12 @@ def test_feed_leaves_the_dashboards_own_traffic_out():
     feed, hub, clock, services = feed_for_tests()
     seen = []
     hub.publish = lambda kind, obj: seen.append((kind, obj))
-    finish(feed, services, route="admin_keys")
-    finish(feed, services, route="ui")
-    assert feed.flush() == 0 and seen == [] and feed.totals() == (0, 0, 20)
+    finish(feed, services, route="admin_keys", path="/admin/keys")
+    finish(feed, services, route="ui", path="/ui/app.js")
+    finish(feed, services, route="-", path="/admin/nothing", status=404)
+    assert feed.flush() == 0 and seen == [] and feed.totals() == (1, 0, 30)
     finish(feed, services, route="ollama_chat", started=990.0)
-    assert feed.flush() == 1 and feed.totals()[0] == 1
+    assert feed.flush() == 1 and feed.totals()[0] == 2     # the 404 counts in the rates
     # ended 1000 - (990 + 0.5) = 9.5 s before the flush, on the wall clock of 5000
     assert seen == [("request", dict(seen[0][1], t=4990.5))] and seen[0][1]["t"] == 4990.5
 

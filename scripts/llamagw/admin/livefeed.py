@@ -66,8 +66,10 @@ HISTORY_STEP_S = 10
 # What counts as an error in the error rate: the gateway or llama-server failed the request (5xx)
 # or it got no answer at all (status 0: cut, client gone). 4xx are the client's own.
 ERROR_STATUS = 500
-# Route names of the dashboard's own traffic (api/routes.py names them so): not published.
+# Route names of the dashboard's own traffic (api/routes.py names them so): not in the rates.
 DASHBOARD_ROUTE_PREFIXES = ("admin", "ui")
+# Its paths: not published (an admin path no route serves included: the page's own 404s).
+DASHBOARD_PATH_PREFIXES = ("/admin/", "/ui", "/favicon.ico")
 # Backend state -> the single model's state in the models snapshot.
 SINGLE_STATES = {"ready": "loaded", "unknown": "loaded", "starting": "loading",
                  "failed": "failed", "stopping": "unloaded"}
@@ -140,7 +142,7 @@ class LiveFeed:
         now = self.clock()
         errors, others, ttfbs = [], [], []
         for ctx in batch:
-            if ctx.route.startswith(DASHBOARD_ROUTE_PREFIXES):
+            if ctx.path.startswith(DASHBOARD_PATH_PREFIXES):
                 continue
             status = ctx.status
             if status >= ERROR_STATUS or status == 0:
@@ -154,7 +156,10 @@ class LiveFeed:
         shown = errors[-MAX_REQUEST_EVENTS:]
         if len(shown) < MAX_REQUEST_EVENTS:
             shown += others[len(shown) - MAX_REQUEST_EVENTS:]
-        skipped = max(0, finished - len(shown))
+        if len(batch) < RECENT_REQUESTS:        # every request of the batch is at hand
+            skipped = len(errors) + len(others) - len(shown)
+        else:                                   # some fell out of the deque: the counters say
+            skipped = max(0, finished - len(shown))
         if skipped:
             self.skipped += skipped
             self.hub.publish("skipped", {"count": skipped})
