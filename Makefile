@@ -48,9 +48,10 @@ chromium: ## Debian's chromium for the browser tier (apt-get as root when it is 
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 	else echo "$(CHROMIUM) not found: install Debian's chromium (sudo apt-get install -y chromium) or set CHROMIUM=path"; exit 1; fi
 
-test-browser: $(VENV)/.stamp chromium ## the dashboard in a real browser (Playwright + Debian's chromium, fake admin API)
+test-browser: $(VENV)/.stamp chromium llama-server model ## the dashboard in a real browser (Playwright + Debian's chromium; the real stack, and a fake admin API)
 	REQUIRE_BROWSER=1 CHROMIUM_BIN="$(CHROMIUM)" PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 \
-	$(VPY) -m pytest -q -m browser tests/browser
+	LLAMA_SERVER_BIN="$$($(PYTHON) scripts/llama_bin.py --cache-dir "$(LLAMA_CACHE)")" \
+	DEMO_MODEL="$(abspath $(DEMO_MODEL))" $(VPY) -m pytest -q -m browser tests/browser
 
 test-e2e: $(VENV)/.stamp llama-server model ## the real stack: entrypoint.sh, llama-server, real clients
 	LLAMA_SERVER_BIN="$$($(PYTHON) scripts/llama_bin.py --cache-dir "$(LLAMA_CACHE)")" \

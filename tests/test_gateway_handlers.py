@@ -261,7 +261,7 @@ async def test_admin_routes_need_a_key_whose_role_is_admin(tmp_path, monkeypatch
     async with Stack(tmp_path, {"AUTH_ENABLED": auth_enabled}) as s:
         as_admin(monkeypatch, s.gw)
         r = await s.one(get("/admin/api/hello", key=None))
-        assert r.status == 401 and r.error()["code"] == "missing_api_key"
+        assert r.status == 401 and r.error()["code"] == "unauthorized"
         r = await s.one(get("/admin/api/hello", key=ALICE))        # an inference key
         err = r.error()
         assert r.status == 403 and (err["code"], err["type"]) == ("forbidden", "permission_error")

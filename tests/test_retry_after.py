@@ -21,6 +21,7 @@ CODES = {
     "RETRY_AFTER_QUEUE": ("queue_full", "queue_timeout"),
     "RETRY_AFTER_CONNECTIONS": ("too_many_connections",),
     "RETRY_AFTER_USAGE": ("usage_busy", "usage_timeout"),
+    "RETRY_AFTER_DASHBOARDS": ("too_many_dashboards",),
 }
 
 

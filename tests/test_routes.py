@@ -16,7 +16,7 @@ ALL = list(routes.ROUTES.values())
 
 def test_the_table_is_the_per_api_tables_keyed_by_method_and_path():
     tables = (routes.OPENAI_ROUTES, routes.LOCAL_ROUTES, routes.OLLAMA_ROUTES,
-              routes.ADMIN_ROUTES)
+              routes.ADMIN_ROUTES, routes.UI_ROUTES)
     assert sorted(routes.ROUTES) == sorted(r.key for t in tables for r in t)
     assert all(key == (r.method, r.path) for key, r in routes.ROUTES.items())
     with pytest.raises(ValueError, match="defined twice"):
@@ -60,20 +60,41 @@ def test_ollama_routes_answer_in_ollama_shape_and_only_inference_takes_a_slot():
         "/api/chat", "/api/generate", "/api/embed", "/api/embeddings"}
     assert {r.path for r in ALL if r.streams} == {
         "/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate",
-        "/admin/events"}
+        "/admin/events", "/admin/live"}
 
 
-def test_open_routes_are_only_the_probes():
-    assert {r.path for r in ALL if r.auth is Auth.NONE} == {"/ping", "/health", "/",
-                                                             "/api/version"}
+def test_open_routes_are_only_the_probes_the_dashboards_files_and_its_way_in():
+    ui = {r.path for r in routes.UI_ROUTES}
+    assert ui >= {"/ui", "/ui/", "/ui/app.js", "/favicon.ico"}
+    assert {r.path for r in ALL if r.auth is Auth.NONE} == {
+        "/ping", "/health", "/", "/api/version", "/admin/setup", "/admin/session"} | ui
+    assert [r.method for r in ALL if r.auth is Auth.NONE and r.path == "/admin/session"] == [
+        "POST"]
     assert [r.path for r in ALL if r.auth is Auth.METRICS] == ["/metrics"]
 
 
 def test_admin_routes_deny_by_default():
+    way_in = {("GET", "/admin/setup"), ("POST", "/admin/session")}
     for r in routes.ADMIN_ROUTES:
-        assert (r.auth, r.envelope) == (Auth.ADMIN, Envelope.ADMIN), r
-        assert r.path.startswith("/admin/")
+        assert r.envelope is Envelope.ADMIN and r.path.startswith("/admin/"), r
+        assert r.auth is (Auth.NONE if r.key in way_in else Auth.ADMIN), r
+        assert not r.cors and r.headers and r.name.startswith("admin"), r
+    # every /admin/ route of the whole table is an ADMIN_ROUTES row (a row added elsewhere
+    # would escape the walk of tests/test_admin_api.py)
+    assert {r.key for r in ALL if r.path.startswith("/admin/")} == {
+        r.key for r in routes.ADMIN_ROUTES}
     assert routes.envelope_for("/admin/api/anything") is Envelope.ADMIN
+    assert routes.envelope_for("/ui/nothing") is Envelope.ADMIN
+
+
+def test_admin_and_dashboard_routes_are_same_origin_only():
+    for r in ALL:
+        assert r.cors is (r.envelope is not Envelope.ADMIN), r
+    assert not routes.PREFLIGHTS[Envelope.ADMIN].cors
+    leaky = routes.Route("GET", "/admin/x", "admin_x", routes.local.ping, Auth.ADMIN,
+                         Envelope.ADMIN)
+    with pytest.raises(ValueError, match="same-origin"):
+        routes.table((leaky,))
 
 
 def test_match_head_options_404_405():

@@ -19,6 +19,7 @@ import time
 
 from llamagw import config as config_mod
 from llamagw import errors
+from llamagw.admin.plane import AdminPlane
 from llamagw.api import cors, ollama_handlers, routes
 from llamagw.backend_state import TAKES_REQUESTS, BackendState, State
 from llamagw.errors import GatewayError
@@ -115,6 +116,11 @@ class Gateway:
         self.metrics.in_flight = 0
         if store is not None and config.auth_enabled:
             self.metrics.set_known_keys(store.key_ids())
+        # --- the dashboard and the admin API (issue 29): admin/plane.py ---
+        self.admin = AdminPlane(config, self)
+        self._live_hub = self.admin.hub           # observe() tests it for every request
+        self._live_request = self.admin.feed.on_request
+        # --- end of issue 29's block ---
 
     def reload_keys(self, now: float | None = None) -> bool:
         """Re-read the key file (now=None: at once, e.g. SIGHUP; else a poll that stats the file
@@ -124,10 +130,25 @@ class Gateway:
             return False
         changed = store.reload() if now is None else store.maybe_reload(now)
         if changed:
-            ids = store.key_ids()
-            self.admission.rate.retain(ids)
-            self.admission.budget.retain(ids)
+            self._keys_changed()
+        return changed
+
+    def _keys_changed(self) -> None:
+        ids = self.store.key_ids()
+        self.admission.rate.retain(ids)
+        self.admission.budget.retain(ids)
+        if self.config.auth_enabled:
             self.metrics.set_known_keys(ids)
+        self.admission.admin.keys_changed()       # sessions of revoked/rotated/demoted keys
+
+    async def reload_keys_now(self) -> bool:
+        """Re-read the key file now, in a worker thread (after an edit by the admin API)."""
+        store = self.store
+        if store is None:
+            return False
+        changed = await asyncio.to_thread(store.reload)
+        if changed:
+            self._keys_changed()
         return changed
 
     def new_slots(self) -> fairqueue.FairBackendSlots:
@@ -218,6 +239,8 @@ class Gateway:
                 self.admission.charge(key_id, (prompt or 0) + (completion or 0))
         if self.access_log is not None:
             self.access_log.request(ctx)
+        if self._live_hub.active:                 # a dashboard listens (issue 29)
+            self._live_request(ctx)               # a deque append: the feed takes it later
 
     async def seed_token_budget(self) -> None:
         """Today's tokens per key from this worker's own ledger file, read in a thread (the
@@ -259,6 +282,7 @@ class Gateway:
         self.listeners = [fastio.Listener(loop, s, self.new_connection, LISTEN_BACKLOG)
                           for s in socks]
         self.models.start()       # router mode: connects to llama-server's router meanwhile
+        self.admin.start()                        # the gateway's log records for the dashboard
 
     @property
     def port(self) -> int:
@@ -270,6 +294,7 @@ class Gateway:
         if timeout is None:
             timeout = self.config.graceful_timeout
         self.shutting_down = True
+        self.admin.close_streams()        # live dashboards first: their connections can close
         self.admission.slots.close()      # queued requests: 503 backend_stopping at once
         for listener in self.listeners:
             listener.close()
@@ -290,6 +315,7 @@ class Gateway:
             await asyncio.wait(tasks, timeout=1.0)
         self.catalog.close()
         self.pool.close()
+        await self.admin.close()
 
 
 # Over MAX_CONNECTIONS the 503 is written at once, without reading the request; the connection
@@ -401,11 +427,15 @@ def setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-async def _poll_keys(store: keys.KeyStore, gw: Gateway) -> None:
+async def _poll_keys(store: keys.KeyStore, gw: Gateway, optional: bool = False) -> None:
+    """optional (AUTH_ENABLED=false: the file holds only the admin keys, if any): a missing
+    file is not an error to report."""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(KEY_POLL_INTERVAL)
         try:
+            if optional and not os.path.exists(store.path):
+                continue
             gw.reload_keys(loop.time())
         except Exception:
             log.exception("key file poll failed")
@@ -424,6 +454,11 @@ async def amain(cfg: config_mod.Config) -> int:
     else:
         log.warning("!!! AUTH_ENABLED=false: the API is open to anyone who can reach port %d !!!",
                     cfg.port)
+        # The admin API needs an admin key whatever AUTH_ENABLED says: the key file is still
+        # read (and polled) for its admin keys.
+        store = keys.KeyStore(cfg.auth_keys_file, logger=log)
+        if os.path.exists(cfg.auth_keys_file):
+            store.load()
     os.makedirs(cfg.logs_dir, exist_ok=True)
     access = accesslog.AccessLog(cfg.access_log_path, max_bytes=cfg.access_log_max_bytes,
                                  backups=cfg.access_log_backups)
@@ -453,15 +488,16 @@ async def amain(cfg: config_mod.Config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    poller = None
-    if store is not None:
-        loop.add_signal_handler(signal.SIGHUP, gw.reload_keys)
-        poller = asyncio.create_task(_poll_keys(store, gw))
+    loop.add_signal_handler(signal.SIGHUP, gw.reload_keys)
+    poller = asyncio.create_task(_poll_keys(store, gw, optional=not cfg.auth_enabled))
+    gw.admin.follow_files()       # llama-server's and the boot log, for the dashboard
+    log.info("dashboard: http://%s:%d/ui/ (sign in with an admin key%s)", cfg.host or "0.0.0.0",
+             cfg.port, "" if gw.admission.admin.admin_keys() else
+             "; there is none yet: python3 scripts/keys.py add NAME --role admin")
     await stop.wait()
     log.info("shutting down: draining %d connection(s) for up to %.0f s",
              len(gw.connections), cfg.graceful_timeout)
-    if poller is not None:
-        poller.cancel()
+    poller.cancel()
     catalog_task.cancel()
     await gw.shutdown()
     if ledger is not None:

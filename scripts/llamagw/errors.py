@@ -35,6 +35,9 @@ RETRY_AFTER_CONNECTIONS = 1
 # usage_busy / usage_timeout (GET /admin/usage): the threads reading the ledger files free when
 # their reads end, seconds at most; a query that timed out needs a shorter span anyway.
 RETRY_AFTER_USAGE = 2
+# too_many_dashboards (GET /admin/live past its cap): a slot frees when a dashboard's tab closes
+# or signs out; the page's reconnect backoff starts about there.
+RETRY_AFTER_DASHBOARDS = 5
 
 class Envelope(enum.Enum):
     """The shape of a route's error bodies: the API its clients speak."""

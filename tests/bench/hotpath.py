@@ -3,7 +3,7 @@
 
     python3 tests/bench/hotpath.py [--requests N] [--repeat R] [--sse [--streams K]]
                                    [--new-connections] [--body-bytes B] [--profile K]
-                                   [--no-usage]
+                                   [--no-usage] [--dashboards D]
 
 A real Gateway (auth on, key file, access log, usage ledger, metrics) is driven in-process: one
 client connection and one pooled upstream connection with in-memory transports. Each request is fed to
@@ -20,7 +20,11 @@ in the CPU's caches). --new-connections costs a whole stream on a new client con
 new llama-server connection, opened and closed (case c's burst). --body-bytes B sends a
 conversation of about B bytes (a long chat history: messages with newlines, quotes and code)
 instead of the one-line chat body. --profile K prints the top K
-functions under cProfile. The figure is the best of R runs (noise only ever adds).
+functions under cProfile. --dashboards D opens D live dashboard streams (GET /admin/live's
+subscriptions and its ticker, each drained by a task as the route's writer does, the bytes
+dropped): what the live channel costs the proxy (use --requests large enough to span several
+seconds of batches and metrics ticks). The figure is the best of R runs
+(noise only ever adds).
 """
 
 from __future__ import annotations
@@ -133,8 +137,16 @@ def _open_pair(gw) -> tuple:
     return up_t, up, cl_t, client
 
 
+async def _drain(sub) -> None:
+    """A dashboard's stream: its frames taken as the live route's writer takes them."""
+    with sub:
+        async for _chunk in sub.frames():
+            pass
+
+
 async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = False,
-              body: bytes = BODY, use_ledger: bool = True, loop_cpu: list | None = None) -> float:
+              body: bytes = BODY, use_ledger: bool = True, loop_cpu: list | None = None,
+              dashboards: int = 0) -> float:
     """Microseconds of process CPU time per request (per event with sse, per stream with
     new_conns); the event loop thread's alone is appended to loop_cpu."""
     loop = asyncio.get_running_loop()
@@ -150,6 +162,9 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = F
     gw.pool.idle_ttl = 1e9
     gw.pool.max_idle = max(gw.pool.max_idle, streams)
     pairs = [_open_pair(gw) for _ in range(streams if sse else 0 if new_conns else 1)]
+    drains = [loop.create_task(_drain(gw.admin.hub.subscribe())) for _ in range(dashboards)]
+    if dashboards:
+        gw.admin.feed.ensure_ticker()       # as GET /admin/live does: batches and metrics
     await asyncio.sleep(0)
     try:
         if sse:
@@ -185,13 +200,15 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = F
         req = request(body)
         started, loop_started = time.process_time(), time.thread_time()
         answer = b""
-        for _ in range(n):
+        for i in range(n):
             up_t.written = loop.create_future()
             client.data_received(req)
             await up_t.written
             cl_t.written = loop.create_future()
             up.data_received(RESPONSE)
             answer = await cl_t.written
+            if dashboards and not i % 256:
+                await asyncio.sleep(0)      # the futures are done at once: let timers run
         spent = time.process_time() - started
         if loop_cpu is not None:
             loop_cpu.append((time.thread_time() - loop_started) / n * 1e6)
@@ -201,6 +218,9 @@ async def run(tmp: str, n: int, sse: bool, streams: int = 1, new_conns: bool = F
             raise RuntimeError(f"unexpected answer {answer[:80]!r}")
         return spent / n * 1e6
     finally:
+        gw.admin.hub.close_all()
+        if drains:
+            await asyncio.wait(drains, timeout=1.0)
         alog.close()
         if ledger is not None:
             ledger.close()
@@ -250,6 +270,8 @@ def main() -> int:
                    help="cost per stream, each on new client and llama-server connections")
     p.add_argument("--body-bytes", type=int, default=0, metavar="B",
                    help="requests carry a conversation of about B bytes (not with --sse)")
+    p.add_argument("--dashboards", type=int, default=0, metavar="D",
+                   help="with D live dashboard streams open (each request publishes to them)")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="print the top K functions of one run under cProfile")
     p.add_argument("--no-usage", action="store_true",
@@ -263,7 +285,7 @@ def main() -> int:
         measure = functools.partial(run, tmp, args.requests, args.sse, args.streams,
                                     args.new_connections,
                                     conversation(args.body_bytes) if args.body_bytes else BODY,
-                                    not args.no_usage, loop_cpu)
+                                    not args.no_usage, loop_cpu, args.dashboards)
         figures = [asyncio.run(measure()) for _ in range(args.repeat)]
         unit = "event" if args.sse else "stream" if args.new_connections else "request"
         print(f"CPU us per {unit}: best {min(figures):.1f}  runs "

@@ -39,6 +39,7 @@ SSELOAD_SRC = HERE / "sseload.c"
 WRK_SCRIPT = HERE / "wrk_post.lua"
 PYRELAY = HERE / "pyrelay.py"
 USAGE_BENCH = HERE / "usage_bench.py"
+DASHBOARDS = HERE / "dashboards.py"
 ENTRYPOINT = REPO / "entrypoint.sh"
 DEMO_MODEL = REPO / "data" / "models" / "demo-tiny-llama.gguf"
 DEFAULT_LLAMA_CACHE = Path.home() / ".cache" / "llama-gguf-inference"
@@ -84,6 +85,11 @@ LLAMA_THREADS = max(1, len(os.sched_getaffinity(0)) // 2)
 UNPINNED_ROUNDS = 3
 # Case a: the connection count at which the gateway also runs over TCP to the fake, for reference.
 TCP_REFERENCE_CONNS = 16
+# Case f: the live dashboards open beside the load (issue 29: throughput in (a) and (b) may drop
+# by 3 % at most with 8 of them), and the connections of its (a) part.
+DASHBOARDS_OPEN = 8
+DASHBOARDS_MAX_DROP = 0.03
+F_CONNECTIONS = 16
 # The nginx reference (cases a, b, d): connections per process, above case a's 64 and b's 64
 # streams on both sides; idle upstream connections kept, as the gateway's pool keeps them.
 NGINX_WORKER_CONNECTIONS = 1024
@@ -612,10 +618,12 @@ class Bench:
         self.logs = self.out / "logs"
         self.logs.mkdir(exist_ok=True)
         self.key = "sk-" + secrets.token_urlsafe(32)
+        self.admin_key = "sk-" + secrets.token_urlsafe(32)     # case f's dashboards
         self.keys_file = self.tmp / "api_keys.txt"
         fd = os.open(self.keys_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(f"bench:{self.key} rpm={BENCH_RPM} concurrency={BENCH_CONCURRENCY}\n")
+            f.write(f"bench:{self.key} rpm={BENCH_RPM} concurrency={BENCH_CONCURRENCY}\n"
+                    f"dashboards:{self.admin_key} role=admin\n")
         self.results: dict = {}
         self.targets: list[dict] = []
         self.fake: Child | None = None
@@ -779,6 +787,17 @@ http {{
         wait_until(lambda: http_request(port, "GET", "/health", timeout=2)[0] == 200,
                    START_TIMEOUT, "pyrelay", relay)
         return relay, port
+
+    def start_dashboards(self, port: int, label: str) -> Child:
+        """DASHBOARDS_OPEN live dashboards on the gateway at port (dashboards.py), open when
+        this returns."""
+        dash = Child(f"dashboards-{label}", [sys.executable, str(DASHBOARDS), "--port", str(port),
+                                             "--key", self.admin_key,
+                                             "--n", str(DASHBOARDS_OPEN)],
+                     self.env(), self.logs / f"dashboards-{label}.log")
+        wait_until(lambda: dash.log_path.read_text(errors="replace").startswith("ready"),
+                   START_TIMEOUT, "the dashboards", dash)
+        return dash
 
     # ---- load generators ----
     def request_bytes(self, body: dict) -> str:
@@ -1015,6 +1034,120 @@ http {{
                         f"{summary['paired']['events_per_s_nginx']:.2f}x events/s, TTFB p99 "
                         f"{ratio(n['ttfb_p99_ms'], summary['direct']['ttfb_p99_ms']):.2f}x, "
                         f"{n['incomplete']} incomplete", None)
+
+    def case_h(self) -> None:
+        """(a) at F_CONNECTIONS connections and (b), each on one gateway, without and with
+        DASHBOARDS_OPEN live dashboards open, interleaved in the same run."""
+        fake_a, _fport, sock_a = self.start_replay(SMALL_BODY, "h-a")
+        gw_a, port_a = self.start_gateway(sock_a, "h-a")
+        n_streams, n_events = 64, 200
+        body_b = dict(SMALL_BODY, stream=True, fake={"events": n_events, "interval": 0})
+        fake_b, _fport, sock_b = self.start_replay(body_b, "h-b")
+        gw_b, port_b = self.start_gateway(sock_b, "h-b")
+        rounds = 1 if self.quick else 5
+        dur = 2 if self.quick else 4
+        n_dash = [0]
+        # warm-up: the load paths and the admin path (a dashboard opened and closed)
+        self.run_wrk(port_a, F_CONNECTIONS, 1, [gw_a, fake_a])
+        self.run_sseload(port_b, body_b, n_streams, duration=0, requests_per_conn=1,
+                         watch=[gw_b, fake_b])
+        for port in (port_a, port_b):
+            n_dash[0] += 1
+            self.start_dashboards(port, f"warm{n_dash[0]}").stop()
+
+        def per_cpu(rate, cpu_pct):
+            """The rate per second of the gateway's CPU: what it costs, whatever share of the
+            CPUs the other work on the machine left it."""
+            busy = cpu_pct.get("gateway", 0.0) / 100
+            return rate / busy if busy > 0 else None
+
+        def dashboards_for(tgt, port):
+            if tgt != "dashboards":
+                return None
+            n_dash[0] += 1
+            return self.start_dashboards(port, str(n_dash[0]))
+
+        def done(dash, run):
+            if dash is None:
+                return
+            dash.stop()
+            lines = dash.log_path.read_text(errors="replace").splitlines()
+            got = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+            run["dashboards"] = got
+            if got.get("ended"):
+                raise RuntimeError(f"the gateway closed {got['ended']} dashboard stream(s)")
+
+        def one_a(tgt, port, seen):
+            dash = dashboards_for(tgt, port)
+            r: dict = {}
+            try:
+                r = self.run_wrk(port, F_CONNECTIONS, dur, seen + ([dash] if dash else []))
+            finally:
+                done(dash, r)
+            r["per_gateway_cpu_s"] = per_cpu(r["rps"], r["cpu_pct"])
+            log(f"  h(a) c={F_CONNECTIONS} {tgt:10s} {r['rps']:9.0f} req/s  p50 "
+                f"{r['p50_ms']:.3f} ms  errors {r['errors']}  cpu "
+                + " ".join(f"{k} {v:.0f}%" for k, v in r["cpu_pct"].items()))
+            return r
+
+        def one_b(tgt, port, seen):
+            dash = dashboards_for(tgt, port)
+            run: dict = {}
+            try:
+                m = self.run_sseload(port, body_b, n_streams, duration=dur, timeout=dur + 60,
+                                     watch=seen + ([dash] if dash else []))
+                recs = m["records"]
+                events = sum(r[5] for r in recs)
+                run = {"events_per_s": events / m["wall"], "streams": len(recs),
+                       "incomplete": sum(1 for r in recs if r[4] != 200 or r[5] < n_events)
+                       + m["failed"], "cpu_pct": m["cpu_pct"]}
+            finally:
+                done(dash, run)
+            run["per_gateway_cpu_s"] = per_cpu(run["events_per_s"], run["cpu_pct"])
+            log(f"  h(b) {tgt:10s} {run['events_per_s']:9.0f} events/s  streams "
+                f"{run['streams']} (incomplete {run['incomplete']})  cpu "
+                + " ".join(f"{k} {v:.0f}%" for k, v in run["cpu_pct"].items()))
+            return run
+
+        res: dict = {"rounds": rounds, "duration_s": dur, "dashboards": DASHBOARDS_OPEN,
+                     "connections": F_CONNECTIONS, "streams": n_streams, "events": n_events}
+        try:
+            for part, one, port, watch, key in (
+                    ("a", one_a, port_a, [gw_a, fake_a], "rps"),
+                    ("b", one_b, port_b, [gw_b, fake_b], "events_per_s")):
+                order = [("none", port, watch), ("dashboards", port, watch)]
+                runs, again = self.interleave(order, rounds, one, turn=True)
+                summary = {tgt: {key: median([r[key] for r in rr]),
+                                 "cpu_pct": median_cpu(rr)} for tgt, rr in runs.items()}
+                summary["paired"] = {key: paired_ratio(runs, key, "dashboards", "none"),
+                                     "per_gateway_cpu_s": paired_ratio(
+                                         runs, "per_gateway_cpu_s", "dashboards", "none")}
+                for tgt, rr in runs.items():
+                    summary[tgt]["per_gateway_cpu_s"] = median(
+                        [r["per_gateway_cpu_s"] for r in rr if r["per_gateway_cpu_s"]])
+                if part == "a":
+                    for tgt, rr in runs.items():
+                        summary[tgt]["p50_ms"] = median([r["p50_ms"] for r in rr])
+                        summary[tgt]["errors"] = sum(r["errors"] for r in rr)
+                else:
+                    for tgt, rr in runs.items():
+                        summary[tgt]["incomplete"] = sum(r["incomplete"] for r in rr)
+                events = [r.get("dashboards", {}) for r in runs["dashboards"]]
+                summary["dashboard_events"] = sum(e.get("events", 0) for e in events)
+                summary["dashboard_dropped"] = sum(e.get("dropped", 0) for e in events)
+                res[part] = {"runs": runs, "summary": summary, "steal_reruns": again}
+        finally:
+            self.stop_gateway(gw_a, None, "h-a")
+            self.stop_gateway(gw_b, None, "h-b")
+            fake_a.stop()
+            fake_b.stop()
+        self.results["h"] = res
+        for part, key, what in (("a", "rps", f"(a) req/s at {F_CONNECTIONS} connections"),
+                                ("b", "events_per_s", "(b) events/s")):
+            r = res[part]["summary"]["paired"][key]
+            self.target("h", f"{what} with {DASHBOARDS_OPEN} dashboards open >= "
+                        f"{1 - DASHBOARDS_MAX_DROP:.2f}x without", f"{r:.3f}x",
+                        r >= 1 - DASHBOARDS_MAX_DROP)
 
     def case_c(self) -> None:
         # 3 rounds at 1,000 (a median of three pairs, not the mean of two); 10,000 takes a
@@ -1649,6 +1782,34 @@ http {{
                   "The gateway's logged time to first byte starts when it has read the request; "
                   "what the client measures on top of it is the burst waiting for the gateway "
                   "to accept and read it (and the head's way back).", ""]
+        if "h" in self.results:
+            f = self.results["h"]
+            L += [f"## (h) {f['dashboards']} live dashboards open (GET /admin/live, read by "
+                  f"dashboards.py) beside (a) at {f['connections']} connections and (b), the "
+                  f"same gateway without and with them ({f['rounds']} × {f['duration_s']} s)",
+                  "", "| case | metric | without | with dashboards | ratio |",
+                  "|---|---|---|---|---|"]
+            for part, key, name in (("a", "rps", "req/s"), ("b", "events_per_s", "events/s")):
+                sm = f[part]["summary"]
+                n, d = sm["none"], sm["dashboards"]
+                L.append(f"| ({part}) | {name} | {n[key]:.0f} | {d[key]:.0f} | "
+                         f"{f2(sm['paired'][key], '{:.3f}')} |")
+                L.append(f"| ({part}) | {name.split('/')[0]} per second of gateway CPU | "
+                         f"{f2(n['per_gateway_cpu_s'], '{:.0f}')} | "
+                         f"{f2(d['per_gateway_cpu_s'], '{:.0f}')} | "
+                         f"{f2(sm['paired']['per_gateway_cpu_s'], '{:.3f}')} |")
+                if part == "a":
+                    L.append(f"| (a) | p50 ms | {n['p50_ms']:.3f} | {d['p50_ms']:.3f} | "
+                             f"{f2(ratio(d['p50_ms'], n['p50_ms']))} |")
+                L.append(f"| ({part}) | CPU | {cpu_cell(n['cpu_pct'])} | {cpu_cell(d['cpu_pct'])}"
+                         " | |")
+                L.append(f"| ({part}) | events the dashboards read (dropped notices) | | "
+                         f"{sm['dashboard_events']} ({sm['dashboard_dropped']}) | |")
+            L += ["", "The dashboards' `request` events are at most 200 a second (a batch of 50 "
+                  "every 0.25 s, admin/livefeed.py), whatever the request rate; the metrics "
+                  "come once a second. Per second of gateway CPU: the rate divided by the "
+                  "gateway's CPU share, its cost whatever the rest of the machine leaves it "
+                  "(steadier than the rate on a shared machine).", ""]
         if "d" in self.results:
             dd = self.results["d"]
             L += [f"## (d) real llama-server, demo model, max_tokens {dd['max_tokens']}, "
@@ -1801,7 +1962,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench-results")
     p.add_argument("--quick", action="store_true", help="short runs, one round, small case c")
-    p.add_argument("--cases", default="a,b,c,d,e,f,g", help="comma-separated subset of a-g")
+    p.add_argument("--cases", default="a,b,c,d,e,f,g,h", help="comma-separated subset of a-h")
     p.add_argument("--nice", type=int, default=0,
                    help="run the harness and everything it starts at this niceness (e.g. -10 "
                         "on a machine shared with other work; negative needs root)")
@@ -1828,7 +1989,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     errors = {}
     try:
-        for case in "abcdefg":
+        for case in "abcdefgh":
             if case not in cases:
                 continue
             log(f"case {case}")

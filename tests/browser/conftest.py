@@ -1,6 +1,8 @@
 """Fixtures of the real-browser tier: Debian's Chromium driven by Playwright (never a browser
-download), against the fake admin API (tests/fakes/fake_admin.py) serving the dashboard's files
-on 127.0.0.1. /work/shared/DASHBOARD.md part B is the recipe.
+download), against the real stack (test_dashboard_stack.py: entrypoint.sh, llama-server, the
+gateway) and against the fake admin API (tests/fakes/fake_admin.py, test_dashboard.py: the
+situations the real stack cannot make on demand), on 127.0.0.1. /work/shared/DASHBOARD.md part B
+is the recipe.
 
 - CHROMIUM_BIN (default /usr/bin/chromium, the `chromium` package). Without it or without the
   playwright package the tests skip with the reason, unless REQUIRE_BROWSER=1 (set by

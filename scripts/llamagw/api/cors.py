@@ -38,15 +38,16 @@ class Cors:
             headers.append(("vary", "origin"))
         return headers
 
-    def preflight(self, req) -> tuple[int, list[tuple[str, str]], bytes]:
+    def preflight(self, req, *, cors: bool = True) -> tuple[int, list[tuple[str, str]], bytes]:
         """Answer an OPTIONS request: (status, headers, body). CORS headers for the origin, if
-        allowed, were already added to the context by the connection."""
+        allowed, were already added to the context by the connection. cors=False (the admin
+        API and the dashboard: same origin only): the methods, never a CORS answer."""
         methods = routes.allowed_methods(req.path)
         if not methods and req.target != "*":
             raise not_found()
         headers = [("allow", ", ".join(methods + ["OPTIONS"]))]
         origin = req.get("origin")
-        if (origin is not None and req.get("access-control-request-method") is not None
+        if (cors and origin is not None and req.get("access-control-request-method") is not None
                 and self.allow_origin(origin) is not None):
             headers += [("access-control-allow-methods", ", ".join(methods)),
                         ("access-control-allow-headers", ALLOW_HEADERS),

@@ -1,4 +1,5 @@
-"""The gateway's own answers: /ping, /health, /metrics, and the CORS preflight.
+"""The gateway's own answers: /ping, /health, /metrics, and the CORS preflight (none for the
+admin API and the dashboard).
 
 Route handlers (api/routes.py): async def handler(call) -> Response, answered without
 llama-server.
@@ -50,3 +51,9 @@ async def metrics(call: Call) -> Response:
 async def preflight(call: Call) -> Response:
     """OPTIONS: the allowed methods, and the CORS preflight answer for an allowed origin."""
     return Response(*call.services.cors.preflight(call.req))
+
+
+async def same_origin_preflight(call: Call) -> Response:
+    """OPTIONS on an admin API or dashboard path: the allowed methods and no CORS headers,
+    whatever the Origin (a browser then refuses the cross-origin request it asked about)."""
+    return Response(*call.services.cors.preflight(call.req, cors=False))

@@ -25,7 +25,12 @@ A Route carries all its facts:
   lease      router mode: the pipeline leases the model (loading it first) before the handler,
              and the body goes to llama-server under the model's canonical name; the Ollama
              inference handlers lease it themselves (an empty prompt loads, or unloads)
-Adding a route: one row in its API's table below, and its handler.
+  cors       False: same origin only (the admin API and the dashboard): no CORS headers on any
+             answer and no CORS preflight answer, whatever CORS_ORIGINS says; instead `headers`
+             (the security headers) go on every answer, errors included
+Adding a route: one row in its API's table below, and its handler. An admin route: a row made
+with admin_route() in ADMIN_ROUTES (tests/test_admin_api.py walks that table: no session -> 401,
+an inference key -> 403, a POST on a session without its CSRF token -> 403).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from llamagw.admin import models_api, usage_api
+from llamagw.admin import (info_api, keys_api, live_api, models_api, session_api, static, ui_api,
+                           usage_api)
 from llamagw.api import local, model_api
 from llamagw.api import ollama_handlers as ollama
 from llamagw.errors import Envelope, GatewayError, not_found
@@ -55,6 +61,8 @@ class Route:
     upstream: str = ""
     model: bool = False
     lease: bool = False
+    cors: bool = True
+    headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -120,54 +128,87 @@ OLLAMA_ROUTES = (
     _ollama("DELETE", "/api/delete", "ollama_unsupported", ollama.unsupported),
 )
 
-def _admin(method: str, path: str, name: str, handler: Callable, *, streams: bool = False,
-           json_body: bool = False) -> Route:
-    return Route(method, path, name, handler, Auth.ADMIN, Envelope.ADMIN, streams=streams,
-                 json_body=json_body)
+
+def admin_route(method: str, path: str, name: str, handler: Callable, auth: Auth = Auth.ADMIN,
+                *, streams: bool = False, json_body: bool = False) -> Route:
+    """A row of the admin API: Envelope.ADMIN, same origin only, the API's security headers
+    (admin/static.API_HEADERS: CSP, nosniff, no-store, ...) on every answer. auth: Auth.ADMIN
+    (an admin key, or a dashboard session with a CSRF token for POST) for all but the way in.
+    name: starts with "admin" (the live channel leaves the dashboard's own traffic out)."""
+    return Route(method, path, name, handler, auth, Envelope.ADMIN, streams=streams,
+                 json_body=json_body, cors=False, headers=static.API_HEADERS)
 
 
-# ---- admin: models (issue 27; admin/models_api.py) ----
-ADMIN_MODEL_ROUTES = (
-    _admin("GET", "/admin/models", "admin_models", models_api.list_models),
-    _admin("POST", "/admin/models/load", "admin_models_load", models_api.load, json_body=True),
-    _admin("POST", "/admin/models/unload", "admin_models_unload", models_api.unload,
-           json_body=True),
-    _admin("POST", "/admin/models/switch", "admin_models_switch", models_api.switch,
-           json_body=True),
-    _admin("GET", "/admin/events", "admin_events", models_api.events, streams=True),
-)
-# ---- end of admin: models ----
-
-# The admin API (keys, models, usage): every route Auth.ADMIN and Envelope.ADMIN.
+# The admin API (ADMIN-API.md): every route Auth.ADMIN and Envelope.ADMIN but the way in (setup,
+# sign-in). Each feature's rows in its own block.
 ADMIN_ROUTES: tuple[Route, ...] = (
-    *ADMIN_MODEL_ROUTES,
-    # Usage (issue 28): the ledger added up, JSON or CSV (admin/usage_api.py).
-    Route("GET", "/admin/usage", "admin_usage", usage_api.usage_report, Auth.ADMIN,
-          Envelope.ADMIN),
+    # --- sessions, live channel, logs, system, keys (issue 29: admin/*_api.py) ---
+    admin_route("GET", "/admin/setup", "admin_setup", session_api.setup, Auth.NONE),
+    admin_route("POST", "/admin/session", "admin_sign_in", session_api.sign_in, Auth.NONE,
+                json_body=True),
+    admin_route("GET", "/admin/session", "admin_session", session_api.session_info),
+    admin_route("POST", "/admin/session/logout", "admin_sign_out", session_api.sign_out),
+    admin_route("GET", "/admin/live", "admin_live", live_api.live, streams=True),
+    admin_route("GET", "/admin/logs", "admin_logs", info_api.logs),
+    admin_route("GET", "/admin/system", "admin_system", info_api.system),
+    admin_route("GET", "/admin/keys", "admin_keys", keys_api.list_keys),
+    admin_route("POST", "/admin/keys", "admin_key_create", keys_api.create, json_body=True),
+    admin_route("POST", "/admin/keys/rotate", "admin_key_rotate", keys_api.rotate,
+                json_body=True),
+    admin_route("POST", "/admin/keys/revoke", "admin_key_revoke", keys_api.revoke,
+                json_body=True),
+    # --- models (issue 27: admin/models_api.py) ---
+    admin_route("GET", "/admin/models", "admin_models", models_api.list_models),
+    admin_route("POST", "/admin/models/load", "admin_models_load", models_api.load,
+                json_body=True),
+    admin_route("POST", "/admin/models/unload", "admin_models_unload", models_api.unload,
+                json_body=True),
+    admin_route("POST", "/admin/models/switch", "admin_models_switch", models_api.switch,
+                json_body=True),
+    admin_route("GET", "/admin/events", "admin_events", models_api.events, streams=True),
+    # --- usage (issue 28): the ledger added up, JSON or CSV (admin/usage_api.py) ---
+    admin_route("GET", "/admin/usage", "admin_usage", usage_api.usage_report),
 )
+
+# The dashboard's files (admin/static.py: each answer carries its own CSP and headers), open.
+UI_ROUTES: tuple[Route, ...] = tuple(
+    Route("GET", path, "ui", ui_api.files, Auth.NONE, Envelope.ADMIN, cors=False)
+    for path in (static.UI_PREFIX[:-1], static.UI_PREFIX,
+                 *(static.UI_PREFIX + name for name in static.FILES))
+) + (Route("GET", "/favicon.ico", "ui_favicon", ui_api.favicon, Auth.NONE, Envelope.ADMIN,
+           cors=False),)
 
 # Where a path no route serves gets its errors shaped (404, 405, a preflight's 404): the API
 # whose clients ask there. Ollama clients probe "/" and /api/*.
-ENVELOPE_PREFIXES = (("/api/", Envelope.OLLAMA), ("/admin/", Envelope.ADMIN))
-ENVELOPE_PATHS = {"/": Envelope.OLLAMA}
+ENVELOPE_PREFIXES = (("/api/", Envelope.OLLAMA), ("/admin/", Envelope.ADMIN),
+                     (static.UI_PREFIX, Envelope.ADMIN))
+ENVELOPE_PATHS = {"/": Envelope.OLLAMA, static.UI_PREFIX[:-1]: Envelope.ADMIN}
 
 
 def table(*tables: tuple[Route, ...]) -> dict[tuple[str, str], Route]:
-    """One table from the per-API ones; a (method, path) listed twice is an error."""
+    """One table from the per-API ones; a (method, path) listed twice is an error, and so is an
+    admin-envelope route that allows CORS (a row not made with admin_route)."""
     out: dict[tuple[str, str], Route] = {}
     for routes in tables:
         for route in routes:
             if route.key in out:
                 raise ValueError(f"route {route.key} defined twice")
+            if route.envelope is Envelope.ADMIN and route.cors:
+                raise ValueError(f"route {route.key}: the admin API is same-origin only "
+                                 "(make its row with admin_route)")
             out[route.key] = route
     return out
 
 
-ROUTES = table(OPENAI_ROUTES, LOCAL_ROUTES, OLLAMA_ROUTES, ADMIN_ROUTES)
+ROUTES = table(OPENAI_ROUTES, LOCAL_ROUTES, OLLAMA_ROUTES, ADMIN_ROUTES, UI_ROUTES)
 
-# OPTIONS on any path: the CORS preflight, answered locally in the envelope of its path.
+# OPTIONS on any path: the CORS preflight, answered locally in the envelope of its path; on the
+# admin API and the dashboard, no CORS preflight answer (same origin only).
 PREFLIGHTS = {envelope: Route("OPTIONS", "*", "preflight", local.preflight, Auth.NONE, envelope)
-              for envelope in Envelope}
+              for envelope in Envelope if envelope is not Envelope.ADMIN}
+PREFLIGHTS[Envelope.ADMIN] = Route("OPTIONS", "*", "admin_preflight", local.same_origin_preflight,
+                                   Auth.NONE, Envelope.ADMIN, cors=False,
+                                   headers=static.API_HEADERS)
 
 
 def envelope_for(path: str) -> Envelope:

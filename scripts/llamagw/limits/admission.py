@@ -1,5 +1,8 @@
 """The seam every API request passes before it is proxied: who is it, may it run now?
 
+Admin routes (Auth.ADMIN) are checked by admin/guard.AdminGuard (self.admin): an admin key or a
+dashboard session, with a CSRF token and a same-origin check for a session's state changes.
+
 admit() is synchronous (no await between the check and the action it allows): it authenticates the
 key, applies the per-key rate limit and token budget and takes a per-key concurrency slot, then
 returns a Ticket whose release() is idempotent and is called in a `finally` on every exit path. The
@@ -20,21 +23,21 @@ import hmac
 import logging
 import time
 
+from llamagw.admin.guard import AdminGuard
 from llamagw.errors import RETRY_AFTER_CONCURRENCY, RETRY_AFTER_QUEUE, GatewayError
 from llamagw.limits import budget, fairqueue, keys, ratelimit
 
 log = logging.getLogger("gateway")
 
 ANONYMOUS = "anonymous"
-# The key-file role whose keys may use the admin API (limits/keys.py KeyInfo.role).
-ADMIN_ROLE = "admin"
 
 
 class Auth(enum.Enum):
     """What a route needs (api/routes.py)."""
     NONE = "none"          # nothing: open (platform probes, liveness)
     KEY = "key"            # an inference key (none needed when AUTH_ENABLED=false)
-    ADMIN = "admin"        # a key whose role is admin, whatever AUTH_ENABLED says
+    ADMIN = "admin"        # an admin key or a dashboard session, whatever AUTH_ENABLED says
+                           # (admin/guard.py; no per-key rate or concurrency limit)
     METRICS = "metrics"    # the metrics key, when METRICS_KEY is set
 
 
@@ -81,6 +84,8 @@ class Admission:
                                                 config.max_queue_size, errors=ratelimit)
         # tpm / tpd per key: checked by admit(), charged by the gateway when a request ends.
         self.budget = budget.TokenBudget()
+        # The admin API's credentials: admin keys and the dashboard's sessions.
+        self.admin = AdminGuard(store, metrics)
 
     def identify(self, req) -> keys.KeyInfo:
         presented = keys.extract_key(req.headers)          # 400 on two Authorization headers
@@ -95,7 +100,11 @@ class Admission:
         return info
 
     def admit(self, req, route, ctx) -> Ticket:
-        """The route's auth, then the key's rate limit and a per-key concurrency slot."""
+        """The route's auth, then the key's rate limit and a per-key concurrency slot.
+
+        Admin routes take neither: the limits are the inference budget of a key, and a
+        dashboard holds its live stream open and polls a few routes (it is bounded by the
+        live hub's cap, the session table and MAX_CONNECTIONS instead)."""
         auth = route.auth
         if auth is not _KEY:
             if auth is _NONE:
@@ -103,12 +112,11 @@ class Admission:
             if auth is _METRICS:
                 self.check_metrics_key(req)
                 return NO_TICKET
-        if self.config.auth_enabled or auth is _ADMIN:
+            if auth is _ADMIN:
+                self.admin.check(req, ctx)
+                return NO_TICKET
+        if self.config.auth_enabled:
             info = self.identify(req)
-            if auth is _ADMIN and getattr(info, "role", "user") != ADMIN_ROLE:
-                ctx.key_id = info.key_id
-                raise GatewayError(403, f"Key '{info.key_id}' may not use the admin API",
-                                   "forbidden")
             key_id, rpm, cap = info.key_id, info.rpm, info.concurrency
             ctx.key_models = getattr(info, "models", None)   # the models it may use
         else:

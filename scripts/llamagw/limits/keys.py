@@ -424,6 +424,12 @@ class KeyStore:
         """The settings of a key_id in force (for limits after a reload)."""
         return self._by_id.get(key_id)
 
+    def holds(self, key_id: str, digest: bytes) -> bool:
+        """The key whose secret has this SHA-256 is in force under `key_id` (still the same
+        secret after a reload: a rotated key answers False). For the dashboard's sessions."""
+        entry = self._table.get(digest)
+        return entry is not None and entry[1].key_id == key_id
+
     def key_ids(self) -> frozenset[str]:
         return frozenset(self._by_id)
 

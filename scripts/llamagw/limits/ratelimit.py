@@ -96,6 +96,11 @@ class RateLimiter:
         remaining = int(tokens + TOKEN_EPSILON)    # floor of a non-negative number
         return RateDecision(allowed, limit, remaining, reset, retry_after)
 
+    def last_seen(self, key_id: str) -> float | None:
+        """The `now` of the key's latest check (its last request, allowed or not), or None."""
+        bucket = self._buckets.get(key_id)
+        return None if bucket is None else bucket.stamp
+
     def retain(self, key_ids: Iterable[str]) -> None:
         """Keep state only for these key_ids (call after a key reload)."""
         keep = set(key_ids)

@@ -5,9 +5,10 @@ request at hand, nothing to wait for) or in its task (anything that waits). Both
 the same synchronous steps, in this order, on a PendingRequest:
 
     p = PendingRequest(client, req)   begin: context, request id, in_flight
-    p.prepare(route, body)            CORS headers, the route (404 / 405), key, rate and
-                                      concurrency limits (admission); with the body at hand (the
-                                      callback path) ready(body) too. Raises GatewayError
+    p.prepare(route, body)            the route (404 / 405), CORS headers (or a same-origin
+                                      route's security headers), key, rate and concurrency
+                                      limits (admission); with the body at hand (the callback
+                                      path) ready(body) too. Raises GatewayError
     p.ready(body)                     once the body is in: the JSON body check (400), the
                                       model (route.model: resolved, scoped, models/serving.py),
                                       then, without waiting, the model's lease (router mode)
@@ -83,18 +84,26 @@ class PendingRequest:
 
     # ---------------- the steps ----------------
     def prepare(self, route=None, body: bytes | None = None) -> bool:
-        """CORS, the route (given by the callback path, which looked it up), then admission:
-        key, rate limit, per-key concurrency; then, given the body, ready(body) (its answer is
-        returned; False without a body). Raises GatewayError."""
+        """The route (given by the callback path, which looked it up), CORS (or, on a
+        same-origin route, its security headers), then admission: key, rate limit, per-key
+        concurrency; then, given the body, ready(body) (its answer is returned; False without
+        a body). Raises GatewayError."""
         req = self.req
         ctx = self.ctx
         origin = req.get("origin")
-        if origin is not None:
-            ctx.response_headers.extend(self.services.cors.headers_for(origin))
         if route is None:
-            route = routes.match(req.method, req.path)     # 404 / 405; OPTIONS: the preflight
+            try:
+                route = routes.match(req.method, req.path)   # 404 / 405; OPTIONS: preflight
+            except GatewayError:
+                if origin is not None and routes.envelope_for(req.path) is not Envelope.ADMIN:
+                    ctx.response_headers.extend(self.services.cors.headers_for(origin))
+                raise
         self.route = route
         ctx.route = route.name
+        if not route.cors:                       # the admin API, the dashboard
+            ctx.response_headers.extend(route.headers)
+        elif origin is not None:
+            ctx.response_headers.extend(self.services.cors.headers_for(origin))
         self.ticket = self.services.admission.admit(req, route, ctx)
         return False if body is None else self.ready(body)
 
@@ -267,7 +276,7 @@ class PendingRequest:
         ctx = self.ctx
         out = list(headers)
         out.extend(ctx.response_headers)
-        if status != 204:
+        if status != 204 and status != 304:
             out.append(("content-length", str(len(body))))
         if not client.keep_alive:
             out.append(("connection", "close"))

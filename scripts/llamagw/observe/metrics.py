@@ -292,6 +292,21 @@ class Metrics:
             return model
         return OTHER
 
+    def totals(self, skip_routes: tuple[str, ...] = ()) -> tuple[int, int, int]:
+        """(requests, those answered 5xx or not at all, completion tokens) since the start,
+        leaving out the routes whose label starts with one of skip_routes. For the dashboard's
+        rates (a tick's sum over the series, never on the hot path). A key reload drops the
+        series of removed keys: a total may then go down."""
+        requests = errors = 0
+        for (route, status, _key), n in self._requests.items():
+            if skip_routes and route.startswith(skip_routes):
+                continue
+            requests += n
+            if status[0] == "5" or status == OTHER:
+                errors += n
+        tokens = sum(n for (_key, kind), n in self._tokens.items() if kind == "completion")
+        return requests, errors, tokens
+
     # -- rendering -----------------------------------------------------------------------------
     @staticmethod
     def _sample(source: Callable[[], float]) -> float:
