@@ -78,7 +78,7 @@ async def test_usage_by_key_and_model_as_json_and_csv(tmp_path):
 async def test_usage_is_for_admin_keys_only(tmp_path):
     async with Stack(tmp_path, usage=True, key_file=KEYS) as s:
         r = await s.one(get("/admin/usage", key=None))
-        assert r.status == 401 and r.error()["code"] == "missing_api_key"
+        assert r.status == 401 and r.error()["code"] == "unauthorized"
         r = await s.one(get("/admin/usage", key=ALICE))
         assert r.status == 403 and r.error() == {
             "message": "Key 'alice' may not use the admin API", "type": "permission_error",

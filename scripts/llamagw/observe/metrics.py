@@ -304,7 +304,7 @@ class Metrics:
             requests += n
             if status[0] == "5" or status == OTHER:
                 errors += n
-        tokens = sum(n for (_key, kind), n in self._tokens.items() if kind == "completion")
+        tokens = sum(n for (_key, _model, kind), n in self._tokens.items() if kind == "completion")
         return requests, errors, tokens
 
     # -- rendering -----------------------------------------------------------------------------
