@@ -654,3 +654,40 @@ async def test_an_unload_waits_for_the_stream_in_flight_and_shutdown_ends_the_wa
             rest += chunk
         assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
         await stopping
+
+
+@aio
+async def test_the_dashboards_live_channel_follows_model_changes(tmp_path):
+    """GET /admin/live's `models` events come from the router catalog: a load by another
+    operator shows in an open dashboard as it happens (loading, then loaded)."""
+    async with RouterStack(tmp_path) as s:
+        c = await s.client()
+        await c.send(get("/admin/live", key=ROOT))
+        status, _headers, _ = await c.head()
+        assert status == 200
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3.0
+        buf = b""
+        snapshots: list[dict] = []
+
+        async def until(want) -> None:
+            nonlocal buf
+            while not want():
+                size = int(await c.line(deadline - loop.time()), 16)
+                assert size, "the live stream ended"
+                buf += (await c.exactly(size + 2, deadline - loop.time()))[:-2]
+                while b"\n\n" in buf:
+                    block, buf = buf.split(b"\n\n", 1)
+                    if block.startswith(b"event: models\n"):
+                        snapshots.append(json.loads(block.split(b"data: ", 1)[1]))
+
+        def gamma(state: str) -> bool:
+            return any(m["name"] == "gamma" and m["state"] == state
+                       for snap in snapshots for m in snap["models"])
+
+        await until(lambda: bool(snapshots))
+        assert snapshots[0]["mode"] == "router" and not gamma("loaded")
+        assert (await s.one(post("/admin/models/load", {"model": "gamma"}, key=ROOT))).status \
+            == 200
+        await until(lambda: gamma("loaded"))
+        assert all(set(m) >= {"name", "state", "in_flight"} for m in snapshots[-1]["models"])

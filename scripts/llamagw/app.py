@@ -120,6 +120,12 @@ class Gateway:
         self.admin = AdminPlane(config, self)
         self._live_hub = self.admin.hub           # observe() tests it for every request
         self._live_request = self.admin.feed.on_request
+        # The dashboard's Models view follows the catalog: the same snapshot as GET /admin/models,
+        # published on every state change in router mode (the ticker also notices within 1 s).
+        self.admin.feed.models_source = self.models.snapshot
+        if self.router_mode:
+            self.models.controller.catalog.listeners.append(
+                lambda _names: self.admin.feed.models_changed())
         # --- end of issue 29's block ---
 
     def reload_keys(self, now: float | None = None) -> bool:
