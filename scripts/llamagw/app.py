@@ -120,10 +120,11 @@ class Gateway:
         self.admin = AdminPlane(config, self)
         self._live_hub = self.admin.hub           # observe() tests it for every request
         self._live_request = self.admin.feed.on_request
-        # The dashboard's Models view follows the catalog: the same snapshot as GET /admin/models,
-        # published on every state change in router mode (the ticker also notices within 1 s).
-        self.admin.feed.models_source = self.models.snapshot
+        # Router mode: the dashboard's Models view follows the catalog (the snapshot of GET
+        # /admin/models, published on every state change; the ticker also notices within 1 s).
+        # Single-model mode keeps the feed's own snapshot (the backend state's one model).
         if self.router_mode:
+            self.admin.feed.models_source = self.models.snapshot
             self.models.controller.catalog.listeners.append(
                 lambda _names: self.admin.feed.models_changed())
         # --- end of issue 29's block ---
