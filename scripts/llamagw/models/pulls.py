@@ -162,7 +162,6 @@ class Pulls:
         if len(self.running) >= self.max_pulls:
             raise PullError(429, f"{self.max_pulls} pulls are running; try again later",
                             "too_many_pulls")
-        self.running.add(key)
         return self._run(spec, key)
 
     async def _run(self, spec: hub.Spec, key: str):
@@ -188,6 +187,11 @@ class Pulls:
             return fetch.ensure(source, self.folder, progress=progress, cancelled=stop.is_set,
                                 deadline=deadline, log=lambda msg: log.info("pull: %s", msg))
 
+        # taken at the first step, so an answer never started leaves nothing behind
+        if key in self.running or len(self.running) >= self.max_pulls:
+            raise PullError(409, f"{key} is being pulled already, or {self.max_pulls} pulls "
+                                 f"are running", "pull_in_progress")
+        self.running.add(key)
         try:
             yield {"status": "pulling manifest"}
             job = asyncio.ensure_future(asyncio.to_thread(work))
