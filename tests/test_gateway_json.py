@@ -151,7 +151,7 @@ async def test_ollama_routes_answer_a_deeply_nested_body_with_400(tmp_path, mode
 @aio
 async def test_model_management_routes_stay_501_whatever_the_body(tmp_path, model_file):
     async with ollama_stack(tmp_path, model_file) as s:
-        r = await s.one(post("/api/pull", deep_arrays(OLLAMA_DEPTH)))
+        r = await s.one(post("/api/push", deep_arrays(OLLAMA_DEPTH)))
         assert r.status == 501 and error_of(r)
 
 

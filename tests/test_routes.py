@@ -60,7 +60,7 @@ def test_ollama_routes_answer_in_ollama_shape_and_only_inference_takes_a_slot():
         "/api/chat", "/api/generate", "/api/embed", "/api/embeddings"}
     assert {r.path for r in ALL if r.streams} == {
         "/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate",
-        "/admin/events", "/admin/live"}
+        "/admin/events", "/admin/live", "/api/pull", "/admin/models/pull"}
 
 
 def test_open_routes_are_only_the_probes_the_dashboards_files_and_its_way_in():

@@ -260,6 +260,12 @@ class Config:
     # The model of a request that names none ("" : such a request is refused, 400).
     # entrypoint.sh sets it from MODEL_NAME / MODEL_PATH.
     models_default: str = setting("MODELS_DEFAULT", "")
+    # The preset llama-server's router reads (entrypoint.sh generates it): a pulled model gets its
+    # section there, a deleted one loses it (models/pulls.py).
+    models_preset_file: str = setting("MODELS_PRESET_FILE", "")
+    # Where hf:// and hf.co/ pulls are resolved (HF_TOKEN is read from the environment at the
+    # pull, never kept in the config).
+    hf_endpoint: str = setting("HF_ENDPOINT", "https://huggingface.co")
     # How long a request waits for its model to load before 503 model_loading + Retry-After
     # (the load goes on). A small model loads in under a second, a 70B one from a network
     # volume in minutes; 120 s covers most loads within one client's patience, and is below

@@ -90,6 +90,8 @@ class FakeRouter:
         self.silent = False
         self.models_delay = 0.0
         self.status_override: dict[tuple[str, str], tuple[int, dict]] = {}
+        self.preset_path = ""               # set: GET /models?reload=1 re-reads its sections
+        self.reloads = 0
         self.requests: list[tuple[str, str, dict]] = []
         self.loads: collections.Counter = collections.Counter()
         self.unloads: collections.Counter = collections.Counter()
@@ -139,6 +141,16 @@ class FakeRouter:
         return [m for m in self.models.values() if m.state in ("loading", "loaded", "sleeping")]
 
     # ---- state --------------------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Re-read the preset: a new section becomes a model, a gone one goes away."""
+        self.reloads += 1
+        sections, _glob = read_preset(self.preset_path)
+        for name, keys in sections.items():
+            if name not in self.models:
+                self.models[name] = FakeModel(name, keys.get("model", ""))
+        for name in [n for n in self.models if n not in sections]:
+            del self.models[name]
+
     def _emit(self, name: str, event: str, data: dict) -> None:
         if self.silent:
             return
@@ -277,6 +289,8 @@ class FakeRouter:
         if method == "GET" and path in ("/models", "/v1/models"):
             if self.models_delay:
                 await asyncio.sleep(self.models_delay)
+            if query.get("reload") in ("1", "true") and self.preset_path:
+                self.reload()
             return 200, {"data": [self._entry(m) for m in self.models.values()],
                          "object": "list"}
         if method == "GET" and path == "/props":

@@ -38,8 +38,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from llamagw.admin import (info_api, keys_api, live_api, models_api, session_api, static, ui_api,
-                           usage_api)
+from llamagw.admin import (info_api, keys_api, live_api, models_api, pull_api, session_api,
+                           static, ui_api, usage_api)
 from llamagw.api import local, model_api
 from llamagw.api import ollama_handlers as ollama
 from llamagw.errors import Envelope, GatewayError, not_found
@@ -120,12 +120,15 @@ OLLAMA_ROUTES = (
     _ollama("POST", "/api/embed", "ollama_embed", ollama.embed, infer=True, json_body=True),
     _ollama("POST", "/api/embeddings", "ollama_embeddings", ollama.embeddings, infer=True,
             json_body=True),
-    # Model management belongs to the container: a clear 501 whatever the body.
-    _ollama("POST", "/api/pull", "ollama_unsupported", ollama.unsupported),
+    # Router mode: pull and delete for admin keys (admin/pull_api.py; single-model mode 501).
+    _ollama("POST", "/api/pull", "ollama_pull", pull_api.ollama_pull, Auth.ADMIN, streams=True,
+            json_body=True),
+    _ollama("DELETE", "/api/delete", "ollama_delete", pull_api.ollama_delete, Auth.ADMIN,
+            json_body=True),
+    # The rest of model management belongs to the container: a clear 501 whatever the body.
     _ollama("POST", "/api/push", "ollama_unsupported", ollama.unsupported),
     _ollama("POST", "/api/create", "ollama_unsupported", ollama.unsupported),
     _ollama("POST", "/api/copy", "ollama_unsupported", ollama.unsupported),
-    _ollama("DELETE", "/api/delete", "ollama_unsupported", ollama.unsupported),
 )
 
 
@@ -164,6 +167,10 @@ ADMIN_ROUTES: tuple[Route, ...] = (
     admin_route("POST", "/admin/models/unload", "admin_models_unload", models_api.unload,
                 json_body=True),
     admin_route("POST", "/admin/models/switch", "admin_models_switch", models_api.switch,
+                json_body=True),
+    admin_route("POST", "/admin/models/pull", "admin_models_pull", pull_api.admin_pull,
+                streams=True, json_body=True),
+    admin_route("POST", "/admin/models/delete", "admin_models_delete", pull_api.admin_delete,
                 json_body=True),
     admin_route("GET", "/admin/events", "admin_events", models_api.events, streams=True),
     # --- usage (issue 28): the ledger added up, JSON or CSV (admin/usage_api.py) ---

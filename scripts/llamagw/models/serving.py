@@ -37,11 +37,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from llamagw.errors import RETRY_AFTER_STARTING, GatewayError
+from llamagw.models import pulls
 from llamagw.models.catalog import State
 from llamagw.models.router import (
     HEARTBEAT_INTERVAL, Lease, ModelError, RouterClient, RouterController, RouterError,
@@ -101,6 +103,11 @@ class ModelService:
             controller = controller_from_config(config)
         self.controller = controller
         self.router = controller is not None
+        # router mode: pulls and deletes into MODELS_DIR (admin only; models/pulls.py)
+        self.pulls = pulls.Pulls(config.models_dir, controller,
+                                 preset_file=config.models_preset_file,
+                                 endpoint=config.hf_endpoint,
+                                 token=os.environ.get("HF_TOKEN")) if self.router else None
         # the one model's name in single-model mode ("" when unknown: llama-server by hand)
         self.single_name = "" if self.router or not gw.catalog.path else gw.catalog.name
         self.default = config.models_default
