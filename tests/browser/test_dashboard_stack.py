@@ -3,10 +3,13 @@ on the demo model, the health server and the gateway that serves /ui/ and the ad
 (tests/e2e/e2e_stack.py starts it, as the e2e tier does). The fake-admin tests
 (test_dashboard.py) keep the situations the real stack cannot make on demand (a model load that
 fails, a dropped notice, many model rows); these check that the page and the real gateway agree.
+The router-mode tests run a second stack (`router`: llama-server's router over two copies of the
+demo model, MODELS_MAX=1) and load and unload models from the page and with curl, watching the
+states change live.
 
 Needs the e2e tier's llama-server and demo model (`make test-browser` builds or finds them;
 LLAMA_SERVER_BIN and DEMO_MODEL as for `make test-e2e`). Screenshots of every view go to
-DASHBOARD_SHOTS (or a tmp folder) as stack-<view>.png.
+DASHBOARD_SHOTS (or a tmp folder) as stack-<view>.png, router mode's as stack-router-*.png.
 """
 
 from __future__ import annotations
