@@ -3,10 +3,13 @@ on the demo model, the health server and the gateway that serves /ui/ and the ad
 (tests/e2e/e2e_stack.py starts it, as the e2e tier does). The fake-admin tests
 (test_dashboard.py) keep the situations the real stack cannot make on demand (a model load that
 fails, a dropped notice, many model rows); these check that the page and the real gateway agree.
+The router-mode tests run a second stack (`router`: llama-server's router over two copies of the
+demo model, MODELS_MAX=1) and load and unload models from the page and with curl, watching the
+states change live.
 
 Needs the e2e tier's llama-server and demo model (`make test-browser` builds or finds them;
 LLAMA_SERVER_BIN and DEMO_MODEL as for `make test-e2e`). Screenshots of every view go to
-DASHBOARD_SHOTS (or a tmp folder) as stack-<view>.png.
+DASHBOARD_SHOTS (or a tmp folder) as stack-<view>.png, router mode's as stack-router-*.png.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ VIEWS = {
     "system": ("#sys-version", "0.1.0"),
     "models": ("#view-models", "Models"),
 }
+ROUTER_MODELS = ("alpha", "beta")
 
 
 def http(url: str, *, method: str = "GET", body: dict | None = None,
@@ -60,11 +64,10 @@ def http(url: str, *, method: str = "GET", body: dict | None = None,
         return exc.code, exc.read()
 
 
-@pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    """The real stack with an admin key `ops` besides the e2e inference key."""
-    from e2e.e2e_stack import REPO, Stack
-    s = Stack(tmp_path_factory.mktemp("stack"))
+def running(s):
+    """Start stack `s` with an admin key `ops` besides the e2e inference key; yield it running,
+    stop it (exit 0) at the end."""
+    from e2e.e2e_stack import REPO
     made = subprocess.run([sys.executable, str(REPO / "scripts" / "keys.py"), "--file",
                            str(s.key_file), "add", "ops", "--role", "admin"],
                           capture_output=True, text=True, timeout=30, check=True)
@@ -78,6 +81,28 @@ def real(tmp_path_factory):
         assert s.stop() == 0, s.output()[-4000:]
     finally:
         s.kill_all()
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """The real stack (single-model mode) with an admin key `ops`."""
+    from e2e.e2e_stack import Stack
+    yield from running(Stack(tmp_path_factory.mktemp("stack")))
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory):
+    """The real stack in router mode (llama-server's router over MODELS_DIR): two copies of the
+    demo model, alpha (preloaded) and beta, MODELS_MAX=1; an admin key `ops`."""
+    from e2e.e2e_stack import Stack, demo_model
+    s = Stack(tmp_path_factory.mktemp("router"))
+    models = s.tmp / "models"
+    models.mkdir()
+    for name in ROUTER_MODELS:
+        shutil.copyfile(demo_model(), models / f"{name}.gguf")
+    s.env.update({"MODELS_DIR": str(models), "MODELS_MAX": "1",
+                  "MODELS_PRELOAD": ROUTER_MODELS[0], "MODEL_PATH": "", "EXTRA_ARGS": ""})
+    yield from running(s)
 
 
 def allow_pending(rec) -> None:
@@ -183,3 +208,81 @@ def test_after_sign_out_the_admin_api_refuses_the_old_cookie(real, open_page):
     for path in ("/admin/session", "/admin/keys", "/admin/system", "/admin/logs",
                  "/admin/live"):
         assert http(real.base_url + path, headers=header)[0] == 401, path
+
+
+# ---- router mode ---------------------------------------------------------------------------------
+
+def admin_states(s) -> dict[str, str]:
+    status, body = http(s.base_url + "/admin/models",
+                        headers={"Authorization": f"Bearer {s.admin_key}"})
+    assert status == 200, body
+    return {m["name"]: m["state"] for m in json.loads(body)["models"]}
+
+
+def model_row(page, name: str):
+    return page.locator(f"#models-body tr[data-model={name}]")
+
+
+def test_router_mode_load_and_unload_from_the_page_show_live(router, open_page, shots_dir):
+    page, rec = open_page()
+    allow_pending(rec)
+    sign_in(page, rec, router.base_url, router.admin_key)
+    # the Overview lists the preloaded model, from the live channel's metrics
+    expect(page.locator("#ov-loaded li")).to_have_text(["alpha"])
+    page.screenshot(path=str(shots_dir / "stack-router-overview.png"), full_page=True)
+    page.click("#nav a[data-view=models]")
+    expect(page.locator("#models-mode")).to_have_text("router mode · at most 1 loaded")
+    expect(model_row(page, "alpha").locator(".badge").first).to_have_text("loaded")
+    beta = model_row(page, "beta")
+    expect(beta.locator(".badge").first).to_have_text("unloaded")
+    page.screenshot(path=str(shots_dir / "stack-router-models.png"), full_page=True)
+    page.evaluate("window.__samePage = true")          # gone if anything reloads the page
+    beta.locator("button[data-action=load]").click()
+    expect(beta.locator(".badge").first).to_have_text("loaded", timeout=30000)
+    # MODELS_MAX=1: loading beta made room by unloading alpha, and the page shows that too
+    expect(model_row(page, "alpha").locator(".badge").first).to_have_text("unloaded",
+                                                                          timeout=10000)
+    assert admin_states(router) == {"alpha": "unloaded", "beta": "loaded"}
+    page.screenshot(path=str(shots_dir / "stack-router-models-beta.png"), full_page=True)
+    beta.locator("button[data-action=unload]").click()
+    expect(beta.locator(".badge").first).to_have_text("unloaded", timeout=30000)
+    expect(beta.locator("button[data-action=load]")).to_be_enabled()
+    assert admin_states(router) == {"alpha": "unloaded", "beta": "unloaded"}
+    page.click("#nav a[data-view=overview]")
+    expect(page.locator("#ov-loaded li")).to_have_text(["none"], timeout=5000)
+    assert page.evaluate("window.__samePage") is True
+
+
+def test_router_mode_a_curl_load_shows_live_in_an_open_page(router, open_page):
+    page, rec = open_page()
+    allow_pending(rec)
+    sign_in(page, rec, router.base_url, router.admin_key)
+    page.click("#nav a[data-view=models]")
+    alpha = model_row(page, "alpha")
+    expect(alpha.locator(".badge").first).to_be_visible()
+    if alpha.locator(".badge").first.inner_text() == "loaded":    # run on its own: make room
+        status, body = http(router.base_url + "/admin/models/unload", method="POST",
+                            body={"model": "alpha"},
+                            headers={"Authorization": f"Bearer {router.admin_key}"})
+        assert status == 200, body
+        expect(alpha.locator(".badge").first).to_have_text("unloaded", timeout=30000)
+    page.evaluate("window.__samePage = true")
+    curl = shutil.which("curl")
+    payload = json.dumps({"model": "alpha"})
+    if curl:
+        done = subprocess.run([curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+                               "-H", f"Authorization: Bearer {router.admin_key}", "-H",
+                               "Content-Type: application/json", "-d", payload,
+                               router.base_url + "/admin/models/load"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.stdout == "200", done
+    else:                      # no curl on this machine: the same request from Python
+        status, body = http(router.base_url + "/admin/models/load", method="POST",
+                            body={"model": "alpha"},
+                            headers={"Authorization": f"Bearer {router.admin_key}"})
+        assert status == 200, body
+    expect(alpha.locator(".badge").first).to_have_text("loaded", timeout=30000)
+    expect(alpha.locator("button[data-action=unload]")).to_be_visible()
+    assert page.evaluate("window.__samePage") is True
+    page.click("#nav a[data-view=overview]")
+    expect(page.locator("#ov-loaded li")).to_have_text(["alpha"], timeout=5000)
