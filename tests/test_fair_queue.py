@@ -1,6 +1,6 @@
 """llamagw/limits/fairqueue.py: the pure fair queue (fewest in flight first, round-robin among
-equals, FIFO within a key, removal, bound) and FairBackendSlots, checked against the semantics of
-ratelimit.BackendSlots (the same scenarios as tests/test_ratelimit.py) plus fairness."""
+equals, FIFO within a key, removal, bound) and FairBackendSlots, the gateway's slots to
+llama-server: bounded queue, timeouts, cancellation that never leaks a slot, close, plus fairness."""
 
 from __future__ import annotations
 

@@ -113,7 +113,10 @@ def test_errors_reach_the_client_as_response_errors(stack, client, model):
         client.chat(model="not-served:7b", messages=[{"role": "user", "content": "Hi"}])
     assert err.value.status_code == 404 and "not-served:7b" in err.value.error
     with pytest.raises(ollama.ResponseError) as err:
-        client.pull(model)
+        client.pull(model)                  # pulling takes an admin key (and router mode)
+    assert err.value.status_code == 403 and "admin" in err.value.error
+    with pytest.raises(ollama.ResponseError) as err:
+        client.push(model)                  # the container's models are never pushed
     assert err.value.status_code == 501
 
 

@@ -14,20 +14,14 @@ recently, goes next; and it goes next at once whenever it has fewer requests run
 Keys waiting are at most min(max_size, keys in the key file). Total waiters are bounded by
 max_size (push refuses past it); counts exist only for keys with a request in flight or waiting.
 
-FairBackendSlots is the asyncio face, a drop-in for ratelimit.BackendSlots (same constructor,
-`active`, `waiting`, `try_acquire()`, `await acquire(timeout)`, `close()`, slots with an
-idempotent release() that are (async) context managers, the same exceptions and the same
-semantics: a released slot passes straight to the chosen waiter so nobody overtakes the queue; a
-waiter that times out or is cancelled leaves no entry; a slot granted in the same instant as the
-waiter's cancellation is handed on, never leaked; close() turns every waiter and later acquire
-away). The only addition is an optional key_id on try_acquire / acquire: without it every request
-is in one group and the order is exactly BackendSlots' FIFO. To switch the gateway over:
-
-    self.slots = fairqueue.FairBackendSlots(config.max_concurrent_requests,
-                                            config.max_queue_size, errors=ratelimit)
-
-(errors=: the module whose QueueFull / QueueTimeout / SlotsClosed the callers catch), then pass
-key_id=ctx.key_id at the two call sites (try_backend_slot, backend_slot).
+FairBackendSlots is the asyncio face the gateway uses for llama-server's slots (one per model in
+router mode: app.Gateway.new_slots): `active`, `waiting`, `try_acquire(key_id)`,
+`await acquire(timeout, key_id)`, `close()`, slots with an idempotent release() that are (async)
+context managers. A released slot passes straight to the chosen waiter so nobody overtakes the
+queue; a waiter that times out or is cancelled leaves no entry; a slot granted in the same instant
+as the waiter's cancellation is handed on, never leaked; close() turns every waiter and later
+acquire away. Without a key_id every request is in one group: plain FIFO. errors=: the module
+whose QueueFull / QueueTimeout / SlotsClosed the callers catch (limits/ratelimit.py).
 """
 
 from __future__ import annotations

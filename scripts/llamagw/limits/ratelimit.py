@@ -3,8 +3,8 @@
 - RateLimiter: requests per minute per key_id, a token bucket. Pure: the clock is an argument and
   check() tests and consumes in one synchronous call (no await between the check and the use).
 - KeyConcurrency: requests in flight per key_id, answered at once (no waiting).
-- BackendSlots: at most max_concurrent requests at llama-server, a bounded FIFO queue in front of
-  it (at most max_queue waiting, each for at most its timeout). Asyncio, one event loop.
+- QueueFull, QueueTimeout, SlotsClosed: how a wait for llama-server's slots ends without one
+  (the slots themselves: limits/fairqueue.py, fair between keys, FIFO within a key).
 
 Token bucket semantics (what the headers mean):
   The bucket holds `limit` = rpm tokens and refills continuously at rpm/60 tokens per second, so a
@@ -17,8 +17,6 @@ Token bucket semantics (what the headers mean):
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import math
 from collections.abc import Iterable
 
@@ -155,113 +153,3 @@ class QueueTimeout(Exception):
 
 class SlotsClosed(QueueFull):
     """Shutting down: waiters are turned away and no new slot is granted."""
-
-
-class Slot:
-    """A running request at llama-server. release() is idempotent; use it in `finally` or as
-    `async with await slots.acquire(t):`."""
-    __slots__ = ("_owner", "_released")
-
-    def __init__(self, owner: "BackendSlots"):
-        self._owner = owner
-        self._released = False
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._owner._release_one()
-
-    def __enter__(self) -> "Slot":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    async def __aenter__(self) -> "Slot":
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.release()
-
-
-class BackendSlots:
-    """Global limit to llama-server with a bounded FIFO wait queue.
-
-    A released slot passes straight to the oldest waiter (active stays the same), so a newcomer
-    cannot overtake the queue. A waiter that is cancelled or times out removes its entry; if the
-    slot was granted in the same instant (granted, but the task was cancelled before it resumed)
-    the waiter hands that slot on instead of keeping it, so nothing leaks."""
-
-    def __init__(self, max_concurrent: int, max_queue: int):
-        if max_concurrent < 1 or max_queue < 0:
-            raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
-        self.max_concurrent = max_concurrent
-        self.max_queue = max_queue
-        self._active = 0
-        self._waiters: collections.deque[asyncio.Future] = collections.deque()
-        self._closed = False
-
-    @property
-    def active(self) -> int:
-        return self._active
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    def try_acquire(self) -> Slot | None:
-        """A slot now if one is free and nobody waits (no await: the common case costs no
-        coroutine); None otherwise. Raises SlotsClosed at shutdown."""
-        if self._closed:
-            raise SlotsClosed("shutting down")
-        if self._active < self.max_concurrent and not self._waiters:
-            self._active += 1
-            return Slot(self)
-        return None
-
-    async def acquire(self, timeout: float) -> Slot:
-        """A slot now, or after waiting in line at most `timeout` seconds.
-        Raises QueueFull (queue full, or SlotsClosed at shutdown) or QueueTimeout."""
-        slot = self.try_acquire()
-        if slot is not None:
-            return slot
-        if len(self._waiters) >= self.max_queue:
-            raise QueueFull(f"{self.max_queue} requests already waiting")
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            async with asyncio.timeout(timeout):
-                return await fut
-        except BaseException as exc:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                fut.result().release()  # granted as we were cancelled: hand it on
-            else:
-                fut.cancel()
-                try:
-                    self._waiters.remove(fut)  # O(max_queue), bounded
-                except ValueError:
-                    pass
-            if isinstance(exc, TimeoutError):
-                raise QueueTimeout(f"no backend slot within {timeout:g} s") from None
-            raise
-
-    def _release_one(self) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(Slot(self))  # the slot moves on; active stays the same
-                return
-        self._active = max(0, self._active - 1)
-
-    def close(self) -> None:
-        """Shutdown: turn away every waiter (SlotsClosed) and all later acquires. Running slots
-        stay counted until their holders release them."""
-        self._closed = True
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_exception(SlotsClosed("shutting down"))
