@@ -60,7 +60,7 @@ def check_progress(lines: list[dict], size: int) -> None:
     pulling = [line for line in lines if "completed" in line]
     assert pulling, lines
     done = [line["completed"] for line in pulling]
-    assert done == sorted(done) and done[-1] <= size
+    assert done == sorted(done) and done[-1] == size       # the last bytes said too
     assert all(line["total"] == size and line["digest"].startswith("sha256:")
                for line in pulling)
 
@@ -127,13 +127,15 @@ async def test_the_official_ollama_client_pulls_and_lists(tmp_path):
                                    headers={"Authorization": f"Bearer {ROOT}"}, timeout=30)
 
             def pull_and_list():
+                before = [m.model for m in client.list().models]   # the folder was read...
                 lines = [dict(p) for p in client.pull(f"hf.co/{REPO}:Q4_K_M", stream=True)]
-                return lines, [m.model for m in client.list().models]
+                return lines, before, [m.model for m in client.list().models]
 
-            lines, names = await asyncio.to_thread(pull_and_list)
+            lines, before, names = await asyncio.to_thread(pull_and_list)
+            assert "tiny-Q4_K_M:latest" not in before
             check_progress([{k: v for k, v in line.items() if v is not None} for line in lines],
                            len(DATA))
-            assert "tiny-Q4_K_M:latest" in names
+            assert "tiny-Q4_K_M:latest" in names                   # ...and again after
             # stream=False: one answer
             os.unlink(os.path.join(s.models_dir, FILE))
             r = await asyncio.to_thread(client.pull, f"hf.co/{REPO}:Q4_K_M", stream=False)

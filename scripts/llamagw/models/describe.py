@@ -30,8 +30,9 @@ log = logging.getLogger("gateway")
 
 # A header that failed to read (a file being copied, a broken file) is tried again after this.
 READ_RETRY_S = 60.0
-# MODELS_DIR is scanned again for a name it did not have at most this often (a model added
-# since the boot is served only after a restart anyway: the router's preset is generated then).
+# MODELS_DIR is scanned again for a name it did not have at most this often (a model copied in
+# by hand is served only after a restart anyway: the router's preset is generated then; a pull
+# or a delete calls refresh()).
 RESCAN_INTERVAL_S = 30.0
 
 
@@ -103,6 +104,14 @@ class ModelCatalog:
             return
         self.paths = {name: m.path for name, m in scan.models.items()}
         self.projectors = {name: m.mmproj for name, m in scan.models.items() if m.mmproj}
+
+    async def refresh(self, name: str) -> None:
+        """Router mode: the file of model `name` was added or removed (a pull, a delete): forget
+        what was read of it and scan the folder again now."""
+        self._infos.pop(name, None)
+        self._failed.pop(name, None)
+        if self.models_dir:
+            await self.scan()
 
     async def describe(self, name: str) -> Described | None:
         """The model's description, read once (in a worker thread) and cached; None when its

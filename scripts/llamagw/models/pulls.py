@@ -140,9 +140,11 @@ def _inside(folder: Path, path: Path) -> bool:
 class Pulls:
     def __init__(self, models_dir: str, controller, *, preset_file: str = "",
                  endpoint: str = hub.DEFAULT_ENDPOINT, token: str | None = None,
-                 max_pulls: int = MAX_PULLS, deadline_s: float = PULL_DEADLINE_S):
+                 max_pulls: int = MAX_PULLS, deadline_s: float = PULL_DEADLINE_S,
+                 described=None):
         self.folder = Path(models_dir)
         self.ctl = controller
+        self.described = described              # describe.ModelCatalog: the Ollama listings
         self.preset_file = preset_file
         self.endpoint = endpoint or hub.DEFAULT_ENDPOINT
         self.token = token or None
@@ -169,6 +171,7 @@ class Pulls:
         queue: asyncio.Queue = asyncio.Queue(PROGRESS_QUEUE)
         stop = threading.Event()
         digest = ""
+        reported = -1                       # the last `completed` sent
         job = getter = None
 
         def put(item) -> None:             # on the loop
@@ -206,12 +209,14 @@ class Pulls:
                     digest = f"sha256:{item[1].sha256}" if item[1].sha256 else ""
                     continue
                 _, total, done, status = item
-                if status in (download.STATUS_VERIFYING, download.STATUS_DONE):
+                ending = status in (download.STATUS_VERIFYING, download.STATUS_DONE)
+                if ending and done <= reported:
                     continue                # said once below, in Ollama's order
                 line = {"status": f"pulling {digest[7:19] or 'model'}", "digest": digest,
                         "total": total or 0, "completed": done}
-                if status and status != "downloading":
+                if status and status != "downloading" and not ending:
                     line["status"] = status
+                reported = done             # the last bytes too (progress is rate-limited)
                 yield line
             try:
                 path = job.result()
@@ -226,7 +231,7 @@ class Pulls:
             async with self.edit_lock:
                 await asyncio.to_thread(preset_edit, self.preset_file, name,
                                         str(path.resolve()))
-                await self._reload()
+                await self._reload(name)
             log.info("pull: %s is model %s", spec.shown, name)
             yield {"status": "success"}
         finally:
@@ -237,13 +242,15 @@ class Pulls:
                 job.add_done_callback(lambda f: f.cancelled() or f.exception())
             self.running.discard(key)
 
-    async def _reload(self) -> None:
-        """The router re-reads its sources, then the catalog follows."""
+    async def _reload(self, name: str) -> None:
+        """The router re-reads its sources, then the catalog and the descriptions follow."""
         status, body = await self.ctl.client.request("GET", "/models?reload=1")
         if status != 200:
             raise PullError(502, f"the router did not re-read its models (status {status})",
                             "router_error")
         await self.ctl.resync()
+        if self.described is not None:
+            await self.described.refresh(name)
 
     # ---- delete --------------------------------------------------------------------------------
     async def delete(self, requested) -> str:
@@ -260,7 +267,7 @@ class Pulls:
         async with self.edit_lock:
             await asyncio.to_thread(self._remove_files, name)
             await asyncio.to_thread(preset_edit, self.preset_file, name, None)
-            await self._reload()
+            await self._reload(name)
         log.info("delete: model %s removed", name)
         return name
 

@@ -107,7 +107,8 @@ class ModelService:
         self.pulls = pulls.Pulls(config.models_dir, controller,
                                  preset_file=config.models_preset_file,
                                  endpoint=config.hf_endpoint,
-                                 token=os.environ.get("HF_TOKEN")) if self.router else None
+                                 token=os.environ.get("HF_TOKEN"),
+                                 described=gw.catalog) if self.router else None
         # the one model's name in single-model mode ("" when unknown: llama-server by hand)
         self.single_name = "" if self.router or not gw.catalog.path else gw.catalog.name
         self.default = config.models_default
