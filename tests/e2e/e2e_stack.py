@@ -7,6 +7,7 @@ data/models/demo-tiny-llama.gguf are used (a clear failure if neither exists: ru
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -206,15 +207,24 @@ def make_stack(tmp_path):
         s.kill_all()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """One running stack shared by a module's read-only tests."""
-    s = Stack(tmp_path_factory.mktemp("stack")).start()
+@contextlib.contextmanager
+def serving(s: Stack):
+    """A stack started (or starting) until health 200; at the end it must stop with exit 0 and
+    leave no process behind; killed whatever happens."""
     try:
+        if s.proc is None:
+            s.start()
         s.wait_health(200)
         yield s
         assert s.stop() == 0, s.output()[-4000:]
         assert processes_mentioning(str(s.tmp)) == []
     finally:
         s.kill_all()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """One running stack shared by a module's read-only tests."""
+    with serving(Stack(tmp_path_factory.mktemp("stack"))) as s:
+        yield s
 

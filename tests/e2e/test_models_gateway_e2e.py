@@ -25,7 +25,7 @@ import openai
 import pytest
 
 from e2e_stack import (REPO, Stack, demo_model, make_stack, processes_mentioning,  # noqa: F401
-                       request)
+                       request, serving)
 
 # Per request deadline (the demo model loads and answers in well under a second; a loaded
 # runner is slower).
@@ -60,14 +60,8 @@ def many_models(s: Stack, **env: str) -> Stack:
 
 @pytest.fixture(scope="module")
 def many(tmp_path_factory):
-    s = many_models(Stack(tmp_path_factory.mktemp("many"))).start()
-    try:
-        s.wait_health(200)
+    with serving(many_models(Stack(tmp_path_factory.mktemp("many")))) as s:
         yield s
-        assert s.stop() == 0, s.output()[-4000:]
-        assert processes_mentioning(str(s.tmp)) == []
-    finally:
-        s.kill_all()
 
 
 def sdk(s: Stack, key: str | None = None) -> openai.OpenAI:

@@ -18,7 +18,7 @@ import ollama
 import openai
 import pytest
 
-from e2e_stack import Stack, demo_model, processes_mentioning, request
+from e2e_stack import Stack, demo_model, request, serving
 from fakes.fake_hub import FakeHub
 from test_models_gateway_e2e import add_key, gateway_states, router_states
 
@@ -49,14 +49,8 @@ def pulling(tmp_path_factory):
                       "HF_ENDPOINT": hub.endpoint})
         s.admin = add_key(s, "ops", "--role", "admin")
         s.models_dir, s.hub, s.sha, s.size = models, hub, sha, len(data)
-        s.start()
-        try:
-            s.wait_health(200)
+        with serving(s):
             yield s
-            assert s.stop() == 0, s.output()[-4000:]
-            assert processes_mentioning(str(s.tmp)) == []
-        finally:
-            s.kill_all()
 
 
 def test_pull_serve_and_delete_a_model_on_the_real_router(pulling):
