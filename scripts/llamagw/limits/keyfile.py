@@ -27,9 +27,9 @@ import hashlib
 import logging
 import os
 import secrets
-import tempfile
 from collections.abc import Callable, Mapping
 
+from llamagw.atomicfile import write_atomic
 from llamagw.limits.keys import (_FIELD_SEP_RE, HASHED_PREFIX, KEY_PREFIX, KEY_RANDOM_BYTES,
                                  MAX_KEY_FILE_BYTES, ROLE_USER, SETTINGS, KeyFileError, KeyInfo,
                                  _Entry, _decode, _parse_entries, _read_key_file, _signature,
@@ -104,34 +104,6 @@ def _read_key_file_lenient(path: str) -> tuple[str, tuple]:
         return _decode(data, path), ()
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Temp file in the same directory, mode 600, fsync, rename over, fsync the directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".keys-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename is done
-
-
 def _join(lines: list[str]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
@@ -164,7 +136,7 @@ def _edit(path: str, must_exist: bool,
     if _current_signature(path) != before:
         raise KeyEditError(f"{path}: changed by someone else during the edit; nothing written, "
                            "try again")
-    write_atomic(path, text)
+    write_atomic(path, text, prefix=".keys-", make_dirs=True)
     return result
 
 

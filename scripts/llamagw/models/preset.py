@@ -51,8 +51,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 
+from llamagw.atomicfile import write_atomic
 from llamagw.models.preset_ini import (
     KEY_BY_NAME, KEYS, MAX_ALIASES, MAX_PRESET_BYTES, MAX_VALUE_LEN, REFUSED, KeySpec,
     OperatorPreset, Section, Setting, _check_value, load_preset, parse_preset,
@@ -90,18 +90,7 @@ class Generated:
 
     def write(self, path: str) -> None:
         """Write atomically (a reader never sees half a file), mode 0600."""
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".models-preset.", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.text)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_atomic(path, self.text, prefix=".models-preset.")
 
 
 def _unsafe_path(path: str) -> str | None:

@@ -28,13 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import shutil
 import threading
 import time
 from pathlib import Path
 
+from llamagw.atomicfile import write_atomic
 from llamagw.models import download, fetch, hub, preset_scan
 from llamagw.models.download import DownloadError
 
@@ -122,11 +122,7 @@ def preset_edit(path: str, name: str, model_path: str | None) -> None:
     lines = _sections_without(text, name)
     if model_path is not None:
         lines += ["", f"[{name}]", f"model = {model_path}"]
-    tmp = f"{path}.{os.getpid()}.pull.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "\n".join(lines) + "\n", prefix=".models-preset.")
 
 
 def _inside(folder: Path, path: Path) -> bool:
