@@ -59,21 +59,28 @@ def chat_response(openai: dict, model_name: str, kind: str, started_ns: int,
                                                 fn.get("arguments")))
         except ValueError as e:
             raise OllamaError(502, str(e)) from None
-    out: dict[str, Any] = {"model": model_name, "created_at": rfc3339_ns(now)}
-    if kind == "chat":
-        msg: dict[str, Any] = {"role": "assistant", "content": content}
-        if thinking:
-            msg["thinking"] = thinking
-        if tool_calls:
-            msg["tool_calls"] = tool_calls
-        out["message"] = msg
-    else:
-        out["response"] = content
-        if thinking:
-            out["thinking"] = thinking
+    out = answer_piece(model_name, now, kind, content, thinking)
+    if tool_calls and kind == "chat":    # generate has no tools: they are dropped, as before
+        out["message"]["tool_calls"] = tool_calls
     out["done"] = True
     out["done_reason"] = _done_reason(choice.get("finish_reason"))
     out.update(_metrics(openai.get("usage"), openai.get("timings"), started_ns, now))
+    return out
+
+
+def answer_piece(model_name: str, now_ns: int, kind: str, text: str, thinking: str) -> dict:
+    """The shape of an answer or a streamed piece of one, before "done": chat puts the text in
+    "message" (role, content, thinking), generate in "response" (and "thinking")."""
+    out: dict[str, Any] = {"model": model_name, "created_at": rfc3339_ns(now_ns)}
+    if kind == "chat":
+        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        if thinking:
+            msg["thinking"] = thinking
+        out["message"] = msg
+    else:
+        out["response"] = text
+        if thinking:
+            out["thinking"] = thinking
     return out
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llamagw.api.ollama_common import _error_message, _is_int, dumps, error_body, rfc3339_ns
-from llamagw.api.ollama_responses import _done_reason, _metrics, _ollama_tool_call
+from llamagw.api.ollama_responses import _done_reason, _metrics, _ollama_tool_call, answer_piece
 
 NDJSON_CONTENT_TYPE = "application/x-ndjson"
 
@@ -113,17 +113,7 @@ class ChatStream:
         return out
 
     def _piece(self, text: str, thinking: str) -> dict:
-        obj: dict[str, Any] = {"model": self.model_name,
-                               "created_at": rfc3339_ns(self.clock_ns())}
-        if self.kind == "chat":
-            msg: dict[str, Any] = {"role": "assistant", "content": text}
-            if thinking:
-                msg["thinking"] = thinking
-            obj["message"] = msg
-        else:
-            obj["response"] = text
-            if thinking:
-                obj["thinking"] = thinking
+        obj = answer_piece(self.model_name, self.clock_ns(), self.kind, text, thinking)
         obj["done"] = False
         return obj
 
