@@ -21,6 +21,8 @@ import os
 import socket
 import time
 
+from llamagw.wire.events import _Headers
+
 # Per read / connect deadline in the raw client; the gateway timeouts below are shorter.
 IO_TIMEOUT = 3.0
 # Whole-test deadline (a hang fails the test instead of the suite).
@@ -87,7 +89,9 @@ def chat(**fake) -> dict:
     return body
 
 
-class Resp:
+class Resp(_Headers):
+    """A response as the raw client read it; get() / get_all() as on the parser's messages."""
+
     def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes, raw: bytes,
                  complete: bool, interim: list[int]):
         self.status = status
@@ -96,15 +100,6 @@ class Resp:
         self.raw = raw            # head + body bytes exactly as received
         self.complete = complete  # framing ended properly (CL reached / chunked terminator)
         self.interim = interim    # 1xx statuses seen before this response
-
-    def get(self, name: str) -> str | None:
-        for n, v in self.headers:
-            if n == name:
-                return v
-        return None
-
-    def get_all(self, name: str) -> list[str]:
-        return [v for n, v in self.headers if n == name]
 
     def json(self):
         return json.loads(self.body)
