@@ -20,7 +20,7 @@ import time
 from llamagw import config as config_mod
 from llamagw import errors
 from llamagw.admin.plane import AdminPlane
-from llamagw.api import cors, ollama_handlers, routes
+from llamagw.api import cors, routes
 from llamagw.backend_state import TAKES_REQUESTS, BackendState, State
 from llamagw.errors import GatewayError
 from llamagw.limits import admission, budget, fairqueue, keys, ratelimit
@@ -232,7 +232,7 @@ class Gateway:
             prompt = ctx.prompt_tokens
             completion = ctx.completion_tokens
             # The model: as router mode resolved it (ctx.model), else as llama-server answered.
-            model = getattr(ctx, "model", None) or ctx.answered_model
+            model = ctx.model or ctx.answered_model
             if model is not None and len(model) > usage.MAX_MODEL_CHARS:
                 model = model[:usage.MAX_MODEL_CHARS]
             if self.ledger is not None:
