@@ -1958,11 +1958,17 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def main(argv=None) -> int:
+# Every case, in the order they run: the default of --cases and what it accepts.
+CASES = "abcdefgh"
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    """The options and the cases asked for (each a known case)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench-results")
     p.add_argument("--quick", action="store_true", help="short runs, one round, small case c")
-    p.add_argument("--cases", default="a,b,c,d,e,f,g,h", help="comma-separated subset of a-h")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated subset of {CASES[0]}-{CASES[-1]}")
     p.add_argument("--nice", type=int, default=0,
                    help="run the harness and everything it starts at this niceness (e.g. -10 "
                         "on a machine shared with other work; negative needs root)")
@@ -1970,9 +1976,14 @@ def main(argv=None) -> int:
                    help="run the gateway of cases a, b and c under cProfile (slower; profile only)")
     args = p.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in "abcdef" or len(c) != 1]
+    unknown = [c for c in cases if len(c) != 1 or c not in CASES]
     if unknown:
         p.error(f"unknown case(s): {', '.join(unknown)}")
+    return args, cases
+
+
+def main(argv=None) -> int:
+    args, cases = parse_args(argv)
     nofile = raise_nofile()
     if args.nice:
         try:
@@ -1989,7 +2000,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     errors = {}
     try:
-        for case in "abcdefgh":
+        for case in CASES:
             if case not in cases:
                 continue
             log(f"case {case}")

@@ -290,3 +290,16 @@ def test_case_f_table_shows_both_parts():
     assert "| gateway (drains, unloads, loads, forwards) | 212.6 |" in text
     assert "| gateway's added time (median of per-round differences) | 1.4 ms |" in text
     assert "beta was loaded 40 times" in text and "0.99x." in text
+
+
+def test_every_case_can_be_asked_for_and_runs_by_default():
+    """`make bench` runs every case: the default selection is all of them, each accepted alone,
+    and each has its method on Bench (a case added to the list but not to the check made the
+    default run refuse to start)."""
+    args, cases = run_bench.parse_args([])
+    assert cases == list(run_bench.CASES)
+    for case in run_bench.CASES:
+        assert run_bench.parse_args(["--cases", case])[1] == [case]
+        assert callable(getattr(run_bench.Bench, f"case_{case}"))
+    with pytest.raises(SystemExit):
+        run_bench.parse_args(["--cases", "a,z"])
