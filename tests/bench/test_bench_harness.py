@@ -277,19 +277,61 @@ def test_case_d_report_says_where_llama_server_ran_and_shows_the_unpinned_refere
     assert "llama-server runs on CPU" not in md and "nothing pinned" not in md
 
 
-def test_case_f_table_shows_both_parts():
+def test_case_g_table_shows_both_parts():
     import models_bench
     switch = {"rounds": 20, "gateway_ttft_ms": 212.6, "direct_ttft_ms": 211.5, "ratio": 1.007,
               "added_ms": 1.4}
-    loading = {"rounds": 3, "requests_per_window": 150, "beta_loads": 40,
-               "loading_p99_gateway_vs_direct": 0.99,
+    loading = {"rounds": 20, "requests_per_window": 50, "beta_loads": 40, "instances_aside": 9,
+               "aside_gateway_share": 0.99, "shared_gateway_share": 1.02,
                **{f"{side}_{kind}_p{p}_ms": 1.0 + p for side in ("gateway", "direct")
-                  for kind in ("quiet", "loading") for p in (50, 99)},
-               "gateway_p99_ratio": 1.0, "direct_p99_ratio": 1.0}
+                  for kind in ("quiet", "aside", "shared") for p in (50, 99)},
+               **{f"{side}_{kind}_p99_ratio": 1.0 for side in ("gateway", "direct")
+                  for kind in ("aside", "shared")}}
     text = "\n".join(models_bench.markdown({"switch": switch, "loading": loading}))
     assert "| gateway (drains, unloads, loads, forwards) | 212.6 |" in text
     assert "| gateway's added time (median of per-round differences) | 1.4 ms |" in text
-    assert "beta was loaded 40 times" in text and "0.99x." in text
+    assert "beta was loaded 40 times" in text and "(9 of its instances put aside)" in text
+    assert "0.99x (load aside), 1.02x (same CPU)" in text
+    assert text.count("| 51.0 | 100.0 | 51.0 | 100.0 |") == 3      # quiet, aside, same CPU
+
+
+def test_loads_aside_moves_new_children_to_the_idle_class_only_while_active():
+    """Case g's watcher: a child the parent starts after the kept one goes to SCHED_IDLE (all
+    its threads) while the watcher is active; the kept child and the parent keep their class."""
+    import models_bench
+    code = ("import subprocess, sys, time\n"
+            "kids = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])]\n"
+            "print(kids[0].pid, flush=True)\n"
+            "sys.stdin.readline()\n"
+            "kids.append(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']))\n"
+            "print(kids[1].pid, flush=True)\n"
+            "sys.stdin.readline()\n"
+            "[k.kill() for k in kids]\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        kept = int(parent.stdout.readline())
+        with models_bench.LoadsAside(parent.pid, {kept}) as watcher:
+            assert watcher.children() == {kept}
+            parent.stdin.write("\n")
+            parent.stdin.flush()
+            new = int(parent.stdout.readline())
+            time.sleep(0.1)
+            assert os.sched_getscheduler(new) != os.SCHED_IDLE       # not active yet
+            watcher.active = True
+            deadline = time.monotonic() + 5
+            while os.sched_getscheduler(new) != os.SCHED_IDLE and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert os.sched_getscheduler(new) == os.SCHED_IDLE
+            assert watcher.moved == {new}
+            assert os.sched_getscheduler(kept) == os.SCHED_OTHER
+            assert os.sched_getscheduler(parent.pid) == os.SCHED_OTHER
+        parent.stdin.write("\n")
+        parent.stdin.flush()
+        assert parent.wait(10) == 0
+    finally:
+        parent.kill()
+        parent.wait()
 
 
 def test_every_case_can_be_asked_for_and_runs_by_default():
