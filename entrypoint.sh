@@ -88,7 +88,10 @@ PYTHON="${PYTHON:-python3}"
 HEALTH_START_TIMEOUT_MS=10000   # python starts and binds in ~0.1 s; 10 s means it is broken
 GATEWAY_START_TIMEOUT_MS=30000  # the gateway binds its port within ~0.2 s of starting
 HELPER_STOP_TIMEOUT_MS=3000     # the health server exits on TERM at once
-LOAD_POLL_INTERVAL=0.2          # s between llama-server /health polls while it loads
+LOAD_POLL_INTERVAL_MS=200       # between llama-server /health polls while it loads (at most)
+POLL_FIRST_MS=10                # the first wait of a poll for something that is starting: the
+                                # waits then grow by half up to the poll's own interval, so a
+                                # fast start is seen within ~10 ms and a slow one costs few polls
 LOAD_POLL_TIMEOUT=2             # s per /health poll: loopback; the reply is tiny
 PORT_CHECK_TIMEOUT=1            # s per TCP connect check on loopback
 STOP_POLL_INTERVAL=0.05         # s between "has it exited yet" checks while stopping
@@ -118,6 +121,13 @@ nap() {  # sleep that a trapped signal interrupts
   sleep "$1" &
   local p=$!
   if ! wait "$p"; then kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; fi
+}
+
+POLL_WAIT_MS=0
+poll_nap() {  # poll_nap MAX_MS: the next wait of a poll (POLL_WAIT_MS, 0 at a poll's start)
+  POLL_WAIT_MS=$(( POLL_WAIT_MS ? POLL_WAIT_MS * 3 / 2 : POLL_FIRST_MS ))
+  if (( POLL_WAIT_MS > $1 )); then POLL_WAIT_MS=$1; fi
+  nap "$(ms_to_s "$POLL_WAIT_MS")"
 }
 
 int_var() {  # int_var NAME DEFAULT MIN MAX: validate ${NAME:-DEFAULT} into NAME
@@ -195,7 +205,7 @@ PY
 }
 
 # ---- process bookkeeping ------------------------------------------------------------------------
-HEALTH_PID="" GATEWAY_PID="" LLAMA_PID="" BOOT_TEE_PID="" STATE="" STOP_REQUESTED=""
+HEALTH_PID="" GATEWAY_PID="" LLAMA_PID="" FETCH_PID="" BOOT_TEE_PID="" STATE="" STOP_REQUESTED=""
 LAST_EXIT=0
 
 reap() {  # reap PID: collect the exit status of a dead child into LAST_EXIT
@@ -238,6 +248,9 @@ finish() {  # finish CODE: last words, then exit with no child left behind
   LLAMA_PID=""
   # Only a socket our llama-server made: a path we never used may be someone else's.
   if [[ -n $SOCKET_OURS && -S $BACKEND_SOCKET ]]; then rm -f "$BACKEND_SOCKET"; fi
+  # a model download: its partial file is kept, the next boot resumes it
+  stop_pid "$FETCH_PID" "model download" "$HELPER_STOP_TIMEOUT_MS"
+  FETCH_PID=""
   stop_pid "$HEALTH_PID" "health server" "$HELPER_STOP_TIMEOUT_MS"
   HEALTH_PID=""
   if [[ -n ${RUN_DIR:-} && -d ${RUN_DIR:-} ]]; then
@@ -602,6 +615,7 @@ check_helpers() {
 wait_port() {  # wait_port PID NAME PORT TIMEOUT_MS: 0 accepting, 1 process died or timed out
   local pid=$1 name=$2 port=$3 timeout_ms=$4
   now_ms; local deadline=$(( NOW_MS + timeout_ms ))
+  POLL_WAIT_MS=0
   until port_open "$LOCAL_ADDR" "$port"; do
     if ! kill -0 "$pid" 2>/dev/null; then return 1; fi
     now_ms
@@ -610,7 +624,7 @@ wait_port() {  # wait_port PID NAME PORT TIMEOUT_MS: 0 accepting, 1 process died
       return 1
     fi
     check_stop
-    nap 0.05
+    poll_nap 50
   done
 }
 
@@ -644,6 +658,7 @@ LOAD_FAILURE=""
 wait_llama_ready() {  # 0 ready; 1 failed (LOAD_FAILURE says why)
   LOAD_FAILURE=""
   now_ms; local deadline=$(( NOW_MS + MODEL_LOAD_TIMEOUT_MS )) code
+  POLL_WAIT_MS=0
   while :; do
     check_stop
     check_helpers
@@ -666,6 +681,8 @@ wait_llama_ready() {  # 0 ready; 1 failed (LOAD_FAILURE says why)
         return 1
       fi
       code="200, preload: $ROUTER_STATES"
+      # each check is a Python start: not more often than every 0.1 s while models load
+      if (( POLL_WAIT_MS < 100 )); then POLL_WAIT_MS=100; fi
     fi
     now_ms
     if (( NOW_MS >= deadline )); then
@@ -673,7 +690,7 @@ wait_llama_ready() {  # 0 ready; 1 failed (LOAD_FAILURE says why)
       stop_pid "$LLAMA_PID" llama-server "$LLAMA_STOP_TIMEOUT_MS"; LLAMA_PID=""
       return 1
     fi
-    nap "$LOAD_POLL_INTERVAL"
+    poll_nap "$LOAD_POLL_INTERVAL_MS"
   done
 }
 
@@ -719,14 +736,15 @@ fetch_models() {  # download FETCH_SPECS into FETCH_DIR, then set MODEL or gener
   log INFO "downloading $FETCH_SHOWN into $FETCH_DIR (health 204 meanwhile)"
   "$PYTHON" "$SCRIPTS/fetch_model.py" --dir "$FETCH_DIR" "${FETCH_ARGS[@]}" "$FETCH_SPECS" \
     > "$out" 3>&- &
-  pid=$!
+  pid=$! FETCH_PID=$!
+  health_up  # the health server started just before: its start and the download's overlap
   while :; do  # until the download ends; a signal or the health server's exit wakes us
     which="" rc=0
     wait -n -p which "$pid" ${HEALTH_PID:+"$HEALTH_PID"} 2>/dev/null || rc=$?
     which=${which:-}  # wait -p leaves it unset when a signal cut the wait short
     if [[ $which == "$pid" ]]; then break; fi
     if [[ -n $STOP_REQUESTED ]]; then  # the partial download is kept: the next boot resumes it
-      stop_pid "$pid" "model download" "$HELPER_STOP_TIMEOUT_MS"
+      stop_pid "$pid" "model download" "$HELPER_STOP_TIMEOUT_MS"; FETCH_PID=""
       check_stop
     fi
     if [[ -n $which ]]; then  # the health server (wait consumed its status): as in supervise
@@ -738,6 +756,7 @@ fetch_models() {  # download FETCH_SPECS into FETCH_DIR, then set MODEL or gener
       break
     fi
   done
+  FETCH_PID=""
   check_stop
   if (( rc != 0 )); then
     set_state failed
@@ -763,17 +782,21 @@ fetch_models() {  # download FETCH_SPECS into FETCH_DIR, then set MODEL or gener
 # ---- end of models by URL -----------------------------------------------------------------------
 
 # ---- boot ---------------------------------------------------------------------------------------
+health_up() {  # the health server accepts (started by start_health), or exit
+  if ! wait_port "$HEALTH_PID" "health server" "$PORT_HEALTH" "$HEALTH_START_TIMEOUT_MS"; then
+    check_stop
+    if ! kill -0 "$HEALTH_PID" 2>/dev/null; then
+      reap "$HEALTH_PID"; HEALTH_PID=""
+      fatal "$(( LAST_EXIT == 2 ? 2 : 1 ))" "health server did not start ($(describe_exit "$LAST_EXIT"))"
+    fi
+    fatal 1 "health server not accepting on port $PORT_HEALTH"
+  fi
+  log INFO "health server up (pid $HEALTH_PID) on $HOST:$PORT_HEALTH: 204 while starting"
+}
+
 set_state starting
 start_health
-if ! wait_port "$HEALTH_PID" "health server" "$PORT_HEALTH" "$HEALTH_START_TIMEOUT_MS"; then
-  check_stop
-  if ! kill -0 "$HEALTH_PID" 2>/dev/null; then
-    reap "$HEALTH_PID"; HEALTH_PID=""
-    fatal "$(( LAST_EXIT == 2 ? 2 : 1 ))" "health server did not start ($(describe_exit "$LAST_EXIT"))"
-  fi
-  fatal 1 "health server not accepting on port $PORT_HEALTH"
-fi
-log INFO "health server up (pid $HEALTH_PID) on $HOST:$PORT_HEALTH: 204 while starting"
+if [[ -z $FETCH_SPECS ]]; then health_up; fi  # else fetch_models, once the download runs
 fetch_models  # models by URL (issue 30): before the gateway, which reads the model settings
 start_gateway
 
