@@ -389,8 +389,15 @@ elif [[ -n ${MODEL_SHA256:-} ]]; then
 fi
 secs_var DOWNLOAD_FAIL_HOLD 10 0
 if [[ -n $FETCH_SPECS ]]; then
+  # The download starts now and the check runs beside it (two Python starts at once: the boot
+  # is shorter by one). A bad spec: the check says why and we exit 2 before anything else
+  # starts; the download (--checked) exits 2 without saying it again, or is stopped by finish.
+  "$PYTHON" "$SCRIPTS/fetch_model.py" --checked --dir "$FETCH_DIR" "${FETCH_ARGS[@]}" \
+    "$FETCH_SPECS" > "$RUN_DIR/fetched-models" 3>&- &
+  FETCH_PID=$!
   FETCH_SHOWN=$("$PYTHON" "$SCRIPTS/fetch_model.py" --check "${FETCH_ARGS[@]}" "$FETCH_SPECS") \
     || fatal 2 "MODEL_URL / MODELS_URLS / MODEL_SHA256 invalid (see above)"
+  log INFO "downloading $FETCH_SHOWN into $FETCH_DIR (health 204 meanwhile)"
 fi
 # ---- end of models by URL -----------------------------------------------------------------------
 
@@ -730,13 +737,9 @@ supervise() {  # returns when llama-server dies; LOAD_FAILURE says why
 }
 
 # ---- models by URL (issue 30): downloaded while the health server answers 204 --------------------
-fetch_models() {  # download FETCH_SPECS into FETCH_DIR, then set MODEL or generate the preset
+fetch_models() {  # the download (started with the check) ends: set MODEL or generate the preset
   [[ -n $FETCH_SPECS ]] || return 0
-  local out="$RUN_DIR/fetched-models" rc pid which
-  log INFO "downloading $FETCH_SHOWN into $FETCH_DIR (health 204 meanwhile)"
-  "$PYTHON" "$SCRIPTS/fetch_model.py" --dir "$FETCH_DIR" "${FETCH_ARGS[@]}" "$FETCH_SPECS" \
-    > "$out" 3>&- &
-  pid=$! FETCH_PID=$!
+  local out="$RUN_DIR/fetched-models" rc pid=$FETCH_PID which
   health_up  # the health server started just before: its start and the download's overlap
   while :; do  # until the download ends; a signal or the health server's exit wakes us
     which="" rc=0
@@ -795,14 +798,18 @@ health_up() {  # the health server accepts (started by start_health), or exit
 }
 
 set_state starting
-start_health
-if [[ -z $FETCH_SPECS ]]; then health_up; fi  # else fetch_models, once the download runs
-fetch_models  # models by URL (issue 30): before the gateway, which reads the model settings
+start_health  # the three start at once; health_up waits for the first once the others run
+HEALTH_PENDING=1
+if [[ -n $FETCH_SPECS ]]; then
+  fetch_models  # models by URL (issue 30): before the gateway, which reads the model settings
+  HEALTH_PENDING=""  # fetch_models waited for it
+fi
 start_gateway
 
 while :; do
   check_stop
   start_llama
+  if [[ -n $HEALTH_PENDING ]]; then health_up; HEALTH_PENDING=""; fi
   if wait_llama_ready; then
     log INFO "llama-server ready (pid $LLAMA_PID)"
     wait_gateway

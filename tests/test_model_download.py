@@ -439,6 +439,11 @@ def test_cli_exit_codes_and_check(h, tmp_path):
     assert proc.returncode == 2 and "single SPEC" in proc.stderr
     proc = run_cli("--check", "--one", "https://a/dl?x=1,2#name=m.gguf")
     assert (proc.returncode, proc.stdout) == (0, "https://a/dl\n")
+    # --checked: a --check beside it reports a malformed spec; this one exits 2 quietly
+    proc = run_cli("--checked", "--dir", str(tmp_path), "hf://a/b")
+    assert (proc.returncode, proc.stderr) == (2, "")
+    proc = run_cli("--dir", str(tmp_path), "hf://a/b")
+    assert proc.returncode == 2 and "needs a QUANT" in proc.stderr
     proc = run_cli("--dir", str(tmp_path), "hf://acme/m-GGUF:gguf", env=env)
     assert proc.returncode == 2 and "3 .gguf files hold" not in proc.stderr \
         and "2 .gguf files hold 'gguf'" in proc.stderr

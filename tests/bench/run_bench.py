@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """`make bench`: the gateway against the upstream it fronts, called directly, as ratios.
 
-    python3 tests/bench/run_bench.py --out bench-results [--quick] [--cases a,b,c,d,e,f] [--profile]
+    python3 tests/bench/run_bench.py --out bench-results [--quick] [--cases a,b,...] [--profile]
 
-The cases (a-f), the method, the C tools, the nginx and bare-relay references and how to read the
+The cases (a-i), the method, the C tools, the nginx and bare-relay references and how to read the
 figures are in tests/bench/README.md, the one copy. Writes OUT/bench.md (the tables) and
 OUT/bench.json (all figures, per round), plus the logs of the processes it started; with
 --profile, OUT/profile-<case>.txt holds the top functions. Every child is killed at the end, even
@@ -1589,6 +1589,11 @@ http {{
         import models_bench
         models_bench.case_g(self, sys.modules[__name__])
 
+    def case_i(self) -> None:
+        """Cold start with a model download (issue 30): tests/bench/coldstart.py."""
+        import coldstart
+        coldstart.case_i(self, sys.modules[__name__])
+
     # ---- profiling ----
     def stop_gateway(self, gw: Child, prof: Path | None, case: str) -> None:
         code = gw.stop(timeout=STOP_TIMEOUT)
@@ -1922,6 +1927,9 @@ http {{
         if "g" in self.results:
             import models_bench
             L += models_bench.markdown(self.results["g"])
+        if "i" in self.results:
+            import coldstart
+            L += coldstart.markdown(self.results["i"])
         odd = {name: {k: v for k, v in c.items() if not k.startswith("200 ok")}
                for name, c in self.outcomes.items()}
         odd = {name: c for name, c in odd.items() if c}
@@ -1959,7 +1967,7 @@ def log(msg: str) -> None:
 
 
 # Every case, in the order they run: the default of --cases and what it accepts.
-CASES = "abcdefgh"
+CASES = "abcdefghi"
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
