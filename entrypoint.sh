@@ -367,7 +367,13 @@ case $HOST in  # where to reach our own listeners
 esac
 
 # ---- models by URL (issue 30): checked here, downloaded at boot by fetch_models ----------------
-FETCH_SPECS="" FETCH_DIR="" FETCH_SHOWN="" FETCH_ARGS=()
+fetched_model() {  # fetched_model PATH: the single model a MODEL_URL download puts at PATH
+  MODEL=$1
+  export MODEL_NAME="${MODEL_NAME:-$(basename "$MODEL")}"
+  export MODEL_PATH="$MODEL"
+  MODEL_ALIAS="${MODEL_ALIAS:-$(basename "$MODEL" .gguf)}"
+}
+FETCH_SPECS="" FETCH_DIR="" FETCH_SHOWN="" FETCH_NAME="" FETCH_ARGS=()
 if [[ -n ${MODELS_URLS:-} ]]; then
   if [[ -z ${MODELS_DIR:-} ]]; then fatal 2 "MODELS_URLS needs MODELS_DIR (router mode)"; fi
   FETCH_SPECS=$MODELS_URLS FETCH_DIR=$MODELS_DIR
@@ -395,8 +401,12 @@ if [[ -n $FETCH_SPECS ]]; then
   "$PYTHON" "$SCRIPTS/fetch_model.py" --checked --dir "$FETCH_DIR" "${FETCH_ARGS[@]}" \
     "$FETCH_SPECS" > "$RUN_DIR/fetched-models" 3>&- &
   FETCH_PID=$!
+  # It prints the specs fit for the log, then the local file names known without the network.
   FETCH_SHOWN=$("$PYTHON" "$SCRIPTS/fetch_model.py" --check "${FETCH_ARGS[@]}" "$FETCH_SPECS") \
     || fatal 2 "MODEL_URL / MODELS_URLS / MODEL_SHA256 invalid (see above)"
+  if [[ $FETCH_SHOWN == *$'\n'* ]]; then  # ($(...) drops an empty last line)
+    FETCH_NAME=${FETCH_SHOWN#*$'\n'} FETCH_SHOWN=${FETCH_SHOWN%%$'\n'*}
+  fi
   log INFO "downloading $FETCH_SHOWN into $FETCH_DIR (health 204 meanwhile)"
 fi
 # ---- end of models by URL -----------------------------------------------------------------------
@@ -454,6 +464,9 @@ if [[ -n ${MODELS_DIR:-} ]]; then
 # The model: checked before anything starts (a MODEL_URL one: once downloaded, fetch_models).
 elif [[ -n $FETCH_SPECS ]]; then
   MODEL="$FETCH_SHOWN (downloaded at boot into $FETCH_DIR)"
+  if [[ -n $FETCH_NAME ]]; then  # known: the gateway starts during the download (boot block)
+    fetched_model "$FETCH_DIR/$FETCH_NAME"
+  fi
 elif [[ -n ${MODEL_PATH:-} ]]; then
   MODEL=$MODEL_PATH
   WHAT="MODEL_PATH=$MODEL_PATH"
@@ -773,11 +786,15 @@ fetch_models() {  # the download (started with the check) ends: set MODEL or gen
     router_preset
     log INFO "models downloaded; router mode: $MODEL"
   else
-    MODEL=$(head -n 1 "$out")
-    [[ -f $MODEL && -r $MODEL ]] || fatal 1 "the downloaded model is not readable: '$MODEL'"
-    export MODEL_NAME="${MODEL_NAME:-$(basename "$MODEL")}"
-    export MODEL_PATH="$MODEL"
-    MODEL_ALIAS="${MODEL_ALIAS:-$(basename "$MODEL" .gguf)}"
+    local got
+    got=$(head -n 1 "$out")
+    [[ -f $got && -r $got ]] || fatal 1 "the downloaded model is not readable: '$got'"
+    if [[ -n $GATEWAY_PID && $got != "$MODEL_PATH" ]]; then  # not where the check said
+      log WARN "the download is $got, not $MODEL_PATH: restarting the gateway"
+      stop_pid "$GATEWAY_PID" gateway "$(( GRACEFUL_TIMEOUT_MS + GATEWAY_KILL_MARGIN_MS ))"
+      GATEWAY_PID=""
+    fi
+    fetched_model "$got"
     log INFO "model ready: $MODEL"
   fi
   rm -f "$out"
@@ -801,10 +818,13 @@ set_state starting
 start_health  # the three start at once; health_up waits for the first once the others run
 HEALTH_PENDING=1
 if [[ -n $FETCH_SPECS ]]; then
-  fetch_models  # models by URL (issue 30): before the gateway, which reads the model settings
+  # The gateway reads the model settings: it starts now when the file name is known, else
+  # once the download is done.
+  if [[ -z $ROUTER_MODE && -n $FETCH_NAME ]]; then start_gateway; fi
+  fetch_models
   HEALTH_PENDING=""  # fetch_models waited for it
 fi
-start_gateway
+if [[ -z $GATEWAY_PID ]]; then start_gateway; fi
 
 while :; do
   check_stop

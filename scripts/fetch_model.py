@@ -16,7 +16,8 @@ and errors go to stderr. Workers sharing DIR download each file once (llamagw/mo
 Exit 0: every model is there, verified; 1: a download failed (network, checksum, disk space,
 deadline); 2: a SPEC names nothing usable (malformed, no such repository or file, no or several
 QUANT matches); 143: SIGTERM (the partial download is kept and resumed next time). --check
-prints the specs as they are logged (no query strings), comma-separated, or exits 2.
+prints the specs as they are logged (no query strings), comma-separated, then a line of their
+local file names where they are known without the network (empty for a QUANT), or exits 2.
 entrypoint.sh starts the download with --checked and a --check beside it: the check reports a
 malformed SPEC, the download exits 2 without a second error line.
 """
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check:
         print(",".join(s.shown for s in specs))
+        print(",".join(s.name or "" for s in specs))
         return 0
     if args.dir is None:
         p.error("--dir is required")

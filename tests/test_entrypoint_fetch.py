@@ -5,6 +5,8 @@ good, and the downloaded file handed to the (fake) llama-server."""
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
 import os
 import signal
 import time
@@ -101,6 +103,37 @@ def test_model_path_says_where_a_plain_url_goes(stack, hub, tmp_path):
     assert s.stop() == 0
 
 
+def test_a_named_file_has_the_gateway_start_during_the_download(stack, hub):
+    """When the spec names the file (no hub lookup needed), the gateway starts beside the
+    download instead of after it: it answers 503 backend_starting meanwhile, then serves."""
+    hub.add("acme/tiny-GGUF", "tiny-Q4_K_M.gguf", MODEL)
+    hub.rate = RATE
+    s = url_stack(stack, hub, MODEL_URL="hf://acme/tiny-GGUF/tiny-Q4_K_M.gguf").start()
+    model = s.data / "models" / "tiny-Q4_K_M.gguf"
+    partial = s.data / "models" / ".tiny-Q4_K_M.gguf.partial"
+    answered = None
+    end = time.monotonic() + BOOT_DEADLINE
+    while not model.exists() and time.monotonic() < end:
+        if partial.exists() and (s.run_dir / "gateway.pid").exists():
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=2)
+                conn.request("GET", "/v1/models")
+                resp = conn.getresponse()
+                if not model.exists():
+                    answered = (resp.status, json.loads(resp.read())["error"]["code"])
+                    break
+            except ConnectionRefusedError:
+                pass                                       # still starting
+        time.sleep(0.02)
+    assert answered == (503, "backend_starting")
+    s.wait_health(200)
+    args = llama_args(s)
+    assert args[args.index("-m") + 1] == str(model)
+    assert args[args.index("--alias") + 1] == "tiny-Q4_K_M"
+    assert "restarting the gateway" not in s.output()
+    assert s.stop() == 0
+
+
 def test_a_failed_download_answers_503_then_exits_1(stack, hub):
     hub.add("acme/tiny-GGUF", "tiny-Q4_K_M.gguf", MODEL)
     hub.faults = ["wrong"]                                 # the CDN sends the wrong bytes
@@ -154,7 +187,8 @@ def test_sigterm_during_the_download_exits_0_and_keeps_the_partial_file(stack, h
     end = time.monotonic() + BOOT_DEADLINE
     while not (partial.exists() and partial.stat().st_size) and time.monotonic() < end:
         time.sleep(0.05)
-    # the health server dies meanwhile: restarted at once, the download goes on
+    # the health server, once up, dies meanwhile: restarted at once, the download goes on
+    s.wait_health(204, deadline=5)
     hs = s.pid_of("health_server")
     os.kill(hs, signal.SIGKILL)
     s.wait_health(204, deadline=5)

@@ -432,13 +432,17 @@ def test_two_workers_on_one_folder_download_once(h, tmp_path):
 def test_cli_exit_codes_and_check(h, tmp_path):
     env = {"HF_ENDPOINT": h.endpoint, "HF_TOKEN": TOKEN}
     proc = run_cli("--check", "https://host/m.gguf?sig=secret, hf://a/b:Q4")
-    assert (proc.returncode, proc.stdout) == (0, "https://host/m.gguf,hf://a/b:Q4\n")
+    assert (proc.returncode, proc.stdout) == (0, "https://host/m.gguf,hf://a/b:Q4\nm.gguf,\n")
     proc = run_cli("--check", "hf://a/b")
     assert proc.returncode == 2 and "needs a QUANT" in proc.stderr
     proc = run_cli("--check", "--sha256", "0" * 64, "https://a/m.gguf,https://b/n.gguf")
     assert proc.returncode == 2 and "single SPEC" in proc.stderr
     proc = run_cli("--check", "--one", "https://a/dl?x=1,2#name=m.gguf")
-    assert (proc.returncode, proc.stdout) == (0, "https://a/dl\n")
+    assert (proc.returncode, proc.stdout) == (0, "https://a/dl\nm.gguf\n")
+    proc = run_cli("--check", "--one", "--name", "mine.gguf", "hf://a/b/sub/q.gguf")
+    assert (proc.returncode, proc.stdout) == (0, "hf://a/b/sub/q.gguf\nmine.gguf\n")
+    proc = run_cli("--check", "--one", "hf://a/b/sub/q.gguf")
+    assert (proc.returncode, proc.stdout) == (0, "hf://a/b/sub/q.gguf\nq.gguf\n")
     # --checked: a --check beside it reports a malformed spec; this one exits 2 quietly
     proc = run_cli("--checked", "--dir", str(tmp_path), "hf://a/b")
     assert (proc.returncode, proc.stderr) == (2, "")

@@ -34,6 +34,8 @@ READ_RETRY_S = 60.0
 # by hand is served only after a restart anyway: the router's preset is generated then; a pull
 # or a delete calls refresh()).
 RESCAN_INTERVAL_S = 30.0
+# How often the gateway looks for the single model's file while a download at boot brings it.
+MODEL_FILE_WAIT_S = 0.5
 
 
 class Described:
@@ -91,6 +93,10 @@ class ModelCatalog:
             return
         if not self.path:
             return
+        # entrypoint.sh starts the gateway while a MODEL_URL download runs when it knows the
+        # file's name: the file appears, whole (renamed into place), when the download is done
+        while not await asyncio.to_thread(os.path.exists, self.path):
+            await asyncio.sleep(MODEL_FILE_WAIT_S)
         info = await self.describe(self.name)
         if info is not None:
             await self._hash(self.name)
