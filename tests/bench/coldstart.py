@@ -190,14 +190,16 @@ def case_i(bench, rb) -> None:
         rb.log(f"  i {label}: stack {out[label]['median']['stack']:.3f} s, ratio "
                f"{out[label]['ratio']:.3f}")
     bench.results["i"] = out
-    for label, what in (("paced", f"CDN at {PACED_RATE / 1e6:g} MB/s (a real model's "
-                                  f"download:load proportion)"),
-                        ("unpaced", "CDN unpaced (loopback)")):
-        r = out[label]
-        bench.target("i", f"cold start with a download, {what}: boot to health 200 within "
-                          f"{TARGET}x of the download alone plus llama-server's start",
-                     f"{r['ratio']:.2f}x (boot's own {r['boot_own_s'] * 1000:.0f} ms)",
-                     r["ratio"] <= TARGET)
+    r = out["paced"]
+    bench.target("i", f"cold start with a download (CDN at {PACED_RATE / 1e6:g} MB/s: a real "
+                      f"model's download:load proportion): boot to health 200 within {TARGET}x "
+                      f"of the download alone plus llama-server's start",
+                 f"{r['ratio']:.2f}x (boot's own {r['boot_own_s'] * 1000:.0f} ms)",
+                 r["ratio"] <= TARGET)
+    r = out["unpaced"]
+    bench.target("i", "the same, CDN unpaced (reference: the 0.2 s of a 5 MB model over "
+                      "loopback is shorter than the boot's own fixed time)",
+                 f"{r['ratio']:.2f}x (boot's own {r['boot_own_s'] * 1000:.0f} ms)", None)
 
 
 def markdown(f: dict) -> list[str]:

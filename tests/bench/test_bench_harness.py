@@ -345,3 +345,21 @@ def test_every_case_can_be_asked_for_and_runs_by_default():
         assert callable(getattr(run_bench.Bench, f"case_{case}"))
     with pytest.raises(SystemExit):
         run_bench.parse_args(["--cases", "a,z"])
+
+
+def test_case_i_figures_and_table():
+    """Case (i): medians per part, the ratio stack / (download + llama), the boot's own time."""
+    import coldstart
+    figures = {"download": [0.10, 0.12, 0.11], "llama": [0.09, 0.08, 0.09],
+               "stack": [0.40, 0.30, 0.33], "local": [0.2, 0.2, 0.21]}
+    s = coldstart.summary(figures)
+    assert s["median"] == {"download": 0.11, "llama": 0.09, "stack": 0.33, "local": 0.2}
+    assert s["ratio"] == pytest.approx(0.33 / 0.20)
+    assert s["boot_own_s"] == pytest.approx(0.13)
+    assert s["download_path_s"] == pytest.approx(0.13)
+    paced = coldstart.summary({k: [v * 10 for v in vs] for k, vs in figures.items()})
+    text = "\n".join(coldstart.markdown({"model_mb": 5.0, "paced_rate": 5e6,
+                                         "unpaced": s, "paced": paced}))
+    assert "| stack / (download + llama) | 1.65x | 1.65x |" in text
+    assert "| the boot's own time (stack - download - llama) | 130 ms | 1300 ms |" in text
+    assert "| seconds | CDN unpaced | CDN at 5 MB/s |" in text
