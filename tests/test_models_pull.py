@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 
 import ollama
 
@@ -114,6 +115,46 @@ async def test_pull_streams_progress_then_the_model_is_listed_and_delete_removes
             assert r.status == 404 and "error" in r.json()
             assert (await s.one(post("/admin/models/delete", {"model": "../x"},
                                      key=ROOT))).status == 404
+
+
+@aio
+async def test_a_client_that_leaves_mid_pull_leaves_a_partial_the_next_pull_resumes(tmp_path):
+    """The pull's client goes away after some progress: the download stops (its place among the
+    pulls freed), the partial file stays, and the next pull asks the CDN only for the rest."""
+    DATA = tiny_gguf(tmp_path)
+    with FakeHub() as hub:
+        hub.add(REPO, FILE, DATA)
+        hub.rate = 100_000                                 # ~2.6 s for the file
+        async with PullStack(tmp_path, hub) as s:
+            partial = os.path.join(s.models_dir, f".{FILE}.partial")
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+            writer.write(post("/api/pull", {"model": f"hf.co/{REPO}:Q4_K_M"}, key=ROOT))
+            await writer.drain()
+            seen = b""
+            while b'"completed":' not in seen.partition(b"\r\n\r\n")[2] \
+                    or not os.path.exists(partial) or os.path.getsize(partial) < 50_000:
+                piece = await asyncio.wait_for(reader.read(4096), 10)
+                assert piece, seen
+                seen += piece
+            writer.close()                                 # the client leaves
+            await writer.wait_closed()
+
+            last, deadline = -1, time.monotonic() + 10      # until the file no longer grows
+            while (have := os.path.getsize(partial)) != last:   # (0.3 s: ~30 KB at this rate)
+                assert time.monotonic() < deadline, "the download goes on without its client"
+                last = have
+                await asyncio.sleep(0.3)
+            assert 0 < have < len(DATA)
+            assert not os.path.exists(os.path.join(s.models_dir, FILE))
+            hub.rate = None
+            r = await s.one(post("/api/pull", {"model": f"hf.co/{REPO}:Q4_K_M"}, key=ROOT),
+                            timeout=30)
+            assert r.status == 200 and ndjson(r.body)[-1] == {"status": "success"}
+            ranges = [h.get("range") for role, _, _, h in hub.requests if role == "cdn"]
+            assert ranges[-1] == f"bytes={have}-"          # only the rest was asked for
+            with open(os.path.join(s.models_dir, FILE), "rb") as fh:
+                assert fh.read() == DATA
+            assert not os.path.exists(partial)
 
 
 @aio
