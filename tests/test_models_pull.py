@@ -12,7 +12,7 @@ import time
 import ollama
 
 from fakes.fake_hub import FakeHub
-from helpers import ALICE, Stack, aio, eventually, get, post
+from helpers import ALICE, Stack, aio, get, post
 from test_models_gateway import ROOT, RouterStack, write_gguf
 
 REPO = "acme/tiny-GGUF"
