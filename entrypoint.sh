@@ -820,7 +820,9 @@ HEALTH_PENDING=1
 if [[ -n $FETCH_SPECS ]]; then
   # The gateway reads the model settings: it starts now when the file name is known, else
   # once the download is done.
-  if [[ -z $ROUTER_MODE && -n $FETCH_NAME ]]; then start_gateway; fi
+  if [[ -z $ROUTER_MODE && -n $FETCH_NAME ]]; then
+    MODEL_DOWNLOADING=1 start_gateway  # its header read waits for the file
+  fi
   fetch_models
   HEALTH_PENDING=""  # fetch_models waited for it
 fi

@@ -27,7 +27,7 @@ OTHER_VALUE = {
 SPECIAL = {"BACKEND_SOCKET": "/run/other.sock", "LOG_LEVEL": "debug", "PORT": "8100",
            "PORT_HEALTH": "8101", "PORT_BACKEND": "8102", "ACCESS_LOG_MAX_BYTES": "65536",
            "USAGE_JOURNAL_MODE": "delete",
-           "MODELS_PRELOAD": "alpha,beta"}
+           "MODELS_PRELOAD": "alpha,beta", "MODEL_DOWNLOADING": "true"}
 
 
 def test_every_field_names_its_variable_and_the_loader_reads_it():

@@ -36,6 +36,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """n different free ports (bound all at once: one after another, the kernel may hand the
+    same port out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def health(port: int) -> int:
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
@@ -78,7 +91,7 @@ class Stack:
         shim = tmp_path / "llama-server"
         shim.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_LLAMA} "$@"\n')
         shim.chmod(0o755)
-        self.port, self.health_port, self.backend = free_port(), free_port(), free_port()
+        self.port, self.health_port, self.backend = free_ports(3)
         self.env = dict(os.environ, DATA_DIR=str(self.data), RUN_DIR=str(self.run_dir),
                         MODEL_NAME="tiny.gguf", LLAMA_SERVER_BIN=str(shim), HOST="127.0.0.1",
                         PORT=str(self.port), PORT_HEALTH=str(self.health_port),

@@ -17,7 +17,7 @@ def test_load_waits_for_the_file_a_download_brings_then_reads_it(tmp_path, monke
     catalog = describe.ModelCatalog(path)
 
     async def scenario():
-        task = asyncio.create_task(catalog.load())
+        task = asyncio.create_task(catalog.load(downloading=True))
         await asyncio.sleep(0.1)
         assert not task.done() and catalog.info is None        # no file yet: no failed read
         assert catalog._failed == {}

@@ -139,11 +139,15 @@ async def test_a_client_that_leaves_mid_pull_leaves_a_partial_the_next_pull_resu
             writer.close()                                 # the client leaves
             await writer.wait_closed()
 
-            last, deadline = -1, time.monotonic() + 10      # until the file no longer grows
-            while (have := os.path.getsize(partial)) != last:   # (0.3 s: ~30 KB at this rate)
+            # the download stops: it lets go of its lock (held while it writes the partial)
+            lock = os.path.join(s.models_dir, f".{FILE}.lock")
+            deadline = time.monotonic() + 10
+            while os.path.exists(lock):
                 assert time.monotonic() < deadline, "the download goes on without its client"
-                last = have
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.02)
+            have = os.path.getsize(partial)
+            await asyncio.sleep(0.5)                       # and writes nothing more
+            assert os.path.getsize(partial) == have
             assert 0 < have < len(DATA)
             assert not os.path.exists(os.path.join(s.models_dir, FILE))
             hub.rate = None

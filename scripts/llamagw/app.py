@@ -490,7 +490,7 @@ async def amain(cfg: config_mod.Config) -> int:
              if gw.router_mode else "")
     tune_gc()
     # The models' GGUF headers (and digest) for the Ollama API, read off the event loop.
-    catalog_task = asyncio.create_task(gw.catalog.load())
+    catalog_task = asyncio.create_task(gw.catalog.load(downloading=cfg.model_downloading))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

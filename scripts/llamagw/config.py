@@ -244,6 +244,9 @@ class Config:
     # ---- model (the gateway describes it on the Ollama API: /api/tags, /api/show)
     model_name: str = setting("MODEL_NAME", "")
     model_path: str = setting("MODEL_PATH", "", derive=_model_path)
+    # Set by entrypoint.sh when it starts the gateway while a MODEL_URL download brings
+    # MODEL_PATH: the gateway reads the file's header once it is there, not at start.
+    model_downloading: bool = setting("MODEL_DOWNLOADING", False, boolean)
     worker_type: str = setting("WORKER_TYPE", "instruct", folder_name)
     # ---- many models (router mode: llama-server's router over MODELS_DIR; entrypoint.sh
     # generates its preset and exports these; models/serving.py reads them)

@@ -83,9 +83,10 @@ class ModelCatalog:
         return [info] if info is not None else []
 
     # ---- loading ------------------------------------------------------------------------------
-    async def load(self) -> None:
+    async def load(self, downloading: bool = False) -> None:
         """Read what there is to read: the one model's header and digest, or, in router mode,
-        the folder and every model's header."""
+        the folder and every model's header. downloading: the one model's file is on its way
+        (a download at boot): wait for it first."""
         if self.models_dir:
             await self.scan()
             for name in sorted(self.paths):
@@ -95,7 +96,7 @@ class ModelCatalog:
             return
         # entrypoint.sh starts the gateway while a MODEL_URL download runs when it knows the
         # file's name: the file appears, whole (renamed into place), when the download is done
-        while not await asyncio.to_thread(os.path.exists, self.path):
+        while downloading and not await asyncio.to_thread(os.path.exists, self.path):
             await asyncio.sleep(MODEL_FILE_WAIT_S)
         info = await self.describe(self.name)
         if info is not None:
