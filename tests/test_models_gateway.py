@@ -508,6 +508,42 @@ async def test_an_ollama_stream_the_router_cuts_ends_with_an_error_line(tmp_path
 
 
 @aio
+async def test_a_non_streamed_answer_the_router_cuts_is_a_json_502(tmp_path):
+    """The router answers a non-streamed request whose instance died with a 500 whose body is
+    its raw `proxy error: ...` text under a JSON content type: the client gets the gateway's
+    502 upstream_cut in the route's envelope (OpenAI, then Ollama), the lease released as cut."""
+    async with RouterStack(tmp_path, access_log=True) as s:
+        before = s.ctl.snapshots
+        r = await s.one(post("/v1/chat/completions", mchat("alpha", router_cut_after=0)))
+        assert r.status == 502 and r.get("content-type").startswith("application/json")
+        error = r.json()["error"]
+        assert error["code"] == "upstream_cut" and "stopped the model" in error["message"]
+        assert b"proxy error" not in r.body
+        await eventually(lambda: s.catalog.get("alpha").in_flight == 0)
+        await eventually(lambda: s.ctl.snapshots > before)   # released as cut: re-read
+        record = s.access_records()[-1]
+        assert record["status"] == 502 and record["model"] == "alpha"
+        s.fake.defaults.update({"router_cut_after": 0})
+        r = await s.one(post("/api/chat", {"model": "alpha", "stream": False, "messages": [
+            {"role": "user", "content": "hi"}]}))
+        assert r.status == 502 and set(r.json()) == {"error"}
+        assert "stopped the model" in r.json()["error"]
+
+
+@aio
+async def test_a_json_error_answer_goes_on_as_it_is_and_a_bare_one_is_replaced(tmp_path):
+    """llama-server's own error objects reach the client unchanged (status, body); an error
+    answer that is no JSON object is the gateway's 502 bad_upstream_response."""
+    async with RouterStack(tmp_path) as s:
+        r = await s.one(post("/v1/chat/completions", mchat("alpha", status=400)))
+        assert r.status == 400 and r.json()["error"]["message"] == "fake error 400"
+        s.fake.defaults.update({"status": 500})
+        r = await s.one(post("/api/chat", {"model": "alpha", "stream": False, "messages": [
+            {"role": "user", "content": "hi"}]}))
+        assert r.status == 500 and r.json() == {"error": "fake error 500"}
+
+
+@aio
 async def test_a_whole_stream_ends_clean_and_frees_its_lease(tmp_path):
     async with RouterStack(tmp_path) as s:
         r = await s.one(post("/v1/chat/completions", mchat("alpha", stream=True, events=3)))

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import ollama
 import openai
@@ -247,3 +249,60 @@ def test_sigterm_with_streams_on_two_models_exits_0_and_leaves_nothing(make_stac
         assert st.clean or (st.cut and b"[DONE]" not in st.body), st.body[-300:]
     assert processes_mentioning(str(s.tmp)) == []
     assert "gateway stopped (exit code 0)" in s.output()
+
+
+def instances_of(s: Stack, rel: str) -> list[int]:
+    """The pids of the router's instance serving models/<rel> (its command line names the file;
+    the router's own names only the preset)."""
+    path = str(s.tmp / "many" / rel).encode()
+    found = []
+    for pid in processes_mentioning(str(s.tmp)):
+        try:
+            if path in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_an_instance_that_dies_mid_answer_is_an_error_never_a_clean_end(make_stack):
+    """kill -9 of the model's llama-server instance mid-answer: a stream ends with the
+    gateway's upstream_cut event and no clean end (the router's raw `proxy error:` text is
+    what it sends); a non-streamed answer is the gateway's 502 upstream_cut in OpenAI's shape
+    (the router answers 500 with that raw text as the body)."""
+    s = many_models(make_stack(), MODELS_MAX="2", MODELS_PRELOAD="alpha,beta")
+    s.start()
+    s.wait_health(200)
+    stream = Streamer(s, "alpha")
+    stream.start()
+    assert stream.first.wait(TIMEOUT_S) and stream.error is None
+    pids = instances_of(s, "alpha.gguf")
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)
+    stream.join(TIMEOUT_S)
+    assert stream.error is None and stream.status == 200
+    assert stream.cut and b"[DONE]" not in stream.body, stream.body[-300:]
+    assert b'"code":"upstream_cut"' in stream.body.replace(b" ", b"")
+
+    outcome: dict = {}
+
+    def long_answer():
+        try:
+            sdk(s).chat.completions.create(model="b1", max_tokens=LONG_STREAM_TOKENS,
+                                           extra_body={"ignore_eos": True},
+                                           messages=[{"role": "user", "content": "Count"}])
+            outcome["error"] = None
+        except BaseException as exc:           # checked below
+            outcome["error"] = exc
+
+    asker = threading.Thread(target=long_answer, daemon=True)
+    asker.start()
+    pids = instances_of(s, "beta.gguf")
+    assert len(pids) == 1
+    time.sleep(0.3)                            # generating (~2 s for the whole answer)
+    os.kill(pids[0], signal.SIGKILL)
+    asker.join(TIMEOUT_S)
+    exc = outcome["error"]
+    assert isinstance(exc, openai.APIStatusError) and exc.status_code == 502, exc
+    assert exc.body["code"] == "upstream_cut", exc.body
+    assert s.stop() == 0, s.output()[-4000:]

@@ -33,7 +33,8 @@ An unknown knob name answers 400, so a typo cannot pass silently.
                       client closes; non-stream: send the head only, then stall (None)
     router_cut_after  stream: after k content events, what llama-server's router sends when the
                       model's instance dies: raw text `proxy error: Failed to read connection`
-                      (no SSE framing), then a clean end of the chunked body, no [DONE] (None)
+                      (no SSE framing), then a clean end of the chunked body, no [DONE];
+                      non-stream: a 500 whose JSON-typed chunked body is that text (None)
     end_after         stream: after k content events, a clean end of the chunked body without
                       the final event and [DONE] (None)
     drop_before_head  read the request, then close without sending a byte (False)
@@ -573,6 +574,10 @@ class _Conn(asyncio.Protocol):
         if kn["stall_after"] is not None:
             self._write(head)
             return await self._stall()
+        if kn["router_cut_after"] is not None:   # the router's answer when the instance died
+            self._write(self._head(500, "application/json; charset=utf-8", None, True)
+                        + _chunk(ROUTER_CUT_TEXT) + CHUNK_END)
+            return self._drop()
         self._write(head + data)
         self._done(close)
 

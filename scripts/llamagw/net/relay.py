@@ -1,7 +1,7 @@
 """Forward one request to llama-server and relay the answer, chunk by chunk, with backpressure.
 
 The upstream request is rebuilt, never copied: the route's fixed upstream path, no query string,
-only UPSTREAM_HEADERS from the client, our own Host / Content-Length / X-Forwarded-For /
+only net/upstream.UPSTREAM_HEADERS from the client, our own Host / Content-Length / X-Forwarded-For /
 X-Request-Id. The response is rebuilt the same way: RESPONSE_HEADERS from llama-server (its CORS
 reflection and server banner stay behind), our framing and request id.
 
@@ -19,9 +19,15 @@ A stream cut by llama-server mid-body: for SSE the client gets one last event
 chunked terminator, so both SDKs that read error events and plain HTTP clients can tell. In
 router mode (the request holds a model's lease) a stream that ENDS cleanly without its
 `data: [DONE]` was cut too: llama-server's router ends the 200 body of an instance that died or
-was killed with raw `proxy error: ...` text (models/router.ROUTER_CUT_MARKER) or nothing: the
+was killed with raw `proxy error: ...` text (net/answers.ROUTER_CUT_MARKER) or nothing: the
 client gets the same last event (code upstream_cut; an Ollama stream its NDJSON error line) and
 no clean end.
+
+An error answer (4xx/5xx, not a stream) is held until it is whole: llama-server's are JSON and go
+on as they are (or through the route's transform), but the router answers a non-streamed request
+whose instance died with a 500 whose body is the raw `proxy error: ...` text under a JSON content
+type. A body that is not a JSON object becomes the gateway's own 502 in the route's envelope
+(code upstream_cut for the router's text, bad_upstream_response otherwise).
 """
 
 from __future__ import annotations
@@ -30,15 +36,15 @@ import asyncio
 import time
 
 from llamagw.context import Call
-from llamagw.errors import RETRY_AFTER_LOADING, GatewayError, error_body
+from llamagw.errors import RETRY_AFTER_LOADING, GatewayError
+from llamagw.net import answers
+from llamagw.net.answers import (ERROR_BODY_LIMIT, ROUTER_CUT_EVENT, UPSTREAM_CLOSED_EVENT,
+                                 closed_without_answer)
+from llamagw.net import upstream
 from llamagw.net.upstream import UpstreamClosed
 from llamagw.observe.tokens import account, account_cut, sse_finished
 from llamagw.wire import http11
 
-# Client request headers passed to llama-server. Everything else is dropped: hop-by-hop headers,
-# Authorization / X-Api-Key (our keys, not llama-server's), X-Conversation-Id (lets recent
-# llama-server builds keep generating after a disconnect), client-sent X-Forwarded-*.
-UPSTREAM_HEADERS = frozenset({"content-type", "accept", "user-agent"})
 # llama-server response headers passed to the client (the rest, CORS reflection included, dropped).
 RESPONSE_HEADERS = frozenset({"content-type"})
 # Non-streamed bodies up to this size are kept to read `usage` for accounting; larger ones are
@@ -46,25 +52,6 @@ RESPONSE_HEADERS = frozenset({"content-type"})
 USAGE_BODY_LIMIT = 256 * 1024
 # Tail of an SSE stream kept to find the last event carrying `usage` (a few events' worth).
 SSE_TAIL_BYTES = 16 * 1024
-
-_UPSTREAM_CLOSED_EVENT = (b"data: " + error_body(
-    "llama-server closed the stream before it was complete", "upstream_error",
-    "upstream_closed") + b"\n\n")
-# After raw text the router may have appended (no line end): blank lines end it first.
-_ROUTER_CUT_EVENT = (b"\n\ndata: " + error_body(
-    "llama-server stopped the model before the stream was complete", "upstream_error",
-    "upstream_cut") + b"\n\n")
-
-
-def build_upstream_request(method: str, path: str, headers: list[tuple[str, str]], body: bytes,
-                           host: str, peer: str, request_id: str) -> bytes:
-    out = [(name, value) for name, value in headers if name in UPSTREAM_HEADERS]
-    out.append(("host", host))
-    out.append(("x-forwarded-for", peer))
-    out.append(("x-request-id", request_id))
-    if method == "POST" or body:
-        out.append(("content-length", str(len(body))))
-    return http11.request_head(method, path, out) + body
 
 
 class Exchange:
@@ -74,7 +61,8 @@ class Exchange:
                  "swallow", "chunked_out", "sse", "keep_body", "body_parts", "body_size", "tail",
                  "last_activity", "idle_timeout", "write_timeout", "first_byte_timeout",
                  "_stall_timer", "upstream_keep_alive", "status", "transform",
-                 "_head", "_pending", "finished", "_on_done", "bulk", "events", "router")
+                 "_head", "_pending", "finished", "_on_done", "bulk", "events", "router",
+                 "held", "held_size", "held_type")
 
     def __init__(self, client, ctx, *, head_only: bool, http10: bool, first_byte_timeout: float,
                  idle_timeout: float, write_timeout: float, account: bool, transform=None,
@@ -121,6 +109,10 @@ class Exchange:
         self._head: bytes | None = None
         self._pending: list[bytes] = []
         self.router = False        # router mode: a stream must end with [DONE] (on_end)
+        # An error answer's body, held whole (on_head, on_end); None: not an error answer.
+        self.held: list[bytes] | None = None
+        self.held_size = 0
+        self.held_type = ""
 
     # ---- upstream events (Sink) ----
     def on_head(self, resp: http11.Response) -> None:
@@ -139,6 +131,10 @@ class Exchange:
         client = self.client
         ctype = resp.get("content-type") or ""
         self.sse = ctype.startswith("text/event-stream")
+        if resp.status >= 400 and not self.sse:
+            self.held, self.held_type = [], ctype       # written by on_end
+            self.keep_body = False
+            return
         if (resp.content_length or 0) > USAGE_BODY_LIMIT:
             self.keep_body = False
         transform = self.transform
@@ -182,6 +178,11 @@ class Exchange:
     def on_data(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
         if self.swallow:
+            return
+        if self.held is not None:
+            self.held_size += len(data)
+            if self.held_size <= ERROR_BODY_LIMIT:
+                self.held.append(data)
             return
         if self.keep_body:
             if self.sse:
@@ -260,6 +261,9 @@ class Exchange:
                 503, "The model is still loading; retry shortly", "model_loading",
                 headers=[("retry-after", str(RETRY_AFTER_LOADING))]), pool=True)
             return
+        if self.held is not None:
+            self._end_error_answer()
+            return
         transform = self.transform
         cut = self.router and self.sse and self.status == 200 and not sse_finished(self.tail)
         if cut:
@@ -293,11 +297,11 @@ class Exchange:
             # Counted like the same failure before the head (the 502's code), by observe().
             self.ctx.outcome = "upstream_error"
             if exc is None:                  # on_end: the router cut a stream (upstream_cut)
-                event = _ROUTER_CUT_EVENT if not self.head_only else b""
+                event = ROUTER_CUT_EVENT if not self.head_only else b""
             else:
                 self.ctx.upstream_error = ("upstream_closed" if isinstance(exc, UpstreamClosed)
                                            else "bad_upstream_response")
-                event = _UPSTREAM_CLOSED_EVENT if self.sse and not self.head_only else b""
+                event = UPSTREAM_CLOSED_EVENT if self.sse and not self.head_only else b""
             if self.transform is not None:
                 event = self.transform.cut()
             if event and not self.client.gone:
@@ -311,6 +315,28 @@ class Exchange:
         else:
             self._fail(GatewayError(502, f"Invalid response from llama-server: {exc}",
                                     "bad_upstream_response"))
+
+    def _end_error_answer(self) -> None:
+        """An error answer is whole: on as it is if it is a JSON object, else our 502."""
+        body = b"".join(self.held) if self.held_size <= ERROR_BODY_LIMIT else b""
+        exc = answers.error_answer_problem(body, self.status, self.router)
+        if exc is not None:
+            self.ctx.upstream_error = exc.code      # upstream_cut: the lease is released as cut
+            self._fail(exc)
+            return
+        transform = self.transform
+        if transform is None:
+            self._write_whole(self.status, self.held_type or "application/json", body)
+        else:
+            transform.head(self.status)
+            transform.feed(body)
+            tail = transform.finish()
+            self._write_whole(transform.status, transform.content_type, tail)
+        self.head_written = True
+        self.ctx.outcome = "ok"
+        self._finish(pool=True)
+        if not self.client.keep_alive:
+            self.client.close_after_write()
 
     def _write_whole(self, status: int, content_type: str, body: bytes) -> None:
         client = self.client
@@ -439,11 +465,6 @@ class Exchange:
             account(self.ctx, parts[0] if len(parts) == 1 else b"".join(parts), sse=False)
 
 
-def closed_without_answer() -> GatewayError:
-    return GatewayError(502, "llama-server closed the connection without answering",
-                        "upstream_closed")
-
-
 def _launch(call: Call, conn, method: str, payload: bytes, transform=None, on_done=None) -> Exchange:
     """Bind a new Exchange to the call's client and to `conn`, and send the request."""
     cfg = call.services.config
@@ -475,7 +496,7 @@ def start(call: Call, conn, on_done) -> Exchange:
     the retry of a stale connection (UpstreamClosed without bytes)."""
     req = call.req
     method = "GET" if req.method == "HEAD" else req.method
-    payload = build_upstream_request(method, call.route.upstream, req.headers, call.body,
+    payload = upstream.build_request(method, call.route.upstream, req.headers, call.body,
                                      call.services.backend_hostport, call.client.peer_host,
                                      call.ctx.request_id)
     return _launch(call, conn, method, payload, on_done=on_done)
@@ -497,7 +518,7 @@ async def forward(call: Call, *, upstream_path: str | None = None, method: str |
     pool = services.pool
     if method is None:
         method = "GET" if req.method == "HEAD" else req.method
-    payload = build_upstream_request(method, upstream_path or call.route.upstream,
+    payload = upstream.build_request(method, upstream_path or call.route.upstream,
                                      req.headers if headers is None else headers,
                                      call.body if body is None else body,
                                      services.backend_hostport, client.peer_host, ctx.request_id)

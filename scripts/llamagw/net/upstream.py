@@ -31,6 +31,23 @@ import time
 from llamagw.net import fastio
 from llamagw.wire import http11
 
+# Client request headers passed to llama-server. Everything else is dropped: hop-by-hop headers,
+# Authorization / X-Api-Key (our keys, not llama-server's), X-Conversation-Id (lets recent
+# llama-server builds keep generating after a disconnect), client-sent X-Forwarded-*.
+UPSTREAM_HEADERS = frozenset({"content-type", "accept", "user-agent"})
+
+
+def build_request(method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+                  host: str, peer: str, request_id: str) -> bytes:
+    out = [(name, value) for name, value in headers if name in UPSTREAM_HEADERS]
+    out.append(("host", host))
+    out.append(("x-forwarded-for", peer))
+    out.append(("x-request-id", request_id))
+    if method == "POST" or body:
+        out.append(("content-length", str(len(body))))
+    return http11.request_head(method, path, out) + body
+
+
 # llama-server (cpp-httplib) closes idle keep-alive connections after ~5 s; stay well below.
 IDLE_TTL = 3.0
 # Idle connections kept per pool: enough for the concurrency llama-server serves (-np slots);
