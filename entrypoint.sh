@@ -120,7 +120,10 @@ now_ms() { local us=${EPOCHREALTIME//[!0-9]/}; NOW_MS=$(( us / 1000 )); }
 nap() {  # sleep that a trapped signal interrupts
   sleep "$1" &
   local p=$!
-  if ! wait "$p"; then kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; fi
+  # A trapped signal cuts the wait short: the sleep is killed and bash reaps it by itself. No
+  # second `wait` for it: when the sleep ended as the signal came, that wait blocked until some
+  # other child (the gateway, llama-server) exited, and the stop hung (1 stop in ~20).
+  if ! wait "$p"; then kill "$p" 2>/dev/null || true; fi
 }
 
 POLL_WAIT_MS=0
