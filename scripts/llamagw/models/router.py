@@ -61,7 +61,7 @@ from llamagw.models.router_errors import (
 from llamagw.models.router_loads import LoadScheduler, _Waiter
 
 __all__ = [
-    "RouterController", "Lease", "format_sse", "ROUTER_CUT_MARKER",
+    "RouterController", "Lease", "format_sse",
     "EventStream", "RouterClient", "RouterError", "RouterHTTP", "SSEStream", "error_message",
     "no_autoload",
     "RETRY_AFTER_LOADING", "ModelError", "ModelFailed", "ModelLoading", "ModelNotAllowed",
@@ -97,11 +97,8 @@ DEFAULT_DRAIN_TIMEOUT = 300.0
 # After POST /models/unload, the instance exits within the preset's stop-timeout (killed then).
 UNLOAD_TIMEOUT = preset.ROUTER_STOP_TIMEOUT + 10.0
 
-# What llama-server's router appends, as raw text inside a 200 body, when the instance behind a
-# proxied answer dies or is killed mid-response (ROUTER-MODE.md §4): no [DONE], no SSE framing.
-# A relay that sees it (or a stream that ends without its last event) ends the client's answer
-# with an error event / NDJSON error line and releases its lease with cut=True.
-ROUTER_CUT_MARKER = b"proxy error: "
+# What the router sends when the instance behind a proxied answer dies mid-answer, and what the
+# client gets instead: net/answers.py (ROUTER_CUT_MARKER); the lease is then released as cut.
 
 
 class Lease:
