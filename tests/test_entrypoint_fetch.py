@@ -107,7 +107,7 @@ def test_a_named_file_has_the_gateway_start_during_the_download(stack, hub):
     """When the spec names the file (no hub lookup needed), the gateway starts beside the
     download instead of after it: it answers 503 backend_starting meanwhile, then serves."""
     hub.add("acme/tiny-GGUF", "tiny-Q4_K_M.gguf", MODEL)
-    hub.rate = RATE
+    hub.rate = RATE / 10                                   # 10 s: until the gateway answered
     s = url_stack(stack, hub, MODEL_URL="hf://acme/tiny-GGUF/tiny-Q4_K_M.gguf").start()
     model = s.data / "models" / "tiny-Q4_K_M.gguf"
     partial = s.data / "models" / ".tiny-Q4_K_M.gguf.partial"
@@ -125,6 +125,7 @@ def test_a_named_file_has_the_gateway_start_during_the_download(stack, hub):
             except ConnectionRefusedError:
                 pass                                       # still starting
         time.sleep(0.02)
+    hub.rate = None                                        # the rest at full speed
     assert answered == (503, "backend_starting")
     s.wait_health(200)
     args = llama_args(s)
