@@ -188,8 +188,12 @@ def test_sigterm_during_the_download_exits_0_and_keeps_the_partial_file(stack, h
     end = time.monotonic() + BOOT_DEADLINE
     while not (partial.exists() and partial.stat().st_size) and time.monotonic() < end:
         time.sleep(0.05)
-    # the health server, once up, dies meanwhile: restarted at once, the download goes on
-    s.wait_health(204, deadline=5)
+    # the health server, once the boot saw it up, dies meanwhile: restarted at once, the
+    # download goes on
+    end = time.monotonic() + 5
+    while "health server up" not in s.output():
+        assert time.monotonic() < end, s.output()
+        time.sleep(0.02)
     hs = s.pid_of("health_server")
     os.kill(hs, signal.SIGKILL)
     s.wait_health(204, deadline=5)
