@@ -265,6 +265,12 @@ def instances_of(s: Stack, rel: str) -> list[int]:
     return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_an_instance_that_dies_mid_answer_is_an_error_never_a_clean_end(make_stack):
     """kill -9 of the model's llama-server instance mid-answer: a stream ends with the
     gateway's upstream_cut event and no clean end (the router's raw `proxy error:` text is
@@ -288,18 +294,22 @@ def test_an_instance_that_dies_mid_answer_is_an_error_never_a_clean_end(make_sta
 
     def long_answer():
         try:
-            sdk(s).chat.completions.create(model="b1", max_tokens=LONG_STREAM_TOKENS,
+            sdk(s).chat.completions.create(model="b1", max_tokens=2000,
                                            extra_body={"ignore_eos": True},
                                            messages=[{"role": "user", "content": "Count"}])
             outcome["error"] = None
         except BaseException as exc:           # checked below
             outcome["error"] = exc
 
-    asker = threading.Thread(target=long_answer, daemon=True)
-    asker.start()
     pids = instances_of(s, "beta.gguf")
     assert len(pids) == 1
-    time.sleep(0.3)                            # generating (~2 s for the whole answer)
+    busy0 = cpu_seconds(pids[0])
+    asker = threading.Thread(target=long_answer, daemon=True)
+    asker.start()
+    end = time.monotonic() + TIMEOUT_S           # generating: its instance uses CPU
+    while cpu_seconds(pids[0]) < busy0 + 0.05 and "error" not in outcome:
+        assert time.monotonic() < end
+        time.sleep(0.005)
     os.kill(pids[0], signal.SIGKILL)
     asker.join(TIMEOUT_S)
     exc = outcome["error"]
