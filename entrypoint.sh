@@ -795,7 +795,7 @@ fetch_models() {  # the download (started with the check) ends: set MODEL or gen
     if [[ -n $GATEWAY_PID && $got != "$MODEL_PATH" ]]; then  # not where the check said
       log WARN "the download is $got, not $MODEL_PATH: restarting the gateway"
       stop_pid "$GATEWAY_PID" gateway "$(( GRACEFUL_TIMEOUT_MS + GATEWAY_KILL_MARGIN_MS ))"
-      GATEWAY_PID=""
+      GATEWAY_PID="" MODEL_NAME="" MODEL_ALIAS=""  # they came from the predicted name
     fi
     fetched_model "$got"
     log INFO "model ready: $MODEL"
