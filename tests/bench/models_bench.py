@@ -75,7 +75,8 @@ def _models_dir(bench) -> tuple[Path, Path]:
     preset = bench.tmp / "models-f-preset.ini"
     subprocess.run([sys.executable, str(rb.REPO / "scripts" / "models_preset.py"),
                     "--models-dir", str(models), "--preset", str(operator), "--out", str(preset),
-                    "--preload", "", "--ctx", str(PRESET_CTX), "--ngl", "0",
+                    "--preload", "", "--ctx", str(PRESET_CTX),
+                    "--ngl", str(rb.LLAMA_NGL),
                     "--parallel", str(PRESET_PARALLEL)],
                    check=True, capture_output=True, timeout=60)
     return models, preset

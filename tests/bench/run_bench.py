@@ -81,6 +81,9 @@ RSS_SAMPLE_PERIOD = 0.05
 # llama-server's CPU threads: half the CPUs, so the gateway and the load generator keep the
 # rest (its default, all CPUs, stalls its thread barrier whenever another process runs).
 LLAMA_THREADS = max(1, len(os.sched_getaffinity(0)) // 2)
+# llama-server's GPU layers in cases d, e and g: 0 (the CPU) unless BENCH_NGL says otherwise,
+# e.g. BENCH_NGL=99 on a GPU worker with a CUDA llama-server (LLAMA_SERVER_BIN).
+LLAMA_NGL = int(os.environ.get("BENCH_NGL", "0"))
 # Case d at 8 streams, with nothing pinned, for reference: rounds (the pinned runs are the target).
 UNPINNED_ROUNDS = 3
 # Case a: the connection count at which the gateway also runs over TCP to the fake, for reference.
@@ -1297,7 +1300,8 @@ http {{
         where: int | str = str(self.tmp / f"llama-{label}.sock") if unix else (port or free_port())
         listen = ["--host", where] if unix else ["--host", "127.0.0.1", "--port", str(where)]
         argv = [self.llama_server_bin(), "-m", str(self.model_path()), *listen, "-c", "2048",
-                "-ngl", "0", "-np", str(parallel), "--metrics", "--threads", str(LLAMA_THREADS)]
+                "-ngl", str(LLAMA_NGL), "-np", str(parallel), "--metrics", "--threads",
+                str(LLAMA_THREADS)]
         child = Child(f"llama-server-{label}", argv, self.env(), self.logs / f"llama-server-{label}.log")
         return child, where
 
@@ -1493,7 +1497,7 @@ http {{
             data.mkdir()
             env = self.env(PORT=port, PORT_HEALTH=hport, PORT_BACKEND=bport, HOST="127.0.0.1",
                            DATA_DIR=data, RUN_DIR=run, MODEL_PATH=model,
-                           LLAMA_SERVER_BIN=llama_bin, CTX=2048, NGL=0, PARALLEL=1,
+                           LLAMA_SERVER_BIN=llama_bin, CTX=2048, NGL=LLAMA_NGL, PARALLEL=1,
                            AUTH_KEYS_FILE=self.keys_file, PYTHON=sys.executable,
                            GRACEFUL_TIMEOUT=BENCH_GRACEFUL_TIMEOUT)
             t0 = time.monotonic()
