@@ -45,6 +45,7 @@ from llamagw.api import routes
 from llamagw.context import Services
 from llamagw.errors import GatewayError, ProtocolError
 from llamagw.net import fastio, relay
+from llamagw.net.answers import closed_without_answer
 from llamagw.net.pipeline import ClientGone, PendingRequest, internal_error
 from llamagw.net.upstream import UpstreamClosed
 from llamagw.wire import http11
@@ -398,7 +399,7 @@ class ClientConnection(asyncio.Protocol):
             return
         try:
             if exc is not None:
-                p.fail(exc if isinstance(exc, GatewayError) else relay.closed_without_answer())
+                p.fail(exc if isinstance(exc, GatewayError) else closed_without_answer())
         finally:
             p.release()
         try:

@@ -37,11 +37,9 @@ import time
 
 from llamagw.context import Call
 from llamagw.errors import RETRY_AFTER_LOADING, GatewayError
-from llamagw.net import answers
 from llamagw.net.answers import (ERROR_BODY_LIMIT, ROUTER_CUT_EVENT, UPSTREAM_CLOSED_EVENT,
-                                 closed_without_answer)
-from llamagw.net import upstream
-from llamagw.net.upstream import UpstreamClosed
+                                 closed_without_answer, error_answer_problem)
+from llamagw.net.upstream import UpstreamClosed, build_request
 from llamagw.observe.tokens import account, account_cut, sse_finished
 from llamagw.wire import http11
 
@@ -58,7 +56,7 @@ class Exchange:
     """One request/response with llama-server, relayed to one client connection."""
 
     __slots__ = ("client", "ctx", "conn", "head_only", "http10", "loop", "done", "head_written",
-                 "swallow", "chunked_out", "sse", "keep_body", "body_parts", "body_size", "tail",
+                 "chunked_out", "sse", "keep_body", "body_parts", "body_size", "tail",
                  "last_activity", "idle_timeout", "write_timeout", "first_byte_timeout",
                  "_stall_timer", "upstream_keep_alive", "status", "transform",
                  "_head", "_pending", "finished", "_on_done", "bulk", "events", "router",
@@ -86,7 +84,6 @@ class Exchange:
         self._on_done = on_done
         self.done = self.loop.create_future() if on_done is None else None
         self.head_written = False
-        self.swallow = False
         self.chunked_out = False
         # on_chunks instead of on_data (set by on_head): see there.
         self.bulk = False
@@ -110,6 +107,7 @@ class Exchange:
         self._pending: list[bytes] = []
         self.router = False        # router mode: a stream must end with [DONE] (on_end)
         # An error answer's body, held whole (on_head, on_end); None: not an error answer.
+        # A 503 (llama-server loading) becomes our model_loading whatever its body says.
         self.held: list[bytes] | None = None
         self.held_size = 0
         self.held_type = ""
@@ -124,16 +122,11 @@ class Exchange:
         self.ctx.ttfb = time.monotonic() - self.ctx.started
         self.status = resp.status
         self.upstream_keep_alive = resp.keep_alive
-        if resp.status == 503:
-            # llama-server is loading (or overloaded): our own 503 with Retry-After.
-            self.swallow = True
-            return
         client = self.client
         ctype = resp.get("content-type") or ""
         self.sse = ctype.startswith("text/event-stream")
-        if resp.status >= 400 and not self.sse:
-            self.held, self.held_type = [], ctype       # written by on_end
-            self.keep_body = False
+        if resp.status >= 400 and (resp.status == 503 or not self.sse):
+            self.held, self.held_type = [], ctype       # answered by on_end
             return
         if (resp.content_length or 0) > USAGE_BODY_LIMIT:
             self.keep_body = False
@@ -177,8 +170,6 @@ class Exchange:
 
     def on_data(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
-        if self.swallow:
-            return
         if self.held is not None:
             self.held_size += len(data)
             if self.held_size <= ERROR_BODY_LIMIT:
@@ -256,11 +247,6 @@ class Exchange:
                 self.client.write(data)
 
     def on_end(self) -> None:
-        if self.swallow:
-            self._finish(exc=GatewayError(
-                503, "The model is still loading; retry shortly", "model_loading",
-                headers=[("retry-after", str(RETRY_AFTER_LOADING))]), pool=True)
-            return
         if self.held is not None:
             self._end_error_answer()
             return
@@ -317,9 +303,16 @@ class Exchange:
                                     "bad_upstream_response"))
 
     def _end_error_answer(self) -> None:
-        """An error answer is whole: on as it is if it is a JSON object, else our 502."""
+        """An error answer is whole: a 503 is our model_loading; another goes on as it is if
+        it is a JSON object, else it is our 502."""
+        if self.status == 503:
+            # llama-server is loading (or overloaded): our own 503 with Retry-After.
+            self._finish(exc=GatewayError(
+                503, "The model is still loading; retry shortly", "model_loading",
+                headers=[("retry-after", str(RETRY_AFTER_LOADING))]), pool=True)
+            return
         body = b"".join(self.held) if self.held_size <= ERROR_BODY_LIMIT else b""
-        exc = answers.error_answer_problem(body, self.status, self.router)
+        exc = error_answer_problem(body, self.status, self.router)
         if exc is not None:
             self.ctx.upstream_error = exc.code      # upstream_cut: the lease is released as cut
             self._fail(exc)
@@ -496,7 +489,7 @@ def start(call: Call, conn, on_done) -> Exchange:
     the retry of a stale connection (UpstreamClosed without bytes)."""
     req = call.req
     method = "GET" if req.method == "HEAD" else req.method
-    payload = upstream.build_request(method, call.route.upstream, req.headers, call.body,
+    payload = build_request(method, call.route.upstream, req.headers, call.body,
                                      call.services.backend_hostport, call.client.peer_host,
                                      call.ctx.request_id)
     return _launch(call, conn, method, payload, on_done=on_done)
@@ -518,7 +511,7 @@ async def forward(call: Call, *, upstream_path: str | None = None, method: str |
     pool = services.pool
     if method is None:
         method = "GET" if req.method == "HEAD" else req.method
-    payload = upstream.build_request(method, upstream_path or call.route.upstream,
+    payload = build_request(method, upstream_path or call.route.upstream,
                                      req.headers if headers is None else headers,
                                      call.body if body is None else body,
                                      services.backend_hostport, client.peer_host, ctx.request_id)
