@@ -10,7 +10,6 @@ import re
 import tomllib
 from pathlib import Path
 
-import pytest
 from admin_helpers import (ADMIN_KEY_FILE, OPS, OPS2, SECURITY_HEADERS, SSE, admin_stack, sget,
                            sign_in, spost)
 from helpers import ALICE, BOB, Stack, aio, chat, get, post

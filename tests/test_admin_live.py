@@ -218,7 +218,7 @@ def finish(feed, services, status=200, ttfb=0.1, completion=10, route="chat_comp
     c = types.SimpleNamespace(route=route, status=status, ttfb=ttfb, completion_tokens=completion,
                               prompt_tokens=3, request_id=request_id, key_id="k", path=path,
                               method="POST", outcome="ok", stream=False, duration=0.5,
-                              started=started)
+                              started=started, model=None)
     services.metrics.observe_request(route, status, "k", 0.5, ttfb)
     services.metrics.add_tokens("k", 3, completion)
     feed.on_request(c)

@@ -4,7 +4,6 @@ in any log."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time

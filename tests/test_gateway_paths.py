@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from helpers import ALICE, Stack, aio, chat, eventually, get, post
+from helpers import Stack, aio, chat, eventually, get, post
 from llamagw.net import connection
 
 BAD_KEY = "sk-nobody-0123456789abcdef"

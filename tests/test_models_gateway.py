@@ -11,6 +11,7 @@ plus key scoping."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -263,14 +264,22 @@ async def test_a_key_uses_and_sees_only_its_models(tmp_path):
         assert r.status == 403
 
 
-@aio
-async def test_single_model_mode_scopes_keys_too(tmp_path):
+@contextlib.asynccontextmanager
+async def single_model_stack(tmp_path):
+    """The gateway in single-model mode over a tiny GGUF (described), with the router tests'
+    keys."""
     model = tmp_path / "m" / "demo.gguf"
     write_gguf(str(model), "Demo", 512)
     async with Stack(tmp_path, {"MODEL_PATH": str(model)}) as s:
         write_key_file(s.config.auth_keys_file, KEYS)
         s.gw.reload_keys()
         await s.gw.catalog.load()
+        yield s
+
+
+@aio
+async def test_single_model_mode_scopes_keys_too(tmp_path):
+    async with single_model_stack(tmp_path) as s:
         r = await s.one(post("/v1/chat/completions", chat(), key=BOB))     # models=alpha
         assert r.status == 403 and r.error()["code"] == "model_not_allowed"
         assert s.fake.requests == []
@@ -390,12 +399,7 @@ async def test_admin_answers_202_when_the_action_outlasts_the_wait(tmp_path):
 
 @aio
 async def test_single_model_mode_admin_lists_the_model_and_refuses_actions(tmp_path):
-    model = tmp_path / "m" / "demo.gguf"
-    write_gguf(str(model), "Demo", 512)
-    async with Stack(tmp_path, {"MODEL_PATH": str(model)}) as s:
-        write_key_file(s.config.auth_keys_file, KEYS)
-        s.gw.reload_keys()
-        await s.gw.catalog.load()
+    async with single_model_stack(tmp_path) as s:
         snap = (await s.one(get("/admin/models", key=ROOT))).json()
         assert snap["mode"] == "single" and snap["max"] == 1
         (m,) = snap["models"]

@@ -11,7 +11,7 @@ import os
 import re
 import time
 
-from helpers import (ALICE, BOB, KEY_FILE, RawClient, Stack, aio, chat, eventually, get, post)
+from helpers import (ALICE, BOB, KEY_FILE, Stack, aio, chat, eventually, get, post)
 from llamagw.observe import usage
 
 DAVE = "sk-dave-0123456789abcdef0"       # tpm=20

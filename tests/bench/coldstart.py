@@ -231,11 +231,10 @@ def main() -> int:
     args = ap.parse_args()
     llama = find_llama()
     model = Path(os.environ.get("DEMO_MODEL", DEMO_MODEL))
-    data = model.read_bytes()
     with tempfile.TemporaryDirectory(prefix="coldstart-") as tmp:
         res = summary(measure(llama, model, args.rounds, args.rate, Path(tmp)))
     figures, med, ratio = res["rounds"], res["median"], res["ratio"]
-    print(f"cold start, {args.rounds} rounds, medians (s); model {len(data) / 1e6:.1f} MB, "
+    print(f"cold start, {args.rounds} rounds, medians (s); model {model.stat().st_size / 1e6:.1f} MB, "
           f"CDN {'unlimited' if not args.rate else f'{args.rate / 1e6:g} MB/s'}")
     for k, what in (("download", "fetch_model.py alone"), ("llama", "llama-server alone"),
                     ("stack", "entrypoint.sh, MODEL_URL"),

@@ -103,6 +103,18 @@ def _start_router(bench, preset: Path, label: str, models_max: int, *,
     return child, where
 
 
+def children_of(pid: int) -> set[int]:
+    """The pids of process pid's children (from each of its threads' /proc children list)."""
+    out = set()
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.update(int(p) for p in f.read().split())
+    except OSError:
+        pass
+    return out
+
+
 class LoadsAside:
     """A watcher that puts every model instance the router starts (other than those in keep)
     and each of their threads in the idle scheduling class, polling every POLL_S while running;
@@ -119,14 +131,7 @@ class LoadsAside:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def children(self) -> set[int]:
-        out = set()
-        try:
-            for tid in os.listdir(f"/proc/{self.router_pid}/task"):
-                with open(f"/proc/{self.router_pid}/task/{tid}/children") as f:
-                    out.update(int(p) for p in f.read().split())
-        except OSError:
-            pass
-        return out
+        return children_of(self.router_pid)
 
     def idle(self, pid: int) -> None:
         try:
@@ -278,7 +283,7 @@ def part_loading(bench, preset: Path, models: Path) -> dict:
         got = {(side, kind): [] for side in ("gateway", "direct") for kind in kinds}
         # the watcher polls in every window (the same cost everywhere); it moves instances to
         # the idle class only in the "aside" windows
-        alpha = LoadsAside(router.pid, set()).children()      # the one instance so far
+        alpha = children_of(router.pid)                     # the one instance so far
         if len(alpha) != 1:
             raise RuntimeError(f"case g: the router runs {len(alpha)} instances, not alpha's only")
         with LoadsAside(router.pid, alpha) as aside:

@@ -1503,7 +1503,7 @@ http {{
             t0 = time.monotonic()
             child = Child(f"entrypoint-{n}", ["bash", str(ENTRYPOINT)], env,
                           self.logs / f"entrypoint-{n}.log")
-            probe_port, ready_status = hport, 200
+            probe_port = hport
         else:
             t0 = time.monotonic()
             child, port = self.start_llama(f"e{n}", parallel=1)

@@ -49,7 +49,7 @@ def unauthorized(message: str, code: str = "unauthorized", presented: bool = Fal
 
 
 def _is_admin(info) -> bool:
-    return info is not None and getattr(info, "role", keys.ROLE_USER) == ADMIN_ROLE
+    return info is not None and info.role == ADMIN_ROLE
 
 
 def _secret_digest(secret: str) -> bytes:

@@ -179,7 +179,7 @@ class LiveFeed:
             "key_id": ctx.key_id,
             # the model a request named: set by the request code that reads the body (the usage
             # ledger's wiring); None until then
-            "model": getattr(ctx, "model", None),
+            "model": ctx.model,
             "route": ctx.path,
             "method": ctx.method,
             "status": ctx.status,

@@ -118,7 +118,7 @@ class Admission:
         if self.config.auth_enabled:
             info = self.identify(req)
             key_id, rpm, cap = info.key_id, info.rpm, info.concurrency
-            ctx.key_models = getattr(info, "models", None)   # the models it may use
+            ctx.key_models = info.models                     # the models it may use
         else:
             info = None
             key_id, rpm, cap = ANONYMOUS, None, None

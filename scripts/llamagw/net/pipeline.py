@@ -179,7 +179,6 @@ class PendingRequest:
     async def execute(self) -> None:
         """The task's part, once ready: the wait in the bounded queue for a backend slot if
         ready() found none, then the route's handler, and its answer."""
-        client = self.client
         route = self.route
         if not route.local and (route.lease or not route.model
                                 or not self.services.router_mode):
